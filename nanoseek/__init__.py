@@ -1,0 +1,7 @@
+"""nanoseek: the DeepSeek-V3/R1 system as one readable, tested PyTorch package."""
+
+from .config import ConfigError, ModelConfig, PRESETS
+from .model import DeepSeekV3
+
+__version__ = "0.1.0"
+__all__ = ["DeepSeekV3", "ModelConfig", "ConfigError", "PRESETS", "__version__"]

@@ -1,0 +1,137 @@
+"""The `nanoseek` command. Subcommands that measure or report accept `--json` and then print one
+JSON object as the last line of their output."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+
+def _emit_json(obj: dict) -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    print(json.dumps(obj), flush=True)
+
+
+def _load_config(target: str):
+    from .config import PRESETS, ModelConfig
+    if target in PRESETS:
+        return ModelConfig.from_preset(target)
+    if os.path.isdir(target) or target.endswith(".json"):
+        return ModelConfig.from_pretrained(target)
+    raise SystemExit(f"nanoseek: '{target}' is neither a preset ({', '.join(PRESETS)}) nor a checkpoint directory")
+
+
+def info_report(cfg) -> dict:
+    pc = cfg.param_counts()
+    kv = cfg.kv_cache_bytes_per_token(2)
+    return {
+        "model_type": cfg.model_type,
+        "total_params": pc["total_params"],
+        "mtp_params": pc["mtp_params"],
+        "active_params": pc["active_params"],
+        "activation_ratio": pc["active_params"] / pc["total_params"],
+        "embedding_params": pc["embedding_params"],
+        "mla_kv_bytes_per_token": kv["mla_kv_bytes_per_token"],
+        "mha_kv_bytes_per_token": kv["mha_kv_bytes_per_token"],
+        "kv_cache_reduction": 1 - kv["mla_kv_bytes_per_token"] / kv["mha_kv_bytes_per_token"],
+        "layers": cfg.num_hidden_layers, "hidden_size": cfg.hidden_size,
+        "routed_experts": cfg.n_routed_experts, "experts_per_token": cfg.num_experts_per_tok,
+        "mtp_depth": cfg.num_nextn_predict_layers,
+    }
+
+
+def cmd_info(args) -> int:
+    cfg = _load_config(args.target)
+    r = info_report(cfg)
+
+    def g(n):
+        return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
+
+    print(f"{args.target} ({r['model_type']}): {r['layers']} layers, hidden {r['hidden_size']}, "
+          f"{r['routed_experts']} routed experts (top-{r['experts_per_token']}), MTP depth {r['mtp_depth']}")
+    print(f"  parameters   total {g(r['total_params'])} (+{g(r['mtp_params'])} MTP), "
+          f"active per token {g(r['active_params'])} ({100 * r['activation_ratio']:.2f}%)")
+    print(f"  KV cache     MLA {r['mla_kv_bytes_per_token']:,} B/token vs MHA {r['mha_kv_bytes_per_token']:,} "
+          f"B/token (bf16): {100 * r['kv_cache_reduction']:.1f}% smaller, "
+          f"{r['mha_kv_bytes_per_token'] / r['mla_kv_bytes_per_token']:.1f}x")
+    if args.json:
+        _emit_json(r)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    """A short CPU tour of the `nano` model: build, check naive == absorbed attention, take a few
+    optimizer steps on one batch, save and reload a Hugging Face checkpoint, generate greedily."""
+    import tempfile
+
+    import torch
+    from tqdm import tqdm
+
+    from .config import ModelConfig
+    from .model import DeepSeekV3
+
+    torch.manual_seed(args.seed)
+    t0 = time.time()
+    cfg = ModelConfig.from_preset("nano")
+    model = DeepSeekV3.from_config(cfg, seed=args.seed)
+    print(f"nano: {model.num_params() / 1e6:.2f}M parameters (+{model.num_params(True) / 1e6 - model.num_params() / 1e6:.2f}M MTP)")
+    ids = torch.randint(0, cfg.vocab_size, (4, 64))
+    with torch.no_grad():
+        naive, absorbed = model(ids, attn_impl="naive"), model(ids, attn_impl="absorb")
+    diff = (naive - absorbed).abs().max().item()
+    print(f"MLA naive vs absorbed attention: max |diff| = {diff:.2e}")
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in tqdm(range(args.steps), desc="overfit one batch", disable=args.json):
+        logits = model(ids[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    print(f"loss {losses[0]:.3f} -> {losses[-1]:.3f} over {args.steps} steps")
+    model.eval()
+    with tempfile.TemporaryDirectory() as d:
+        model.save_pretrained(d)
+        again = DeepSeekV3.from_pretrained(d)
+        with torch.no_grad():
+            roundtrip = (again(ids) - model(ids)).abs().max().item()
+        print(f"saved and reloaded a Hugging Face checkpoint ({sorted(os.listdir(d))}): max |diff| = {roundtrip:.2e}")
+    out = model.generate(ids[:1, :8], max_new_tokens=16)
+    cont = out[0, 8:].tolist()
+    print(f"greedy continuation of the first 8 tokens: {cont}  (training batch: {ids[0, 8:24].tolist()})")
+    result = {"params": model.num_params(), "naive_absorb_max_diff": diff, "loss_first": losses[0],
+              "loss_last": losses[-1], "roundtrip_max_diff": roundtrip, "seconds": round(time.time() - t0, 2)}
+    if args.json:
+        _emit_json(result)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="nanoseek", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("info", help="parameter counts and KV-cache sizes of a preset or checkpoint")
+    s.add_argument("target", help="a preset name (nano, small, deepseek-v2-lite, deepseek-v2, deepseek-v3) or a checkpoint dir")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_info)
+
+    s = sub.add_parser("demo", help="a short CPU tour of the nano model")
+    s.add_argument("--steps", type=int, default=30)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

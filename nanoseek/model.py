@@ -1,0 +1,546 @@
+"""The DeepSeek-V3 architecture in one file (DeepSeek-V3 report, arXiv 2412.19437, section 2).
+
+- RMSNorm; RoPE on interleaved pairs with YaRN frequencies (section 2.1.1 / DeepSeek-V2 report).
+- Multi-head Latent Attention (MLA, section 2.1.1): low-rank query, compressed KV latent with its
+  norm, a decoupled RoPE key shared by all heads. Two tested-equal paths: `naive` (decompress K/V,
+  for training and prefill) and `absorb` (W_UK folded into the query, W_UV into the output; attends
+  over the cached latent and rope key only).
+- DeepSeekMoE (section 2.1.2): sigmoid router with the auxiliary-loss-free bias (used only for
+  choosing experts), group-limited top-k, normalized gate weights times the routed scale, shared
+  experts. DeepSeek-V2 routing (softmax, greedy / group-limited greedy) is the same router.
+- Multi-token prediction (section 2.2): D sequential modules sharing embedding and output head.
+
+Parameter names follow the Hugging Face DeepSeek-V3 checkpoint (`model.layers.3.self_attn.q_a_proj.weight`
+...) with two documented exceptions handled in `checkpoint.py`: routed experts are stacked into
+[E, out, in] tensors (`mlp.experts.gate_proj`), and MTP layer `num_hidden_layers + i` lives at
+`mtp.<idx>` instead of `model.layers.<idx>`. The model knows nothing of distribution or precision;
+layers live in a string-keyed ModuleDict and `forward` tolerates a missing embedding, norm or head
+so that a pipeline stage is the same model with parts removed.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import ModelConfig
+
+
+# --------------------------------------------------------------------------------------- norms
+class RMSNorm(nn.Module):
+    """y = weight * x / rms(x), normalized in fp32 then cast back (Hugging Face's order)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype) * self.weight
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+
+# --------------------------------------------------------------------------------------- RoPE
+def rope_inv_freq(cfg: ModelConfig, device=None) -> torch.Tensor:
+    """Inverse frequencies [qk_rope_head_dim / 2], with YaRN's ramp between interpolation and
+    extrapolation when `rope_scaling` is set (formulas of the YaRN paper as DeepSeek uses them)."""
+    dim, base = cfg.qk_rope_head_dim, cfg.rope_theta
+    pos_freqs = base ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim)
+    inv_freq = 1.0 / pos_freqs
+    rs = cfg.rope_scaling
+    if not rs:
+        return inv_freq
+    factor = rs["factor"]
+    orig = rs["original_max_position_embeddings"]
+    beta_fast, beta_slow = rs.get("beta_fast") or 32, rs.get("beta_slow") or 1
+
+    def correction_dim(num_rotations):
+        return dim * math.log(orig / (num_rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low = max(math.floor(correction_dim(beta_fast)), 0)
+    high = min(math.ceil(correction_dim(beta_slow)), dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32, device=device) - low) / (high - low)).clamp(0, 1)
+    extrapolation = 1 - ramp  # 1 keeps the original (fast) frequency, 0 divides it by `factor`
+    return (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + inv_freq * extrapolation
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for given positions, in fp32, times YaRN's cos/sin attention factor."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.attention_factor = cfg.rope_attention_factor
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+
+    def reset_parameters(self) -> None:
+        self.inv_freq = rope_inv_freq(self.cfg, device=self.inv_freq.device)
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # positions [T] or [B, T] -> cos, sin [B or 1, T, rope/2]
+        angles = positions.float()[..., None] * self.inv_freq
+        if angles.dim() == 2:
+            angles = angles[None]
+        return angles.cos() * self.attention_factor, angles.sin() * self.attention_factor
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x0, x1), (x2, x3), ... of x [B, T, H, rope] in fp32."""
+    xf = x.float().unflatten(-1, (-1, 2))  # [B, T, H, rope/2, 2]
+    x0, x1 = xf[..., 0], xf[..., 1]
+    c, s = cos[:, :, None, :], sin[:, :, None, :]  # [B, T, 1, rope/2]
+    return torch.stack((x0 * c - x1 * s, x1 * c + x0 * s), dim=-1).flatten(-2).to(x.dtype)
+
+
+# --------------------------------------------------------------------------------------- MLA
+class LatentCache:
+    """The MLA decode cache of one layer: the normalized KV latent and the post-RoPE shared key,
+    (kv_lora_rank + qk_rope_head_dim) values per token, nothing per head."""
+
+    def __init__(self, batch: int, max_len: int, cfg: ModelConfig, dtype=None, device=None):
+        self.latent = torch.zeros(batch, max_len, cfg.kv_lora_rank, dtype=dtype, device=device)
+        self.k_pe = torch.zeros(batch, max_len, cfg.qk_rope_head_dim, dtype=dtype, device=device)
+
+    def update(self, latent: torch.Tensor, k_pe: torch.Tensor, start_pos: int):
+        """Write [B, T, .] at start_pos and return everything up to start_pos + T."""
+        end = start_pos + latent.shape[1]
+        if end > self.latent.shape[1]:
+            raise ValueError(f"KV cache overflow: position {end} exceeds its length {self.latent.shape[1]}")
+        self.latent[:, start_pos:end] = latent
+        self.k_pe[:, start_pos:end] = k_pe
+        return self.latent[:, :end], self.k_pe[:, :end]
+
+
+def _sdpa_backends():
+    """On GPU, prefer cuDNN attention: it accepts MLA's unequal q/k and v head dims and is the
+    fastest there; flash refuses them (DESIGN.md, performance anchors)."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        return sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
+                            SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH], set_priority=True)
+    except (ImportError, TypeError):
+        return nullcontext()
+
+
+def build_attention_mask(T: int, S: int, start_pos: int, key_valid: torch.Tensor | None, device):
+    """Boolean mask [B or 1, 1, T, S], True = may attend: causal with an offset, optional key
+    padding ([B, S], True = real token). A query always sees its own key, so no row is empty."""
+    q_pos = torch.arange(T, device=device)[:, None] + start_pos
+    k_pos = torch.arange(S, device=device)[None, :]
+    mask = (k_pos <= q_pos)[None, None]  # [1, 1, T, S]
+    if key_valid is not None:
+        mask = (mask & key_valid[:, None, None, :S].bool()) | (k_pos == q_pos)[None, None]
+    return mask
+
+
+class MLA(nn.Module):
+    """Multi-head Latent Attention (HF module `self_attn`)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        h, H = cfg.hidden_size, cfg.num_attention_heads
+        self.n_heads = H
+        if cfg.q_lora_rank:
+            self.q_a_proj = nn.Linear(h, cfg.q_lora_rank, bias=False)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
+            self.q_b_proj = nn.Linear(cfg.q_lora_rank, H * cfg.qk_head_dim, bias=False)
+        else:
+            self.q_proj = nn.Linear(h, H * cfg.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(h, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=False)
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps)
+        self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, H * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
+        self.o_proj = nn.Linear(H * cfg.v_head_dim, h, bias=False)
+        self.softmax_scale = cfg.softmax_scale
+
+    def project(self, x, cos, sin):
+        """x [B, T, h] -> q_nope [B,T,H,nope], q_pe [B,T,H,rope], latent [B,T,r], k_pe [B,T,rope]."""
+        c = self.cfg
+        B, T, _ = x.shape
+        if c.q_lora_rank:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        else:
+            q = self.q_proj(x)
+        q = q.view(B, T, self.n_heads, c.qk_head_dim)
+        q_nope, q_pe = q.split([c.qk_nope_head_dim, c.qk_rope_head_dim], dim=-1)
+        q_pe = apply_rope(q_pe, cos, sin)
+        latent, k_pe = self.kv_a_proj_with_mqa(x).split([c.kv_lora_rank, c.qk_rope_head_dim], dim=-1)
+        latent = self.kv_a_layernorm(latent)
+        k_pe = apply_rope(k_pe[:, :, None, :], cos, sin)[:, :, 0]  # one head, shared by all heads
+        return q_nope, q_pe, latent, k_pe
+
+    def forward(self, x, cos, sin, cache: LatentCache | None = None, start_pos: int = 0,
+                key_valid: torch.Tensor | None = None, impl: str | None = None):
+        B, T, _ = x.shape
+        q_nope, q_pe, latent, k_pe = self.project(x, cos, sin)
+        if cache is not None:
+            latent, k_pe = cache.update(latent, k_pe, start_pos)  # [B, S, r], [B, S, rope]
+        S = latent.shape[1]
+        mask = None
+        if S != T or key_valid is not None:
+            mask = build_attention_mask(T, S, S - T, key_valid, x.device)
+        impl = impl or ("naive" if T > 1 else "absorb")
+        if impl == "naive":
+            o = self._naive(q_nope, q_pe, latent, k_pe, mask)
+        elif impl == "absorb":
+            o = self._absorbed(q_nope, q_pe, latent, k_pe, mask)
+        else:
+            raise ValueError(f"unknown attention impl {impl!r} (expected 'naive' or 'absorb')")
+        return self.o_proj(o.reshape(B, T, -1))
+
+    def _naive(self, q_nope, q_pe, latent, k_pe, mask):
+        """Decompress per-head K/V from the latent and run standard attention (SDPA)."""
+        c, H = self.cfg, self.n_heads
+        B, S, _ = latent.shape
+        kv = self.kv_b_proj(latent).view(B, S, H, c.qk_nope_head_dim + c.v_head_dim)
+        k_nope, v = kv.split([c.qk_nope_head_dim, c.v_head_dim], dim=-1)
+        k = torch.cat([k_nope, k_pe[:, :, None, :].expand(B, S, H, c.qk_rope_head_dim)], dim=-1)
+        q = torch.cat([q_nope, q_pe], dim=-1)
+        ctx = _sdpa_backends() if q.is_cuda else nullcontext()
+        with ctx:
+            o = F.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),  # [B, H, T|S, d]
+                attn_mask=mask, is_causal=mask is None, scale=self.softmax_scale)
+        return o.transpose(1, 2)  # [B, T, H, v]
+
+    def _absorbed(self, q_nope, q_pe, latent, k_pe, mask):
+        """Attend over the latent directly: scores = (q_nope W_UK) . c + q_pe . k_pe, then W_UV."""
+        c, H = self.cfg, self.n_heads
+        w = self.kv_b_proj.weight.view(H, c.qk_nope_head_dim + c.v_head_dim, c.kv_lora_rank)
+        w_uk, w_uv = w[:, :c.qk_nope_head_dim], w[:, c.qk_nope_head_dim:]  # [H, nope, r], [H, v, r]
+        q_lat = torch.einsum("bthd,hdr->bthr", q_nope, w_uk)  # [B, T, H, r]
+        scores = (torch.einsum("bthr,bsr->bhts", q_lat, latent)
+                  + torch.einsum("bthd,bsd->bhts", q_pe, k_pe)) * self.softmax_scale
+        if mask is None:
+            T, S = scores.shape[-2:]
+            mask = build_attention_mask(T, S, S - T, None, scores.device)
+        scores = scores.float().masked_fill(~mask, float("-inf"))
+        p = scores.softmax(dim=-1).to(latent.dtype)  # [B, H, T, S]
+        o_lat = torch.einsum("bhts,bsr->bthr", p, latent)  # [B, T, H, r]
+        return torch.einsum("bthr,hdr->bthd", o_lat, w_uv)  # [B, T, H, v]
+
+
+# --------------------------------------------------------------------------------------- FFN
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)); the dense FFN and the shared experts."""
+
+    def __init__(self, hidden: int, inter: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, inter, bias=False)
+        self.up_proj = nn.Linear(hidden, inter, bias=False)
+        self.down_proj = nn.Linear(inter, hidden, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Router(nn.Module):
+    """Top-k expert choice (HF module `mlp.gate`).
+
+    V3 (`noaux_tc`): s = sigmoid(x Wg); choose with s + e_score_correction_bias; groups ranked by
+    the sum of their top-2 biased scores, the other groups masked with -inf; gate weights are the
+    *unbiased* s of the chosen experts, normalized, times routed_scaling_factor.
+    V2 (`greedy`, `group_limited_greedy`): softmax scores, groups ranked by their max, no bias.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
+        if cfg.uses_bias_routing:
+            self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
+        else:
+            self.e_score_correction_bias = None
+
+    def forward(self, x: torch.Tensor):
+        """x [N, h] -> weights [N, k] (fp32), indices [N, k], scores [N, E] (fp32)."""
+        c = self.cfg
+        logits = F.linear(x.float(), self.weight.float())
+        scores = logits.sigmoid() if c.scoring_func == "sigmoid" else logits.softmax(dim=-1)
+        choice = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias
+        if c.topk_method != "greedy" and c.topk_group < c.n_group:
+            grouped = choice.detach().view(-1, c.n_group, c.n_routed_experts // c.n_group)
+            if c.topk_method == "noaux_tc":
+                group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)  # [N, G]
+            else:
+                group_scores = grouped.amax(dim=-1)
+            kept = group_scores.topk(c.topk_group, dim=-1).indices
+            keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, kept, True)
+            keep = keep[:, :, None].expand_as(grouped).reshape_as(choice)
+            choice = choice.masked_fill(~keep, float("-inf"))
+        indices = choice.topk(c.num_experts_per_tok, dim=-1).indices
+        weights = scores.gather(1, indices)
+        if c.norm_topk_prob and c.num_experts_per_tok > 1:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights * c.routed_scaling_factor, indices, scores
+
+
+class Experts(nn.Module):
+    """The routed experts as stacked weights (HF keys `mlp.experts.<e>.<proj>.weight` on disk).
+
+    Tokens are sorted by expert and run as one grouped GEMM per projection: `torch._grouped_mm`
+    on GPUs that have it, else a loop over the contiguous per-expert segments (same math).
+    """
+
+    def __init__(self, n_experts: int, hidden: int, inter: int):
+        super().__init__()
+        self.n_experts = n_experts
+        self.gate_proj = nn.Parameter(torch.empty(n_experts, inter, hidden))
+        self.up_proj = nn.Parameter(torch.empty(n_experts, inter, hidden))
+        self.down_proj = nn.Parameter(torch.empty(n_experts, hidden, inter))
+        self.impl = "auto"  # "auto" | "grouped_mm" | "segments"
+
+    def _use_grouped_mm(self, x) -> bool:
+        if self.impl != "auto":
+            return self.impl == "grouped_mm"
+        return (x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
+                and torch.cuda.get_device_capability(x.device)[0] >= 9)
+
+    def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """x [N, h], indices/weights [N, k] -> sum_k weights * expert_k(x)  [N, h]."""
+        N, k = indices.shape
+        flat = indices.reshape(-1)
+        order = flat.argsort(stable=True)  # assignment slots sorted by expert
+        counts = torch.bincount(flat, minlength=self.n_experts)
+        token = order // k
+        xs = x[token]  # [N*k, h], grouped by expert
+        if self._use_grouped_mm(x):
+            offs = counts.cumsum(0).to(torch.int32)
+            g = torch._grouped_mm(xs, self.gate_proj.transpose(-2, -1), offs=offs)
+            u = torch._grouped_mm(xs, self.up_proj.transpose(-2, -1), offs=offs)
+            ys = torch._grouped_mm(F.silu(g) * u, self.down_proj.transpose(-2, -1), offs=offs)
+        else:
+            outs = []
+            for e, seg in enumerate(xs.split(counts.tolist())):
+                if seg.shape[0] == 0:
+                    continue
+                hdn = F.silu(seg @ self.gate_proj[e].t()) * (seg @ self.up_proj[e].t())
+                outs.append(hdn @ self.down_proj[e].t())
+            ys = torch.cat(outs) if outs else xs.new_zeros(0, x.shape[1])
+        ys = ys * weights.reshape(-1)[order, None].to(ys.dtype)
+        return torch.zeros_like(x).index_add_(0, token, ys.to(x.dtype))
+
+
+class MoE(nn.Module):
+    """DeepSeekMoE: routed experts plus always-on shared experts (HF module `mlp`).
+
+    After each forward, `tokens_per_expert` [E] holds how many tokens chose each expert (the
+    load that auxiliary-loss-free balancing acts on) and `router_scores` the [N, E] scores."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate = Router(cfg)
+        self.experts = Experts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size)
+        self.shared_experts = (MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
+                               if cfg.n_shared_experts else None)
+        self.tokens_per_expert: torch.Tensor | None = None
+        self.router_scores: torch.Tensor | None = None
+        self.router_indices: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        weights, indices, scores = self.gate(flat)
+        self.tokens_per_expert = torch.bincount(indices.reshape(-1), minlength=self.experts.n_experts).detach()
+        self.router_scores, self.router_indices = scores, indices
+        out = self.experts(flat, indices, weights)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(flat)
+        return out.view(shape)
+
+
+# --------------------------------------------------------------------------------------- blocks
+class Block(nn.Module):
+    """Pre-norm decoder layer: h += MLA(norm(h)); h += FFN(norm(h))."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = MLA(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MoE(cfg) if cfg.is_moe_layer(layer_idx) else MLP(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, x, cos, sin, cache=None, start_pos=0, key_valid=None, attn_impl=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, start_pos, key_valid, attn_impl)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class SharedHead(nn.Module):
+    """The MTP module's output norm; the head itself is the main model's lm_head."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class MTPLayer(Block):
+    """Multi-token prediction module k: h'_i = eh_proj([enorm(emb(t_{i+k})); hnorm(h^{k-1}_i)]),
+    then a full decoder block. (The released weights put the embedding first.)"""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__(cfg, layer_idx)
+        self.enorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.hnorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.eh_proj = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
+        self.shared_head = SharedHead(cfg)
+
+    def forward(self, h_prev, emb, cos, sin, cache=None, start_pos=0, key_valid=None, attn_impl=None):
+        x = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h_prev)], dim=-1))
+        return super().forward(x, cos, sin, cache, start_pos, key_valid, attn_impl)
+
+
+class Backbone(nn.Module):
+    """HF `model.*`: embedding, the decoder layers (ModuleDict keyed by layer index), final norm."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleDict({str(i): Block(cfg, i) for i in range(cfg.num_hidden_layers)})
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+# --------------------------------------------------------------------------------------- model
+class DeepSeekV3(nn.Module):
+    """DeepSeek-V3 (and V2) causal language model. `model(input_ids)` returns logits [B, T, V]."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = Backbone(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        N = cfg.num_hidden_layers
+        self.mtp = nn.ModuleDict({str(N + i): MTPLayer(cfg, N + i) for i in range(cfg.num_nextn_predict_layers)})
+        self.rotary = RotaryEmbedding(cfg)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_config(cls, cfg: ModelConfig, device=None, dtype=None, seed: int | None = None) -> "DeepSeekV3":
+        """Build on the meta device, then materialize on `device` and initialize."""
+        from .checkpoint import keep_router_bias_fp32
+        with torch.device("meta"):
+            model = cls(cfg)
+        if dtype is not None:
+            model.to(dtype)
+            keep_router_bias_fp32(model)
+        model.to_empty(device=device or "cpu")
+        if seed is not None:
+            torch.manual_seed(seed)
+        model.init_weights()
+        return model
+
+    @torch.no_grad()
+    def init_weights(self, std: float | None = None) -> None:
+        """Normal(0, initializer_range) for every matrix, ones for norms, zero router bias;
+        output projections scaled by 1/sqrt(2 * layers) as in GPT-2."""
+        std = std or self.config.initializer_range
+        out_std = std / math.sqrt(2 * self.config.num_hidden_layers)
+        for name, module in self.named_modules():
+            if isinstance(module, (RMSNorm, RotaryEmbedding)):
+                module.reset_parameters()
+            elif isinstance(module, (nn.Linear, nn.Embedding)):
+                s = out_std if name.endswith(("o_proj", "down_proj")) else std
+                nn.init.normal_(module.weight, 0.0, s)
+            elif isinstance(module, Router):
+                nn.init.normal_(module.weight, 0.0, std)
+                if module.e_score_correction_bias is not None:
+                    module.e_score_correction_bias.zero_()
+            elif isinstance(module, Experts):
+                nn.init.normal_(module.gate_proj, 0.0, std)
+                nn.init.normal_(module.up_proj, 0.0, std)
+                nn.init.normal_(module.down_proj, 0.0, out_std)
+
+    # ------------------------------------------------------------------ forward
+    def make_cache(self, batch: int, max_len: int, dtype=None, device=None) -> dict[str, LatentCache]:
+        dtype = dtype or self.lm_head.weight.dtype
+        device = device or self.lm_head.weight.device
+        return {i: LatentCache(batch, max_len, self.config, dtype, device) for i in self.model.layers}
+
+    def positions_for(self, T: int, start_pos: int, device) -> torch.Tensor:
+        return torch.arange(start_pos, start_pos + T, device=device)
+
+    def forward(self, input_ids: torch.Tensor, *, start_pos: int = 0, positions: torch.Tensor | None = None,
+                cache: dict | None = None, key_valid: torch.Tensor | None = None,
+                attn_impl: str | None = None, return_hidden: bool = False):
+        """input_ids [B, T] (or hidden states [B, T, h] when the embedding was removed) -> logits
+        [B, T, V]; with `return_hidden`, (logits, final-normed hidden [B, T, h]). Missing norm or
+        head return the hidden states instead (pipeline stages)."""
+        emb = self.model.embed_tokens
+        h = emb(input_ids) if emb is not None else input_ids
+        if positions is None:
+            positions = self.positions_for(h.shape[1], start_pos, h.device)
+        cos, sin = self.rotary(positions)
+        for name, layer in self.model.layers.items():
+            h = layer(h, cos, sin, cache[name] if cache is not None else None, start_pos, key_valid, attn_impl)
+        if self.model.norm is None:
+            return h
+        h = self.model.norm(h)
+        if self.lm_head is None:
+            return h
+        logits = self.lm_head(h)
+        return (logits, h) if return_hidden else logits
+
+    def mtp_forward(self, hidden: torch.Tensor, input_ids: torch.Tensor) -> list[torch.Tensor]:
+        """Multi-token prediction. hidden [B, T, h] is the main model's final-normed output.
+        Returns, for depth k = 1..D, logits [B, T-k, V] where position i predicts token i+k+1."""
+        out, h_prev = [], hidden
+        T = input_ids.shape[1]
+        for k, layer in enumerate(self.mtp.values(), start=1):
+            if T - k <= 0:
+                break
+            emb = self.model.embed_tokens(input_ids[:, k:])  # token i+k for position i
+            cos, sin = self.rotary(self.positions_for(T - k, 0, hidden.device))
+            h_prev = layer(h_prev[:, : T - k], emb, cos, sin)
+            out.append(self.lm_head(layer.shared_head.norm(h_prev)))
+        return out
+
+    # ------------------------------------------------------------------ utilities
+    def moe_layers(self) -> dict[str, MoE]:
+        """The MoE FFNs of the main model, keyed by layer index."""
+        return {i: layer.mlp for i, layer in self.model.layers.items() if isinstance(layer.mlp, MoE)}
+
+    def num_params(self, include_mtp: bool = False) -> int:
+        n = sum(p.numel() for name, p in self.named_parameters() if include_mtp or not name.startswith("mtp."))
+        return n
+
+    @classmethod
+    def from_pretrained(cls, path: str, dtype=None, device=None, **kw) -> "DeepSeekV3":
+        from .checkpoint import load_pretrained
+        return load_pretrained(path, dtype=dtype, device=device, **kw)
+
+    def save_pretrained(self, path: str, **kw) -> None:
+        from .checkpoint import save_pretrained
+        save_pretrained(self, path, **kw)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 32, temperature: float = 0.0,
+                 top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
+                 eos_token_id: int | None = None) -> torch.Tensor:
+        """Prefill (naive attention) then decode with the absorbed path over the latent cache.
+        Returns prompt + generated ids [B, T + new] like transformers' `generate`."""
+        from .sampling import sample_next
+        B, T = input_ids.shape
+        cache = self.make_cache(B, T + max_new_tokens)
+        gen = torch.Generator(device=input_ids.device)
+        gen.manual_seed(seed if seed is not None else torch.seed() % (2 ** 63))
+        logits = self(input_ids, cache=cache)[:, -1]
+        out = [input_ids]
+        done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+        for step in range(max_new_tokens):
+            nxt = sample_next(logits, temperature, top_p, top_k, gen)
+            if eos_token_id is not None:
+                nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
+                done |= nxt == eos_token_id
+            out.append(nxt[:, None])
+            if step == max_new_tokens - 1 or bool(done.all()):
+                break
+            logits = self(nxt[:, None], start_pos=T + step, cache=cache)[:, -1]
+        return torch.cat(out, dim=1)
