@@ -111,6 +111,52 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from .train import TrainArgs, train
+    fields = {f for f in TrainArgs.__dataclass_fields__}
+    kw = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+    train(TrainArgs(**kw))
+    return 0
+
+
+def add_train_arguments(s: argparse.ArgumentParser) -> None:
+    """Run flags shared by `train` (and the fine-tuning commands built on the same loop)."""
+    s.add_argument("--data", nargs="+", required=True, help="text files, folders or .jsonl (field 'text')")
+    s.add_argument("--out", required=True, help="run directory: checkpoints, metrics.jsonl, plots, final model")
+    s.add_argument("--preset", default="nano")
+    s.add_argument("--model", help="start from this checkpoint directory instead of a preset")
+    s.add_argument("--tokenizer", help="directory with a tokenizer.json (default: train one on --data)")
+    s.add_argument("--vocab-size", type=int, help="size of the tokenizer to train (default: the preset's)")
+    s.add_argument("--max-steps", type=int, default=100)
+    s.add_argument("--batch-size", type=int, help="global batch in sequences")
+    s.add_argument("--seq-len", type=int)
+    s.add_argument("--grad-accum", type=int, default=1)
+    s.add_argument("--lr", type=float)
+    s.add_argument("--warmup-steps", type=int)
+    s.add_argument("--min-lr-ratio", type=float)
+    s.add_argument("--weight-decay", type=float)
+    s.add_argument("--grad-clip", type=float)
+    s.add_argument("--precision", choices=["fp32", "bf16"])
+    s.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    s.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    s.add_argument("--activation-checkpointing", action="store_true", default=None)
+    s.add_argument("--balance", choices=["bias", "aux", "none"], help="bias: auxiliary-loss-free (default)")
+    s.add_argument("--bias-update-speed", type=float, help="gamma of the bias update (default 0.001)")
+    s.add_argument("--bias-freeze-step", type=int, help="stop bias updates from this step on")
+    s.add_argument("--seq-aux-alpha", type=float, help="complementary sequence-wise loss weight (bias mode)")
+    s.add_argument("--aux-alpha", type=float, help="auxiliary loss weight (aux mode)")
+    s.add_argument("--mtp-lambda", type=float, help="MTP loss weight (default 0.3)")
+    s.add_argument("--mtp-depth", type=int)
+    s.add_argument("--eval-every", type=int)
+    s.add_argument("--eval-batches", type=int)
+    s.add_argument("--save-every", type=int)
+    s.add_argument("--keep-last", type=int)
+    s.add_argument("--seed", type=int)
+    s.add_argument("--resume", action="store_true", default=None, help="continue from the newest complete checkpoint")
+    s.add_argument("--json", action="store_true", default=None)
+    s.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nanoseek", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -119,6 +165,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("target", help="a preset name (nano, small, deepseek-v2-lite, deepseek-v2, deepseek-v3) or a checkpoint dir")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_info)
+
+    s = sub.add_parser("train", help="pretrain a DeepSeek-style model on text (torchrun for data parallel)")
+    add_train_arguments(s)
+    s.set_defaults(func=cmd_train)
 
     s = sub.add_parser("demo", help="a short CPU tour of the nano model")
     s.add_argument("--steps", type=int, default=30)

@@ -1,0 +1,219 @@
+"""Pretraining benchmarks (one script, side by side in one run).
+
+speed: full training steps (forward, backward, AdamW with fp32 master weights, bf16 autocast) of
+       the `small` preset through `nanoseek.train`, against transformers' DeepseekV3ForCausalLM of
+       the same config with the same recipe and batch; tokens/s and MFU (nanoseek/perf.py).
+alflb: the auxiliary-loss-free balancing claim (DeepSeek-V3 report 2.1.2): the same ~150M MoE on
+       the same real English text, same seed and data order, aux loss vs bias update, equal
+       tokens; validation loss and MaxVio curves, plus a second seed of the bias arm as the noise
+       floor. Writes alflb.png.
+
+    python benchmarks/bench_train.py --data DIR_PREPARED --part all --out OUT [--quick]
+
+DIR_PREPARED is a folder filled by `nanoseek.data.prepare` (train.bin, val.bin, meta.json,
+tokenizer.json). Prints tables and a final JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from nanoseek import ModelConfig  # noqa: E402
+from nanoseek.perf import measure_matmul_peak, mfu, training_flops_per_token  # noqa: E402
+from nanoseek.train import TrainArgs, train  # noqa: E402
+
+# ~150M-parameter MoE for the balancing comparison (overrides on the `small` preset)
+MOE_150M = dict(vocab_size=8192, hidden_size=768, intermediate_size=2048, moe_intermediate_size=384,
+                num_hidden_layers=8, first_k_dense_replace=1, num_attention_heads=12, q_lora_rank=256,
+                kv_lora_rank=128, qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64,
+                n_routed_experts=16, n_shared_experts=1, num_experts_per_tok=2, n_group=1, topk_group=1,
+                num_nextn_predict_layers=1)
+QUICK = dict(vocab_size=8192, hidden_size=128, intermediate_size=256, moe_intermediate_size=64,
+             num_hidden_layers=3, first_k_dense_replace=1, num_attention_heads=4, q_lora_rank=64,
+             kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=16,
+             n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, n_group=1, topk_group=1,
+             num_nextn_predict_layers=1)
+
+
+def read_metrics(run_dir):
+    return [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+
+
+def steady_tokens_per_s(run_dir, skip):
+    recs = [r for r in read_metrics(run_dir) if "loss" in r][skip:]
+    return statistics.median(r["tokens_per_s"] for r in recs)
+
+
+def hf_train_speed(cfg: ModelConfig, batch: int, seq: int, steps: int, device) -> float:
+    """transformers' DeepseekV3ForCausalLM, same recipe: fp32 weights, bf16 autocast, fused AdamW."""
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+    d = cfg.to_hf_dict()
+    for k in ("architectures", "model_type", "torch_dtype"):
+        d.pop(k, None)
+    d["num_nextn_predict_layers"] = 0
+    hcfg = DeepseekV3Config(**d)
+    best = None
+    for impl in ("sdpa", "eager"):
+        try:
+            hcfg._attn_implementation = impl
+            model = DeepseekV3ForCausalLM(hcfg).to(device).train()
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+            x = torch.randint(0, cfg.vocab_size, (batch, seq + 1), device=device)
+            times = []
+            for i in range(steps):
+                torch.cuda.synchronize()
+                t = time.perf_counter()
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    logits = model(x[:, :-1]).logits
+                loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten())
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                torch.cuda.synchronize()
+                times.append(time.perf_counter() - t)
+            tps = batch * seq / statistics.median(times[2:])
+            print(f"  transformers ({impl}): {tps:,.0f} tok/s")
+            best = max(best or 0, tps)
+            del model, opt
+            torch.cuda.empty_cache()
+            break  # sdpa worked
+        except Exception as e:  # noqa: BLE001
+            print(f"  transformers ({impl}) failed: {type(e).__name__}: {str(e)[:200]}")
+            torch.cuda.empty_cache()
+    return best or 0.0
+
+
+def part_speed(a, results):
+    cfg = ModelConfig.from_preset("small", num_nextn_predict_layers=0)
+    device = torch.device("cuda")
+    peak = measure_matmul_peak(device)
+    fpt = training_flops_per_token(cfg, a.speed_seq)
+    rows = []
+    for label, extra in (("nanoseek eager", dict(compile=False)), ("nanoseek compiled", dict(compile=True))):
+        if label.endswith("compiled") and a.no_compile:
+            continue
+        run = os.path.join(a.out, "speed-" + label.split()[1])
+        t = time.time()
+        try:
+            train(TrainArgs(data=[a.data], out=run, preset="small", mtp_depth=0, max_steps=a.speed_steps,
+                            batch_size=a.speed_batch, seq_len=a.speed_seq, precision="bf16", eval_every=0,
+                            eval_batches=1, save=False, progress=False, **extra))
+            tps = steady_tokens_per_s(run, skip=3 if label.endswith("eager") else 5)
+        except Exception as e:  # noqa: BLE001
+            print(f"  {label} failed: {type(e).__name__}: {str(e)[:300]}")
+            continue
+        mem = torch.cuda.max_memory_allocated() / 2**30
+        torch.cuda.reset_peak_memory_stats()
+        rows.append((label, tps, mfu(tps, fpt, peak), mem, time.time() - t))
+        torch.cuda.empty_cache()
+    hf = hf_train_speed(cfg, a.speed_batch, a.speed_seq, a.hf_steps, device)
+    rows.append(("transformers", hf, mfu(hf, fpt, peak), torch.cuda.max_memory_allocated() / 2**30, 0))
+    print(f"\nTraining step speed, `small` (MTP off), bf16 autocast + fp32 AdamW, batch {a.speed_batch} x {a.speed_seq}, "
+          f"{torch.cuda.get_device_name()}, bf16 matmul peak {peak / 1e12:.0f} TFLOP/s")
+    print(f"{'implementation':<20}{'tokens/s':>12}{'MFU':>8}{'peak GiB':>10}")
+    for label, tps, m, mem, _ in rows:
+        print(f"{label:<20}{tps:>12,.0f}{100 * m:>7.1f}%{mem:>10.1f}")
+    best = max((r for r in rows if r[0].startswith("nanoseek")), key=lambda r: r[1], default=None)
+    results["speed"] = {
+        "peak_tflops": peak / 1e12, "flops_per_token": fpt,
+        "rows": {r[0]: {"tokens_per_s": r[1], "mfu": r[2], "peak_gib": r[3]} for r in rows},
+        "ours_over_transformers": (best[1] / hf) if best and hf else None,
+    }
+
+
+def part_alflb(a, results):
+    cfg = QUICK if a.quick else MOE_150M
+    arms = [("bias", 0), ("aux", 0), ("bias", 1)]
+    curves = {}
+    for balance, seed in arms:
+        name = f"{balance}-seed{seed}"
+        run = os.path.join(a.out, "alflb-" + name)
+        t = time.time()
+        s = train(TrainArgs(data=[a.data], out=run, preset="small", overrides=cfg, max_steps=a.alflb_steps,
+                            batch_size=a.alflb_batch, seq_len=a.alflb_seq, lr=a.alflb_lr, warmup_steps=a.alflb_steps // 10,
+                            balance=balance, seed=seed, eval_every=a.alflb_eval_every, eval_batches=a.alflb_eval_batches,
+                            save=False, progress=False, compile=a.alflb_compile))
+        recs = read_metrics(run)
+        train_recs = [r for r in recs if "loss" in r]
+        val = [(r["step"], r["val_loss"]) for r in recs if "val_loss" in r]
+        tail = train_recs[-max(1, len(train_recs) // 10):]
+        curves[name] = {
+            "val": val, "maxvio": [(r["step"], r["maxvio"]) for r in train_recs],
+            "final_val_loss": s["val_loss"], "final_val_bpb": s["val_bpb"],
+            "maxvio_last10pct": sum(r["maxvio"] for r in tail) / len(tail),
+            "maxvio_mean": sum(r["maxvio"] for r in train_recs) / len(train_recs),
+            "tokens": a.alflb_steps * a.alflb_batch * a.alflb_seq, "seconds": time.time() - t,
+            "params": s["params_total"],
+        }
+    print(f"\nLoad balancing, same MoE ({curves['bias-seed0']['params'] / 1e6:.0f}M params), same text and data order, "
+          f"{curves['bias-seed0']['tokens'] / 1e6:.1f}M tokens per arm")
+    print(f"{'arm':<14}{'val loss':>10}{'val bpb':>9}{'MaxVio (last 10%)':>19}{'MaxVio (mean)':>15}{'seconds':>9}")
+    for name, c in curves.items():
+        print(f"{name:<14}{c['final_val_loss']:>10.4f}{c['final_val_bpb']:>9.4f}{c['maxvio_last10pct']:>19.3f}"
+              f"{c['maxvio_mean']:>15.3f}{c['seconds']:>9.0f}")
+    gap = curves["aux-seed0"]["final_val_loss"] - curves["bias-seed0"]["final_val_loss"]
+    noise = abs(curves["bias-seed1"]["final_val_loss"] - curves["bias-seed0"]["final_val_loss"])
+    print(f"val loss aux - bias = {gap:+.4f} (seed-to-seed noise of the bias arm: {noise:.4f})")
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+        for name, c in curves.items():
+            ax1.plot(*zip(*c["val"]), "o-", label=name, ms=3)
+            steps, mv = zip(*c["maxvio"])
+            ax2.plot(steps, mv, label=name, lw=0.8)
+        ax1.set_xlabel("step"), ax1.set_ylabel("validation loss"), ax1.legend(), ax1.grid(alpha=0.3)
+        ax2.set_xlabel("step"), ax2.set_ylabel("MaxVio (mean over MoE layers)"), ax2.set_yscale("log")
+        ax2.legend(), ax2.grid(alpha=0.3)
+        fig.suptitle("Auxiliary-loss-free balancing (bias) vs auxiliary loss")
+        fig.tight_layout()
+        fig.savefig(os.path.join(a.out, "alflb.png"), dpi=110)
+    except ImportError:
+        pass
+    results["alflb"] = {k: {kk: vv for kk, vv in v.items() if kk not in ("maxvio",)} for k, v in curves.items()}
+    results["alflb"]["val_loss_aux_minus_bias"] = gap
+    results["alflb"]["seed_noise"] = noise
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", default=os.environ.get("OUT", "runs/bench_train"))
+    p.add_argument("--part", choices=["speed", "alflb", "all"], default="all")
+    p.add_argument("--quick", action="store_true", help="tiny sizes (CPU check)")
+    p.add_argument("--speed-steps", type=int, default=12)
+    p.add_argument("--hf-steps", type=int, default=6)
+    p.add_argument("--speed-batch", type=int, default=16)
+    p.add_argument("--speed-seq", type=int, default=2048)
+    p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--alflb-steps", type=int, default=400)
+    p.add_argument("--alflb-batch", type=int, default=32)
+    p.add_argument("--alflb-seq", type=int, default=1024)
+    p.add_argument("--alflb-lr", type=float, default=1.5e-3)
+    p.add_argument("--alflb-eval-every", type=int, default=50)
+    p.add_argument("--alflb-eval-batches", type=int, default=8)
+    p.add_argument("--alflb-compile", action="store_true")
+    a = p.parse_args()
+    os.makedirs(a.out, exist_ok=True)
+    results = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+               "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
+    if a.part in ("speed", "all") and torch.cuda.is_available():
+        part_speed(a, results)
+    if a.part in ("alflb", "all"):
+        part_alflb(a, results)
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,473 @@
+"""Pretraining loop (DeepSeek-V3 report sections 2.1.2, 2.2 and 4): AdamW with fp32 master
+weights, warmup + cosine schedule, gradient clipping and accumulation, bf16 autocast, the
+multi-token-prediction loss, auxiliary-loss-free load balancing (or the classic auxiliary loss),
+periodic validation with bits per byte, atomic checkpoints with exact resume, data parallelism
+over torch.distributed, a NaN/inf guard, metrics in JSONL and plots.
+
+One code path for 1 or W processes: the global batch and the data order (by global sample index)
+do not depend on the world size, so losses agree step by step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from .balance import max_violation, moe_modules, sequence_balance_loss, update_bias
+from .checkpoint import CheckpointError, atomic_write_text
+from .config import ModelConfig
+from .model import DeepSeekV3
+from .parallel import DataParallel, all_reduce_sum, barrier, init_distributed
+
+CKPT_RE = re.compile(r"step-(\d{6,})")
+
+# Default recipes per preset (any flag overrides them).
+RECIPES = {
+    "nano": dict(batch_size=16, seq_len=256, lr=3e-3, warmup_steps=10, eval_every=50, eval_batches=8),
+    "small": dict(batch_size=32, seq_len=2048, lr=6e-4, warmup_steps=200, eval_every=250, eval_batches=16),
+}
+DEFAULT_RECIPE = dict(batch_size=16, seq_len=1024, lr=3e-4, warmup_steps=100, eval_every=250, eval_batches=16)
+
+
+@dataclass
+class TrainArgs:
+    data: list[str] = field(default_factory=list)
+    out: str = "runs/nano"
+    preset: str = "nano"
+    model: str | None = None  # start from a checkpoint directory instead of a preset
+    tokenizer: str | None = None  # a directory with tokenizer.json; default: train one on the data
+    max_steps: int = 100
+    batch_size: int | None = None  # global, in sequences per optimizer step
+    seq_len: int | None = None
+    grad_accum: int = 1
+    lr: float | None = None
+    min_lr_ratio: float = 0.1
+    warmup_steps: int | None = None
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    precision: str | None = None  # fp32 | bf16 (default: bf16 on GPU, fp32 on CPU)
+    device: str | None = None
+    compile: bool = False
+    activation_checkpointing: bool = False
+    balance: str = "bias"  # bias (auxiliary-loss-free) | aux (classic auxiliary loss) | none
+    bias_update_speed: float = 1e-3  # gamma
+    bias_freeze_step: int | None = None  # gamma -> 0 from this step on
+    seq_aux_alpha: float = 1e-4  # complementary sequence-wise loss (bias mode)
+    aux_alpha: float = 1e-3  # classic auxiliary loss weight (aux mode; the loss-free paper's baseline)
+    mtp_lambda: float = 0.3
+    mtp_depth: int | None = None  # override the preset's MTP depth (0 disables)
+    overrides: dict | None = None  # ModelConfig fields to change on the preset (e.g. for ablations)
+    eval_every: int | None = None
+    eval_batches: int | None = None
+    save_every: int | None = None
+    keep_last: int = 2
+    save: bool = True  # benchmarks may skip checkpoints; a normal run always saves at the last step
+    seed: int = 0
+    resume: bool = False
+    json: bool = False
+    progress: bool = True
+    val_fraction: float = 0.05
+    vocab_size: int | None = None  # tokenizer size to train (default: the preset's vocab)
+
+    def resolved(self) -> "TrainArgs":
+        recipe = RECIPES.get(self.preset, DEFAULT_RECIPE)
+        changes = {k: v for k, v in recipe.items() if getattr(self, k) is None}
+        return dataclasses.replace(self, **changes)
+
+
+def lr_at(step: int, a: TrainArgs) -> float:
+    """Linear warmup, then cosine decay to lr * min_lr_ratio at max_steps."""
+    warmup = min(a.warmup_steps, max(a.max_steps - 1, 0))
+    if step < warmup:
+        return a.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, a.max_steps - warmup)
+    return a.lr * (a.min_lr_ratio + (1 - a.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+# ------------------------------------------------------------------------------ checkpoints
+def list_checkpoints(out: str) -> list[tuple[int, str]]:
+    """Complete checkpoints (renamed into place, so never half-written), oldest first."""
+    root = os.path.join(out, "checkpoints")
+    if not os.path.isdir(root):
+        return []
+    found = []
+    for name in os.listdir(root):
+        m = CKPT_RE.fullmatch(name)
+        if m and os.path.exists(os.path.join(root, name, "trainer.pt")):
+            found.append((int(m.group(1)), os.path.join(root, name)))
+    return sorted(found)
+
+
+def save_checkpoint(out: str, step: int, model, optimizer, tokenizer, state: dict, keep_last: int) -> str:
+    """Write into a hidden temp folder, then rename it into place: a kill at any moment leaves
+    either the previous set of checkpoints or the new one, never a half-written one."""
+    root = os.path.join(out, "checkpoints")
+    os.makedirs(root, exist_ok=True)
+    final = os.path.join(root, f"step-{step:06d}")
+    tmp = os.path.join(root, f".tmp-step-{step:06d}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    if tokenizer is not None:
+        tokenizer.save(tmp)
+    payload = {"step": step, "optimizer": optimizer.state_dict(), "cpu_rng": torch.get_rng_state(), **state}
+    if torch.cuda.is_available():
+        payload["cuda_rng"] = torch.cuda.get_rng_state_all()
+    with open(os.path.join(tmp, "trainer.pt.tmp"), "wb") as f:
+        torch.save(payload, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(os.path.join(tmp, "trainer.pt.tmp"), os.path.join(tmp, "trainer.pt"))
+    if os.path.exists(final):
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for _, old in list_checkpoints(out)[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_trainer_state(ckpt: str) -> dict:
+    path = os.path.join(ckpt, "trainer.pt")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same clear message
+        raise CheckpointError(f"{path}: corrupt or unreadable trainer state ({type(e).__name__}: {e})") from None
+
+
+# ------------------------------------------------------------------------------ metrics
+class MetricsLog:
+    """metrics.jsonl on rank 0: one line per optimizer step, validation lines apart."""
+
+    def __init__(self, path: str, enabled: bool, keep_until_step: int | None):
+        self.path, self.enabled = path, enabled
+        if enabled:
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            lines = []
+            if keep_until_step is not None and os.path.exists(path):  # resume: drop what came after the checkpoint
+                for line in open(path):
+                    try:
+                        rec = json.loads(line)
+                    except json.JSONDecodeError:
+                        continue
+                    if rec.get("step", 0) <= keep_until_step:
+                        lines.append(line if line.endswith("\n") else line + "\n")
+            atomic_write_text(path, "".join(lines))
+            self.f = open(path, "a")
+
+    def write(self, rec: dict) -> None:
+        if self.enabled:
+            self.f.write(json.dumps(rec) + "\n")
+            self.f.flush()
+
+    def close(self):
+        if self.enabled:
+            self.f.close()
+
+
+def plot_run(out: str) -> list[str]:
+    """loss.png (train and validation) and expert_load.png (MaxVio per MoE layer) beside the run."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    recs = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl")) if line.strip()]
+    train = [r for r in recs if "loss" in r]
+    val = [r for r in recs if "val_loss" in r]
+    paths = []
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss", lw=1)
+    if val:
+        ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation loss")
+    ax.set_xlabel("step"), ax.set_ylabel("cross entropy (nats)"), ax.legend(), ax.grid(alpha=0.3)
+    fig.tight_layout()
+    paths.append(os.path.join(out, "loss.png"))
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+    layered = [r for r in train if r.get("maxvio_layers")]
+    if layered:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for name in layered[0]["maxvio_layers"]:
+            ax.plot([r["step"] for r in layered], [r["maxvio_layers"].get(name, float("nan")) for r in layered],
+                    lw=1, label=name.replace("model.layers.", "layer ").replace(".mlp", ""))
+        ax.set_xlabel("step"), ax.set_ylabel("MaxVio (max load / mean load - 1)"), ax.set_yscale("symlog")
+        ax.legend(fontsize=7), ax.grid(alpha=0.3)
+        fig.tight_layout()
+        paths.append(os.path.join(out, "expert_load.png"))
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+    return paths
+
+
+# ------------------------------------------------------------------------------ the loop
+def apply_activation_checkpointing(model: DeepSeekV3) -> None:
+    """Recompute each decoder block in the backward (applied from outside; names unchanged)."""
+    from torch.utils.checkpoint import checkpoint
+
+    for block in list(model.model.layers.values()) + list(model.mtp.values()):
+        fwd = block.forward
+        block.forward = lambda *a, _f=fwd, **k: checkpoint(_f, *a, use_reentrant=False, **k)
+
+
+def _say(msg: str, quiet: bool = False) -> None:
+    if not quiet:
+        print(msg, file=sys.stderr if quiet else sys.stdout, flush=True)
+
+
+def train(args: TrainArgs) -> dict:
+    from .data import Batches, TokenShard, bits_per_byte, prepare
+    from .tokenizer import Tokenizer, train_bpe
+
+    a = args.resolved()
+    dist_info = init_distributed(a.device)
+    rank, world, device = dist_info.rank, dist_info.world, dist_info.device
+    main = rank == 0
+    precision = a.precision or ("bf16" if device.type == "cuda" else "fp32")
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"--precision: unsupported value {precision!r} (fp32 or bf16)")
+    if a.batch_size % (a.grad_accum * world):
+        raise ValueError(f"--batch-size {a.batch_size} must be divisible by grad_accum x world = {a.grad_accum * world}")
+    if a.balance not in ("bias", "aux", "none"):
+        raise ValueError(f"--balance: unsupported value {a.balance!r} (bias, aux or none)")
+    os.makedirs(a.out, exist_ok=True)
+    final_json = os.path.join(a.out, "final.json")
+
+    # --- resume point
+    ckpts = list_checkpoints(a.out) if a.resume else []
+    resume_dir = ckpts[-1][1] if ckpts else None
+    if a.resume and resume_dir is None and main:
+        _say(f"--resume: no complete checkpoint in {a.out}/checkpoints, starting fresh")
+    trainer_state = load_trainer_state(resume_dir) if resume_dir else None
+    start_step = trainer_state["step"] if trainer_state else 0
+    if trainer_state and start_step >= a.max_steps and os.path.exists(final_json):
+        summary = json.load(open(final_json))
+        if main:
+            _say(f"run already finished at step {start_step}; nothing to do")
+            if a.json:
+                print(json.dumps(summary), flush=True)
+        return summary
+
+    # --- tokenizer and data (prepared once, by rank 0, behind a barrier)
+    if not a.data:
+        raise ValueError("--data: give at least one text file, folder or .jsonl")
+    # a folder that `prepare` already filled (meta.json + shards, and its tokenizer) is used as is
+    prepared = a.data[0] if len(a.data) == 1 and os.path.isfile(os.path.join(a.data[0], "meta.json")) else None
+    tok_dir = resume_dir or a.tokenizer or (a.out if os.path.exists(os.path.join(a.out, "tokenizer.json")) else None)
+    if tok_dir is None and prepared and os.path.exists(os.path.join(prepared, "tokenizer.json")):
+        tok_dir = prepared
+    if tok_dir is None:
+        if main:
+            cfg0 = ModelConfig.from_pretrained(a.model) if a.model else ModelConfig.from_preset(a.preset)
+            vocab = a.vocab_size or cfg0.vocab_size
+            _say(f"training a byte-level BPE tokenizer ({vocab} tokens) on {', '.join(a.data)}")
+            train_bpe(_sample_texts(a.data), vocab).save(a.out)
+        barrier()
+        tok_dir = a.out
+    tokenizer = Tokenizer.from_dir(tok_dir)
+    if prepared:
+        info = {"train": os.path.join(prepared, "train.bin"), "val": os.path.join(prepared, "val.bin")}
+    else:
+        data_dir = os.path.join(a.out, "data")
+        if main:
+            info = prepare(a.data, data_dir, tokenizer, val_fraction=a.val_fraction)
+        barrier()
+        if not main:
+            info = prepare(a.data, data_dir, tokenizer, val_fraction=a.val_fraction)
+    train_shard, val_shard = TokenShard(info["train"]), TokenShard(info["val"])
+    micro_global = a.batch_size // a.grad_accum
+    batches = Batches(train_shard, a.seq_len, micro_global, seed=a.seed)
+    val_batches = Batches(val_shard, a.seq_len, micro_global, seed=a.seed)
+
+    # --- model
+    if resume_dir:
+        model = DeepSeekV3.from_pretrained(resume_dir, dtype=torch.float32, device=device)
+    elif a.model:
+        model = DeepSeekV3.from_pretrained(a.model, dtype=torch.float32, device=device)
+    else:
+        overrides = {}
+        if a.mtp_depth is not None:
+            overrides["num_nextn_predict_layers"] = a.mtp_depth
+        cfg = ModelConfig.from_preset(a.preset, **{**(a.overrides or {}), **overrides})
+        if tokenizer.vocab_size > cfg.vocab_size:
+            cfg = cfg.replace(vocab_size=tokenizer.vocab_size)
+        model = DeepSeekV3.from_config(cfg, device=device, seed=a.seed)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the model only {model.config.vocab_size}")
+    model.train()
+    dp = DataParallel(model, world)
+    if a.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    fwd_model = torch.compile(model) if a.compile else model
+    moes = moe_modules(model)
+
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed_tokens" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed_tokens" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": a.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}],
+                            lr=a.lr, betas=(a.beta1, a.beta2), fused=device.type == "cuda")
+    if trainer_state:
+        opt.load_state_dict(trainer_state["optimizer"])
+        torch.set_rng_state(trainer_state["cpu_rng"])
+    skipped_total = trainer_state.get("skipped_steps", 0) if trainer_state else 0
+
+    params_total = model.num_params(include_mtp=True)
+    log = MetricsLog(os.path.join(a.out, "metrics.jsonl"), main, start_step if trainer_state else 0)
+    if main:
+        _say(f"nanoseek train: {params_total / 1e6:.2f}M parameters, {world} process(es) on {device}, {precision}, "
+             f"{len(train_shard):,} train / {len(val_shard):,} val tokens, batch {a.batch_size} x {a.seq_len}, "
+             f"balance={a.balance}, MTP depth {len(model.mtp)}"
+             + (f", resuming from step {start_step}" if trainer_state else ""))
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext())
+
+    def evaluate() -> tuple[float, float]:
+        model.eval()
+        total, count = torch.zeros(2, device=device, dtype=torch.float64), 0
+        with torch.no_grad():
+            for x, y in val_batches.eval_batches(micro_global // world, a.eval_batches, rank, world):
+                x, y = x.to(device), y.to(device)
+                with autocast:
+                    logits = fwd_model(x)
+                total[0] += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").double()
+                total[1] += y.numel()
+                count += 1
+        all_reduce_sum(total)
+        model.train()
+        val = (total[0] / total[1]).item() if total[1] > 0 else float("nan")
+        return val, bits_per_byte(val, len(val_shard), val_shard.n_bytes)
+
+    pbar = None
+    if main and a.progress:
+        from tqdm import tqdm
+        pbar = tqdm(total=a.max_steps, initial=start_step, desc="train", dynamic_ncols=True,
+                    file=sys.stderr, disable=None)
+    last = {"loss": float("nan"), "val_loss": float("nan"), "val_bpb": float("nan")}
+    speeds = []
+    tokens_per_step = a.batch_size * a.seq_len
+    step = start_step
+    t_run = time.time()
+    for step in range(start_step, a.max_steps):
+        t0 = time.time()
+        lr = lr_at(step, a)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        loads = {n: torch.zeros(m.experts.n_experts, device=device) for n, m in moes.items()}
+        sums = torch.zeros(4, device=device, dtype=torch.float64)  # ce, mtp, balance, total
+        for micro in range(a.grad_accum):
+            x, y = batches.get(step * a.grad_accum + micro, rank, world)
+            x, y = x.to(device), y.to(device)
+            with autocast:
+                logits, hidden = fwd_model(x, return_hidden=True)
+                ce = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+                mtp = torch.zeros((), device=device)
+                if len(model.mtp) and a.mtp_lambda > 0:
+                    mtp_logits = model.mtp_forward(hidden, x)
+                    mtp = a.mtp_lambda / len(model.mtp) * sum(
+                        F.cross_entropy(lg.float().flatten(0, 1), y[:, k:].flatten())
+                        for k, lg in enumerate(mtp_logits, start=1))
+                alpha = {"bias": a.seq_aux_alpha, "aux": a.aux_alpha, "none": 0.0}[a.balance]
+                bal = torch.zeros((), device=device)
+                if alpha > 0:
+                    bal = sum(sequence_balance_loss(m, x.shape[0], alpha) for m in moes.values())
+                loss = ce + mtp + bal
+            (loss / a.grad_accum).backward()
+            for n, m in moes.items():
+                loads[n] += m.tokens_per_expert.float()
+            sums += torch.stack([ce.detach(), mtp.detach(), bal.detach(), loss.detach()]).double() / a.grad_accum
+        dp.sync_grads()
+        all_reduce_sum(sums)
+        sums /= world
+        for v in loads.values():
+            all_reduce_sum(v)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), a.grad_clip)
+        ok = bool(torch.isfinite(sums).all()) and bool(torch.isfinite(grad_norm))
+        if ok:
+            opt.step()
+            frozen = a.bias_freeze_step is not None and step >= a.bias_freeze_step
+            if a.balance == "bias" and not frozen:
+                for n, m in moes.items():
+                    update_bias(m, loads[n], a.bias_update_speed)
+        else:
+            skipped_total += 1
+            if main:
+                _say(f"step {step + 1}: non-finite loss or gradient, update skipped")
+        opt.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.time() - t0
+        if step > start_step or a.max_steps - start_step == 1:
+            speeds.append(tokens_per_step / dt)
+        maxvio_layers = {n: max_violation(v) for n, v in loads.items()}
+        rec = {"step": step + 1, "loss": sums[0].item(), "mtp_loss": sums[1].item(), "balance_loss": sums[2].item(),
+               "total_loss": sums[3].item(), "lr": lr, "grad_norm": float(grad_norm), "tokens_per_s": tokens_per_step / dt,
+               "maxvio": sum(maxvio_layers.values()) / max(1, len(maxvio_layers)), "maxvio_layers": maxvio_layers}
+        if not ok:
+            rec["skipped"] = True
+        log.write(rec)
+        last["loss"] = rec["loss"]
+        done = step + 1 == a.max_steps
+        if (a.eval_every and (step + 1) % a.eval_every == 0) or done:
+            last["val_loss"], last["val_bpb"] = evaluate()
+            log.write({"step": step + 1, "val_loss": last["val_loss"], "val_bpb": last["val_bpb"]})
+        if a.save and ((a.save_every and (step + 1) % a.save_every == 0) or done):
+            if main:
+                save_checkpoint(a.out, step + 1, model, opt, tokenizer,
+                                {"skipped_steps": skipped_total, "args": _jsonable(dataclasses.asdict(a))}, a.keep_last)
+            barrier()
+        if pbar is not None:
+            pbar.update(1)
+            pbar.set_postfix(loss=f"{rec['loss']:.3f}", maxvio=f"{rec['maxvio']:.2f}", tok_s=f"{rec['tokens_per_s']:.0f}")
+    if pbar is not None:
+        pbar.close()
+    log.close()
+    summary = {
+        "step": a.max_steps, "loss": last["loss"], "val_loss": last["val_loss"], "val_bpb": last["val_bpb"],
+        "tokens_per_s": (sum(speeds) / len(speeds)) if speeds else 0.0,
+        "resumed_from_step": start_step, "params_total": params_total,
+        "params_local": sum(p.numel() for p in model.parameters()),
+        "skipped_steps": skipped_total, "world_size": world, "precision": precision,
+        "seconds": round(time.time() - t_run, 2), "out": a.out,
+    }
+    if main and a.save:
+        final_ckpt = list_checkpoints(a.out)[-1][1]
+        for f in os.listdir(final_ckpt):  # the final model at the run's root: from_pretrained(OUT) works
+            if f != "trainer.pt":
+                shutil.copy2(os.path.join(final_ckpt, f), os.path.join(a.out, f + ".tmp"))
+                os.replace(os.path.join(a.out, f + ".tmp"), os.path.join(a.out, f))
+    if main:
+        summary["plots"] = plot_run(a.out)
+        atomic_write_text(final_json, json.dumps(summary) + "\n")
+        _say(f"done: step {summary['step']}, loss {summary['loss']:.4f}, val_loss {summary['val_loss']:.4f}, "
+             f"{summary['tokens_per_s']:.0f} tok/s; model in {a.out} (DeepSeekV3.from_pretrained('{a.out}'))")
+        if a.json:
+            print(json.dumps(summary), flush=True)
+    barrier()
+    return summary
+
+
+def _sample_texts(paths: list[str], max_bytes: int = 8 * 2**20):
+    """Up to max_bytes of text from the inputs, for tokenizer training."""
+    from .data import _iter_docs, resolve_sources
+    seen = 0
+    for path in resolve_sources(paths):
+        for doc in _iter_docs(path, "text"):
+            yield doc
+            seen += len(doc)
+            if seen >= max_bytes:
+                return
+
+
+def _jsonable(d: dict) -> dict:
+    return json.loads(json.dumps(d, default=str))
