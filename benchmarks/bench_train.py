@@ -53,6 +53,11 @@ def steady_tokens_per_s(run_dir, skip):
     return statistics.median(r["tokens_per_s"] for r in recs)
 
 
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def hf_train_speed(cfg: ModelConfig, batch: int, seq: int, steps: int, device) -> float:
     """transformers' DeepseekV3ForCausalLM, same recipe: fp32 weights, bf16 autocast, fused AdamW."""
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
@@ -66,30 +71,30 @@ def hf_train_speed(cfg: ModelConfig, batch: int, seq: int, steps: int, device) -
         try:
             hcfg._attn_implementation = impl
             model = DeepseekV3ForCausalLM(hcfg).to(device).train()
-            opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
             x = torch.randint(0, cfg.vocab_size, (batch, seq + 1), device=device)
             times = []
             for i in range(steps):
-                torch.cuda.synchronize()
+                sync(device)
                 t = time.perf_counter()
-                with torch.autocast("cuda", dtype=torch.bfloat16):
+                with torch.autocast(device.type, dtype=torch.bfloat16):
                     logits = model(x[:, :-1]).logits
                 loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten())
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-                torch.cuda.synchronize()
+                sync(device)
                 times.append(time.perf_counter() - t)
             tps = batch * seq / statistics.median(times[2:])
             print(f"  transformers ({impl}): {tps:,.0f} tok/s")
             best = max(best or 0, tps)
             del model, opt
-            torch.cuda.empty_cache()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
             break  # sdpa worked
         except Exception as e:  # noqa: BLE001
             print(f"  transformers ({impl}) failed: {type(e).__name__}: {str(e)[:200]}")
-            torch.cuda.empty_cache()
     return best or 0.0
 
 

@@ -283,11 +283,19 @@ class Router(nn.Module):
         return weights * c.routed_scaling_factor, indices, scores
 
 
+def expert_counts(indices: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """Tokens per expert [E] from indices [N, k], without a device-to-host sync (unlike bincount)."""
+    flat = indices.reshape(-1)
+    return torch.zeros(n_experts, dtype=torch.int64, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
+
+
 class Experts(nn.Module):
     """The routed experts as stacked weights (HF keys `mlp.experts.<e>.<proj>.weight` on disk).
 
-    Tokens are sorted by expert and run as one grouped GEMM per projection: `torch._grouped_mm`
-    on GPUs that have it, else a loop over the contiguous per-expert segments (same math).
+    Token-expert pairs are sorted by expert and run as one grouped GEMM per projection:
+    `torch._grouped_mm` on GPUs that have it (bf16, Hopper or newer), else a loop over the
+    contiguous per-expert segments (same math). Outputs are un-permuted and summed over each
+    token's k experts in fp32.
     """
 
     def __init__(self, n_experts: int, hidden: int, inter: int):
@@ -298,35 +306,35 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(n_experts, hidden, inter))
         self.impl = "auto"  # "auto" | "grouped_mm" | "segments"
 
-    def _use_grouped_mm(self, x) -> bool:
+    def _use_grouped_mm(self, x, dtype) -> bool:
         if self.impl != "auto":
             return self.impl == "grouped_mm"
-        return (x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
+        return (x.is_cuda and dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
                 and torch.cuda.get_device_capability(x.device)[0] >= 9)
 
     def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [N, h], indices/weights [N, k] -> sum_k weights * expert_k(x)  [N, h]."""
         N, k = indices.shape
-        flat = indices.reshape(-1)
-        order = flat.argsort(stable=True)  # assignment slots sorted by expert
-        counts = torch.bincount(flat, minlength=self.n_experts)
-        token = order // k
-        xs = x[token]  # [N*k, h], grouped by expert
-        if self._use_grouped_mm(x):
+        order = indices.reshape(-1).argsort(stable=True)  # pair slots sorted by expert
+        counts = expert_counts(indices, self.n_experts)
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        xs = x[order // k].to(dtype)  # [N*k, h], grouped by expert
+        if self._use_grouped_mm(x, dtype):
             offs = counts.cumsum(0).to(torch.int32)
-            g = torch._grouped_mm(xs, self.gate_proj.transpose(-2, -1), offs=offs)
-            u = torch._grouped_mm(xs, self.up_proj.transpose(-2, -1), offs=offs)
-            ys = torch._grouped_mm(F.silu(g) * u, self.down_proj.transpose(-2, -1), offs=offs)
+            w1, w3, w2 = (w.to(dtype).transpose(-2, -1) for w in (self.gate_proj, self.up_proj, self.down_proj))
+            hidden = F.silu(torch._grouped_mm(xs, w1, offs=offs)) * torch._grouped_mm(xs, w3, offs=offs)
+            ys = torch._grouped_mm(hidden, w2, offs=offs)
         else:
             outs = []
             for e, seg in enumerate(xs.split(counts.tolist())):
-                if seg.shape[0] == 0:
-                    continue
-                hdn = F.silu(seg @ self.gate_proj[e].t()) * (seg @ self.up_proj[e].t())
-                outs.append(hdn @ self.down_proj[e].t())
+                if seg.shape[0]:
+                    hdn = F.silu(seg @ self.gate_proj[e].t()) * (seg @ self.up_proj[e].t())
+                    outs.append(hdn @ self.down_proj[e].t())
             ys = torch.cat(outs) if outs else xs.new_zeros(0, x.shape[1])
-        ys = ys * weights.reshape(-1)[order, None].to(ys.dtype)
-        return torch.zeros_like(x).index_add_(0, token, ys.to(x.dtype))
+        ys = ys.float() * weights.reshape(-1)[order, None].float()
+        unsorted = torch.empty_like(ys)
+        unsorted[order] = ys  # back to (token, slot) order; the backward is a gather
+        return unsorted.view(N, k, -1).sum(dim=1).to(x.dtype)
 
 
 class MoE(nn.Module):
@@ -349,7 +357,7 @@ class MoE(nn.Module):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         weights, indices, scores = self.gate(flat)
-        self.tokens_per_expert = torch.bincount(indices.reshape(-1), minlength=self.experts.n_experts).detach()
+        self.tokens_per_expert = expert_counts(indices.detach(), self.experts.n_experts)
         self.router_scores, self.router_indices = scores, indices
         out = self.experts(flat, indices, weights)
         if self.shared_experts is not None:

@@ -449,8 +449,9 @@ def train(args: TrainArgs) -> dict:
     if main:
         summary["plots"] = plot_run(a.out)
         atomic_write_text(final_json, json.dumps(summary) + "\n")
+        where = f"; model in {a.out} (DeepSeekV3.from_pretrained('{a.out}'))" if a.save else ""
         _say(f"done: step {summary['step']}, loss {summary['loss']:.4f}, val_loss {summary['val_loss']:.4f}, "
-             f"{summary['tokens_per_s']:.0f} tok/s; model in {a.out} (DeepSeekV3.from_pretrained('{a.out}'))")
+             f"{summary['tokens_per_s']:.0f} tok/s{where}")
         if a.json:
             print(json.dumps(summary), flush=True)
     barrier()
