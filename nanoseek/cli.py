@@ -170,6 +170,19 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_arguments(s)
     s.set_defaults(func=cmd_train)
 
+    from .interactive import add_sampling_arguments, cmd_chat, cmd_generate
+    s = sub.add_parser("generate", help="generate a reply to one prompt (streaming)")
+    add_sampling_arguments(s)
+    s.add_argument("prompt")
+    s.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
+    s.add_argument("--verbose", action="store_true")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_generate)
+
+    s = sub.add_parser("chat", help="interactive multi-turn chat (/bye to exit, /set to change options)")
+    add_sampling_arguments(s)
+    s.set_defaults(func=cmd_chat)
+
     s = sub.add_parser("demo", help="a short CPU tour of the nano model")
     s.add_argument("--steps", type=int, default=30)
     s.add_argument("--seed", type=int, default=0)

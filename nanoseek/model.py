@@ -105,17 +105,34 @@ class LatentCache:
     """The MLA decode cache of one layer: the normalized KV latent and the post-RoPE shared key,
     (kv_lora_rank + qk_rope_head_dim) values per token, nothing per head."""
 
-    def __init__(self, batch: int, max_len: int, cfg: ModelConfig, dtype=None, device=None):
-        self.latent = torch.zeros(batch, max_len, cfg.kv_lora_rank, dtype=dtype, device=device)
-        self.k_pe = torch.zeros(batch, max_len, cfg.qk_rope_head_dim, dtype=dtype, device=device)
+    def __init__(self, batch: int, max_len: int, cfg: ModelConfig | None = None, dtype=None, device=None,
+                 tensors: tuple[torch.Tensor, torch.Tensor] | None = None):
+        if tensors is not None:
+            self.latent, self.k_pe = tensors
+        else:
+            self.latent = torch.zeros(batch, max_len, cfg.kv_lora_rank, dtype=dtype, device=device)
+            self.k_pe = torch.zeros(batch, max_len, cfg.qk_rope_head_dim, dtype=dtype, device=device)
 
-    def update(self, latent: torch.Tensor, k_pe: torch.Tensor, start_pos: int):
-        """Write [B, T, .] at start_pos and return everything up to start_pos + T."""
-        end = start_pos + latent.shape[1]
-        if end > self.latent.shape[1]:
-            raise ValueError(f"KV cache overflow: position {end} exceeds its length {self.latent.shape[1]}")
-        self.latent[:, start_pos:end] = latent
-        self.k_pe[:, start_pos:end] = k_pe
+    def rows(self, start: int, end: int) -> "LatentCache":
+        """A view of sequences start..end-1 (shares storage)."""
+        return LatentCache(0, 0, tensors=(self.latent[start:end], self.k_pe[start:end]))
+
+    def update(self, latent: torch.Tensor, k_pe: torch.Tensor, start_pos, kv_len: int | None = None):
+        """Write [B, T, .] at start_pos (an int, or a LongTensor [B] of per-sequence positions) and
+        return the cache up to start_pos + T (or up to `kv_len` for per-sequence positions)."""
+        B, T = latent.shape[:2]
+        if isinstance(start_pos, int):
+            end = start_pos + T
+            if end > self.latent.shape[1]:
+                raise ValueError(f"KV cache overflow: position {end} exceeds its length {self.latent.shape[1]}")
+            self.latent[:, start_pos:end] = latent
+            self.k_pe[:, start_pos:end] = k_pe
+            return self.latent[:, :end], self.k_pe[:, :end]
+        rows = torch.arange(B, device=latent.device)[:, None]
+        cols = start_pos[:, None] + torch.arange(T, device=latent.device)[None]  # [B, T]
+        self.latent[rows, cols] = latent
+        self.k_pe[rows, cols] = k_pe
+        end = kv_len if kv_len is not None else self.latent.shape[1]
         return self.latent[:, :end], self.k_pe[:, :end]
 
 
@@ -130,14 +147,19 @@ def _sdpa_backends():
         return nullcontext()
 
 
-def build_attention_mask(T: int, S: int, start_pos: int, key_valid: torch.Tensor | None, device):
-    """Boolean mask [B or 1, 1, T, S], True = may attend: causal with an offset, optional key
-    padding ([B, S], True = real token). A query always sees its own key, so no row is empty."""
-    q_pos = torch.arange(T, device=device)[:, None] + start_pos
-    k_pos = torch.arange(S, device=device)[None, :]
-    mask = (k_pos <= q_pos)[None, None]  # [1, 1, T, S]
+def build_attention_mask(T: int, S: int, start_pos, key_valid: torch.Tensor | None, device):
+    """Boolean mask [B or 1, 1, T, S], True = may attend: causal with an offset (an int, or a
+    LongTensor [B] of per-sequence offsets), optional key padding ([B, S], True = real token).
+    A query always sees its own key, so no row is empty."""
+    if isinstance(start_pos, int):
+        q_pos = (torch.arange(T, device=device) + start_pos)[None]  # [1, T]
+    else:
+        q_pos = start_pos[:, None] + torch.arange(T, device=device)[None]  # [B, T]
+    q_pos = q_pos[:, None, :, None]  # [B|1, 1, T, 1]
+    k_pos = torch.arange(S, device=device)[None, None, None, :]
+    mask = k_pos <= q_pos
     if key_valid is not None:
-        mask = (mask & key_valid[:, None, None, :S].bool()) | (k_pos == q_pos)[None, None]
+        mask = (mask & key_valid[:, None, None, :S].bool()) | (k_pos == q_pos)
     return mask
 
 
@@ -177,16 +199,17 @@ class MLA(nn.Module):
         k_pe = apply_rope(k_pe[:, :, None, :], cos, sin)[:, :, 0]  # one head, shared by all heads
         return q_nope, q_pe, latent, k_pe
 
-    def forward(self, x, cos, sin, cache: LatentCache | None = None, start_pos: int = 0,
-                key_valid: torch.Tensor | None = None, impl: str | None = None):
+    def forward(self, x, cos, sin, cache: LatentCache | None = None, start_pos=0,
+                key_valid: torch.Tensor | None = None, impl: str | None = None, kv_len: int | None = None):
         B, T, _ = x.shape
         q_nope, q_pe, latent, k_pe = self.project(x, cos, sin)
         if cache is not None:
-            latent, k_pe = cache.update(latent, k_pe, start_pos)  # [B, S, r], [B, S, rope]
+            latent, k_pe = cache.update(latent, k_pe, start_pos, kv_len)  # [B, S, r], [B, S, rope]
         S = latent.shape[1]
         mask = None
-        if S != T or key_valid is not None:
-            mask = build_attention_mask(T, S, S - T, key_valid, x.device)
+        if S != T or key_valid is not None or not isinstance(start_pos, int):
+            mask = build_attention_mask(T, S, start_pos if not isinstance(start_pos, int) else S - T,
+                                        key_valid, x.device)
         impl = impl or ("naive" if T > 1 else "absorb")
         if impl == "naive":
             o = self._naive(q_nope, q_pe, latent, k_pe, mask)
@@ -377,8 +400,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MoE(cfg) if cfg.is_moe_layer(layer_idx) else MLP(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x, cos, sin, cache=None, start_pos=0, key_valid=None, attn_impl=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, start_pos, key_valid, attn_impl)
+    def forward(self, x, cos, sin, cache=None, start_pos=0, key_valid=None, attn_impl=None, kv_len=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, start_pos, key_valid, attn_impl, kv_len)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -401,9 +424,9 @@ class MTPLayer(Block):
         self.eh_proj = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
         self.shared_head = SharedHead(cfg)
 
-    def forward(self, h_prev, emb, cos, sin, cache=None, start_pos=0, key_valid=None, attn_impl=None):
+    def forward(self, h_prev, emb, cos, sin, cache=None, start_pos=0, key_valid=None, attn_impl=None, kv_len=None):
         x = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h_prev)], dim=-1))
-        return super().forward(x, cos, sin, cache, start_pos, key_valid, attn_impl)
+        return super().forward(x, cos, sin, cache, start_pos, key_valid, attn_impl, kv_len)
 
 
 class Backbone(nn.Module):
@@ -472,22 +495,26 @@ class DeepSeekV3(nn.Module):
         device = device or self.lm_head.weight.device
         return {i: LatentCache(batch, max_len, self.config, dtype, device) for i in self.model.layers}
 
-    def positions_for(self, T: int, start_pos: int, device) -> torch.Tensor:
-        return torch.arange(start_pos, start_pos + T, device=device)
+    def positions_for(self, T: int, start_pos, device) -> torch.Tensor:
+        if isinstance(start_pos, int):
+            return torch.arange(start_pos, start_pos + T, device=device)
+        return start_pos[:, None] + torch.arange(T, device=device)[None]  # [B, T]
 
-    def forward(self, input_ids: torch.Tensor, *, start_pos: int = 0, positions: torch.Tensor | None = None,
+    def forward(self, input_ids: torch.Tensor, *, start_pos=0, positions: torch.Tensor | None = None,
                 cache: dict | None = None, key_valid: torch.Tensor | None = None,
-                attn_impl: str | None = None, return_hidden: bool = False):
+                attn_impl: str | None = None, return_hidden: bool = False, kv_len: int | None = None):
         """input_ids [B, T] (or hidden states [B, T, h] when the embedding was removed) -> logits
         [B, T, V]; with `return_hidden`, (logits, final-normed hidden [B, T, h]). Missing norm or
-        head return the hidden states instead (pipeline stages)."""
+        head return the hidden states instead (pipeline stages). `start_pos` is where the tokens
+        go in the cache: an int, or a LongTensor [B] for sequences at different positions (then
+        `kv_len` bounds the cache read)."""
         emb = self.model.embed_tokens
         h = emb(input_ids) if emb is not None else input_ids
         if positions is None:
             positions = self.positions_for(h.shape[1], start_pos, h.device)
         cos, sin = self.rotary(positions)
         for name, layer in self.model.layers.items():
-            h = layer(h, cos, sin, cache[name] if cache is not None else None, start_pos, key_valid, attn_impl)
+            h = layer(h, cos, sin, cache[name] if cache is not None else None, start_pos, key_valid, attn_impl, kv_len)
         if self.model.norm is None:
             return h
         h = self.model.norm(h)

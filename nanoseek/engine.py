@@ -1,0 +1,292 @@
+"""Inference engine: MLA latent-cache generation with continuous batching (DeepSeek-V2 report
+section 2.1: only the compressed latent and the shared rope key are cached).
+
+- Prefill runs each new prompt through the naive attention path into its own cache row.
+- Decode runs all active sequences together, one token each, through the absorbed path over a
+  latent cache of exactly (kv_lora_rank + qk_rope_head_dim) values per token per layer; each
+  sequence sits at its own position.
+- A background thread owns the model: `submit` queues a request and returns a handle whose
+  iterator yields token events (streaming); new requests join the running batch between decode
+  steps (continuous batching); a finished or cancelled sequence frees its row at once.
+- Sampling per request: temperature, top-p, top-k, seed; stop strings, max tokens, EOS, logprobs.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .sampling import sample_next
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 128
+    temperature: float = 0.8
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    logprobs: int = 0  # how many top alternatives to report per token (0: only the chosen token's)
+    ignore_eos: bool = False
+
+    def validate(self) -> "SamplingParams":
+        def bad(name, msg):
+            raise ValueError(f"{name}: {msg}")
+
+        if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
+            bad("max_tokens", f"must be an integer >= 1, got {self.max_tokens!r}")
+        if not isinstance(self.temperature, (int, float)) or self.temperature < 0:
+            bad("temperature", f"must be a number >= 0, got {self.temperature!r}")
+        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+            bad("top_p", f"must be in (0, 1], got {self.top_p!r}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            bad("top_k", f"must be an integer >= 0, got {self.top_k!r}")
+        if self.seed is not None and not isinstance(self.seed, int):
+            bad("seed", f"must be an integer, got {self.seed!r}")
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        if not isinstance(self.stop, (list, tuple)) or not all(isinstance(s, str) for s in self.stop):
+            bad("stop", "must be a string or a list of strings")
+        self.stop = [s for s in self.stop if s]
+        if not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= 20:
+            bad("logprobs", f"must be an integer in [0, 20], got {self.logprobs!r}")
+        return self
+
+
+@dataclass
+class Event:
+    token_id: int | None
+    text: str
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+
+
+@dataclass
+class Completion:
+    token_ids: list[int]
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    logprobs: list[float] = field(default_factory=list)
+
+
+class Handle:
+    """A submitted request: iterate for events; `cancel()` stops it (e.g. on client disconnect)."""
+
+    def __init__(self, engine: "Engine", request: "_Request"):
+        self._engine, self._request = engine, request
+
+    def __iter__(self):
+        while True:
+            ev = self._request.events.get()
+            if isinstance(ev, BaseException):
+                raise ev
+            yield ev
+            if ev.finish_reason is not None:
+                return
+
+    def cancel(self) -> None:
+        self._request.cancelled = True
+        self._engine._wake()
+
+
+@dataclass
+class _Request:
+    prompt: list[int]
+    params: SamplingParams
+    events: queue.Queue = field(default_factory=queue.Queue)
+    cancelled: bool = False
+    generated: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    emitted: str = ""
+    pos: int = 0  # tokens in the cache
+    row: int = -1
+    next_logits: torch.Tensor | None = None
+    generator: torch.Generator | None = None
+    t_submit: float = 0.0
+    prefill_s: float = 0.0
+    t_decode0: float = 0.0
+
+
+class Engine:
+    def __init__(self, model, tokenizer, max_context: int = 4096, max_batch: int = 16, device=None):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.max_context = int(max_context)
+        self.max_batch = int(max_batch)
+        self.device = device or model.lm_head.weight.device
+        self.eos_id = getattr(tokenizer, "eos_id", None)
+        self._cache = None  # allocated on first use: [max_batch, max_context] latent rows
+        self._pending: queue.Queue[_Request] = queue.Queue()
+        self._active: list[_Request] = []
+        self._cv = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    # ------------------------------------------------------------------ public API
+    def submit(self, prompt_ids: list[int], params: SamplingParams | None = None) -> Handle:
+        params = (params or SamplingParams()).validate()
+        if not prompt_ids:
+            raise ValueError("prompt: must contain at least one token")
+        if len(prompt_ids) >= self.max_context:
+            raise ValueError(f"prompt of {len(prompt_ids)} tokens exceeds the context limit of {self.max_context} tokens")
+        if self._closed:
+            raise RuntimeError("engine is closed")
+        req = _Request(list(map(int, prompt_ids)), params, t_submit=time.perf_counter())
+        self._pending.put(req)
+        self._ensure_thread()
+        self._wake()
+        return Handle(self, req)
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams | None = None) -> list[Completion]:
+        handles = [self.submit(p, params) for p in prompts]
+        out = []
+        for h in handles:
+            events = list(h)
+            last = events[-1]
+            out.append(Completion([e.token_id for e in events if e.token_id is not None], "".join(e.text for e in events),
+                                  last.finish_reason, last.prompt_tokens, last.completion_tokens,
+                                  [e.logprob for e in events if e.logprob is not None]))
+        return out
+
+    def close(self) -> None:
+        self._closed = True
+        self._wake()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    # ------------------------------------------------------------------ scheduler
+    def _wake(self):
+        with self._cv:
+            self._cv.notify_all()
+
+    def _ensure_thread(self):
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._loop, name="nanoseek-engine", daemon=True)
+            self._thread.start()
+
+    def _loop(self):
+        while not self._closed:
+            try:
+                with torch.inference_mode():
+                    self._drop_cancelled()
+                    self._admit()
+                    if self._active:
+                        self._decode_step()
+                        continue
+            except Exception as e:  # noqa: BLE001 - report to every waiting request, keep serving
+                import traceback
+                traceback.print_exc()
+                for r in self._active:
+                    r.events.put(RuntimeError(f"engine failure: {type(e).__name__}: {e}"))
+                self._active = []
+                continue
+            with self._cv:
+                if self._pending.empty() and not self._closed:
+                    self._cv.wait(timeout=0.5)
+
+    def _cache_rows(self, start: int, end: int) -> dict:
+        if self._cache is None:
+            self._cache = self.model.make_cache(self.max_batch, self.max_context)
+        return {k: c.rows(start, end) for k, c in self._cache.items()}
+
+    def _admit(self):
+        while len(self._active) < self.max_batch:
+            try:
+                req = self._pending.get_nowait()
+            except queue.Empty:
+                return
+            if req.cancelled:
+                continue
+            req.row = len(self._active)
+            if req.params.seed is not None:
+                req.generator = torch.Generator(device=self.device).manual_seed(req.params.seed)
+            t0 = time.perf_counter()
+            ids = torch.tensor([req.prompt], device=self.device)
+            logits = self.model(ids, cache=self._cache_rows(req.row, req.row + 1))[:, -1]
+            req.pos = len(req.prompt)
+            req.prefill_s = time.perf_counter() - t0
+            req.t_decode0 = time.perf_counter()
+            self._active.append(req)
+            self._emit(req, logits[0])
+
+    def _decode_step(self):
+        A = len(self._active)
+        tokens = torch.tensor([[r.generated[-1]] for r in self._active], device=self.device)
+        start = torch.tensor([r.pos for r in self._active], device=self.device)
+        kv_len = max(r.pos for r in self._active) + 1
+        logits = self.model(tokens, start_pos=start, kv_len=kv_len, cache=self._cache_rows(0, A))[:, -1]
+        for r in self._active:
+            r.pos += 1
+        for r, lg in zip(list(self._active), logits):
+            self._emit(r, lg)
+
+    def _emit(self, req: _Request, logits: torch.Tensor):
+        """Sample the next token of `req` from its logits [V], send its event, retire it when done."""
+        p = req.params
+        logits = logits.float()
+        token = int(sample_next(logits[None], p.temperature, p.top_p, p.top_k, req.generator)[0])
+        logp = torch.log_softmax(logits, dim=-1)
+        top = None
+        if p.logprobs:
+            v, i = logp.topk(p.logprobs)
+            top = list(zip(i.tolist(), v.tolist()))
+        finish = None
+        is_eos = token == self.eos_id and not p.ignore_eos
+        if not is_eos:
+            req.generated.append(token)
+            req.logprobs.append(float(logp[token]))
+        text_all = self.tokenizer.decode(req.generated)
+        delta_end = len(text_all)
+        for s in p.stop:  # cut at the earliest stop string
+            k = text_all.find(s, max(0, len(req.emitted) - len(s)))
+            if k >= 0:
+                delta_end = min(delta_end, k)
+                finish = "stop"
+        if is_eos:
+            finish = "stop"
+        elif finish is None and (len(req.generated) >= p.max_tokens or req.pos + 1 >= self.max_context):
+            finish = "length"
+        if finish is None:  # hold back text that may be an incomplete character or a stop string's start
+            while delta_end > len(req.emitted) and text_all[delta_end - 1] == "\ufffd":
+                delta_end -= 1
+            for s in p.stop:
+                for j in range(min(len(s) - 1, delta_end - len(req.emitted)), 0, -1):
+                    if text_all[:delta_end].endswith(s[:j]):
+                        delta_end -= j
+                        break
+        delta = text_all[len(req.emitted):delta_end] if delta_end > len(req.emitted) else ""
+        req.emitted += delta
+        ev = Event(None if is_eos else token, delta, None if is_eos else req.logprobs[-1], top, finish,
+                   len(req.prompt), len(req.generated), req.prefill_s, time.perf_counter() - req.t_decode0)
+        req.events.put(ev)
+        if finish is not None:
+            self._retire(req)
+
+    def _drop_cancelled(self):
+        for r in [r for r in self._active if r.cancelled]:
+            self._retire(r)
+
+    def _retire(self, req: _Request):
+        """Free req's cache row by moving the last active sequence into it."""
+        i = self._active.index(req)
+        last = len(self._active) - 1
+        if i != last:
+            moved = self._active[last]
+            for c in self._cache.values():
+                c.latent[i, :moved.pos] = c.latent[last, :moved.pos]
+                c.k_pe[i, :moved.pos] = c.k_pe[last, :moved.pos]
+            moved.row = i
+            self._active[i] = moved
+        self._active.pop()

@@ -1,0 +1,162 @@
+"""`nanoseek generate` and `nanoseek chat`: Ollama-style command-line use of a model from the
+local store (or any checkpoint directory), streaming tokens as they come."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+from .chat import render_chat, split_thinking
+from .engine import Engine, SamplingParams
+
+
+def resolve_model_dir(name: str) -> str:
+    """A checkpoint directory, or a model name in the local store (NANOSEEK_HOME)."""
+    if os.path.isdir(name) and os.path.exists(os.path.join(name, "config.json")):
+        return name
+    try:
+        from .store import Store
+        return Store().path_of(name)
+    except ImportError:  # pragma: no cover - the store module is always shipped
+        pass
+    raise SystemExit(f"nanoseek: model '{name}' not found (not a checkpoint directory, not in the store)")
+
+
+def load_engine(name: str, max_context: int = 4096, device: str | None = None, dtype=None):
+    import torch
+
+    from .model import DeepSeekV3
+    from .tokenizer import Tokenizer
+    path = resolve_model_dir(name)
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = DeepSeekV3.from_pretrained(path, dtype=dtype, device=device)
+    tokenizer = Tokenizer.from_dir(path)
+    return Engine(model, tokenizer, max_context=max_context), tokenizer
+
+
+def params_from_args(args) -> SamplingParams:
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                          top_k=args.top_k, seed=args.seed, stop=list(args.stop or [])).validate()
+
+
+def cmd_generate(args) -> int:
+    engine, tok = load_engine(args.model, args.context)
+    try:
+        prompt = args.prompt if args.raw else render_chat(tok, [{"role": "user", "content": args.prompt}],
+                                                          think=args.think)
+        ids = tok.encode(prompt)
+        t0 = time.perf_counter()
+        parts, last = [], None
+        for ev in engine.submit(ids, params_from_args(args)):
+            parts.append(ev.text)
+            if not args.json:
+                print(ev.text, end="", flush=True)
+            last = ev
+        text = "".join(parts)
+        if not args.json:
+            print()
+        thinking, answer = split_thinking(text, opened=bool(args.think) and not args.raw)
+        result = {"model": args.model, "response": answer, "thinking": thinking, "done_reason": last.finish_reason,
+                  "prompt_eval_count": last.prompt_tokens, "eval_count": last.completion_tokens,
+                  "prefill_s": last.prefill_s, "decode_s": last.decode_s,
+                  "tokens_per_s": last.completion_tokens / max(last.decode_s, 1e-9),
+                  "total_s": time.perf_counter() - t0}
+        if args.json:
+            print(json.dumps(result), flush=True)
+        elif args.verbose:
+            print(f"\nprompt {last.prompt_tokens} tokens, {last.completion_tokens} generated at "
+                  f"{result['tokens_per_s']:.1f} tok/s", file=sys.stderr)
+    finally:
+        engine.close()
+    return 0
+
+
+HELP = """Commands:
+  /set parameter NAME VALUE   temperature, top_p, top_k, seed, num_predict
+  /set system TEXT            set the system message
+  /set think | /set nothink   open replies inside <think> (R1-style) or not
+  /clear                      forget the conversation
+  /bye                        exit"""
+
+
+def cmd_chat(args) -> int:
+    engine, tok = load_engine(args.model, args.context)
+    params = params_from_args(args)
+    history: list[dict] = []
+    system, think = None, args.think
+    interactive = sys.stdin.isatty()
+    try:
+        while True:
+            if interactive:
+                print(">>> ", end="", flush=True)
+            line = sys.stdin.readline()
+            if not line:
+                break
+            line = line.rstrip("\n")
+            if not line.strip():
+                continue
+            if line.startswith("/"):
+                words = line.split(maxsplit=3)
+                if words[0] in ("/bye", "/exit"):
+                    break
+                if words[0] == "/clear":
+                    history = []
+                    print("Cleared session context.")
+                elif words[0] == "/set" and len(words) >= 2:
+                    if words[1] == "think":
+                        think = True
+                    elif words[1] == "nothink":
+                        think = False
+                    elif words[1] == "system":
+                        system = line.split(maxsplit=2)[2] if len(words) > 2 else None
+                    elif words[1] == "parameter" and len(words) == 4:
+                        name, value = words[2], words[3]
+                        key = {"num_predict": "max_tokens"}.get(name, name)
+                        if key not in ("temperature", "top_p", "top_k", "seed", "max_tokens"):
+                            print(f"Unknown parameter '{name}'")
+                            continue
+                        try:
+                            setattr(params, key, (float if key in ("temperature", "top_p") else int)(value))
+                            params.validate()
+                        except ValueError as e:
+                            print(f"Invalid value: {e}")
+                            continue
+                    else:
+                        print(HELP)
+                        continue
+                    print(f"Set '{' '.join(words[1:])}'.")
+                else:
+                    print(HELP)
+                continue
+            history.append({"role": "user", "content": line})
+            messages = ([{"role": "system", "content": system}] if system else []) + history
+            ids = tok.encode(render_chat(tok, messages, think=think))
+            parts = []
+            try:
+                for ev in engine.submit(ids, params):
+                    parts.append(ev.text)
+                    print(ev.text, end="", flush=True)
+            except ValueError as e:  # e.g. the conversation outgrew the context
+                print(f"Error: {e}")
+                history.pop()
+                continue
+            print("\n")
+            history.append({"role": "assistant", "content": "".join(parts)})
+    finally:
+        engine.close()
+    return 0
+
+
+def add_sampling_arguments(s) -> None:
+    s.add_argument("model", help="a model name in the store or a checkpoint directory")
+    s.add_argument("--max-tokens", "--num-predict", dest="max_tokens", type=int, default=256)
+    s.add_argument("--temperature", type=float, default=0.8)
+    s.add_argument("--top-p", type=float, default=1.0)
+    s.add_argument("--top-k", type=int, default=0)
+    s.add_argument("--seed", type=int)
+    s.add_argument("--stop", action="append", help="stop string (repeatable)")
+    s.add_argument("--context", type=int, default=4096, help="context length in tokens")
+    s.add_argument("--think", action="store_true", default=None, help="open the reply inside <think>")
