@@ -119,13 +119,61 @@ class _Request:
     t_decode0: float = 0.0
 
 
+class GraphDecoder:
+    """Decode steps replayed from CUDA graphs, one graph per batch-size bucket (1, 2, 4, ...).
+
+    A step attends over the whole cache row (keys past each sequence's position are masked), so
+    every shape is static; rows beyond the active ones are free cache rows and take padding."""
+
+    def __init__(self, model, cache: dict, max_batch: int):
+        self.model, self.cache, self.max_batch = model, cache, max_batch
+        self.graphs: dict[int, tuple] = {}
+
+    def _bucket(self, n: int) -> int:
+        b = 1
+        while b < n:
+            b *= 2
+        return min(b, self.max_batch)
+
+    def _capture(self, b: int):
+        device = next(self.model.parameters()).device
+        tokens = torch.zeros(b, 1, dtype=torch.long, device=device)
+        start = torch.zeros(b, dtype=torch.long, device=device)
+        rows = {k: c.rows(0, b) for k, c in self.cache.items()}
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # warm up allocations and kernels outside the graph
+                self.model(tokens, start_pos=start, cache=rows)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            logits = self.model(tokens, start_pos=start, cache=rows)[:, -1]
+        self.graphs[b] = (graph, tokens, start, logits)
+
+    def __call__(self, tokens: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+        """tokens [A, 1], start [A] -> logits [A, V] (a view, valid until the next call)."""
+        A = tokens.shape[0]
+        b = self._bucket(A)
+        if b not in self.graphs:
+            self._capture(b)
+        graph, st, ss, logits = self.graphs[b]
+        st.zero_()
+        ss.zero_()
+        st[:A] = tokens
+        ss[:A] = start
+        graph.replay()
+        return logits[:A]
+
+
 class Engine:
-    def __init__(self, model, tokenizer, max_context: int = 4096, max_batch: int = 16, device=None):
+    def __init__(self, model, tokenizer, max_context: int = 4096, max_batch: int = 16, device=None,
+                 cuda_graphs: bool | None = None):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.max_context = int(max_context)
         self.max_batch = int(max_batch)
-        self.device = device or model.lm_head.weight.device
+        self.device = torch.device(device) if device is not None else model.lm_head.weight.device
         self.eos_id = getattr(tokenizer, "eos_id", None)
         self._cache = None  # allocated on first use: [max_batch, max_context] latent rows
         self._pending: queue.Queue[_Request] = queue.Queue()
@@ -133,6 +181,8 @@ class Engine:
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
         self._closed = False
+        self.cuda_graphs = (self.device.type == "cuda") if cuda_graphs is None else cuda_graphs
+        self._graphs: GraphDecoder | None = None
 
     # ------------------------------------------------------------------ public API
     def submit(self, prompt_ids: list[int], params: SamplingParams | None = None) -> Handle:
@@ -219,34 +269,49 @@ class Engine:
             req.prefill_s = time.perf_counter() - t0
             req.t_decode0 = time.perf_counter()
             self._active.append(req)
-            self._emit(req, logits[0])
+            self._emit([req], logits)
 
     def _decode_step(self):
         A = len(self._active)
         tokens = torch.tensor([[r.generated[-1]] for r in self._active], device=self.device)
         start = torch.tensor([r.pos for r in self._active], device=self.device)
-        kv_len = max(r.pos for r in self._active) + 1
-        logits = self.model(tokens, start_pos=start, kv_len=kv_len, cache=self._cache_rows(0, A))[:, -1]
+        if self.cuda_graphs:
+            if self._graphs is None:
+                self._cache_rows(0, 1)
+                self._graphs = GraphDecoder(self.model, self._cache, self.max_batch)
+            logits = self._graphs(tokens, start)
+        else:
+            kv_len = max(r.pos for r in self._active) + 1
+            logits = self.model(tokens, start_pos=start, kv_len=kv_len, cache=self._cache_rows(0, A))[:, -1]
         for r in self._active:
             r.pos += 1
-        for r, lg in zip(list(self._active), logits):
-            self._emit(r, lg)
+        self._emit(list(self._active), logits)
 
-    def _emit(self, req: _Request, logits: torch.Tensor):
-        """Sample the next token of `req` from its logits [V], send its event, retire it when done."""
-        p = req.params
+    def _emit(self, reqs: list[_Request], logits: torch.Tensor):
+        """Sample the next token of each request from logits [A, V] (one host sync for the batch)."""
         logits = logits.float()
-        token = int(sample_next(logits[None], p.temperature, p.top_p, p.top_k, req.generator)[0])
+        if all(r.params.temperature <= 0 for r in reqs):
+            tokens = logits.argmax(dim=-1)
+        else:
+            tokens = torch.cat([sample_next(logits[i:i + 1], r.params.temperature, r.params.top_p, r.params.top_k,
+                                            r.generator) for i, r in enumerate(reqs)])
         logp = torch.log_softmax(logits, dim=-1)
-        top = None
-        if p.logprobs:
-            v, i = logp.topk(p.logprobs)
-            top = list(zip(i.tolist(), v.tolist()))
+        chosen = logp.gather(1, tokens[:, None])[:, 0]
+        for i, (r, token, lp) in enumerate(zip(reqs, tokens.tolist(), chosen.tolist())):
+            top = None
+            if r.params.logprobs:
+                v, idx = logp[i].topk(r.params.logprobs)
+                top = list(zip(idx.tolist(), v.tolist()))
+            self._accept(r, token, lp, top)
+
+    def _accept(self, req: _Request, token: int, logprob: float, top):
+        """Record one sampled token, send its event (text delta), retire the request when done."""
+        p = req.params
         finish = None
         is_eos = token == self.eos_id and not p.ignore_eos
         if not is_eos:
             req.generated.append(token)
-            req.logprobs.append(float(logp[token]))
+            req.logprobs.append(logprob)
         text_all = self.tokenizer.decode(req.generated)
         delta_end = len(text_all)
         for s in p.stop:  # cut at the earliest stop string

@@ -1,0 +1,140 @@
+"""Decode speed (DESIGN.md decode protocol: prompt 128 tokens, 256 new tokens, EOS ignored, warm-up
+then median): the nanoseek engine (eager, and with CUDA-graph decode steps) against transformers'
+`generate` on the same checkpoint, at batch 1 and 32; time to first token, tokens/s and MBU
+(nanoseek/perf.py). Prints a table and a final JSON line.
+
+    python benchmarks/bench_decode.py --preset small            # GPU
+    python benchmarks/bench_decode.py --preset nano --device cpu --batches 1 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from nanoseek import DeepSeekV3, ModelConfig  # noqa: E402
+from nanoseek.engine import Engine, SamplingParams  # noqa: E402
+from nanoseek.perf import decode_bytes_per_token, measure_copy_bandwidth, mbu  # noqa: E402
+from nanoseek.tokenizer import train_bpe  # noqa: E402
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_engine(engine, prompts, new_tokens):
+    """Returns (time to first token of the batch, decode tokens/s over the batch)."""
+    import threading
+    first, counts, ends = [None] * len(prompts), [0] * len(prompts), [0.0] * len(prompts)
+
+    def consume(i, h):
+        for ev in h:
+            if first[i] is None:
+                first[i] = time.perf_counter()
+            counts[i] += 1
+        ends[i] = time.perf_counter()
+
+    t0 = time.perf_counter()
+    handles = [engine.submit(p, SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)) for p in prompts]
+    threads = [threading.Thread(target=consume, args=(i, h)) for i, h in enumerate(handles)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    t_first = max(first)
+    return t_first - t0, (sum(counts) - len(prompts)) / (max(ends) - t_first)
+
+
+def run_hf(model, prompts, new_tokens, device):
+    ids = torch.tensor(prompts, device=device)
+    sync(device)
+    t0 = time.perf_counter()
+    model.generate(ids, max_new_tokens=1, min_new_tokens=1, do_sample=False, pad_token_id=0)
+    sync(device)
+    ttft = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    sync(device)
+    total = time.perf_counter() - t0
+    return ttft, len(prompts) * (new_tokens - 1) / max(total - ttft, 1e-9)
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--preset", default="small")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 32])
+    p.add_argument("--prompt", type=int, default=128)
+    p.add_argument("--new", type=int, default=256)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--hf-repeats", type=int, default=1)
+    p.add_argument("--no-hf", action="store_true")
+    a = p.parse_args()
+    device = torch.device(a.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    cfg = ModelConfig.from_preset(a.preset)
+    model = DeepSeekV3.from_config(cfg, device=device, dtype=dtype, seed=0).eval()
+    tok = train_bpe(["the quick brown fox jumps over the lazy dog. " * 50], 300)
+    g = torch.Generator().manual_seed(0)
+    bw = measure_copy_bandwidth(device) if device.type == "cuda" else None
+    results = {"preset": a.preset, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+               "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "copy_bw": bw, "rows": []}
+    variants = [("nanoseek eager", False)] + ([("nanoseek cuda graphs", True)] if device.type == "cuda" else [])
+    ctx = a.prompt + a.new + 8
+    for label, graphs in variants:
+        engine = Engine(model, tok, max_context=ctx, max_batch=max(a.batches), cuda_graphs=graphs)
+        for b in a.batches:
+            prompts = torch.randint(0, cfg.vocab_size, (b, a.prompt), generator=g).tolist()
+            run_engine(engine, prompts, 8)  # warm-up (and graph capture)
+            runs = [run_engine(engine, prompts, a.new) for _ in range(a.repeats)]
+            ttft = statistics.median(r[0] for r in runs)
+            tps = statistics.median(r[1] for r in runs)
+            row = {"impl": label, "batch": b, "ttft_s": ttft, "tokens_per_s": tps}
+            if bw:
+                row["mbu"] = mbu(tps / b, decode_bytes_per_token(cfg, a.prompt + a.new // 2), bw)
+            results["rows"].append(row)
+            print(row, flush=True)
+        engine.close()
+    if not a.no_hf:
+        from transformers import DeepseekV3ForCausalLM
+        with tempfile.TemporaryDirectory() as d:
+            model.save_pretrained(d)
+            hf = DeepseekV3ForCausalLM.from_pretrained(d, dtype=dtype).to(device).eval()
+        del model
+        for b in a.batches:
+            prompts = torch.randint(0, cfg.vocab_size, (b, a.prompt), generator=g).tolist()
+            run_hf(hf, prompts, 4, device)
+            runs = [run_hf(hf, prompts, a.new, device) for _ in range(a.hf_repeats)]
+            row = {"impl": "transformers generate", "batch": b, "ttft_s": statistics.median(r[0] for r in runs),
+                   "tokens_per_s": statistics.median(r[1] for r in runs)}
+            if bw:
+                row["mbu"] = mbu(row["tokens_per_s"] / b, decode_bytes_per_token(cfg, a.prompt + a.new // 2), bw)
+            results["rows"].append(row)
+            print(row, flush=True)
+    print(f"\nDecode, `{a.preset}` ({dtype}), prompt {a.prompt}, {a.new} new tokens, greedy, EOS ignored, {results['device']}")
+    print(f"{'implementation':<24}{'batch':>6}{'TTFT ms':>10}{'tokens/s':>12}{'MBU':>8}")
+    for r in results["rows"]:
+        m = f"{100 * r['mbu']:.1f}%" if "mbu" in r else "-"
+        print(f"{r['impl']:<24}{r['batch']:>6}{1000 * r['ttft_s']:>10.1f}{r['tokens_per_s']:>12,.1f}{m:>8}")
+    hf_rows = {r["batch"]: r["tokens_per_s"] for r in results["rows"] if r["impl"].startswith("transformers")}
+    best = {}
+    for r in results["rows"]:
+        if r["impl"].startswith("nanoseek"):
+            best[r["batch"]] = max(best.get(r["batch"], 0), r["tokens_per_s"])
+    results["speedup_vs_transformers"] = {b: best[b] / hf_rows[b] for b in best if hf_rows.get(b)}
+    print("speed-up over transformers (best nanoseek):", results["speedup_vs_transformers"])
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
