@@ -79,6 +79,7 @@ def main():
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--hf-repeats", type=int, default=1)
     p.add_argument("--no-hf", action="store_true")
+    p.add_argument("--only", nargs="*", help="run only these variants (by label)")
     a = p.parse_args()
     device = torch.device(a.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -89,10 +90,13 @@ def main():
     bw = measure_copy_bandwidth(device) if device.type == "cuda" else None
     results = {"preset": a.preset, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "copy_bw": bw, "rows": []}
-    variants = [("nanoseek eager", False)] + ([("nanoseek cuda graphs", True)] if device.type == "cuda" else [])
+    variants = [("nanoseek eager", False, False)]
+    if device.type == "cuda":
+        variants += [("nanoseek cuda graphs", True, False), ("nanoseek compile+graphs", True, True)]
+    variants = [v for v in variants if not a.only or v[0] in a.only]
     ctx = a.prompt + a.new + 8
-    for label, graphs in variants:
-        engine = Engine(model, tok, max_context=ctx, max_batch=max(a.batches), cuda_graphs=graphs)
+    for label, graphs, compiled in variants:
+        engine = Engine(model, tok, max_context=ctx, max_batch=max(a.batches), cuda_graphs=graphs, compile=compiled)
         for b in a.batches:
             prompts = torch.randint(0, cfg.vocab_size, (b, a.prompt), generator=g).tolist()
             run_engine(engine, prompts, 8)  # warm-up (and graph capture)

@@ -125,8 +125,10 @@ class GraphDecoder:
     A step attends over the whole cache row (keys past each sequence's position are masked), so
     every shape is static; rows beyond the active ones are free cache rows and take padding."""
 
-    def __init__(self, model, cache: dict, max_batch: int):
+    def __init__(self, model, cache: dict, max_batch: int, compile: bool = False):
         self.model, self.cache, self.max_batch = model, cache, max_batch
+        # with `compile`, inductor fuses the step's elementwise work before the graph is captured
+        self.step = torch.compile(model, dynamic=False) if compile else model
         self.graphs: dict[int, tuple] = {}
 
     def _bucket(self, n: int) -> int:
@@ -143,12 +145,12 @@ class GraphDecoder:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            for _ in range(2):  # warm up allocations and kernels outside the graph
-                self.model(tokens, start_pos=start, cache=rows)
+            for _ in range(3):  # warm up (and compile) outside the graph
+                self.step(tokens, start_pos=start, cache=rows)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            logits = self.model(tokens, start_pos=start, cache=rows)[:, -1]
+            logits = self.step(tokens, start_pos=start, cache=rows)[:, -1]
         self.graphs[b] = (graph, tokens, start, logits)
 
     def __call__(self, tokens: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
@@ -168,7 +170,7 @@ class GraphDecoder:
 
 class Engine:
     def __init__(self, model, tokenizer, max_context: int = 4096, max_batch: int = 16, device=None,
-                 cuda_graphs: bool | None = None):
+                 cuda_graphs: bool | None = None, compile: bool = False):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.max_context = int(max_context)
@@ -183,6 +185,7 @@ class Engine:
         self._closed = False
         self.cuda_graphs = (self.device.type == "cuda") if cuda_graphs is None else cuda_graphs
         self._graphs: GraphDecoder | None = None
+        self.compile = compile
 
     # ------------------------------------------------------------------ public API
     def submit(self, prompt_ids: list[int], params: SamplingParams | None = None) -> Handle:
@@ -278,7 +281,7 @@ class Engine:
         if self.cuda_graphs:
             if self._graphs is None:
                 self._cache_rows(0, 1)
-                self._graphs = GraphDecoder(self.model, self._cache, self.max_batch)
+                self._graphs = GraphDecoder(self.model, self._cache, self.max_batch, compile=self.compile)
             logits = self._graphs(tokens, start)
         else:
             kv_len = max(r.pos for r in self._active) + 1
