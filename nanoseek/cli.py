@@ -111,6 +111,38 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_pipeline_sim(args) -> int:
+    from .parallel.schedules import ScheduleError, build_schedule, default_chunks
+    from .parallel.simulator import plot_timeline, simulate
+    try:
+        F, B, W = (float(x) for x in args.times.split(","))
+    except ValueError:
+        raise SystemExit(f"nanoseek pipeline-sim: --times wants three numbers F,B,W, got {args.times!r}") from None
+    chunks = args.chunks or default_chunks(args.schedule, args.pp)
+    try:
+        sched = build_schedule(args.schedule, args.pp, chunks)
+        res = simulate(sched, F, B, W, args.fb, args.latency)
+    except (ScheduleError, ValueError) as e:
+        raise SystemExit(f"nanoseek pipeline-sim: {e}") from None
+    if args.show_ops:
+        print(sched.format())
+    d = res.as_dict()
+    print(f"{args.schedule}: {args.pp} ranks, {sched.num_stages} stage chunks, {chunks} micro-batches, "
+          f"F={F:g} B={B:g} W={W:g} F&B={res.times['FB']:g}")
+    for r in range(args.pp):
+        print(f"  rank {r}: busy {res.busy[r]:g}  idle {res.idle[r]:g}  peak activations {res.peak_activations[r]}")
+    exact = "exact here" if d["formula_exact"] else "NOT exact here (F != B - W): an estimate"
+    print(f"step time {res.step_time:g}, bubble (max idle) {res.bubble:g}, ratio {res.bubble_ratio:.3f}; "
+          f"report formula {d['formula']} = {d['formula_bubble']:g} ({exact})")
+    if args.png:
+        plot_timeline(res.timeline, args.png, f"{args.schedule} pp={args.pp} chunks={chunks} F,B,W={F:g},{B:g},{W:g}")
+        d["png"] = args.png
+        print(f"timeline -> {args.png}")
+    if args.json:
+        _emit_json(d)
+    return 0
+
+
 def cmd_train(args) -> int:
     from .train import TrainArgs, train
     fields = {f for f in TrainArgs.__dataclass_fields__}
@@ -182,6 +214,19 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("chat", help="interactive multi-turn chat (/bye to exit, /set to change options)")
     add_sampling_arguments(s)
     s.set_defaults(func=cmd_chat)
+
+    s = sub.add_parser("pipeline-sim", help="replay a pipeline schedule (1F1B, DualPipe, DualPipeV): bubble, timeline")
+    s.add_argument("--schedule", choices=["1f1b", "dualpipe", "dualpipev"], required=True)
+    s.add_argument("--pp", type=int, required=True, help="pipeline ranks")
+    s.add_argument("--chunks", type=int, help="micro-batches per step (default: the smallest valid, 2 x pp for DualPipe/V)")
+    s.add_argument("--times", default="1,2,1", help="F,B,W per chunk: B is the whole backward, W its weight part")
+    s.add_argument("--fb", type=float, help="time of an overlapped F&B pair (default F + B: no overlap)")
+    s.add_argument("--latency", type=float, default=0.0, help="time per cross-rank hop")
+    s.add_argument("--png", help="write the per-rank timeline here")
+    s.add_argument("--show-ops", action="store_true", help="print each rank's op list")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_pipeline_sim)
+
 
     s = sub.add_parser("demo", help="a short CPU tour of the nano model")
     s.add_argument("--steps", type=int, default=30)
