@@ -168,7 +168,7 @@ def add_train_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("--min-lr-ratio", type=float)
     s.add_argument("--weight-decay", type=float)
     s.add_argument("--grad-clip", type=float)
-    s.add_argument("--precision", choices=["fp32", "bf16"])
+    s.add_argument("--precision", choices=["fp32", "bf16", "fp8"])
     s.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     s.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
     s.add_argument("--activation-checkpointing", action="store_true", default=None)
@@ -185,6 +185,9 @@ def add_train_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("--keep-last", type=int)
     s.add_argument("--seed", type=int)
     s.add_argument("--resume", action="store_true", default=None, help="continue from the newest complete checkpoint")
+    s.add_argument("--pp", type=int, help="pipeline ranks (under torchrun; the rest are data-parallel)")
+    s.add_argument("--schedule", choices=["1f1b", "dualpipe", "dualpipev"], help="pipeline schedule (default 1f1b)")
+    s.add_argument("--chunks", type=int, help="micro-batches per step (default: the schedule's smallest valid)")
     s.add_argument("--json", action="store_true", default=None)
     s.add_argument("--no-progress", dest="progress", action="store_false", default=None)
 

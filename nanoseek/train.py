@@ -58,7 +58,7 @@ class TrainArgs:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
-    precision: str | None = None  # fp32 | bf16 (default: bf16 on GPU, fp32 on CPU)
+    precision: str | None = None  # fp32 | bf16 | fp8 (default: bf16 on GPU, fp32 on CPU)
     device: str | None = None
     compile: bool = False
     activation_checkpointing: bool = False
@@ -77,6 +77,9 @@ class TrainArgs:
     save: bool = True  # benchmarks may skip checkpoints; a normal run always saves at the last step
     seed: int = 0
     resume: bool = False
+    pp: int = 1  # pipeline ranks (world = pp x data-parallel ranks)
+    schedule: str = "1f1b"  # 1f1b | dualpipe | dualpipev
+    chunks: int | None = None  # micro-batches per step and replica (default: the schedule's smallest valid)
     json: bool = False
     progress: bool = True
     val_fraction: float = 0.05
@@ -111,25 +114,36 @@ def list_checkpoints(out: str) -> list[tuple[int, str]]:
     return sorted(found)
 
 
-def save_checkpoint(out: str, step: int, model, optimizer, tokenizer, state: dict, keep_last: int) -> str:
+def checkpoint_tmp_dir(out: str, step: int) -> str:
+    return os.path.join(out, "checkpoints", f".tmp-step-{step:06d}")
+
+
+def atomic_torch_save(obj, path: str) -> None:
+    with open(path + ".tmp", "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+
+
+def save_checkpoint(out: str, step: int, model, optimizer, tokenizer, state: dict, keep_last: int,
+                    fresh: bool = True) -> str:
     """Write into a hidden temp folder, then rename it into place: a kill at any moment leaves
-    either the previous set of checkpoints or the new one, never a half-written one."""
+    either the previous set of checkpoints or the new one, never a half-written one. (Pipeline
+    ranks add their optimizer files to the temp folder first; then `fresh` is False.)"""
     root = os.path.join(out, "checkpoints")
     os.makedirs(root, exist_ok=True)
     final = os.path.join(root, f"step-{step:06d}")
-    tmp = os.path.join(root, f".tmp-step-{step:06d}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = checkpoint_tmp_dir(out, step)
+    if fresh:
+        shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     if tokenizer is not None:
         tokenizer.save(tmp)
     payload = {"step": step, "optimizer": optimizer.state_dict(), "cpu_rng": torch.get_rng_state(), **state}
     if torch.cuda.is_available():
         payload["cuda_rng"] = torch.cuda.get_rng_state_all()
-    with open(os.path.join(tmp, "trainer.pt.tmp"), "wb") as f:
-        torch.save(payload, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(os.path.join(tmp, "trainer.pt.tmp"), os.path.join(tmp, "trainer.pt"))
+    atomic_torch_save(payload, os.path.join(tmp, "trainer.pt"))
     if os.path.exists(final):
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -236,10 +250,17 @@ def train(args: TrainArgs) -> dict:
     rank, world, device = dist_info.rank, dist_info.world, dist_info.device
     main = rank == 0
     precision = a.precision or ("bf16" if device.type == "cuda" else "fp32")
-    if precision not in ("fp32", "bf16"):
-        raise ValueError(f"--precision: unsupported value {precision!r} (fp32 or bf16)")
-    if a.batch_size % (a.grad_accum * world):
-        raise ValueError(f"--batch-size {a.batch_size} must be divisible by grad_accum x world = {a.grad_accum * world}")
+    if precision not in ("fp32", "bf16", "fp8"):
+        raise ValueError(f"--precision: unsupported value {precision!r} (fp32, bf16 or fp8)")
+    if a.pp < 1 or world % a.pp:
+        raise ValueError(f"--pp {a.pp} must divide the number of processes ({world})")
+    if a.pp > 1 and (a.compile or a.activation_checkpointing or precision == "fp8" or a.grad_accum != 1):
+        raise ValueError("--pp > 1 does not combine with --compile, --activation-checkpointing, fp8 or --grad-accum yet")
+    dp_world = world // a.pp
+    dp_rank = rank // a.pp
+    if a.batch_size % (a.grad_accum * dp_world):
+        raise ValueError(f"--batch-size {a.batch_size} must be divisible by grad_accum x data-parallel ranks = "
+                         f"{a.grad_accum * dp_world}")
     if a.balance not in ("bias", "aux", "none"):
         raise ValueError(f"--balance: unsupported value {a.balance!r} (bias, aux or none)")
     os.makedirs(a.out, exist_ok=True)
@@ -307,7 +328,21 @@ def train(args: TrainArgs) -> dict:
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the model only {model.config.vocab_size}")
     model.train()
-    dp = DataParallel(model, world)
+    if precision == "fp8":  # FP8 GEMMs (DeepSeek-V3 recipe), swapped in from outside; bf16 autocast for the rest
+        from .fp8 import convert, format_report
+        fp8_converted, fp8_skipped = convert(model)
+        if main:
+            _say(format_report(fp8_converted, fp8_skipped))
+    pipe = None
+    params_total = model.num_params(include_mtp=True)
+    alpha = {"bias": a.seq_aux_alpha, "aux": a.aux_alpha, "none": 0.0}[a.balance]
+    if a.pp > 1:  # keep only this rank's pipeline stages (applied from outside the model)
+        from .parallel.pipeline_train import PipelineTraining
+        full_cfg = model.config
+        pipe = PipelineTraining(model, a.pp, a.schedule, a.chunks, alpha, a.mtp_lambda, device)
+        dp = DataParallel(model, dp_world, group=pipe.groups.dp_group, broadcast=False)
+    else:
+        dp = DataParallel(model, world)
     if a.activation_checkpointing:
         apply_activation_checkpointing(model)
     fwd_model = torch.compile(model) if a.compile else model
@@ -319,32 +354,53 @@ def train(args: TrainArgs) -> dict:
                              {"params": no_decay, "weight_decay": 0.0}],
                             lr=a.lr, betas=(a.beta1, a.beta2), fused=device.type == "cuda")
     if trainer_state:
-        opt.load_state_dict(trainer_state["optimizer"])
+        if trainer_state.get("pp", 1) != a.pp:
+            raise CheckpointError(f"{resume_dir}: written with --pp {trainer_state.get('pp', 1)}; resume with the same --pp")
+        if rank == 0 or pipe is None:
+            opt.load_state_dict(trainer_state["optimizer"])
+        else:
+            opt.load_state_dict(torch.load(os.path.join(resume_dir, f"optim-rank{rank}.pt"), weights_only=True))
         torch.set_rng_state(trainer_state["cpu_rng"])
     skipped_total = trainer_state.get("skipped_steps", 0) if trainer_state else 0
 
-    params_total = model.num_params(include_mtp=True)
     log = MetricsLog(os.path.join(a.out, "metrics.jsonl"), main, start_step if trainer_state else 0)
     if main:
-        _say(f"nanoseek train: {params_total / 1e6:.2f}M parameters, {world} process(es) on {device}, {precision}, "
+        layout = f" (pp {a.pp} x dp {dp_world}, {a.schedule}, {pipe.chunks} micro-batches)" if pipe else ""
+        _say(f"nanoseek train: {params_total / 1e6:.2f}M parameters, {world} process(es){layout} on {device}, {precision}, "
              f"{len(train_shard):,} train / {len(val_shard):,} val tokens, batch {a.batch_size} x {a.seq_len}, "
              f"balance={a.balance}, MTP depth {len(model.mtp)}"
              + (f", resuming from step {start_step}" if trainer_state else ""))
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext())
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision in ("bf16", "fp8") else nullcontext())
+
+    def full_model():
+        """The whole model on rank 0 (gathered from the pipeline stages), else None elsewhere."""
+        if pipe is None:
+            return model
+        state = pipe.gather_full_state()
+        if not main:
+            return None
+        with torch.device("meta"):
+            whole = DeepSeekV3(full_cfg)
+        whole.to_empty(device=device)
+        whole.load_state_dict(state, strict=True)
+        whole.rotary.reset_parameters()
+        return whole
 
     def evaluate() -> tuple[float, float]:
-        model.eval()
-        total, count = torch.zeros(2, device=device, dtype=torch.float64), 0
-        with torch.no_grad():
-            for x, y in val_batches.eval_batches(micro_global // world, a.eval_batches, rank, world):
-                x, y = x.to(device), y.to(device)
-                with autocast:
-                    logits = fwd_model(x)
-                total[0] += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").double()
-                total[1] += y.numel()
-                count += 1
-        all_reduce_sum(total)
-        model.train()
+        net, ranks, me = (fwd_model, world, rank) if pipe is None else (full_model(), 1, 0)
+        total = torch.zeros(2, device=device, dtype=torch.float64)
+        if net is not None:
+            net.eval()
+            with torch.no_grad():
+                for x, y in val_batches.eval_batches(micro_global // ranks, a.eval_batches, me, ranks):
+                    x, y = x.to(device), y.to(device)
+                    with autocast:
+                        logits = net(x)
+                    total[0] += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").double()
+                    total[1] += y.numel()
+            net.train()
+        if pipe is None:
+            all_reduce_sum(total)
         val = (total[0] / total[1]).item() if total[1] > 0 else float("nan")
         return val, bits_per_byte(val, len(val_shard), val_shard.n_bytes)
 
@@ -365,7 +421,7 @@ def train(args: TrainArgs) -> dict:
             g["lr"] = lr
         loads = {n: torch.zeros(m.experts.n_experts, device=device) for n, m in moes.items()}
         sums = torch.zeros(4, device=device, dtype=torch.float64)  # ce, mtp, balance, total
-        for micro in range(a.grad_accum):
+        for micro in range(a.grad_accum if pipe is None else 0):
             x, y = batches.get(step * a.grad_accum + micro, rank, world)
             x, y = x.to(device), y.to(device)
             with autocast:
@@ -377,7 +433,6 @@ def train(args: TrainArgs) -> dict:
                     mtp = a.mtp_lambda / len(model.mtp) * sum(
                         F.cross_entropy(lg.float().flatten(0, 1), y[:, k:].flatten())
                         for k, lg in enumerate(mtp_logits, start=1))
-                alpha = {"bias": a.seq_aux_alpha, "aux": a.aux_alpha, "none": 0.0}[a.balance]
                 bal = torch.zeros((), device=device)
                 if alpha > 0:
                     bal = sum(sequence_balance_loss(m, x.shape[0], alpha) for m in moes.values())
@@ -386,19 +441,35 @@ def train(args: TrainArgs) -> dict:
             for n, m in moes.items():
                 loads[n] += m.tokens_per_expert.float()
             sums += torch.stack([ce.detach(), mtp.detach(), bal.detach(), loss.detach()]).double() / a.grad_accum
-        dp.sync_grads()
-        all_reduce_sum(sums)
-        sums /= world
-        for v in loads.values():
-            all_reduce_sum(v)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), a.grad_clip)
+        if pipe is None:
+            dp.sync_grads()
+            all_reduce_sum(sums)
+            sums /= world
+            for v in loads.values():
+                all_reduce_sum(v)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), a.grad_clip)
+        else:  # the schedule's op list over this replica's micro-batches
+            x, y = batches.get(step, dp_rank, dp_world)
+            with autocast:
+                sums = pipe.step(x.to(device), y.to(device)).to(device)
+            dp.sync_grads()
+            if dp_world > 1:
+                torch.distributed.all_reduce(sums, group=pipe.groups.dp_group)
+                sums /= dp_world
+            loads = pipe.take_loads()
+            grad_norm = pipe.local_sq_norm().sqrt().float()
+            coef = min(1.0, a.grad_clip / (float(grad_norm) + 1e-6))
+            if coef < 1.0 and bool(torch.isfinite(grad_norm)):
+                for p in model.parameters():
+                    if p.grad is not None:
+                        p.grad.mul_(coef)
         ok = bool(torch.isfinite(sums).all()) and bool(torch.isfinite(grad_norm))
         if ok:
             opt.step()
             frozen = a.bias_freeze_step is not None and step >= a.bias_freeze_step
             if a.balance == "bias" and not frozen:
                 for n, m in moes.items():
-                    update_bias(m, loads[n], a.bias_update_speed)
+                    update_bias(m, loads[n].to(device), a.bias_update_speed)
         else:
             skipped_total += 1
             if main:
@@ -422,9 +493,22 @@ def train(args: TrainArgs) -> dict:
             last["val_loss"], last["val_bpb"] = evaluate()
             log.write({"step": step + 1, "val_loss": last["val_loss"], "val_bpb": last["val_bpb"]})
         if a.save and ((a.save_every and (step + 1) % a.save_every == 0) or done):
-            if main:
-                save_checkpoint(a.out, step + 1, model, opt, tokenizer,
-                                {"skipped_steps": skipped_total, "args": _jsonable(dataclasses.asdict(a))}, a.keep_last)
+            state = {"skipped_steps": skipped_total, "args": _jsonable(dataclasses.asdict(a)), "pp": a.pp}
+            if pipe is None:
+                if main:
+                    save_checkpoint(a.out, step + 1, model, opt, tokenizer, state, a.keep_last)
+            else:  # every rank adds its optimizer state, rank 0 the gathered model, then renames
+                tmp = checkpoint_tmp_dir(a.out, step + 1)
+                if main:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    os.makedirs(tmp)
+                barrier()
+                if not main:
+                    atomic_torch_save(opt.state_dict(), os.path.join(tmp, f"optim-rank{rank}.pt"))
+                whole = full_model()
+                barrier()
+                if main:
+                    save_checkpoint(a.out, step + 1, whole, opt, tokenizer, state, a.keep_last, fresh=False)
             barrier()
         if pbar is not None:
             pbar.update(1)

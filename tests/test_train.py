@@ -174,3 +174,35 @@ def test_loss_falls_on_tiny_shakespeare(tmp_path):
     last = sum(r["loss"] for r in recs[-3:]) / 3
     assert last < first - 1.5, (first, last)
     assert out["val_loss"] < first - 1.0
+
+
+def _torchrun(args, port, timeout=300):
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port),
+                        "-m", "nanoseek", *args], capture_output=True, text=True, timeout=timeout)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return last_json(p.stdout)
+
+
+def test_pipeline_schedules_train_like_one_process(tmp_path, text_file):
+    """`--pp 2` with each schedule gives the single-process losses; a pipelined run resumes exactly."""
+    common = ["train", "--preset", "nano", "--data", text_file, "--max-steps", "4", "--json", *TINY]
+    cli(*common, "--out", str(tmp_path / "one"))
+    ref = [r["loss"] for r in metrics(tmp_path / "one") if "loss" in r]
+    for i, schedule in enumerate(["1f1b", "dualpipe", "dualpipev"]):
+        run = tmp_path / schedule
+        extra = ["--save-every", "2"] if schedule == "1f1b" else []
+        out = _torchrun([*common, "--out", str(run), "--pp", "2", "--schedule", schedule, *extra], 29541 + i)
+        got = [r["loss"] for r in metrics(run) if "loss" in r]
+        assert got == pytest.approx(ref, rel=1e-5), schedule
+        if schedule != "dualpipe":  # DualPipe on 2 ranks mirrors: both ranks hold both stages
+            assert out["params_local"] < out["params_total"]
+    # resume the 1F1B run from its step-2 checkpoint: steps 3 and 4 come out the same
+    import shutil
+    run = tmp_path / "1f1b"
+    shutil.rmtree(run / "checkpoints" / "step-000004")
+    os.unlink(run / "final.json")
+    out = _torchrun([*common, "--out", str(run), "--pp", "2", "--schedule", "1f1b", "--save-every", "2", "--resume"],
+                    29545)
+    assert out["resumed_from_step"] == 2
+    assert [r["loss"] for r in metrics(run) if "loss" in r] == pytest.approx(ref, rel=1e-5)
+    assert DeepSeekV3.from_pretrained(str(run)).num_params(include_mtp=True) == out["params_total"]

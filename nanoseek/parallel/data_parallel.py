@@ -11,14 +11,16 @@ import torch.nn as nn
 
 
 class DataParallel:
-    def __init__(self, model: nn.Module, world: int):
+    def __init__(self, model: nn.Module, world: int, group=None, broadcast: bool = True):
         self.model = model
-        self.world = world
-        if world > 1:
-            for p in model.parameters():  # start from rank 0's weights
-                dist.broadcast(p.data, src=0)
+        self.world = world  # ranks in the data-parallel group
+        self.group = group
+        if world > 1 and broadcast:
+            src = dist.get_global_rank(group, 0) if group is not None else 0
+            for p in model.parameters():  # start from the group's first rank's weights
+                dist.broadcast(p.data, src=src, group=group)
             for b in model.buffers():
-                dist.broadcast(b.data, src=0)
+                dist.broadcast(b.data, src=src, group=group)
 
     @torch.no_grad()
     def sync_grads(self) -> None:
@@ -34,7 +36,7 @@ class DataParallel:
             by_dtype.setdefault(p.grad.dtype, []).append(p)
         for group in by_dtype.values():
             flat = torch.cat([p.grad.reshape(-1) for p in group])
-            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.group)
             flat /= self.world
             offset = 0
             for p in group:

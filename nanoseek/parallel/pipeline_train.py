@@ -1,0 +1,132 @@
+"""Pipeline parallelism inside `nanoseek train` (`--pp N --schedule {1f1b,dualpipe,dualpipev}
+[--chunks M]`), combined with data parallelism: W = pp x dp processes, rank = dp_rank * pp + pp_rank.
+
+Applied from outside to an unchanged model: every rank builds the same full model, then keeps only
+its stages (`split_deepseek`). One optimizer step = the schedule's op list over M micro-batches of
+this replica's slice of the global batch; gradients of mirrored copies (DualPipe) are summed over
+their holders, then averaged over data-parallel replicas. The expert loads for the bias update are
+summed over every rank, so mirrored copies get the same update. For validation and checkpoints the
+stages are gathered into a full model on rank 0 (Hugging Face layout whatever the layout)."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from ..model import MoE
+from .pipeline import PipelineExecutor, SharedGrads, all_losses, split_deepseek
+from .schedules import ScheduleError, build_schedule, default_chunks
+
+
+class PipelineGroups:
+    """Process groups for pp x dp ranks: pipeline groups are consecutive ranks."""
+
+    def __init__(self, pp: int):
+        world, rank = dist.get_world_size(), dist.get_rank()
+        if world % pp:
+            raise ScheduleError(f"--pp {pp} does not divide the {world} processes")
+        self.pp, self.dp = pp, world // pp
+        self.pp_rank, self.dp_rank = rank % pp, rank // pp
+        self.pp_group = self.dp_group = None
+        for d in range(self.dp):  # every rank creates every group, in the same order
+            g = dist.new_group(list(range(d * pp, (d + 1) * pp)))
+            if d == self.dp_rank:
+                self.pp_group = g
+        for p in range(pp):
+            g = dist.new_group(list(range(p, world, pp)))
+            if p == self.pp_rank:
+                self.dp_group = g
+
+
+def moe_names(cfg) -> list[str]:
+    """Module paths of every MoE layer of the full model, in a fixed order (main, then MTP)."""
+    names = [f"model.layers.{i}.mlp" for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i)]
+    if cfg.n_routed_experts:
+        names += [f"mtp.{cfg.num_hidden_layers + j}.mlp" for j in range(cfg.num_nextn_predict_layers)]
+    return names
+
+
+class PipelineTraining:
+    def __init__(self, model, pp: int, schedule: str, chunks: int | None, balance_alpha: float,
+                 mtp_lambda: float, device):
+        self.cfg = model.config
+        self.groups = PipelineGroups(pp)
+        self.chunks = chunks or default_chunks(schedule, pp)
+        self.schedule = build_schedule(schedule, pp, self.chunks)  # validates before any communication
+        if self.schedule.num_model_stages > self.cfg.num_hidden_layers:
+            raise ScheduleError(f"{self.schedule.num_model_stages} pipeline stages but only "
+                                f"{self.cfg.num_hidden_layers} layers")
+        self.model = model
+        self.stages, self.criterion = split_deepseek(model, self.schedule, self.groups.pp_rank,
+                                                     balance_alpha=balance_alpha, mtp_lambda=mtp_lambda)
+        hidden = self.cfg.hidden_size
+        self.executor = PipelineExecutor(self.schedule, self.stages, self.criterion, device=device,
+                                         boundary=lambda x: ((*x.shape, hidden), torch.float32),
+                                         group=self.groups.pp_group)
+        self.named = dict(model.named_parameters())
+        self.shared = SharedGrads(self.named, group=self.groups.pp_group)
+        self.holders = {n: dist.get_world_size(pg) for pg, names in self.shared.groups for n in names}
+        self.moe_names = moe_names(self.cfg)
+        self.loads = {n: torch.zeros(self.cfg.n_routed_experts, device=device) for n in self.moe_names}
+        self._hooks = [m.register_forward_hook(self._count(n)) for n, m in model.named_modules()
+                       if isinstance(m, MoE)]
+
+    def _count(self, name):
+        def hook(module, inputs, output):
+            self.loads[name] += module.tokens_per_expert.float()
+        return hook
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Forward+backward of this replica's batch [b, T]; returns (ce, mtp, balance, total) means
+        over the replica's micro-batches (the same on every rank of the pipeline)."""
+        if x.shape[0] % self.chunks:
+            raise ScheduleError(f"the per-replica batch of {x.shape[0]} sequences does not split into "
+                                f"{self.chunks} micro-batches")
+        xs, ys = list(x.chunk(self.chunks)), list(y.chunk(self.chunks))
+        for st in self.stages.values():
+            st.balance_values.clear()
+        self.criterion.parts.clear()
+        losses = self.executor.step(xs, list(zip(xs, ys)))
+        self.shared.sync()
+        total = all_losses(losses, self.chunks, group=self.groups.pp_group).mean()
+        ce_mtp = torch.tensor([sum(p[0] for p in self.criterion.parts), sum(p[1] for p in self.criterion.parts)],
+                              dtype=torch.float64)
+        bal = torch.tensor([sum(sum(st.balance_values) for st in self.stages.values())], dtype=torch.float64)
+        # each micro-batch's CE/MTP lives on one last-stage rank; balance terms on every stage: sum them
+        # (mirrored DualPipe copies each ran different micro-batches, so nothing is counted twice)
+        parts = torch.cat([ce_mtp, bal])
+        dist.all_reduce(parts, group=self.groups.pp_group)
+        parts /= self.chunks
+        return torch.stack([parts[0], parts[1], parts[2], total.to(parts.dtype)])
+
+    def take_loads(self) -> dict[str, torch.Tensor]:
+        """Tokens per expert of every MoE layer over the global batch (summed over all ranks)."""
+        stacked = torch.stack([self.loads[n] for n in self.moe_names]) if self.moe_names else torch.zeros(0)
+        dist.all_reduce(stacked)
+        for v in self.loads.values():
+            v.zero_()
+        return {n: stacked[i] for i, n in enumerate(self.moe_names)}
+
+    def local_sq_norm(self) -> torch.Tensor:
+        """Sum of squared gradients, mirrored parameters weighted by 1/holders; summed over the
+        pipeline group it is the full model's squared gradient norm."""
+        total = torch.zeros((), dtype=torch.float64)
+        for n, p in self.named.items():
+            if p.grad is not None:
+                total += p.grad.double().pow(2).sum().cpu() / self.holders.get(n, 1)
+        dist.all_reduce(total, group=self.groups.pp_group)
+        return total
+
+    def gather_full_state(self) -> dict | None:
+        """The full model's state dict on rank 0 (replica 0's pipeline ranks contribute)."""
+        if self.groups.dp_rank != 0:
+            return None
+        mine = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+        everyone = [None] * self.groups.pp if self.groups.pp_rank == 0 else None
+        dist.gather_object(mine, everyone, dst=0, group=self.groups.pp_group)
+        if self.groups.pp_rank != 0:
+            return None
+        full = {}
+        for part in everyone:
+            full.update(part)
+        return full
