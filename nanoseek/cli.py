@@ -230,6 +230,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_pipeline_sim)
 
+    from .server import add_serve_command
+    from .store import add_store_commands
+    add_store_commands(sub)  # list, show, rm, create
+    add_serve_command(sub)
 
     s = sub.add_parser("demo", help="a short CPU tour of the nano model")
     s.add_argument("--steps", type=int, default=30)

@@ -97,6 +97,7 @@ class Handle:
                 return
 
     def cancel(self) -> None:
+        """Stop generating; the engine frees the cache row and ends the event stream."""
         self._request.cancelled = True
         self._engine._wake()
 
@@ -110,6 +111,9 @@ class _Request:
     generated: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     emitted: str = ""
+    text: str = ""  # detokenized text of generated[:read_offset] (complete characters only)
+    prefix_offset: int = 0
+    read_offset: int = 0
     pos: int = 0  # tokens in the cache
     row: int = -1
     next_logits: torch.Tensor | None = None
@@ -255,24 +259,33 @@ class Engine:
         return {k: c.rows(start, end) for k, c in self._cache.items()}
 
     def _admit(self):
-        while len(self._active) < self.max_batch:
+        """Move pending requests into free cache rows; prompts of equal length prefill together."""
+        new: list[_Request] = []
+        while len(self._active) + len(new) < self.max_batch:
             try:
                 req = self._pending.get_nowait()
             except queue.Empty:
-                return
+                break
             if req.cancelled:
+                req.events.put(Event(None, "", finish_reason="cancelled", prompt_tokens=len(req.prompt)))
                 continue
-            req.row = len(self._active)
             if req.params.seed is not None:
                 req.generator = torch.Generator(device=self.device).manual_seed(req.params.seed)
+            new.append(req)
+        by_len: dict[int, list[_Request]] = {}
+        for req in new:
+            by_len.setdefault(len(req.prompt), []).append(req)
+        for length, group in by_len.items():
             t0 = time.perf_counter()
-            ids = torch.tensor([req.prompt], device=self.device)
-            logits = self.model(ids, cache=self._cache_rows(req.row, req.row + 1))[:, -1]
-            req.pos = len(req.prompt)
-            req.prefill_s = time.perf_counter() - t0
-            req.t_decode0 = time.perf_counter()
-            self._active.append(req)
-            self._emit([req], logits)
+            first = len(self._active)
+            ids = torch.tensor([r.prompt for r in group], device=self.device)  # [g, length]
+            logits = self.model(ids, cache=self._cache_rows(first, first + len(group)))[:, -1]
+            now = time.perf_counter()
+            for k, req in enumerate(group):
+                req.row, req.pos = first + k, length
+                req.prefill_s, req.t_decode0 = now - t0, now
+                self._active.append(req)
+            self._emit(group, logits)
 
     def _decode_step(self):
         A = len(self._active)
@@ -295,9 +308,17 @@ class Engine:
         logits = logits.float()
         if all(r.params.temperature <= 0 for r in reqs):
             tokens = logits.argmax(dim=-1)
-        else:
-            tokens = torch.cat([sample_next(logits[i:i + 1], r.params.temperature, r.params.top_p, r.params.top_k,
-                                            r.generator) for i, r in enumerate(reqs)])
+        else:  # one sampling call per group of equal settings; seeded requests alone (reproducible)
+            groups: dict[tuple, list[int]] = {}
+            for i, r in enumerate(reqs):
+                key = ((r.params.temperature, r.params.top_p, r.params.top_k) if r.generator is None
+                       else ("seeded", i))
+                groups.setdefault(key, []).append(i)
+            tokens = torch.empty(len(reqs), dtype=torch.long, device=logits.device)
+            for idx in groups.values():
+                p = reqs[idx[0]].params
+                rows = torch.tensor(idx, device=logits.device)
+                tokens[rows] = sample_next(logits[rows], p.temperature, p.top_p, p.top_k, reqs[idx[0]].generator)
         logp = torch.log_softmax(logits, dim=-1)
         chosen = logp.gather(1, tokens[:, None])[:, 0]
         for i, (r, token, lp) in enumerate(zip(reqs, tokens.tolist(), chosen.tolist())):
@@ -315,7 +336,7 @@ class Engine:
         if not is_eos:
             req.generated.append(token)
             req.logprobs.append(logprob)
-        text_all = self.tokenizer.decode(req.generated)
+        text_all = self._detokenize(req, final=is_eos or len(req.generated) >= p.max_tokens)
         delta_end = len(text_all)
         for s in p.stop:  # cut at the earliest stop string
             k = text_all.find(s, max(0, len(req.emitted) - len(s)))
@@ -342,9 +363,22 @@ class Engine:
         if finish is not None:
             self._retire(req)
 
+    def _detokenize(self, req: _Request, final: bool) -> str:
+        """Incremental detokenization: decode only the newest tokens with a few tokens of context
+        (so the cost per token stays constant), and keep an incomplete UTF-8 character back."""
+        gen = req.generated
+        prefix = self.tokenizer.decode(gen[req.prefix_offset:req.read_offset])
+        new = self.tokenizer.decode(gen[req.prefix_offset:])
+        if len(new) > len(prefix) and (final or not new.endswith("\ufffd")):
+            req.text += new[len(prefix):]
+            req.prefix_offset, req.read_offset = max(req.read_offset - 4, 0), len(gen)
+        return req.text
+
     def _drop_cancelled(self):
         for r in [r for r in self._active if r.cancelled]:
             self._retire(r)
+            r.events.put(Event(None, "", finish_reason="cancelled", prompt_tokens=len(r.prompt),
+                               completion_tokens=len(r.generated)))
 
     def _retire(self, req: _Request):
         """Free req's cache row by moving the last active sequence into it."""

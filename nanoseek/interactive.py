@@ -16,12 +16,11 @@ def resolve_model_dir(name: str) -> str:
     """A checkpoint directory, or a model name in the local store (NANOSEEK_HOME)."""
     if os.path.isdir(name) and os.path.exists(os.path.join(name, "config.json")):
         return name
+    from .store import Store, StoreError
     try:
-        from .store import Store
         return Store().path_of(name)
-    except ImportError:  # pragma: no cover - the store module is always shipped
-        pass
-    raise SystemExit(f"nanoseek: model '{name}' not found (not a checkpoint directory, not in the store)")
+    except StoreError as e:
+        raise SystemExit(f"nanoseek: model '{name}' not found: not a checkpoint directory, and {e}") from None
 
 
 def load_engine(name: str, max_context: int = 4096, device: str | None = None, dtype=None):
