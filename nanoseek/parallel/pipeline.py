@@ -434,9 +434,10 @@ class PipelineExecutor:
         return self.losses
 
 
-def all_losses(losses: dict[int, float], chunks: int, group=None) -> torch.Tensor:
-    """Every micro-batch's loss on every rank (each lives on exactly one rank)."""
-    t = torch.zeros(chunks, dtype=torch.float64)
+def all_losses(losses: dict[int, float], chunks: int, group=None, device=None) -> torch.Tensor:
+    """Every micro-batch's loss on every rank (each lives on exactly one rank). On NCCL pass the
+    rank's CUDA device."""
+    t = torch.zeros(chunks, dtype=torch.float64, device=device)
     for mb, v in losses.items():
         t[mb] = v
     if dist.is_initialized():

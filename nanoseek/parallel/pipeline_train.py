@@ -57,6 +57,7 @@ class PipelineTraining:
             raise ScheduleError(f"{self.schedule.num_model_stages} pipeline stages but only "
                                 f"{self.cfg.num_hidden_layers} layers")
         self.model = model
+        self.device = torch.device(device)
         self.stages, self.criterion = split_deepseek(model, self.schedule, self.groups.pp_rank,
                                                      balance_alpha=balance_alpha, mtp_lambda=mtp_lambda)
         hidden = self.cfg.hidden_size
@@ -88,10 +89,11 @@ class PipelineTraining:
         self.criterion.parts.clear()
         losses = self.executor.step(xs, list(zip(xs, ys)))
         self.shared.sync()
-        total = all_losses(losses, self.chunks, group=self.groups.pp_group).mean()
+        total = all_losses(losses, self.chunks, group=self.groups.pp_group, device=self.device).mean()
         ce_mtp = torch.tensor([sum(p[0] for p in self.criterion.parts), sum(p[1] for p in self.criterion.parts)],
-                              dtype=torch.float64)
-        bal = torch.tensor([sum(sum(st.balance_values) for st in self.stages.values())], dtype=torch.float64)
+                              dtype=torch.float64, device=self.device)
+        bal = torch.tensor([sum(sum(st.balance_values) for st in self.stages.values())], dtype=torch.float64,
+                           device=self.device)
         # each micro-batch's CE/MTP lives on one last-stage rank; balance terms on every stage: sum them
         # (mirrored DualPipe copies each ran different micro-batches, so nothing is counted twice)
         parts = torch.cat([ce_mtp, bal])
@@ -101,7 +103,8 @@ class PipelineTraining:
 
     def take_loads(self) -> dict[str, torch.Tensor]:
         """Tokens per expert of every MoE layer over the global batch (summed over all ranks)."""
-        stacked = torch.stack([self.loads[n] for n in self.moe_names]) if self.moe_names else torch.zeros(0)
+        stacked = (torch.stack([self.loads[n] for n in self.moe_names]) if self.moe_names
+                   else torch.zeros(0, device=self.device))
         dist.all_reduce(stacked)
         for v in self.loads.values():
             v.zero_()
@@ -110,10 +113,10 @@ class PipelineTraining:
     def local_sq_norm(self) -> torch.Tensor:
         """Sum of squared gradients, mirrored parameters weighted by 1/holders; summed over the
         pipeline group it is the full model's squared gradient norm."""
-        total = torch.zeros((), dtype=torch.float64)
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
         for n, p in self.named.items():
             if p.grad is not None:
-                total += p.grad.double().pow(2).sum().cpu() / self.holders.get(n, 1)
+                total += p.grad.double().pow(2).sum() / self.holders.get(n, 1)
         dist.all_reduce(total, group=self.groups.pp_group)
         return total
 
