@@ -368,7 +368,7 @@ def train(args: TrainArgs) -> dict:
         layout = f" (pp {a.pp} x dp {dp_world}, {a.schedule}, {pipe.chunks} micro-batches)" if pipe else ""
         _say(f"nanoseek train: {params_total / 1e6:.2f}M parameters, {world} process(es){layout} on {device}, {precision}, "
              f"{len(train_shard):,} train / {len(val_shard):,} val tokens, batch {a.batch_size} x {a.seq_len}, "
-             f"balance={a.balance}, MTP depth {len(model.mtp)}"
+             f"balance={a.balance}, MTP depth {(full_cfg if pipe else model.config).num_nextn_predict_layers}"
              + (f", resuming from step {start_step}" if trainer_state else ""))
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision in ("bf16", "fp8") else nullcontext())
 
@@ -539,6 +539,8 @@ def train(args: TrainArgs) -> dict:
         if a.json:
             print(json.dumps(summary), flush=True)
     barrier()
+    if world > 1 and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
     return summary
 
 
