@@ -558,9 +558,17 @@ class DeepSeekV3(nn.Module):
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 32, temperature: float = 0.0,
                  top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
-                 eos_token_id: int | None = None) -> torch.Tensor:
+                 eos_token_id: int | None = None, speculative: bool = False) -> torch.Tensor:
         """Prefill (naive attention) then decode with the absorbed path over the latent cache.
-        Returns prompt + generated ids [B, T + new] like transformers' `generate`."""
+        Returns prompt + generated ids [B, T + new] like transformers' `generate`. With
+        `speculative` (greedy, batch 1) the MTP module drafts tokens that the model verifies; the
+        output is the same, `self.speculative_stats` holds the acceptance rate."""
+        if speculative:
+            from .speculative import generate_speculative
+            if temperature > 0:
+                raise ValueError("speculative decoding is greedy here: use temperature=0")
+            ids, self.speculative_stats = generate_speculative(self, input_ids, max_new_tokens, eos_token_id)
+            return ids
         from .sampling import sample_next
         B, T = input_ids.shape
         cache = self.make_cache(B, T + max_new_tokens)

@@ -153,3 +153,32 @@ def test_16_concurrent_streams_share_decode_steps(small_model, tok):
         assert wall <= 3 * single, (single, wall)
     finally:
         eng.close()
+
+
+def test_mtp_speculative_equals_plain_greedy(tiny_cfg):
+    model = randomized_model(tiny_cfg)  # MTP depth 2: the first MTP layer drafts
+    for seed in range(3):
+        ids = torch.randint(0, tiny_cfg.vocab_size, (1, 5 + seed), generator=torch.Generator().manual_seed(seed))
+        plain = model.generate(ids, max_new_tokens=15)
+        spec = model.generate(ids, max_new_tokens=15, speculative=True)
+        assert torch.equal(plain, spec), seed
+        st = model.speculative_stats
+        assert st.drafted >= 1 and 0 <= st.acceptance_rate <= 1
+        assert st.main_steps == st.drafted + 1  # one prefill, then one verify per draft
+    with pytest.raises(ValueError, match="MTP"):
+        randomized_model(tiny_cfg.replace(num_nextn_predict_layers=0)).generate(ids, speculative=True)
+
+
+def test_mtp_speculative_accepted_path(tiny_cfg):
+    """With a head that always prefers one token, every draft is accepted: the accepted branch
+    (two tokens per main step) still gives plain greedy's output."""
+    model = randomized_model(tiny_cfg)
+    with torch.no_grad():
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[3] = 0.0  # all logits equal: argmax is token 0 everywhere
+    ids = torch.randint(1, tiny_cfg.vocab_size, (1, 6), generator=torch.Generator().manual_seed(0))
+    plain = model.generate(ids, max_new_tokens=11)
+    spec = model.generate(ids, max_new_tokens=11, speculative=True)
+    assert torch.equal(plain, spec)
+    st = model.speculative_stats
+    assert st.acceptance_rate == 1.0 and st.main_steps < 11  # two tokens per verify step
