@@ -82,6 +82,7 @@ class ModelConfig:
     bos_token_id: int | None = 0
     eos_token_id: int | list | None = 1
     torch_dtype: str = "bfloat16"
+    attention: str = "mla"  # "mla", or "mha": standard attention with the same heads and dims (comparison only)
 
     def __post_init__(self):
         self.validate()
@@ -145,6 +146,7 @@ class ModelConfig:
              f"unsupported value {self.scoring_func!r} (expected 'sigmoid' or 'softmax')")
         need(self.topk_method in ("noaux_tc", "greedy", "group_limited_greedy"), "topk_method",
              f"unsupported value {self.topk_method!r} (expected 'noaux_tc', 'greedy' or 'group_limited_greedy')")
+        need(self.attention in ("mla", "mha"), "attention", f"unsupported value {self.attention!r} (mla or mha)")
         need(self.num_nextn_predict_layers >= 0, "num_nextn_predict_layers", "must be >= 0")
         need(not self.tie_word_embeddings, "tie_word_embeddings", "tied embeddings are not supported by DeepSeek models")
         if self.n_routed_experts > 0:
@@ -257,6 +259,7 @@ class ModelConfig:
             initializer_range=d.get("initializer_range", 0.02),
             bos_token_id=d.get("bos_token_id"), eos_token_id=d.get("eos_token_id"),
             torch_dtype=str(d.get("torch_dtype") or d.get("dtype") or "bfloat16").replace("torch.", ""),
+            attention=d.get("attention", "mla"),
         )
         known = set(kw) | _METADATA_KEYS | {"rope_parameters", "rope_theta", "rope_scaling", "num_local_experts"}
         unused = sorted(k for k in d if k not in known)
@@ -302,6 +305,8 @@ class ModelConfig:
         }
         if v3:
             d["rope_interleave"] = True
+        if self.attention != "mla":  # a nanoseek-only comparison model, not a DeepSeek layout
+            d["attention"] = self.attention
         return d
 
     @classmethod
@@ -336,9 +341,12 @@ class ModelConfig:
             attn_q = h * self.q_lora_rank + self.q_lora_rank + self.q_lora_rank * H * self.qk_head_dim
         else:
             attn_q = h * H * self.qk_head_dim
-        attn = (attn_q + h * (self.kv_lora_rank + self.qk_rope_head_dim) + self.kv_lora_rank
-                + self.kv_lora_rank * H * (self.qk_nope_head_dim + self.v_head_dim)
-                + H * self.v_head_dim * h)
+        if self.attention == "mla":
+            attn = (attn_q + h * (self.kv_lora_rank + self.qk_rope_head_dim) + self.kv_lora_rank
+                    + self.kv_lora_rank * H * (self.qk_nope_head_dim + self.v_head_dim)
+                    + H * self.v_head_dim * h)
+        else:
+            attn = attn_q + h * H * self.qk_head_dim + h * H * self.v_head_dim + H * self.v_head_dim * h
         norms = 2 * h
         dense_ffn = 3 * h * self.intermediate_size
         expert = 3 * h * self.moe_intermediate_size

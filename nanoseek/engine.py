@@ -387,8 +387,7 @@ class Engine:
         if i != last:
             moved = self._active[last]
             for c in self._cache.values():
-                c.latent[i, :moved.pos] = c.latent[last, :moved.pos]
-                c.k_pe[i, :moved.pos] = c.k_pe[last, :moved.pos]
+                c.move_row(last, i, moved.pos)
             moved.row = i
             self._active[i] = moved
         self._active.pop()

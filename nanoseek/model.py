@@ -101,39 +101,65 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 # --------------------------------------------------------------------------------------- MLA
-class LatentCache:
+class SequenceCache:
+    """Per-layer decode cache: tensors [B, max_len, ...] written at each sequence's position."""
+
+    def __init__(self, tensors: tuple[torch.Tensor, ...]):
+        self.tensors = tensors
+
+    def rows(self, start: int, end: int) -> "SequenceCache":
+        """A view of sequences start..end-1 (shares storage)."""
+        return SequenceCache(tuple(t[start:end] for t in self.tensors))
+
+    def move_row(self, src: int, dst: int, length: int) -> None:
+        for t in self.tensors:
+            t[dst, :length] = t[src, :length]
+
+    def update(self, *new: torch.Tensor, start_pos, kv_len: int | None = None):
+        """Write new [B, T, ...] at start_pos (an int, or a LongTensor [B] of per-sequence positions)
+        and return the cache up to start_pos + T (or up to `kv_len` for per-sequence positions)."""
+        B, T = new[0].shape[:2]
+        length = self.tensors[0].shape[1]
+        if isinstance(start_pos, int):
+            end = start_pos + T
+            if end > length:
+                raise ValueError(f"KV cache overflow: position {end} exceeds its length {length}")
+            for t, x in zip(self.tensors, new):
+                t[:, start_pos:end] = x
+            return tuple(t[:, :end] for t in self.tensors)
+        rows = torch.arange(B, device=new[0].device)[:, None]
+        cols = start_pos[:, None] + torch.arange(T, device=new[0].device)[None]  # [B, T]
+        for t, x in zip(self.tensors, new):
+            t[rows, cols] = x
+        end = kv_len if kv_len is not None else length
+        return tuple(t[:, :end] for t in self.tensors)
+
+
+class LatentCache(SequenceCache):
     """The MLA decode cache of one layer: the normalized KV latent and the post-RoPE shared key,
     (kv_lora_rank + qk_rope_head_dim) values per token, nothing per head."""
 
-    def __init__(self, batch: int, max_len: int, cfg: ModelConfig | None = None, dtype=None, device=None,
-                 tensors: tuple[torch.Tensor, torch.Tensor] | None = None):
-        if tensors is not None:
-            self.latent, self.k_pe = tensors
-        else:
-            self.latent = torch.zeros(batch, max_len, cfg.kv_lora_rank, dtype=dtype, device=device)
-            self.k_pe = torch.zeros(batch, max_len, cfg.qk_rope_head_dim, dtype=dtype, device=device)
+    def __init__(self, batch: int, max_len: int, cfg: ModelConfig, dtype=None, device=None):
+        super().__init__((torch.zeros(batch, max_len, cfg.kv_lora_rank, dtype=dtype, device=device),
+                          torch.zeros(batch, max_len, cfg.qk_rope_head_dim, dtype=dtype, device=device)))
 
-    def rows(self, start: int, end: int) -> "LatentCache":
-        """A view of sequences start..end-1 (shares storage)."""
-        return LatentCache(0, 0, tensors=(self.latent[start:end], self.k_pe[start:end]))
+    @property
+    def latent(self) -> torch.Tensor:
+        return self.tensors[0]
 
-    def update(self, latent: torch.Tensor, k_pe: torch.Tensor, start_pos, kv_len: int | None = None):
-        """Write [B, T, .] at start_pos (an int, or a LongTensor [B] of per-sequence positions) and
-        return the cache up to start_pos + T (or up to `kv_len` for per-sequence positions)."""
-        B, T = latent.shape[:2]
-        if isinstance(start_pos, int):
-            end = start_pos + T
-            if end > self.latent.shape[1]:
-                raise ValueError(f"KV cache overflow: position {end} exceeds its length {self.latent.shape[1]}")
-            self.latent[:, start_pos:end] = latent
-            self.k_pe[:, start_pos:end] = k_pe
-            return self.latent[:, :end], self.k_pe[:, :end]
-        rows = torch.arange(B, device=latent.device)[:, None]
-        cols = start_pos[:, None] + torch.arange(T, device=latent.device)[None]  # [B, T]
-        self.latent[rows, cols] = latent
-        self.k_pe[rows, cols] = k_pe
-        end = kv_len if kv_len is not None else self.latent.shape[1]
-        return self.latent[:, :end], self.k_pe[:, :end]
+    @property
+    def k_pe(self) -> torch.Tensor:
+        return self.tensors[1]
+
+
+class KVCache(SequenceCache):
+    """Standard attention's cache: full per-head keys and values, H x (qk_head_dim + v_head_dim)
+    values per token (the comparison MLA is measured against)."""
+
+    def __init__(self, batch: int, max_len: int, cfg: ModelConfig, dtype=None, device=None):
+        H = cfg.num_attention_heads
+        super().__init__((torch.zeros(batch, max_len, H, cfg.qk_head_dim, dtype=dtype, device=device),
+                          torch.zeros(batch, max_len, H, cfg.v_head_dim, dtype=dtype, device=device)))
 
 
 def _sdpa_backends():
@@ -204,7 +230,7 @@ class MLA(nn.Module):
         B, T, _ = x.shape
         q_nope, q_pe, latent, k_pe = self.project(x, cos, sin)
         if cache is not None:
-            latent, k_pe = cache.update(latent, k_pe, start_pos, kv_len)  # [B, S, r], [B, S, rope]
+            latent, k_pe = cache.update(latent, k_pe, start_pos=start_pos, kv_len=kv_len)  # [B, S, r], [B, S, rope]
         S = latent.shape[1]
         mask = None
         if S != T or key_valid is not None or not isinstance(start_pos, int):
@@ -249,6 +275,43 @@ class MLA(nn.Module):
         p = scores.softmax(dim=-1).to(latent.dtype)  # [B, H, T, S]
         o_lat = torch.einsum("bhts,bsr->bthr", p, latent)  # [B, T, H, r]
         return torch.einsum("bthr,hdr->bthd", o_lat, w_uv)  # [B, T, H, v]
+
+
+class MHA(MLA):
+    """Standard multi-head attention with MLA's heads and head dims (the same query path, full
+    per-head K/V projections and cache): `ModelConfig(attention="mha")`, the baseline that MLA's
+    cache saving is measured against. Not a DeepSeek checkpoint layout."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg)
+        del self.kv_a_proj_with_mqa, self.kv_a_layernorm, self.kv_b_proj
+        H = cfg.num_attention_heads
+        self.k_proj = nn.Linear(cfg.hidden_size, H * cfg.qk_head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden_size, H * cfg.v_head_dim, bias=False)
+
+    def forward(self, x, cos, sin, cache=None, start_pos=0, key_valid=None, impl=None, kv_len=None):
+        c, H = self.cfg, self.n_heads
+        B, T, _ = x.shape
+        q = (self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if c.q_lora_rank else self.q_proj(x))
+        q = q.view(B, T, H, c.qk_head_dim)
+        k = self.k_proj(x).view(B, T, H, c.qk_head_dim)
+        v = self.v_proj(x).view(B, T, H, c.v_head_dim)
+        q_nope, q_pe = q.split([c.qk_nope_head_dim, c.qk_rope_head_dim], dim=-1)
+        k_nope, k_pe = k.split([c.qk_nope_head_dim, c.qk_rope_head_dim], dim=-1)
+        q = torch.cat([q_nope, apply_rope(q_pe, cos, sin)], dim=-1)
+        k = torch.cat([k_nope, apply_rope(k_pe, cos, sin)], dim=-1)
+        if cache is not None:
+            k, v = cache.update(k, v, start_pos=start_pos, kv_len=kv_len)  # [B, S, H, qk], [B, S, H, v]
+        S = k.shape[1]
+        mask = None
+        if S != T or key_valid is not None or not isinstance(start_pos, int):
+            mask = build_attention_mask(T, S, start_pos if not isinstance(start_pos, int) else S - T,
+                                        key_valid, x.device)
+        ctx = _sdpa_backends() if q.is_cuda else nullcontext()
+        with ctx:
+            o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                               attn_mask=mask, is_causal=mask is None, scale=self.softmax_scale)
+        return self.o_proj(o.transpose(1, 2).reshape(B, T, -1))
 
 
 # --------------------------------------------------------------------------------------- FFN
@@ -396,7 +459,7 @@ class Block(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = MLA(cfg)
+        self.self_attn = MLA(cfg) if cfg.attention == "mla" else MHA(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MoE(cfg) if cfg.is_moe_layer(layer_idx) else MLP(cfg.hidden_size, cfg.intermediate_size)
 
@@ -490,10 +553,11 @@ class DeepSeekV3(nn.Module):
                 nn.init.normal_(module.down_proj, 0.0, out_std)
 
     # ------------------------------------------------------------------ forward
-    def make_cache(self, batch: int, max_len: int, dtype=None, device=None) -> dict[str, LatentCache]:
+    def make_cache(self, batch: int, max_len: int, dtype=None, device=None) -> dict[str, SequenceCache]:
         dtype = dtype or self.lm_head.weight.dtype
         device = device or self.lm_head.weight.device
-        return {i: LatentCache(batch, max_len, self.config, dtype, device) for i in self.model.layers}
+        kind = LatentCache if self.config.attention == "mla" else KVCache
+        return {i: kind(batch, max_len, self.config, dtype, device) for i in self.model.layers}
 
     def positions_for(self, T: int, start_pos, device) -> torch.Tensor:
         if isinstance(start_pos, int):

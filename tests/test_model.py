@@ -176,3 +176,29 @@ def test_pipeline_stage_is_model_with_parts_removed(tiny_cfg):
         del stage.model.layers["0"]
         h0 = model.model.layers["0"](h, *model.rotary(torch.arange(7)))
         assert (stage(h0) - full).abs().max().item() < 1e-5
+
+
+def test_mha_comparison_model(tiny_cfg):
+    """attention='mha': same heads and dims, full per-head K/V cache; cached decode == full forward."""
+    from nanoseek.engine import Engine, SamplingParams
+    from nanoseek.tokenizer import train_bpe
+    cfg = tiny_cfg.replace(attention="mha")
+    model = randomized_model(cfg)
+    with torch.device("meta"):
+        assert DeepSeekV3(cfg).num_params() == cfg.param_counts()["total_params"]
+    ids = torch.randint(0, cfg.vocab_size, (2, 10))
+    with torch.no_grad():
+        full = model(ids)
+        cache = model.make_cache(2, 10)
+        steps = [model(ids[:, :4], cache=cache)] + [model(ids[:, t:t + 1], start_pos=t, cache=cache) for t in range(4, 10)]
+    assert (torch.cat(steps, 1) - full).abs().max().item() < 1e-5
+    k, v = cache["0"].tensors
+    assert k[0, 0].numel() + v[0, 0].numel() == cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim)
+    eng = Engine(model, train_bpe(["abc def " * 20], 300), max_context=32, max_batch=2)
+    try:
+        outs = eng.generate([[1, 2, 3], [4, 5]], SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True))
+        for p, o in zip([[1, 2, 3], [4, 5]], outs):
+            assert o.token_ids == model.generate(torch.tensor([p]), max_new_tokens=5)[0, len(p):].tolist()
+    finally:
+        eng.close()
+    assert ModelConfig.from_hf_dict(cfg.to_hf_dict()).attention == "mha"
