@@ -250,9 +250,11 @@ def load_pretrained(path: str, dtype=None, device=None, strict: bool = True):
         raise CheckpointError(f"{path}: missing key '{missing[0]}'" + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
     unexpected = [k for k in keys if k not in targets and k not in ignorable and not k.endswith(".weight_scale_inv")
                   and not k.endswith("rotary_emb.inv_freq")]
-    if cfg.num_nextn_predict_layers == 0:  # MTP layers deliberately not loaded
-        unexpected = [k for k in unexpected if not re.match(rf"model\.layers\.(\d+)\.", k)
-                      or int(re.match(r"model\.layers\.(\d+)\.", k).group(1)) < N]
+    if cfg.num_nextn_predict_layers == 0:  # MTP layers (index >= N) deliberately not loaded
+        def layer_of(k):
+            m = re.match(r"model\.layers\.(\d+)\.", k)
+            return int(m.group(1)) if m else -1
+        unexpected = [k for k in unexpected if layer_of(k) < N]
     if unexpected and strict:
         k = sorted(unexpected)[0]
         raise CheckpointError(f"{shards.where(k)}: unexpected key '{k}' (not part of this model's config)")

@@ -336,7 +336,8 @@ class Engine:
         if not is_eos:
             req.generated.append(token)
             req.logprobs.append(logprob)
-        text_all = self._detokenize(req, final=is_eos or len(req.generated) >= p.max_tokens)
+        out_of_room = len(req.generated) >= p.max_tokens or req.pos + 1 >= self.max_context
+        text_all = self._detokenize(req, final=is_eos or out_of_room)
         delta_end = len(text_all)
         for s in p.stop:  # cut at the earliest stop string
             k = text_all.find(s, max(0, len(req.emitted) - len(s)))
@@ -345,11 +346,9 @@ class Engine:
                 finish = "stop"
         if is_eos:
             finish = "stop"
-        elif finish is None and (len(req.generated) >= p.max_tokens or req.pos + 1 >= self.max_context):
+        elif finish is None and out_of_room:
             finish = "length"
-        if finish is None:  # hold back text that may be an incomplete character or a stop string's start
-            while delta_end > len(req.emitted) and text_all[delta_end - 1] == "\ufffd":
-                delta_end -= 1
+        if finish is None:  # hold back text that may be the start of a stop string
             for s in p.stop:
                 for j in range(min(len(s) - 1, delta_end - len(req.emitted)), 0, -1):
                     if text_all[:delta_end].endswith(s[:j]):

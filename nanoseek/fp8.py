@@ -342,7 +342,6 @@ class _FP8GroupedLinearFn(torch.autograd.Function):
     def backward(ctx, dy):
         cfg = ctx.cfg
         w_data, w_scale = ctx.saved_tensors
-        E = w_data.shape[0]
         dyq = _quant(dy, ACT, cfg.pow2_scales) if ctx.needs_input_grad[0] else None
         dx = dy.new_zeros(dy.shape[0], w_data.shape[2], dtype=ctx.x_dtype) if ctx.needs_input_grad[0] else None
         dw = torch.zeros(w_data.shape, dtype=torch.float32, device=dy.device) if ctx.needs_input_grad[1] else None

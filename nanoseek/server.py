@@ -39,7 +39,6 @@ cancels its requests; the engine frees their slots.
 
 from __future__ import annotations
 
-import argparse
 import datetime as _dt
 import hmac
 import http.server
@@ -612,6 +611,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def _ndjson(self, obj):
         self._write((json.dumps(obj, ensure_ascii=False) + "\n").encode("utf-8"))
+
+    def _end_sse(self, usage_chunk) -> None:
+        """Close an OpenAI stream: the optional usage chunk, then [DONE]."""
+        if usage_chunk is not None:
+            self._sse(usage_chunk)
+        self._write(b"data: [DONE]\n\n")
 
     def _sse(self, obj):
         self._write(b"data: " + json.dumps(obj, ensure_ascii=False).encode("utf-8") + b"\n\n")
@@ -1314,9 +1319,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self._run(job, on_event)
         usage = self._usage(job, n)
         if stream:
-            if include_usage:
-                self._sse(chunk([], usage))
-            self._write(b"data: [DONE]\n\n")
+            self._end_sse(chunk([], usage) if include_usage else None)
             return
         choices = []
         for i, st in enumerate(job.states):
@@ -1424,9 +1427,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self._run(job, on_event)
         usage = self._usage(job, n)
         if stream:
-            if include_usage:
-                self._sse(chunk([], usage))
-            self._write(b"data: [DONE]\n\n")
+            self._end_sse(chunk([], usage) if include_usage else None)
             return
         choices = []
         for i, st in enumerate(job.states):

@@ -24,6 +24,20 @@ def tiny_cfg():
         max_position_embeddings=163840)
 
 
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    """A small English text: Tiny Shakespeare's first 60 KB when present, else generated prose."""
+    path = tmp_path_factory.mktemp("data") / "text.txt"
+    shakespeare = os.path.join(SHARED_DATA, "tinyshakespeare", "input.txt")
+    if os.path.exists(shakespeare):
+        path.write_text(open(shakespeare, encoding="utf-8").read()[:60_000])
+    else:
+        words = "the king and the queen went to see a play about a horse that could sing".split()
+        g = torch.Generator().manual_seed(0)
+        path.write_text(" ".join(words[i] for i in torch.randint(0, len(words), (12000,), generator=g).tolist()))
+    return str(path)
+
+
 def randomized_model(cfg, seed=0):
     """A random model whose router bias and spread make group routing matter."""
     from nanoseek import DeepSeekV3

@@ -4,7 +4,6 @@ reference of the same formulas, emulated GEMM and layer gradients vs fp32 (SQNR)
 
 import json
 import math
-import os
 import subprocess
 import sys
 
@@ -18,9 +17,7 @@ from nanoseek.checkpoint import fp8_dequantize, fp8_quantize_blocks
 from nanoseek.fp8 import ACT, COL, WEIGHT, FP8Config, FP8Experts, FP8Linear, sqnr_db
 from nanoseek.model import Experts
 
-from conftest import SHARED_DATA
 
-SHAKESPEARE = os.path.join(SHARED_DATA, "tinyshakespeare", "input.txt")
 
 
 # ------------------------------------------------------------------ float64 reference
@@ -310,16 +307,6 @@ def test_converted_model_trains_and_checkpoints(tmp_path):
 
 
 # ------------------------------------------------------------------ training
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("fp8data") / "text.txt"
-    if os.path.exists(SHAKESPEARE):
-        path.write_text(open(SHAKESPEARE, encoding="utf-8").read()[:60_000])
-    else:
-        words = "the king and the queen went to see a play about a horse that could sing".split()
-        g = torch.Generator().manual_seed(0)
-        path.write_text(" ".join(words[i] for i in torch.randint(0, len(words), (12000,), generator=g).tolist()))
-    return str(path)
 
 
 TINY = ["--batch-size", "4", "--seq-len", "32", "--vocab-size", "512", "--eval-batches", "2", "--no-progress"]

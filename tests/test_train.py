@@ -22,17 +22,6 @@ SHAKESPEARE = os.path.join(SHARED_DATA, "tinyshakespeare", "input.txt")
 TINY = ["--batch-size", "4", "--seq-len", "32", "--vocab-size", "512", "--eval-batches", "2", "--no-progress"]
 
 
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory):
-    """A small English text: Tiny Shakespeare's first 60 KB when present, else generated prose."""
-    path = tmp_path_factory.mktemp("data") / "text.txt"
-    if os.path.exists(SHAKESPEARE):
-        path.write_text(open(SHAKESPEARE, encoding="utf-8").read()[:60_000])
-    else:
-        words = "the king and the queen went to see a play about a horse that could sing".split()
-        g = torch.Generator().manual_seed(0)
-        path.write_text(" ".join(words[i] for i in torch.randint(0, len(words), (12000,), generator=g).tolist()))
-    return str(path)
 
 
 def cli(*args, env=None, timeout=300):
@@ -72,7 +61,6 @@ def test_train_json_contract_and_load(tmp_path, text_file):
 
 def test_resume_after_kill_equals_uninterrupted(tmp_path, text_file):
     common = ["train", "--preset", "nano", "--data", text_file, "--max-steps", "12", "--json", *TINY]
-    ref = metrics_of = None
     cli(*common, "--out", str(tmp_path / "ref"))
     ref = {r["step"]: r["loss"] for r in metrics(tmp_path / "ref") if "loss" in r}
 
