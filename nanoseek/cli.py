@@ -190,6 +190,8 @@ def add_train_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("--pp", type=int, help="pipeline ranks (under torchrun; the rest are data-parallel)")
     s.add_argument("--schedule", choices=["1f1b", "dualpipe", "dualpipev"], help="pipeline schedule (default 1f1b)")
     s.add_argument("--chunks", type=int, help="micro-batches per step (default: the schedule's smallest valid)")
+    s.add_argument("--ep", type=int, help="expert-parallel ranks (under torchrun; borrowed from the data-parallel "
+                   "ranks, must divide them): each holds 1/ep of every MoE layer's routed experts")
     s.add_argument("--json", action="store_true", default=None)
     s.add_argument("--no-progress", dest="progress", action="store_false", default=None)
 
@@ -206,6 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("train", help="pretrain a DeepSeek-style model on text (torchrun for data parallel)")
     add_train_arguments(s)
     s.set_defaults(func=cmd_train)
+
+    from .sft import add_finetune_commands
+    add_finetune_commands(sub, add_train_arguments)  # sft, distill
 
     from .interactive import add_sampling_arguments, cmd_chat, cmd_generate
     s = sub.add_parser("generate", help="generate a reply to one prompt (streaming)")
@@ -238,6 +243,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .store import add_store_commands
     add_store_commands(sub)  # list, show, rm, create
     add_serve_command(sub)
+    from .quickstart import add_quickstart_command
+    from .rl.cli import add_grpo_command
+    add_grpo_command(sub)
+    add_quickstart_command(sub)
 
     s = sub.add_parser("demo", help="a short CPU tour of the nano model")
     s.add_argument("--steps", type=int, default=30)

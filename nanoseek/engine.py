@@ -187,7 +187,9 @@ class Engine:
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
         self._closed = False
-        self.cuda_graphs = (self.device.type == "cuda") if cuda_graphs is None else cuda_graphs
+        # graphs need sync-free steps: MoE experts only have that path (grouped GEMM) in bf16
+        self.cuda_graphs = ((self.device.type == "cuda" and model.lm_head.weight.dtype == torch.bfloat16)
+                            if cuda_graphs is None else cuda_graphs)
         self._graphs: GraphDecoder | None = None
         self.compile = compile
 

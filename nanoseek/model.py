@@ -189,6 +189,14 @@ def build_attention_mask(T: int, S: int, start_pos, key_valid: torch.Tensor | No
     return mask
 
 
+def segment_mask(segment_ids: torch.Tensor) -> torch.Tensor:
+    """Block-diagonal causal mask [B, 1, T, T] (True = may attend) for packed sequences: a query
+    sees only earlier keys of its own segment ([B, T] ids, one per packed document)."""
+    T = segment_ids.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=segment_ids.device).tril()
+    return (segment_ids[:, None, :, None] == segment_ids[:, None, None, :]) & causal
+
+
 class MLA(nn.Module):
     """Multi-head Latent Attention (HF module `self_attn`)."""
 
@@ -226,7 +234,8 @@ class MLA(nn.Module):
         return q_nope, q_pe, latent, k_pe
 
     def forward(self, x, cos, sin, cache: LatentCache | None = None, start_pos=0,
-                key_valid: torch.Tensor | None = None, impl: str | None = None, kv_len: int | None = None):
+                key_valid: torch.Tensor | None = None, impl: str | None = None, kv_len: int | None = None,
+                attn_mask: torch.Tensor | None = None):
         B, T, _ = x.shape
         q_nope, q_pe, latent, k_pe = self.project(x, cos, sin)
         if cache is not None:
@@ -236,6 +245,8 @@ class MLA(nn.Module):
         if S != T or key_valid is not None or not isinstance(start_pos, int):
             mask = build_attention_mask(T, S, start_pos if not isinstance(start_pos, int) else S - T,
                                         key_valid, x.device)
+        if attn_mask is not None:  # e.g. packed sequences' block-diagonal mask [B, 1, T, S]
+            mask = attn_mask if mask is None else mask & attn_mask
         impl = impl or ("naive" if T > 1 else "absorb")
         if impl == "naive":
             o = self._naive(q_nope, q_pe, latent, k_pe, mask)
@@ -289,7 +300,7 @@ class MHA(MLA):
         self.k_proj = nn.Linear(cfg.hidden_size, H * cfg.qk_head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.hidden_size, H * cfg.v_head_dim, bias=False)
 
-    def forward(self, x, cos, sin, cache=None, start_pos=0, key_valid=None, impl=None, kv_len=None):
+    def forward(self, x, cos, sin, cache=None, start_pos=0, key_valid=None, impl=None, kv_len=None, attn_mask=None):
         c, H = self.cfg, self.n_heads
         B, T, _ = x.shape
         q = (self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if c.q_lora_rank else self.q_proj(x))
@@ -307,6 +318,8 @@ class MHA(MLA):
         if S != T or key_valid is not None or not isinstance(start_pos, int):
             mask = build_attention_mask(T, S, start_pos if not isinstance(start_pos, int) else S - T,
                                         key_valid, x.device)
+        if attn_mask is not None:
+            mask = attn_mask if mask is None else mask & attn_mask
         ctx = _sdpa_backends() if q.is_cuda else nullcontext()
         with ctx:
             o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
@@ -412,10 +425,11 @@ class Experts(nn.Module):
             ys = torch._grouped_mm(hidden, w2, offs=offs)
         else:
             outs = []
+            w1, w3, w2 = self.gate_proj, self.up_proj, self.down_proj  # read once (they may be computed, e.g. LoRA)
             for e, seg in enumerate(xs.split(counts.tolist())):
                 if seg.shape[0]:
-                    hdn = F.silu(seg @ self.gate_proj[e].t()) * (seg @ self.up_proj[e].t())
-                    outs.append(hdn @ self.down_proj[e].t())
+                    hdn = F.silu(seg @ w1[e].t()) * (seg @ w3[e].t())
+                    outs.append(hdn @ w2[e].t())
             ys = torch.cat(outs) if outs else xs.new_zeros(0, x.shape[1])
         ys = ys.float() * weights.reshape(-1)[order, None].float()
         unsorted = torch.empty_like(ys)
@@ -463,8 +477,10 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MoE(cfg) if cfg.is_moe_layer(layer_idx) else MLP(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x, cos, sin, cache=None, start_pos=0, key_valid=None, attn_impl=None, kv_len=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, start_pos, key_valid, attn_impl, kv_len)
+    def forward(self, x, cos, sin, cache=None, start_pos=0, key_valid=None, attn_impl=None, kv_len=None,
+                attn_mask=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, start_pos, key_valid, attn_impl, kv_len,
+                               attn_mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -487,9 +503,10 @@ class MTPLayer(Block):
         self.eh_proj = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
         self.shared_head = SharedHead(cfg)
 
-    def forward(self, h_prev, emb, cos, sin, cache=None, start_pos=0, key_valid=None, attn_impl=None, kv_len=None):
+    def forward(self, h_prev, emb, cos, sin, cache=None, start_pos=0, key_valid=None, attn_impl=None, kv_len=None,
+                attn_mask=None):
         x = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h_prev)], dim=-1))
-        return super().forward(x, cos, sin, cache, start_pos, key_valid, attn_impl, kv_len)
+        return super().forward(x, cos, sin, cache, start_pos, key_valid, attn_impl, kv_len, attn_mask)
 
 
 class Backbone(nn.Module):
@@ -566,19 +583,27 @@ class DeepSeekV3(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, *, start_pos=0, positions: torch.Tensor | None = None,
                 cache: dict | None = None, key_valid: torch.Tensor | None = None,
-                attn_impl: str | None = None, return_hidden: bool = False, kv_len: int | None = None):
+                attn_impl: str | None = None, return_hidden: bool = False, kv_len: int | None = None,
+                segment_ids: torch.Tensor | None = None):
         """input_ids [B, T] (or hidden states [B, T, h] when the embedding was removed) -> logits
         [B, T, V]; with `return_hidden`, (logits, final-normed hidden [B, T, h]). Missing norm or
         head return the hidden states instead (pipeline stages). `start_pos` is where the tokens
         go in the cache: an int, or a LongTensor [B] for sequences at different positions (then
-        `kv_len` bounds the cache read)."""
+        `kv_len` bounds the cache read). Packed sequences (no cache): `segment_ids` [B, T] keeps
+        attention inside each document, `positions` [B, T] restart at 0 in each."""
         emb = self.model.embed_tokens
         h = emb(input_ids) if emb is not None else input_ids
         if positions is None:
             positions = self.positions_for(h.shape[1], start_pos, h.device)
         cos, sin = self.rotary(positions)
+        attn_mask = None
+        if segment_ids is not None:
+            if cache is not None:
+                raise ValueError("segment_ids (packed sequences) do not combine with a KV cache")
+            attn_mask = segment_mask(segment_ids)
         for name, layer in self.model.layers.items():
-            h = layer(h, cos, sin, cache[name] if cache is not None else None, start_pos, key_valid, attn_impl, kv_len)
+            h = layer(h, cos, sin, cache[name] if cache is not None else None, start_pos, key_valid, attn_impl, kv_len,
+                      attn_mask=attn_mask)
         if self.model.norm is None:
             return h
         h = self.model.norm(h)
@@ -587,17 +612,22 @@ class DeepSeekV3(nn.Module):
         logits = self.lm_head(h)
         return (logits, h) if return_hidden else logits
 
-    def mtp_forward(self, hidden: torch.Tensor, input_ids: torch.Tensor) -> list[torch.Tensor]:
+    def mtp_forward(self, hidden: torch.Tensor, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
+                    segment_ids: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Multi-token prediction. hidden [B, T, h] is the main model's final-normed output.
-        Returns, for depth k = 1..D, logits [B, T-k, V] where position i predicts token i+k+1."""
+        Returns, for depth k = 1..D, logits [B, T-k, V] where position i predicts token i+k+1.
+        Packed sequences pass the same `positions` / `segment_ids` [B, T] as to `forward`
+        (targets that cross a document boundary are the caller's to mask)."""
         out, h_prev = [], hidden
         T = input_ids.shape[1]
         for k, layer in enumerate(self.mtp.values(), start=1):
             if T - k <= 0:
                 break
             emb = self.model.embed_tokens(input_ids[:, k:])  # token i+k for position i
-            cos, sin = self.rotary(self.positions_for(T - k, 0, hidden.device))
-            h_prev = layer(h_prev[:, : T - k], emb, cos, sin)
+            pos = self.positions_for(T - k, 0, hidden.device) if positions is None else positions[..., : T - k]
+            cos, sin = self.rotary(pos)
+            mask = segment_mask(segment_ids[:, : T - k]) if segment_ids is not None else None
+            h_prev = layer(h_prev[:, : T - k], emb, cos, sin, attn_mask=mask)
             out.append(self.lm_head(layer.shared_head.norm(h_prev)))
         return out
 

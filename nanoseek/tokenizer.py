@@ -206,23 +206,27 @@ class Tokenizer:
                    model_max_length=int(max_len), source=path)
 
 
-def byte_level_bpe() -> tokenizers.Tokenizer:
-    """An empty byte-level BPE tokenizer (GPT-2 regex pre-tokenizer, byte-level decoder)."""
+def byte_level_bpe(split_digits: bool = False) -> tokenizers.Tokenizer:
+    """An empty byte-level BPE tokenizer (GPT-2 regex pre-tokenizer, byte-level decoder); with
+    `split_digits` every digit is its own pre-token, so numbers are spelled digit by digit."""
     tk = tokenizers.Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tk.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+                        if split_digits else byte_level)
     tk.decoder = decoders.ByteLevel()
     return tk
 
 
-def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
+def train_bpe(texts: Iterable[str], vocab_size: int, split_digits: bool = False) -> Tokenizer:
     """Train a byte-level BPE of `vocab_size` tokens (special tokens included, at ids 0..8:
     BOS, EOS, PAD, <｜User｜>, <｜Assistant｜>, <think>, </think>, <answer>, </answer>).
-    The 256 byte symbols are always in the vocabulary, so every string round-trips."""
+    The 256 byte symbols are always in the vocabulary, so every string round-trips. `split_digits`
+    keeps numbers digit by digit (no multi-digit tokens), which small arithmetic models need."""
     min_size = len(SPECIAL_TOKENS) + 256
     if not isinstance(vocab_size, int) or vocab_size < min_size:
         raise ValueError(f"train_bpe: vocab_size={vocab_size!r} is too small; a byte-level BPE needs at least "
                          f"{min_size} ({len(SPECIAL_TOKENS)} special tokens + 256 bytes)")
-    tk = byte_level_bpe()
+    tk = byte_level_bpe(split_digits)
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   min_frequency=0, show_progress=False)

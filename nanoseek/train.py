@@ -48,6 +48,7 @@ class TrainArgs:
     model: str | None = None  # start from a checkpoint directory instead of a preset
     tokenizer: str | None = None  # a directory with tokenizer.json; default: train one on the data
     max_steps: int = 100
+    max_seconds: float | None = None  # also stop (and finish the schedule) when the loop has run this long
     batch_size: int | None = None  # global, in sequences per optimizer step
     seq_len: int | None = None
     grad_accum: int = 1
@@ -80,9 +81,11 @@ class TrainArgs:
     pp: int = 1  # pipeline ranks (world = pp x data-parallel ranks)
     schedule: str = "1f1b"  # 1f1b | dualpipe | dualpipev
     chunks: int | None = None  # micro-batches per step and replica (default: the schedule's smallest valid)
+    ep: int = 1  # expert-parallel ranks, borrowed from the data-parallel ones (--ep divides them)
     json: bool = False
     progress: bool = True
     val_fraction: float = 0.05
+    eval_at_start: bool = False  # also measure validation loss before the first step (fine-tuning)
     vocab_size: int | None = None  # tokenizer size to train (default: the preset's vocab)
 
     def resolved(self) -> "TrainArgs":
@@ -91,12 +94,15 @@ class TrainArgs:
         return dataclasses.replace(self, **changes)
 
 
-def lr_at(step: int, a: TrainArgs) -> float:
-    """Linear warmup, then cosine decay to lr * min_lr_ratio at max_steps."""
+def lr_at(step: int, a: TrainArgs, elapsed: float = 0.0) -> float:
+    """Linear warmup, then cosine decay to lr * min_lr_ratio at max_steps (or at max_seconds of
+    loop time, whichever comes first)."""
     warmup = min(a.warmup_steps, max(a.max_steps - 1, 0))
     if step < warmup:
         return a.lr * (step + 1) / warmup
     progress = (step - warmup) / max(1, a.max_steps - warmup)
+    if a.max_seconds:
+        progress = max(progress, elapsed / a.max_seconds)
     return a.lr * (a.min_lr_ratio + (1 - a.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
@@ -140,7 +146,8 @@ def save_checkpoint(out: str, step: int, model, optimizer, tokenizer, state: dic
     model.save_pretrained(tmp)
     if tokenizer is not None:
         tokenizer.save(tmp)
-    payload = {"step": step, "optimizer": optimizer.state_dict(), "cpu_rng": torch.get_rng_state(), **state}
+    opt_state = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()  # a dict: already gathered
+    payload = {"step": step, "optimizer": opt_state, "cpu_rng": torch.get_rng_state(), **state}
     if torch.cuda.is_available():
         payload["cuda_rng"] = torch.cuda.get_rng_state_all()
     atomic_torch_save(payload, os.path.join(tmp, "trainer.pt"))
@@ -241,7 +248,38 @@ def _say(msg: str, quiet: bool = False) -> None:
         print(msg, file=sys.stderr if quiet else sys.stdout, flush=True)
 
 
-def train(args: TrainArgs) -> dict:
+def token_cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean cross entropy over the targets that count (label -100 marks the others, e.g. prompt
+    tokens in fine-tuning); 0 when none do. logits [B, T, V], y [B, T]."""
+    flat = y.flatten()
+    total = F.cross_entropy(logits.float().flatten(0, 1), flat, reduction="sum")
+    return total / (flat != -100).sum().clamp(min=1)
+
+
+def mtp_targets(y: torch.Tensor, k: int, segment_ids: torch.Tensor | None) -> torch.Tensor:
+    """Labels of MTP depth k (position i predicts y[i + k]); across a packed document boundary -100."""
+    t = y[:, k:]
+    if segment_ids is not None:
+        t = t.masked_fill(segment_ids[:, k:] != segment_ids[:, :-k], -100)
+    return t
+
+
+def _on_device(batch, device) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """(x, y) or (x, y, positions, segment_ids) from a batch source -> x, y and forward kwargs."""
+    x, y = batch[0].to(device), batch[1].to(device)
+    extra = {}
+    if len(batch) > 2:  # packed rows: positions restart and attention stays inside each document
+        extra = {"positions": batch[2].to(device), "segment_ids": batch[3].to(device)}
+    return x, y, extra
+
+
+def train(args: TrainArgs, finetune=None) -> dict:
+    """Pretraining, or fine-tuning when `finetune` (e.g. `sft.SFTTask`) plugs into the same loop:
+    `finetune.batches(tokenizer, args, micro_global, main)` -> (train, val, description) batch
+    sources yielding (x, y, positions, segment_ids) with y = -100 where nothing is learned;
+    `prepare_model(model, trainer_state)` before the optimizer (e.g. LoRA: only adapters train);
+    `saving(model)` a context to save checkpoints in; `state(model)` extra trainer state;
+    `export(model)` the model written at the run's root; `summary()` extra fields of final.json."""
     from .data import Batches, TokenShard, bits_per_byte, prepare
     from .tokenizer import Tokenizer, train_bpe
 
@@ -257,6 +295,10 @@ def train(args: TrainArgs) -> dict:
     if a.pp > 1 and (a.compile or a.activation_checkpointing or precision == "fp8" or a.grad_accum != 1):
         raise ValueError("--pp > 1 does not combine with --compile, --activation-checkpointing, fp8 or --grad-accum yet")
     dp_world = world // a.pp
+    if a.ep < 1 or dp_world % a.ep:
+        raise ValueError(f"--ep {a.ep} must divide the data-parallel ranks ({dp_world})")
+    if a.ep > 1 and (a.pp > 1 or a.compile or a.activation_checkpointing or precision == "fp8"):
+        raise ValueError("--ep > 1 does not combine with --pp, --compile, --activation-checkpointing or fp8 yet")
     dp_rank = rank // a.pp
     if a.batch_size % (a.grad_accum * dp_world):
         raise ValueError(f"--batch-size {a.batch_size} must be divisible by grad_accum x data-parallel ranks = "
@@ -298,7 +340,11 @@ def train(args: TrainArgs) -> dict:
         barrier()
         tok_dir = a.out
     tokenizer = Tokenizer.from_dir(tok_dir)
-    if prepared:
+    micro_global = a.batch_size // a.grad_accum
+    if finetune is not None:  # fine-tuning brings its own batches (packed chat examples), no token shards
+        batches, val_batches, data_desc = finetune.batches(tokenizer, a, micro_global, main)
+        train_shard = val_shard = None
+    elif prepared:
         info = {"train": os.path.join(prepared, "train.bin"), "val": os.path.join(prepared, "val.bin")}
     else:
         data_dir = os.path.join(a.out, "data")
@@ -307,10 +353,11 @@ def train(args: TrainArgs) -> dict:
         barrier()
         if not main:
             info = prepare(a.data, data_dir, tokenizer, val_fraction=a.val_fraction)
-    train_shard, val_shard = TokenShard(info["train"]), TokenShard(info["val"])
-    micro_global = a.batch_size // a.grad_accum
-    batches = Batches(train_shard, a.seq_len, micro_global, seed=a.seed)
-    val_batches = Batches(val_shard, a.seq_len, micro_global, seed=a.seed)
+    if finetune is None:
+        train_shard, val_shard = TokenShard(info["train"]), TokenShard(info["val"])
+        batches = Batches(train_shard, a.seq_len, micro_global, seed=a.seed)
+        val_batches = Batches(val_shard, a.seq_len, micro_global, seed=a.seed)
+        data_desc = f"{len(train_shard):,} train / {len(val_shard):,} val tokens"
 
     # --- model
     if resume_dir:
@@ -328,12 +375,14 @@ def train(args: TrainArgs) -> dict:
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the model only {model.config.vocab_size}")
     model.train()
+    if finetune is not None:
+        finetune.prepare_model(model, trainer_state)
     if precision == "fp8":  # FP8 GEMMs (DeepSeek-V3 recipe), swapped in from outside; bf16 autocast for the rest
         from .fp8 import convert, format_report
         fp8_converted, fp8_skipped = convert(model)
         if main:
             _say(format_report(fp8_converted, fp8_skipped))
-    pipe = None
+    pipe = epar = None
     params_total = model.num_params(include_mtp=True)
     alpha = {"bias": a.seq_aux_alpha, "aux": a.aux_alpha, "none": 0.0}[a.balance]
     if a.pp > 1:  # keep only this rank's pipeline stages (applied from outside the model)
@@ -342,14 +391,21 @@ def train(args: TrainArgs) -> dict:
         pipe = PipelineTraining(model, a.pp, a.schedule, a.chunks, alpha, a.mtp_lambda, device)
         dp = DataParallel(model, dp_world, group=pipe.groups.dp_group, broadcast=False)
     else:
-        dp = DataParallel(model, world)
+        if a.ep > 1:  # routed experts sharded over EP groups of ranks (applied from outside the model)
+            from .parallel.ep_training import ExpertParallelTraining
+            full_cfg = model.config
+            epar = dp = ExpertParallelTraining(model, a.ep, device)
+        else:
+            dp = DataParallel(model, world)
     if a.activation_checkpointing:
         apply_activation_checkpointing(model)
     fwd_model = torch.compile(model) if a.compile else model
-    moes = moe_modules(model)
+    moes = {n: m for n, m in moe_modules(model).items()  # MTP's experts run only with an MTP loss
+            if a.mtp_lambda > 0 or not n.startswith("mtp.")}
 
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed_tokens" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed_tokens" not in n)]
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # all, or e.g. LoRA adapters
+    decay = [p for n, p in trainable if p.dim() >= 2 and "embed_tokens" not in n]
+    no_decay = [p for n, p in trainable if not (p.dim() >= 2 and "embed_tokens" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": a.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}],
                             lr=a.lr, betas=(a.beta1, a.beta2), fused=device.type == "cuda")
@@ -357,7 +413,8 @@ def train(args: TrainArgs) -> dict:
         if trainer_state.get("pp", 1) != a.pp:
             raise CheckpointError(f"{resume_dir}: written with --pp {trainer_state.get('pp', 1)}; resume with the same --pp")
         if rank == 0 or pipe is None:
-            opt.load_state_dict(trainer_state["optimizer"])
+            opt.load_state_dict(epar.shard_optimizer_state(trainer_state["optimizer"], opt) if epar
+                                else trainer_state["optimizer"])
         else:
             opt.load_state_dict(torch.load(os.path.join(resume_dir, f"optim-rank{rank}.pt"), weights_only=True))
         torch.set_rng_state(trainer_state["cpu_rng"])
@@ -366,17 +423,18 @@ def train(args: TrainArgs) -> dict:
     log = MetricsLog(os.path.join(a.out, "metrics.jsonl"), main, start_step if trainer_state else 0)
     if main:
         layout = f" (pp {a.pp} x dp {dp_world}, {a.schedule}, {pipe.chunks} micro-batches)" if pipe else ""
+        layout += f" (ep {a.ep}: {len(epar.swapped)} MoE layers sharded)" if epar else ""
         _say(f"nanoseek train: {params_total / 1e6:.2f}M parameters, {world} process(es){layout} on {device}, {precision}, "
-             f"{len(train_shard):,} train / {len(val_shard):,} val tokens, batch {a.batch_size} x {a.seq_len}, "
+             f"{data_desc}, batch {a.batch_size} x {a.seq_len}, "
              f"balance={a.balance}, MTP depth {(full_cfg if pipe else model.config).num_nextn_predict_layers}"
              + (f", resuming from step {start_step}" if trainer_state else ""))
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision in ("bf16", "fp8") else nullcontext())
 
     def full_model():
         """The whole model on rank 0 (gathered from the pipeline stages), else None elsewhere."""
-        if pipe is None:
+        if pipe is None and epar is None:
             return model
-        state = pipe.gather_full_state()
+        state = (pipe or epar).gather_full_state()
         if not main:
             return None
         with torch.device("meta"):
@@ -392,17 +450,17 @@ def train(args: TrainArgs) -> dict:
         if net is not None:
             net.eval()
             with torch.no_grad():
-                for x, y in val_batches.eval_batches(micro_global // ranks, a.eval_batches, me, ranks):
-                    x, y = x.to(device), y.to(device)
+                for batch in val_batches.eval_batches(micro_global // ranks, a.eval_batches, me, ranks):
+                    x, y, extra = _on_device(batch, device)
                     with autocast:
-                        logits = net(x)
+                        logits = net(x, **extra)
                     total[0] += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").double()
-                    total[1] += y.numel()
+                    total[1] += (y != -100).sum()
             net.train()
         if pipe is None:
             all_reduce_sum(total)
         val = (total[0] / total[1]).item() if total[1] > 0 else float("nan")
-        return val, bits_per_byte(val, len(val_shard), val_shard.n_bytes)
+        return val, (bits_per_byte(val, len(val_shard), val_shard.n_bytes) if val_shard is not None else None)
 
     pbar = None
     if main and a.progress:
@@ -413,25 +471,27 @@ def train(args: TrainArgs) -> dict:
     speeds = []
     tokens_per_step = a.batch_size * a.seq_len
     step = start_step
+    if a.eval_at_start and start_step == 0:
+        last["val_loss_start"], _ = evaluate()
+        log.write({"step": 0, "val_loss": last["val_loss_start"]})
     t_run = time.time()
     for step in range(start_step, a.max_steps):
         t0 = time.time()
-        lr = lr_at(step, a)
+        lr = lr_at(step, a, t0 - t_run)
         for g in opt.param_groups:
             g["lr"] = lr
         loads = {n: torch.zeros(m.experts.n_experts, device=device) for n, m in moes.items()}
         sums = torch.zeros(4, device=device, dtype=torch.float64)  # ce, mtp, balance, total
         for micro in range(a.grad_accum if pipe is None else 0):
-            x, y = batches.get(step * a.grad_accum + micro, rank, world)
-            x, y = x.to(device), y.to(device)
+            x, y, extra = _on_device(batches.get(step * a.grad_accum + micro, rank, world), device)
             with autocast:
-                logits, hidden = fwd_model(x, return_hidden=True)
-                ce = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+                logits, hidden = fwd_model(x, return_hidden=True, **extra)
+                ce = token_cross_entropy(logits, y)
                 mtp = torch.zeros((), device=device)
                 if len(model.mtp) and a.mtp_lambda > 0:
-                    mtp_logits = model.mtp_forward(hidden, x)
+                    mtp_logits = model.mtp_forward(hidden, x, **extra)
                     mtp = a.mtp_lambda / len(model.mtp) * sum(
-                        F.cross_entropy(lg.float().flatten(0, 1), y[:, k:].flatten())
+                        token_cross_entropy(lg, mtp_targets(y, k, extra.get("segment_ids")))
                         for k, lg in enumerate(mtp_logits, start=1))
                 bal = torch.zeros((), device=device)
                 if alpha > 0:
@@ -447,7 +507,8 @@ def train(args: TrainArgs) -> dict:
             sums /= world
             for v in loads.values():
                 all_reduce_sum(v)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), a.grad_clip)
+            grad_norm = (epar.clip_grad_norm_(a.grad_clip) if epar else
+                         torch.nn.utils.clip_grad_norm_(model.parameters(), a.grad_clip))
         else:  # the schedule's op list over this replica's micro-batches
             x, y = batches.get(step, dp_rank, dp_world)
             with autocast:
@@ -488,15 +549,27 @@ def train(args: TrainArgs) -> dict:
             rec["skipped"] = True
         log.write(rec)
         last["loss"] = rec["loss"]
-        done = step + 1 == a.max_steps
+        out_of_time = False
+        if a.max_seconds is not None:  # every rank stops at the same step
+            flag = torch.tensor([float(time.time() - t_run >= a.max_seconds)], device=device)
+            all_reduce_sum(flag)
+            out_of_time = bool(flag.item() > 0)
+        done = step + 1 == a.max_steps or out_of_time
         if (a.eval_every and (step + 1) % a.eval_every == 0) or done:
             last["val_loss"], last["val_bpb"] = evaluate()
             log.write({"step": step + 1, "val_loss": last["val_loss"], "val_bpb": last["val_bpb"]})
         if a.save and ((a.save_every and (step + 1) % a.save_every == 0) or done):
             state = {"skipped_steps": skipped_total, "args": _jsonable(dataclasses.asdict(a)), "pp": a.pp}
-            if pipe is None:
+            if finetune is not None:
+                state.update(finetune.state(model))
+            if pipe is None and epar is None:
                 if main:
-                    save_checkpoint(a.out, step + 1, model, opt, tokenizer, state, a.keep_last)
+                    with finetune.saving(model) if finetune is not None else nullcontext():
+                        save_checkpoint(a.out, step + 1, model, opt, tokenizer, state, a.keep_last)
+            elif epar is not None:  # experts and their optimizer moments gathered on rank 0: the full layout
+                whole, full_opt = full_model(), epar.gather_optimizer_state(opt)
+                if main:
+                    save_checkpoint(a.out, step + 1, whole, full_opt, tokenizer, state, a.keep_last)
             else:  # every rank adds its optimizer state, rank 0 the gathered model, then renames
                 tmp = checkpoint_tmp_dir(a.out, step + 1)
                 if main:
@@ -513,18 +586,27 @@ def train(args: TrainArgs) -> dict:
         if pbar is not None:
             pbar.update(1)
             pbar.set_postfix(loss=f"{rec['loss']:.3f}", maxvio=f"{rec['maxvio']:.2f}", tok_s=f"{rec['tokens_per_s']:.0f}")
+        if done:
+            break
     if pbar is not None:
         pbar.close()
     log.close()
     summary = {
-        "step": a.max_steps, "loss": last["loss"], "val_loss": last["val_loss"], "val_bpb": last["val_bpb"],
+        "step": step + 1 if a.max_steps > start_step else start_step, "loss": last["loss"], "val_loss": last["val_loss"], "val_bpb": last["val_bpb"],
         "tokens_per_s": (sum(speeds) / len(speeds)) if speeds else 0.0,
         "resumed_from_step": start_step, "params_total": params_total,
         "params_local": sum(p.numel() for p in model.parameters()),
-        "skipped_steps": skipped_total, "world_size": world, "precision": precision,
+        "skipped_steps": skipped_total, "world_size": world, "ep": a.ep, "precision": precision,
         "seconds": round(time.time() - t_run, 2), "out": a.out,
     }
-    if main and a.save:
+    if "val_loss_start" in last:
+        summary["val_loss_start"] = last["val_loss_start"]
+    if finetune is not None:
+        summary.update(finetune.summary())
+    if main and a.save and finetune is not None:  # e.g. LoRA merged into the weights: a plain checkpoint
+        finetune.export(model).save_pretrained(a.out)
+        tokenizer.save(a.out)
+    elif main and a.save:
         final_ckpt = list_checkpoints(a.out)[-1][1]
         for f in os.listdir(final_ckpt):  # the final model at the run's root: from_pretrained(OUT) works
             if f != "trainer.pt":

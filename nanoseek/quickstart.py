@@ -1,0 +1,225 @@
+"""`nanoseek quickstart`: the whole DeepSeek-R1 story on a laptop CPU in about ten minutes.
+
+1. generate Countdown problems (a held-out test set of 500 that training never sees);
+2. train a byte-level BPE tokenizer (digits kept apart) on the worked solutions;
+3. pretrain a nano-sized DeepSeek-V3 (MLA + DeepSeekMoE with auxiliary-loss-free balancing) on
+   them for a fixed time;
+4. measure held-out greedy accuracy and pass@8;
+5. GRPO with the rule-based verifier only (no demonstrations) for a fixed time; measure again;
+6. the honest control: the same extra time spent on more supervised training instead, measured
+   the same way (`--no-control` skips it; `--json` always runs it);
+7. put the RL model into the local model store and say how to chat with it and serve it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+# The quickstart model: the nano preset made narrower so that it trains at ~10K tokens/s on 2 CPU
+# cores. Still the full architecture: MLA (latent KV), a dense first layer, then DeepSeekMoE with
+# sigmoid routing, a shared expert and the bias-based (auxiliary-loss-free) balancing.
+QUICKSTART_MODEL = dict(hidden_size=128, intermediate_size=384, moe_intermediate_size=128, num_attention_heads=4,
+                        q_lora_rank=None, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
+                        n_routed_experts=8, num_experts_per_tok=2, n_group=1, topk_group=1,
+                        max_position_embeddings=256)
+TOKENIZER_SIZE = 300
+# Chat turns are rendered as the raw task prompt (the model was never taught a dialogue format), so
+# `nanoseek chat` and the server's chat endpoints work on it too.
+CHAT_TEMPLATE = "{{ bos_token }}{{ (messages | selectattr('role', 'equalto', 'user') | list)[-1]['content'] }}"
+
+
+@dataclass
+class Recipe:
+    """The quickstart's fixed budgets (steps, so results do not depend on the machine's speed) and
+    the settings that won in our CPU sweeps (dev/LOG.md 2026-11-28): small pretraining batches (the
+    model needs steps more than tokens), an RL learning rate 40x below the pretraining one, and
+    Countdown with 3 numbers, where a few minutes of pretraining leave pass@8 far above pass@1."""
+    n_numbers: int = 3
+    train_problems: int = 80_000  # worked solutions written for pretraining (and the control)
+    pretrain_steps: int = 1000
+    batch_size: int = 16
+    seq_len: int = 128
+    pretrain_lr: float = 2e-3
+    rl_steps: int = 150
+    rl_lr: float = 5e-5  # far below the pretraining lr: binary rewards make noisy gradients
+    rl_warmup: int = 10
+    prompts_per_step: int = 32
+    group_size: int = 8
+    temperature: float = 0.7
+    loss: str = "dapo"
+    reward: str = "strict"  # the answer and every worked step checked (lenient: the answer alone)
+    control_lr: float = 1e-3
+    max_new_tokens: int = 40
+    dense: bool = False  # dense FFN in every layer instead of DeepSeekMoE (for comparison)
+
+
+def _log(msg: str) -> None:
+    print(f"[quickstart] {msg}", file=sys.stderr, flush=True)
+
+
+def write_task_data(task, path: str, n: int, bos: str) -> int:
+    """n training problems as a jsonl of worked solutions (prompt + solution after BOS)."""
+    from .checkpoint import atomic_write_text
+    rows, seed = [], 0
+    while len(rows) < n:
+        rows += [json.dumps({"text": bos + p.prompt + p.solution}) for p in task.problems("train", seed=seed)]
+        seed += 1
+    atomic_write_text(path, "\n".join(rows[:n]) + "\n")
+    return n
+
+
+def measure(model_dir: str, task, problems, k: int, max_new_tokens: int, device: str | None = None) -> dict:
+    from .engine import Engine
+    from .model import DeepSeekV3
+    from .tasks import evaluate
+    from .tokenizer import Tokenizer
+    model = DeepSeekV3.from_pretrained(model_dir, device=device)
+    engine = Engine(model, Tokenizer.from_dir(model_dir), max_context=96, max_batch=512)
+    try:
+        return evaluate(engine, task, problems, k=k, temperature=1.0, max_new_tokens=max_new_tokens, seed=0)
+    finally:
+        engine.close()
+
+
+def quickstart(out: str = "runs/quickstart", recipe: Recipe | None = None, control: bool = True,
+               eval_problems: int = 500, k: int = 8, seed: int = 0, name: str = "quickstart",
+               register: bool = True, progress: bool = True, device: str | None = None) -> dict:
+    import torch
+
+    from .rl import GRPOArgs, grpo
+    from .tasks import Countdown
+    from .tokenizer import BOS, train_bpe
+    from .train import TrainArgs, train
+
+    torch.manual_seed(seed)
+    t_all = time.time()
+    os.makedirs(out, exist_ok=True)
+    rc = recipe or Recipe()
+    task = Countdown(n_numbers=rc.n_numbers, test_size=eval_problems)
+    test = task.problems("test")
+    max_new = rc.max_new_tokens
+
+    # 1-2: data and tokenizer
+    data = os.path.join(out, "countdown_train.jsonl")
+    write_task_data(task, data, rc.train_problems, BOS)
+    docs = [json.loads(line)["text"] for _, line in zip(range(20_000), open(data))]
+    tok_dir = os.path.join(out, "tokenizer")
+    tokenizer = train_bpe(docs, TOKENIZER_SIZE, split_digits=True)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save(tok_dir)
+    _log(f"{rc.train_problems:,} Countdown problems with worked solutions -> {data}; held-out test: {len(test)} "
+         f"problems never trained on; tokenizer -> {tok_dir}")
+
+    # 3: pretraining (supervised, on the worked solutions)
+    vocab = tokenizer.vocab_size
+    common = dict(tokenizer=tok_dir, preset="nano", batch_size=rc.batch_size, seq_len=rc.seq_len,
+                  weight_decay=0.1, eval_every=0, eval_batches=4, val_fraction=0.01, mtp_depth=0,
+                  keep_last=1, progress=progress, json=False, device=device)
+    pre_dir = os.path.join(out, "pretrain")
+    _log(f"pretraining a nano DeepSeek-V3 (MLA + DeepSeekMoE) for {rc.pretrain_steps} steps")
+    pre = train(TrainArgs(data=[data], out=pre_dir, overrides={**QUICKSTART_MODEL, "vocab_size": vocab,
+                                                           **({"first_k_dense_replace": 4} if rc.dense else {})},
+                          lr=rc.pretrain_lr, warmup_steps=100, min_lr_ratio=0.1, max_steps=rc.pretrain_steps,
+                          seed=seed, **common))
+    before = measure(pre_dir, task, test, k, max_new, device)
+    _log(f"before RL: greedy accuracy {before['accuracy']:.3f} (strict {before['accuracy_strict']:.3f}), "
+         f"pass@{k} {before[f'pass_at_{k}']:.3f}")
+
+    # 5: GRPO from the pretrained model, verifier only
+    rl_dir = os.path.join(out, "grpo")
+    _log(f"GRPO for {rc.rl_steps} steps (rule-based reward, no demonstrations)")
+    rl = grpo(GRPOArgs(model=pre_dir, task=f"countdown:n_numbers={rc.n_numbers},test_size={eval_problems}", out=rl_dir, max_steps=rc.rl_steps,
+                       prompts_per_step=rc.prompts_per_step, group_size=rc.group_size, temperature=rc.temperature,
+                       max_new_tokens=max_new, lr=rc.rl_lr, warmup_steps=rc.rl_warmup, loss=rc.loss, beta=0.0,
+                       reward=rc.reward, seed=seed, progress=progress, device=device))
+    after = measure(rl_dir, task, test, k, max_new, device)
+    _log(f"after RL:  greedy accuracy {after['accuracy']:.3f} (strict {after['accuracy_strict']:.3f}), "
+         f"pass@{k} {after[f'pass_at_{k}']:.3f}")
+
+    result = {"task": f"countdown-{rc.n_numbers}", "eval_problems": len(test), "params": pre["params_total"],
+              "pretrain_seconds": pre["seconds"], "pretrain_steps": pre["step"], "rl_seconds": rl["seconds"],
+              "rl_steps": rl["steps"],
+              "accuracy_before_rl": before["accuracy"], "accuracy_after_rl": after["accuracy"],
+              "strict_accuracy_before_rl": before["accuracy_strict"], "strict_accuracy_after_rl": after["accuracy_strict"],
+              f"pass_at_{k}_before_rl": before[f"pass_at_{k}"], f"pass_at_{k}_after_rl": after[f"pass_at_{k}"],
+              "sampled_accuracy_before_rl": before["pass_at_1_sampled"], "sampled_accuracy_after_rl": after["pass_at_1_sampled"],
+              "mean_length_before_rl": before["mean_length"], "mean_length_after_rl": after["mean_length"]}
+
+    # 6: the control: the same time of more supervised training from the same checkpoint
+    if control:
+        ctl_dir = os.path.join(out, "control")
+        _log(f"control: {rl['seconds']:.0f} s more supervised training instead of GRPO")
+        ctl = train(TrainArgs(data=[os.path.join(pre_dir, "data")], out=ctl_dir, model=pre_dir, lr=rc.control_lr,
+                              warmup_steps=50, min_lr_ratio=0.1, max_steps=100_000, max_seconds=rl["seconds"],
+                              seed=seed + 1, **common))
+        c = measure(ctl_dir, task, test, k, max_new, device)
+        result.update({"accuracy_control": c["accuracy"], "strict_accuracy_control": c["accuracy_strict"],
+                       f"pass_at_{k}_control": c[f"pass_at_{k}"], "sampled_accuracy_control": c["pass_at_1_sampled"],
+                       "control_seconds": ctl["seconds"], "control_steps": ctl["step"]})
+        _log(f"control:   greedy accuracy {c['accuracy']:.3f} (strict {c['accuracy_strict']:.3f}), "
+             f"pass@{k} {c[f'pass_at_{k}']:.3f}")
+
+    # 7: into the model store
+    if register:
+        from .store import Store
+        Store().create(name, rl_dir, force=True)
+        result["model"] = name
+    result["seconds"] = round(time.time() - t_all, 1)
+    result["out"] = out
+    from .checkpoint import atomic_write_text
+    atomic_write_text(os.path.join(out, "quickstart.json"), json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def report(r: dict, k: int = 8) -> str:
+    gain = 100 * (r["accuracy_after_rl"] - r["accuracy_before_rl"])
+    lines = [
+        "",
+        f"{r['task'].capitalize()}, {r['eval_problems']} held-out problems, greedy decoding (lenient / strict checking):",
+        f"  after pretraining ({r['pretrain_seconds']:.0f} s)   {100 * r['accuracy_before_rl']:5.1f}% / "
+        f"{100 * r['strict_accuracy_before_rl']:5.1f}%   pass@{k} {100 * r[f'pass_at_{k}_before_rl']:5.1f}%",
+        f"  after GRPO ({r['rl_seconds']:.0f} s)           {100 * r['accuracy_after_rl']:5.1f}% / "
+        f"{100 * r['strict_accuracy_after_rl']:5.1f}%   pass@{k} {100 * r[f'pass_at_{k}_after_rl']:5.1f}%   "
+        f"({gain:+.1f} points from RL alone)",
+    ]
+    if "accuracy_control" in r:
+        lines.append(f"  control: more SFT instead   {100 * r['accuracy_control']:5.1f}% / "
+                     f"{100 * r['strict_accuracy_control']:5.1f}%   pass@{k} {100 * r[f'pass_at_{k}_control']:5.1f}%   "
+                     f"(RL - control: {100 * (r['accuracy_after_rl'] - r['accuracy_control']):+.1f} points)")
+    lines.append(f"total {r['seconds']:.0f} s; run folder {r['out']}")
+    if r.get("model"):
+        lines += ["", f"The RL model is in your local store as '{r['model']}':",
+                  f"  nanoseek chat {r['model']}        (type a Countdown prompt such as 5,2,7,9>9| )",
+                  f"  nanoseek generate {r['model']} '6,2,1,5>1|' --raw",
+                  "  nanoseek serve                   (Ollama and OpenAI APIs on http://127.0.0.1:11434)"]
+    return "\n".join(lines)
+
+
+def cmd_quickstart(args) -> int:
+    rc = Recipe(**{k: getattr(args, k) for k in ("pretrain_steps", "rl_steps") if getattr(args, k) is not None})
+    r = quickstart(out=args.out, recipe=rc, control=args.control or args.json, eval_problems=args.eval_problems, seed=args.seed,
+                   name=args.name, register=args.register, progress=not args.no_progress)
+    print(report(r), flush=True)
+    if args.json:
+        print(json.dumps(r), flush=True)
+    return 0
+
+
+def add_quickstart_command(sub) -> None:
+    s = sub.add_parser("quickstart", help="pretrain a nano DeepSeek-V3 on Countdown, then GRPO; ~10 min on a CPU")
+    s.add_argument("--out", default="runs/quickstart")
+    s.add_argument("--pretrain-steps", type=int, help=f"default {Recipe.pretrain_steps}")
+    s.add_argument("--rl-steps", type=int, help=f"default {Recipe.rl_steps}")
+    s.add_argument("--no-control", dest="control", action="store_false",
+                   help="skip the control run (more supervised training for the same time)")
+    s.add_argument("--eval-problems", type=int, default=500)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--name", default="quickstart", help="name in the local model store")
+    s.add_argument("--no-register", dest="register", action="store_false", help="do not add the model to the store")
+    s.add_argument("--no-progress", action="store_true")
+    s.add_argument("--json", action="store_true", help="also print the results as one JSON line (runs the control)")
+    s.set_defaults(func=cmd_quickstart)

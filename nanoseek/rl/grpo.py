@@ -1,0 +1,307 @@
+"""GRPO trainer (DeepSeekMath section 4.1.2 and Algorithm 1; DeepSeek-R1 section 2.2): for each
+prompt, G completions sampled by the batched KV-cache engine, scored by a task's rule-based
+verifier; group-relative advantages; the clipped-ratio objective for mu inner iterations with an
+optional k3 KL penalty to a frozen reference; no value network.
+
+Per step it logs reward mean/std, rollout accuracy, KL, clip fraction, completion length,
+entropy, informative and zero-variance groups and truncations to metrics.jsonl, and draws
+grpo.png. `--max-seconds` bounds the loop's wall time (evaluations excluded), so a run can be
+compared with the same time spent another way.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+
+from .objective import LOSS_TYPES, group_advantages, policy_loss, token_weights
+
+
+@dataclass
+class GRPOArgs:
+    model: str  # checkpoint directory with its tokenizer
+    task: str = "countdown"  # a spec for tasks.get_task, or a Task object
+    task_data: str | None = None  # folder of a file task (gsm8k, math, svamp)
+    out: str = "runs/grpo"
+    max_steps: int = 200
+    max_seconds: float | None = None  # stop when the loop has run this long (evaluations excluded)
+    prompts_per_step: int = 32
+    group_size: int = 8  # G
+    temperature: float = 0.7
+    top_p: float = 1.0
+    max_new_tokens: int = 64
+    lr: float = 5e-5
+    warmup_steps: int = 10
+    beta1: float = 0.9
+    beta2: float = 0.99
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    mu: int = 1  # optimizer steps per rollout batch
+    eps: float = 0.2
+    eps_high: float | None = None  # default: 0.28 for dapo (clip-higher), eps otherwise
+    beta: float = 0.0  # KL penalty weight (0: no reference model)
+    loss: str = "dapo"  # grpo | dr_grpo | dapo
+    scale_rewards: bool = True  # divide by the group's std (off for Dr. GRPO's advantage)
+    reward: str = "strict"  # strict | lenient
+    format_weight: float = 0.0
+    mask_truncated: bool = True
+    micro_batch: int = 128  # sequences per forward/backward
+    eval_every: int = 0
+    eval_problems: int = 500
+    chat: bool = False  # wrap prompts in the chat template
+    seed: int = 0
+    device: str | None = None
+    precision: str | None = None  # fp32 | bf16 (default: bf16 on GPU, fp32 on CPU)
+    save: bool = True
+    json: bool = False
+    progress: bool = True
+
+    def validate(self) -> "GRPOArgs":
+        if self.loss not in LOSS_TYPES:
+            raise ValueError(f"--loss: must be one of {', '.join(LOSS_TYPES)}, got {self.loss!r}")
+        if self.group_size < 2:
+            raise ValueError(f"--group-size: GRPO needs at least 2 completions per prompt, got {self.group_size}")
+        for name in ("prompts_per_step", "max_new_tokens", "mu", "micro_batch"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(self, name)}")
+        if self.reward not in ("strict", "lenient"):
+            raise ValueError(f"--reward: strict or lenient, got {self.reward!r}")
+        if self.beta < 0:
+            raise ValueError(f"--beta: must be >= 0, got {self.beta}")
+        return self
+
+
+def completion_logprobs(model, seqs: torch.Tensor, temperature: float, autocast) -> tuple[torch.Tensor, torch.Tensor]:
+    """seqs [N, T] -> log-probs of tokens 1..T-1 under the (tempered) model [N, T-1] and the
+    entropy of each predicting distribution [N, T-1]."""
+    with autocast:
+        logits = model(seqs[:, :-1])
+    logp_all = torch.log_softmax(logits.float() / max(temperature, 1e-6), dim=-1)  # [N, T-1, V]
+    logp = logp_all.gather(-1, seqs[:, 1:, None])[..., 0]
+    entropy = -(logp_all.detach().exp() * logp_all.detach()).sum(-1)
+    return logp, entropy
+
+
+def build_batch(prompts: list[list[int]], completions, eos_id: int, pad_id: int, mask_truncated: bool):
+    """Prompt + completion rows, right-padded: seqs [N, T], mask [N, T-1] (1 where the target is a
+    completion token that counts: EOS included, padding and masked truncations excluded)."""
+    rows, spans, truncated = [], [], []
+    for p, c in zip(prompts, completions):
+        gen = list(c.token_ids) + ([eos_id] if c.finish_reason == "stop" else [])
+        rows.append(p + gen)
+        spans.append((len(p), len(p) + len(gen)))
+        truncated.append(c.finish_reason == "length")
+    T = max(len(r) for r in rows)
+    seqs = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(rows), T - 1)
+    for i, (r, (a, b)) in enumerate(zip(rows, spans)):
+        seqs[i, :len(r)] = torch.tensor(r)
+        if not (mask_truncated and truncated[i]):
+            mask[i, a - 1:b - 1] = 1.0  # target position t predicts token t + 1
+    return seqs, mask, torch.tensor(truncated)
+
+
+def grpo(args: GRPOArgs, model=None, tokenizer=None) -> dict:
+    """Run GRPO from args.model (or the given model/tokenizer); returns the final summary."""
+    from ..engine import Engine, SamplingParams
+    from ..model import DeepSeekV3
+    from ..tasks import Task, evaluate, get_task
+    from ..tasks.evaluate import encode_prompts
+    from ..tokenizer import Tokenizer
+    from ..train import MetricsLog, _say
+
+    a = args.validate()
+    device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    precision = a.precision or ("bf16" if device.type == "cuda" else "fp32")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+    torch.manual_seed(a.seed)
+    if model is None:
+        model = DeepSeekV3.from_pretrained(a.model, dtype=torch.float32, device=device)
+    tokenizer = tokenizer or Tokenizer.from_dir(a.model)
+    task = a.task if isinstance(a.task, Task) else get_task(a.task, a.task_data)
+    eps_high = a.eps_high if a.eps_high is not None else (0.28 if a.loss == "dapo" else a.eps)
+    ref = copy.deepcopy(model).eval().requires_grad_(False) if a.beta > 0 else None
+    os.makedirs(a.out, exist_ok=True)
+
+    stream = task.stream(seed=a.seed)
+    first = [next(stream) for _ in range(a.prompts_per_step)]
+    longest = max(len(p) for p in encode_prompts(tokenizer, first, a.chat))
+    engine = Engine(model, tokenizer, max_context=2 * longest + a.max_new_tokens + 8,
+                    max_batch=a.prompts_per_step * a.group_size, device=device)
+    eval_set = task.problems("test", a.eval_problems) if a.eval_every else []
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=a.lr, betas=(a.beta1, a.beta2), weight_decay=a.weight_decay,
+                            fused=device.type == "cuda")
+    log = MetricsLog(os.path.join(a.out, "metrics.jsonl"), True, 0)
+    _say(f"nanoseek grpo: {model.num_params() / 1e6:.2f}M parameters on {device}, task {a.task}, "
+         f"{a.prompts_per_step} prompts x {a.group_size} samples, loss {a.loss}, lr {a.lr:g}, beta {a.beta:g}, "
+         f"T {a.temperature:g}, reward {a.reward}", quiet=not a.progress)
+    pbar = None
+    if a.progress:
+        from tqdm import tqdm
+        pbar = tqdm(total=a.max_steps, desc="grpo", dynamic_ncols=True, file=sys.stderr, disable=None)
+
+    def run_eval(step: int) -> None:
+        model.eval()
+        res = evaluate(engine, task, eval_set, k=0, max_new_tokens=a.max_new_tokens, chat=a.chat)
+        log.write({"step": step, "eval_accuracy": res["accuracy"], "eval_accuracy_strict": res["accuracy_strict"]})
+
+    loop_s, step, totals = 0.0, 0, {"zero_variance_groups": 0, "skipped_steps": 0, "rollout_tokens": 0, "gen_s": 0.0}
+    pending = first
+    while step < a.max_steps and (a.max_seconds is None or loop_s < a.max_seconds):
+        t0 = time.time()
+        problems = pending or [next(stream) for _ in range(a.prompts_per_step)]
+        pending = None
+        prompts = encode_prompts(tokenizer, problems, a.chat)
+        # ---- rollouts: P x G completions from the engine
+        model.eval()
+        torch.manual_seed(a.seed * 1_000_003 + step)
+        rep = [p for p in prompts for _ in range(a.group_size)]
+        comps = engine.generate(rep, SamplingParams(max_tokens=a.max_new_tokens, temperature=a.temperature,
+                                                     top_p=a.top_p))
+        t_gen = time.time() - t0
+        scores = [task.check(problems[i // a.group_size], c.text) for i, c in enumerate(comps)]
+        rewards = torch.tensor([float(s.strict if a.reward == "strict" else s.correct) + a.format_weight * float(s.format)
+                                for s in scores]).view(a.prompts_per_step, a.group_size)
+        adv, informative = group_advantages(rewards, scale=a.scale_rewards)
+        keep = informative.repeat_interleave(a.group_size)  # [P*G]
+        seqs, mask, truncated = build_batch(rep, comps, tokenizer.eos_id, tokenizer.pad_id or 0, a.mask_truncated)
+        mask = mask * keep[:, None].float()
+        weights = token_weights(mask, a.loss, max_len=a.max_new_tokens + 1)
+        adv_flat = adv.reshape(-1)
+        rows = keep.nonzero()[:, 0].tolist()
+        # ---- policy update(s)
+        model.train()
+        stats = {"clip_fraction": 0.0, "kl": 0.0, "entropy": float("nan"), "loss": 0.0}
+        grad_norm = float("nan")
+        if rows:
+            seqs_d, mask_d, w_d, adv_d = seqs[rows].to(device), mask[rows].to(device), weights[rows].to(device), adv_flat[rows].to(device)
+            chunks = [slice(i, i + a.micro_batch) for i in range(0, len(rows), a.micro_batch)]
+            with torch.no_grad():
+                old = ([completion_logprobs(model, seqs_d[c], a.temperature, autocast)[0] for c in chunks]
+                       if a.mu > 1 else None)
+                refs = ([completion_logprobs(ref, seqs_d[c], a.temperature, autocast)[0] for c in chunks]
+                        if ref is not None else None)
+            for it in range(a.mu):
+                lr = a.lr * min(1.0, (step + 1) / max(1, a.warmup_steps))
+                for g in opt.param_groups:
+                    g["lr"] = lr
+                acc = {"clip_fraction": 0.0, "kl": 0.0, "entropy": 0.0, "loss": 0.0}
+                wsum = float(w_d.sum())
+                for j, c in enumerate(chunks):
+                    logp, ent = completion_logprobs(model, seqs_d[c], a.temperature, autocast)
+                    old_lp = old[j] if old is not None else logp.detach()
+                    loss, st = policy_loss(logp, old_lp, adv_d[c], w_d[c], a.eps, eps_high, a.beta,
+                                           refs[j] if refs is not None else None)
+                    loss.backward()
+                    share = float(w_d[c].sum()) / max(wsum, 1e-12)
+                    acc["clip_fraction"] += st["clip_fraction"] * share
+                    acc["kl"] += st.get("kl", 0.0) * share
+                    acc["entropy"] += float((ent * mask_d[c]).sum())
+                    acc["loss"] += loss.item()
+                acc["entropy"] /= max(float(mask_d.sum()), 1.0)
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, a.grad_clip))
+                if math.isfinite(grad_norm):
+                    opt.step()
+                opt.zero_grad(set_to_none=True)
+                if it == 0:
+                    stats = acc
+        else:
+            totals["skipped_steps"] += 1
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.time() - t0
+        loop_s += dt
+        step += 1
+        n_tokens = sum(c.completion_tokens for c in comps)
+        totals["rollout_tokens"] += n_tokens
+        totals["gen_s"] += t_gen
+        totals["zero_variance_groups"] += int((~informative).sum())
+        rec = {"step": step, "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
+               "accuracy": sum(s.correct for s in scores) / len(scores),
+               "accuracy_strict": sum(s.strict for s in scores) / len(scores),
+               "format": sum(s.format for s in scores) / len(scores),
+               "completion_length": n_tokens / len(comps), "truncated": float(truncated.float().mean()),
+               "groups_informative": int(informative.sum()), "groups_zero_variance": int((~informative).sum()),
+               "kl": stats["kl"], "clip_fraction": stats["clip_fraction"], "entropy": stats["entropy"],
+               "loss": stats["loss"], "grad_norm": grad_norm, "lr": a.lr * min(1.0, step / max(1, a.warmup_steps)),
+               "gen_s": t_gen, "step_s": dt, "rollout_tokens_per_s": n_tokens / max(t_gen, 1e-9), "elapsed_s": loop_s}
+        log.write(rec)
+        if pbar is not None:
+            pbar.update(1)
+            pbar.set_postfix(reward=f"{rec['reward_mean']:.3f}", acc=f"{rec['accuracy']:.2f}",
+                             len=f"{rec['completion_length']:.0f}", kept=rec["groups_informative"])
+        if a.eval_every and step % a.eval_every == 0:
+            run_eval(step)
+    if pbar is not None:
+        pbar.close()
+    engine.close()
+    model.eval()
+    log.close()
+    summary = {"steps": step, "seconds": round(loop_s, 2), "task": task.name, "loss_type": a.loss,
+               "rollout_tokens_per_s": totals["rollout_tokens"] / max(totals["gen_s"], 1e-9),
+               "zero_variance_groups": totals["zero_variance_groups"], "skipped_steps": totals["skipped_steps"],
+               "out": a.out}
+    recs = [json.loads(line) for line in open(os.path.join(a.out, "metrics.jsonl")) if line.strip()]
+    last = [r for r in recs if "reward_mean" in r][-10:]
+    if last:
+        summary["reward_mean_last10"] = sum(r["reward_mean"] for r in last) / len(last)
+    if a.save:
+        model.save_pretrained(a.out)
+        tokenizer.save(a.out)
+    summary["plots"] = plot_grpo(a.out)
+    from ..checkpoint import atomic_write_text
+    atomic_write_text(os.path.join(a.out, "final.json"), json.dumps(summary) + "\n")
+    if a.json:
+        print(json.dumps(summary), flush=True)
+    return summary
+
+
+def plot_grpo(out: str) -> list[str]:
+    """grpo.png: reward and accuracy, completion length, KL and clip fraction, entropy per step."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    recs = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl")) if line.strip()]
+    tr = [r for r in recs if "reward_mean" in r]
+    ev = [r for r in recs if "eval_accuracy" in r]
+    if not tr:
+        return []
+    steps = [r["step"] for r in tr]
+    fig, axes = plt.subplots(2, 2, figsize=(10, 6))
+    ax = axes[0][0]
+    ax.plot(steps, [r["reward_mean"] for r in tr], lw=1, label="reward (mean)")
+    ax.plot(steps, [r["accuracy"] for r in tr], lw=1, label="rollout accuracy")
+    if ev:
+        ax.plot([r["step"] for r in ev], [r["eval_accuracy"] for r in ev], "o-", label="held-out greedy accuracy")
+    ax.set_title("reward"), ax.legend(fontsize=7), ax.grid(alpha=0.3)
+    axes[0][1].plot(steps, [r["completion_length"] for r in tr], lw=1)
+    axes[0][1].set_title("completion length (tokens)"), axes[0][1].grid(alpha=0.3)
+    axes[1][0].plot(steps, [r["kl"] for r in tr], lw=1, label="KL (k3)")
+    axes[1][0].plot(steps, [r["clip_fraction"] for r in tr], lw=1, label="clip fraction")
+    axes[1][0].legend(fontsize=7), axes[1][0].grid(alpha=0.3), axes[1][0].set_xlabel("step")
+    axes[1][1].plot(steps, [r["entropy"] for r in tr], lw=1)
+    axes[1][1].set_title("entropy (nats/token)"), axes[1][1].grid(alpha=0.3), axes[1][1].set_xlabel("step")
+    fig.tight_layout()
+    path = os.path.join(out, "grpo.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]
+
+
+def args_from_dict(d: dict) -> GRPOArgs:
+    names = {f.name for f in dataclasses.fields(GRPOArgs)}
+    return GRPOArgs(**{k: v for k, v in d.items() if k in names})

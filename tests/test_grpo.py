@@ -1,0 +1,187 @@
+"""GRPO: advantages and the loss against hand-computed values (clipping, KL, each aggregation,
+zero-variance groups), teacher-forced log-probs equal to the engine's sampling log-probs, batch
+building (EOS, truncation masks), and short real runs: the quickstart end to end on a toy budget,
+and GRPO raising the reward on a toy task."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from nanoseek.rl.grpo import build_batch, completion_logprobs
+from nanoseek.rl.objective import group_advantages, policy_loss, token_weights
+
+
+def test_group_advantages_by_hand():
+    r = torch.tensor([[1.0, 0.0, 0.0, 1.0], [1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 1.0]])
+    adv, informative = group_advantages(r)
+    std0 = math.sqrt((4 * 0.25) / 3)  # unbiased std of (1, 0, 0, 1)
+    a = 0.5 / (std0 + 1e-4)
+    assert adv[0].tolist() == pytest.approx([a, -a, -a, a])
+    assert adv[1].tolist() == [0.0] * 4  # zero variance: no signal, no NaN
+    std2 = math.sqrt((3 * 0.0625 + 0.5625) / 3)
+    assert adv[2, 3].item() == pytest.approx(0.75 / (std2 + 1e-4))
+    assert informative.tolist() == [True, False, True]
+    plain, _ = group_advantages(r, scale=False)  # Dr. GRPO: mean-centred only
+    assert plain[2].tolist() == pytest.approx([-0.25, -0.25, -0.25, 0.75])
+    with pytest.raises(ValueError, match="G >= 2"):
+        group_advantages(torch.ones(3, 1))
+
+
+def test_token_weights_each_variant():
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 0.0]])  # last row: dropped group
+    g = token_weights(mask, "grpo")
+    assert g.tolist() == [[0.25, 0.25, 0.0], [0.5, 0.0, 0.0], [0.0, 0.0, 0.0]]  # 2 sequences count
+    d = token_weights(mask, "dapo")
+    assert d.flatten().tolist() == pytest.approx([1 / 3, 1 / 3, 0, 1 / 3, 0, 0, 0, 0, 0])
+    dr = token_weights(mask, "dr_grpo", max_len=4)
+    assert dr.tolist() == [[0.125, 0.125, 0.0], [0.125, 0.0, 0.0], [0.0, 0.0, 0.0]]
+    with pytest.raises(ValueError, match="loss type"):
+        token_weights(mask, "ppo")
+
+
+def test_policy_loss_clipping_by_hand():
+    # token 0: ratio 1.5, A = +1 -> clipped at 1.2; token 1: ratio 0.5, A = -1 -> clipped at 0.8
+    # token 2: ratio 1.1, A = +1 -> inside the clip range
+    old = torch.zeros(3, 1)
+    logp = torch.log(torch.tensor([[1.5], [0.5], [1.1]]))
+    adv = torch.tensor([1.0, -1.0, 1.0])
+    w = torch.full((3, 1), 1 / 3)
+    loss, stats = policy_loss(logp, old, adv, w, eps_low=0.2, eps_high=0.2)
+    assert loss.item() == pytest.approx((-1.2 + 0.8 - 1.1) / 3, abs=1e-6)
+    assert stats["clip_fraction"] == pytest.approx(2 / 3)
+    # clip-higher: eps_high 0.28 lets token 0 reach 1.28... still clipped at 1.28 (ratio 1.5)
+    loss_hi, _ = policy_loss(logp, old, adv, w, eps_low=0.2, eps_high=0.6)
+    assert loss_hi.item() == pytest.approx((-1.5 + 0.8 - 1.1) / 3, abs=1e-6)
+
+
+def test_policy_loss_kl_k3_by_hand():
+    logp = torch.tensor([[-1.0, -2.0]])
+    ref = torch.tensor([[-1.5, -1.0]])
+    w = torch.tensor([[0.5, 0.5]])
+    loss, stats = policy_loss(logp, logp.detach(), torch.zeros(1), w, beta=0.1, ref_logp=ref)
+    d = ref - logp
+    k3 = (torch.exp(d) - d - 1)
+    assert stats["kl"] == pytest.approx(k3.mean().item(), rel=1e-6)
+    assert loss.item() == pytest.approx(0.1 * k3.mean().item(), rel=1e-6)
+    assert (k3 >= 0).all()
+
+
+def test_ratio_one_gives_the_policy_gradient():
+    """mu = 1: the loss value is 0 for zero-mean advantages, the gradient is -A * w per token."""
+    logp = torch.tensor([[-0.7, -1.2], [-0.3, -2.0]], requires_grad=True)
+    adv = torch.tensor([1.0, -1.0])
+    w = token_weights(torch.ones(2, 2), "dapo")
+    loss, _ = policy_loss(logp, logp.detach(), adv, w)
+    loss.backward()
+    assert loss.item() == pytest.approx(0.0, abs=1e-7)
+    assert logp.grad.flatten().tolist() == pytest.approx([-0.25, -0.25, 0.25, 0.25])
+
+
+def test_micro_batches_add_up_to_the_full_loss():
+    torch.manual_seed(0)
+    logp, old = torch.randn(6, 5) * 0.1 - 1, torch.randn(6, 5) * 0.1 - 1
+    adv = torch.randn(6)
+    mask = (torch.rand(6, 5) > 0.3).float()
+    for kind in ("grpo", "dr_grpo", "dapo"):
+        w = token_weights(mask, kind, max_len=5)
+        full, _ = policy_loss(logp, old, adv, w)
+        parts = sum(policy_loss(logp[s], old[s], adv[s], w[s])[0] for s in (slice(0, 2), slice(2, 6)))
+        assert parts.item() == pytest.approx(full.item(), rel=1e-6)
+
+
+class _C:  # the fields of an engine Completion that build_batch reads
+    def __init__(self, ids, finish):
+        self.token_ids, self.finish_reason = ids, finish
+
+
+def test_build_batch_masks():
+    seqs, mask, truncated = build_batch([[5, 6], [5, 6, 7]], [_C([10, 11], "stop"), _C([12, 13], "length")],
+                                        eos_id=1, pad_id=2, mask_truncated=True)
+    assert seqs.tolist() == [[5, 6, 10, 11, 1], [5, 6, 7, 12, 13]]
+    # row 0 targets 10, 11, EOS (positions 1..3 of the shifted mask); row 1 truncated: masked out
+    assert mask.tolist() == [[0, 1, 1, 1], [0, 0, 0, 0]]
+    assert truncated.tolist() == [False, True]
+    _, mask2, _ = build_batch([[5, 6, 7]], [_C([12, 13], "length")], 1, 2, mask_truncated=False)
+    assert mask2.tolist() == [[0, 0, 1, 1]]
+
+
+def test_teacher_forced_logprobs_match_the_engine(tiny_cfg):
+    """The log-probs the loss uses are those the engine sampled with (same model, T = 1)."""
+    from conftest import randomized_model
+    from nanoseek.engine import Engine, SamplingParams
+    from nanoseek.tokenizer import train_bpe
+    tok = train_bpe(["0123456789+-*=,|<>" * 20], 280)
+    model = randomized_model(tiny_cfg.replace(vocab_size=tok.vocab_size))
+    engine = Engine(model, tok, max_context=64, max_batch=4)
+    prompts = [[0, 12, 13, 14], [0, 20, 21]]
+    comps = engine.generate(prompts, SamplingParams(max_tokens=8, temperature=1.0, ignore_eos=True))
+    engine.close()
+    seqs, mask, _ = build_batch(prompts, comps, eos_id=1, pad_id=2, mask_truncated=False)
+    with torch.no_grad():
+        logp, _ = completion_logprobs(model, seqs, 1.0, torch.autocast("cpu", enabled=False))
+    for i, c in enumerate(comps):
+        got = logp[i][mask[i].bool()][:len(c.logprobs)]
+        assert got.tolist() == pytest.approx(c.logprobs, abs=1e-4)
+
+
+def test_quickstart_toy_budget_end_to_end(tmp_path, monkeypatch):
+    """Every stage of the quickstart on a tiny budget: data, tokenizer, pretraining, evaluation,
+    GRPO, the control, the model store, the JSON keys the README promises."""
+    monkeypatch.setenv("NANOSEEK_HOME", str(tmp_path / "home"))
+    from nanoseek.quickstart import Recipe, quickstart
+    from nanoseek.store import Store
+    rc = Recipe(n_numbers=2, train_problems=3000, pretrain_steps=40, seq_len=64, rl_steps=4, prompts_per_step=8,
+                group_size=4, max_new_tokens=24)
+    r = quickstart(out=str(tmp_path / "qs"), recipe=rc, eval_problems=40, progress=False)
+    for key in ("accuracy_before_rl", "accuracy_after_rl", "accuracy_control", "pass_at_8_before_rl",
+                "pass_at_8_after_rl", "seconds"):
+        assert key in r and (key == "seconds" or 0.0 <= r[key] <= 1.0)
+    assert r["rl_steps"] == 4 and r["pretrain_steps"] == 40
+    assert Store().exists("quickstart")
+    recs = [json.loads(line) for line in open(tmp_path / "qs" / "grpo" / "metrics.jsonl")]
+    assert {"reward_mean", "kl", "clip_fraction", "entropy", "completion_length", "groups_zero_variance"} <= set(recs[0])
+    assert (tmp_path / "qs" / "grpo" / "grpo.png").exists()
+    assert json.loads((tmp_path / "qs" / "quickstart.json").read_text())["accuracy_after_rl"] == r["accuracy_after_rl"]
+
+
+def test_grpo_raises_reward_on_a_toy_task(tmp_path, tiny_cfg):
+    """A model that answers "1" or "2" half the time each, rewarded for "1": a short GRPO run
+    (real engine rollouts, real updates) must push the rollout reward up."""
+    from nanoseek.model import DeepSeekV3
+    from nanoseek.rl import GRPOArgs, grpo
+    from nanoseek.tasks import Problem, Task
+    from nanoseek.tokenizer import train_bpe
+
+    class PickOne(Task):
+        name = "pick-one"
+
+        def problems(self, split, n=None, seed=0):
+            return [Problem(prompt="a|", answer="1", key="a")] * (n or 64)
+
+        def answer_correct(self, problem, answer_text, completion):
+            return answer_text == "1"
+
+    tok = train_bpe(["a|<answer>1</answer> a|<answer>2</answer>"] * 20, 270)
+    model = DeepSeekV3.from_config(tiny_cfg.replace(vocab_size=tok.vocab_size, num_nextn_predict_layers=0), seed=0)
+    rows = [tok.encode(f"a|<answer>{d}</answer>", add_bos=True, add_eos=True) for d in "12" * 16]
+    x = torch.tensor(rows)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(80):  # supervised: the format, with a 50/50 answer
+        loss = torch.nn.functional.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.save_pretrained(str(tmp_path / "sft"))
+    tok.save(str(tmp_path / "sft"))
+    out = tmp_path / "grpo"
+    summary = grpo(GRPOArgs(model=str(tmp_path / "sft"), task=PickOne(), out=str(out), max_steps=20,
+                            prompts_per_step=4, group_size=8, temperature=1.0, max_new_tokens=6, lr=2e-3,
+                            warmup_steps=1, reward="lenient", loss="grpo", progress=False, save=False))
+    recs = [json.loads(line) for line in open(out / "metrics.jsonl") if "reward_mean" in line]
+    first = sum(r["reward_mean"] for r in recs[:4]) / 4
+    last = sum(r["reward_mean"] for r in recs[-4:]) / 4
+    assert 0.2 < first < 0.8, first  # the start really is a coin flip
+    assert last > first + 0.25 and last > 0.8, (first, last)
+    assert summary["steps"] == 20
