@@ -125,6 +125,25 @@ def verify_contains(completion: str, gold: str) -> bool:
 VERIFIERS = {"exact": verify_exact, "number": verify_number, "contains": verify_contains}
 
 
+class TaskVerifier:
+    """A nanoseek task's lenient check as a verifier; it also reads the question (Countdown's
+    numbers and target live in the prompt)."""
+
+    def __init__(self, task):
+        self.task = task
+
+    def __call__(self, completion: str, gold: str, question: str = "") -> bool:
+        return self.task.check(self.task.problem_from(question, gold), completion).correct
+
+
+def verify(fn, completion: str, rec: "PromptRecord") -> bool:
+    """Run a verifier on one completion of `rec` (task verifiers also get the question)."""
+    if isinstance(fn, TaskVerifier):
+        question = next((m["content"] for m in reversed(rec.messages) if m["role"] == "user"), "")
+        return fn(completion, rec.answer, question)
+    return bool(fn(completion, rec.answer))
+
+
 def get_verifier(spec: str | None, records: list[PromptRecord]):
     """(name, fn(completion, gold) -> bool) or (None, None). 'auto': 'number' when every gold
     answer is a number, else 'exact'; none when the prompts carry no answers. 'module:function'
@@ -140,6 +159,12 @@ def get_verifier(spec: str | None, records: list[PromptRecord]):
         raise ValueError(f"--verifier {spec}: the prompts carry no 'answer' field to check against")
     if spec in VERIFIERS:
         return spec, VERIFIERS[spec]
+    if spec.startswith("task:"):  # a task's own checker (nanoseek.tasks), e.g. task:gsm8k, task:countdown
+        from .tasks import TASKS
+        name = spec[5:]
+        if name not in TASKS:
+            raise ValueError(f"--verifier {spec}: unknown task {name!r}; available: {', '.join(TASKS)}")
+        return spec, TaskVerifier(TASKS[name].__new__(TASKS[name]))  # checking needs no data or generator settings
     mod, _, fn = spec.partition(":")
     if not fn:
         raise ValueError(f"--verifier: unknown verifier {spec!r} (exact, number, contains, none, or module:function)")
@@ -184,7 +209,7 @@ def accuracy(model, tokenizer, records: list[PromptRecord], verifier, max_new_to
              think: bool = False) -> float:
     """Share of the records whose greedy completion the verifier accepts."""
     outs = generate(model, tokenizer, records, max_new_tokens, think=think)
-    return sum(bool(verifier(o[0][0], r.answer)) for o, r in zip(outs, records)) / max(1, len(records))
+    return sum(verify(verifier, o[0][0], r) for o, r in zip(outs, records)) / max(1, len(records))
 
 
 # ------------------------------------------------------------------------------ the run
@@ -232,7 +257,7 @@ def distill(teacher: str, student: str, prompts: str, out: str, train_args=None,
                 passed = None
                 if vfn is not None and rec.answer is not None:
                     n_checked += 1
-                    passed = bool(vfn(text, rec.answer))
+                    passed = verify(vfn, text, rec)
                     n_passed += passed
                     any_pass |= passed
                 n_unfinished += not finished
@@ -291,6 +316,7 @@ def add_distill_command(sub, add_train_arguments, add_sft_options) -> None:
     s.add_argument("--prompts", required=True, help=".jsonl/.json prompt records (optional 'answer') or .txt lines")
     s.add_argument("--verifier", default="auto",
                    help="auto (default: number or exact when prompts carry answers), exact, number, contains, "
+                        "task:NAME (a nanoseek task's checker: gsm8k, math, svamp, countdown, arithmetic), "
                         "none, or module:function(completion, answer) -> bool")
     s.add_argument("--samples", type=int, default=1, help="teacher completions per prompt (rejection sampling)")
     s.add_argument("--max-new-tokens", type=int, default=256)

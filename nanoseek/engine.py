@@ -194,7 +194,7 @@ class Engine:
         self.compile = compile
 
     # ------------------------------------------------------------------ public API
-    def submit(self, prompt_ids: list[int], params: SamplingParams | None = None) -> Handle:
+    def _enqueue(self, prompt_ids: list[int], params: SamplingParams | None) -> _Request:
         params = (params or SamplingParams()).validate()
         if not prompt_ids:
             raise ValueError("prompt: must contain at least one token")
@@ -204,12 +204,29 @@ class Engine:
             raise RuntimeError("engine is closed")
         req = _Request(list(map(int, prompt_ids)), params, t_submit=time.perf_counter())
         self._pending.put(req)
+        return req
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams | None = None) -> Handle:
+        req = self._enqueue(prompt_ids, params)
         self._ensure_thread()
         self._wake()
         return Handle(self, req)
 
     def generate(self, prompts: list[list[int]], params: SamplingParams | None = None) -> list[Completion]:
-        handles = [self.submit(p, params) for p in prompts]
+        """All prompts to completion. Without a running background loop (nothing was `submit`ted,
+        e.g. RL rollouts and evaluation), the scheduler runs in the calling thread: a second thread
+        doing tensor work would make both share (and fight over) the CPU's math threads."""
+        if self._thread is None or not self._thread.is_alive():
+            reqs = [self._enqueue(p, params) for p in prompts]
+            with torch.inference_mode():
+                while self._active or not self._pending.empty():
+                    self._drop_cancelled()
+                    self._admit()
+                    if self._active:
+                        self._decode_step()
+            handles = [Handle(self, r) for r in reqs]
+        else:
+            handles = [self.submit(p, params) for p in prompts]
         out = []
         for h in handles:
             events = list(h)

@@ -164,3 +164,18 @@ def test_svamp_from_files(tmp_path):
     bad.write_text('[{"Body": "x"}]')
     with pytest.raises(ValueError, match="item 0: missing field"):
         get_task("svamp", str(tmp_path)).problems("test")
+
+
+def test_task_verifiers_for_distillation():
+    """`distill --verifier task:NAME` checks completions with the task's own rules."""
+    from nanoseek.distill import PromptRecord, get_verifier, verify
+    rec = PromptRecord([{"role": "user", "content": "6,2,1>4|"}], "4", "x:1")
+    name, fn = get_verifier("task:countdown", [rec])
+    assert name == "task:countdown"
+    assert verify(fn, "<think>6-2=4,4*1=4</think><answer>(6-2)*1</answer>", rec)
+    assert not verify(fn, "<answer>6-2</answer>", rec)  # 1 left unused
+    gsm = PromptRecord([{"role": "user", "content": "How many?"}], "1,234", "x:2")
+    _, fn = get_verifier("task:gsm8k", [gsm])
+    assert verify(fn, "so 1234 in all\n#### 1234", gsm) and not verify(fn, "<answer>1235</answer>", gsm)
+    with pytest.raises(ValueError, match="unknown task"):
+        get_verifier("task:chess", [rec])

@@ -49,6 +49,10 @@ class Task:
             yield from pool
             epoch += 1
 
+    def problem_from(self, question: str, answer: str) -> Problem:
+        """A problem to check a completion against, from its question text and gold answer."""
+        return Problem(prompt=question, answer=str(answer), question=question)
+
     # -- checking
     def answer_correct(self, problem: Problem, answer_text: str | None, completion: str) -> bool:
         raise NotImplementedError

@@ -136,6 +136,15 @@ class Countdown(Task):
     def __eq__(self, other):
         return isinstance(other, Countdown) and hash(self) == hash(other)
 
+    def problem_from(self, question: str, answer: str) -> Problem:
+        """Numbers and target read back from a prompt such as `5,2,7>9|` (anywhere in the text)."""
+        m = re.search(r"(\d+(?:,\d+)+)>(\d+)\|", question)
+        if not m:
+            raise ValueError(f"countdown: no 'a,b,c>target|' problem in {question[:80]!r}")
+        nums, target = [int(v) for v in m.group(1).split(",")], int(m.group(2))
+        return Problem(prompt=question, answer=str(target), question=question,
+                       key=f"{sorted(nums)}>{target}", meta={"numbers": nums, "target": target})
+
     # -- checking
     def answer_correct(self, problem: Problem, answer_text: str | None, completion: str) -> bool:
         got = safe_eval((answer_text or "").replace(" ", ""))
