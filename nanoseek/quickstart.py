@@ -193,8 +193,8 @@ def report(r: dict, k: int = 8) -> str:
     lines.append(f"total {r['seconds']:.0f} s; run folder {r['out']}")
     if r.get("model"):
         lines += ["", f"The RL model is in your local store as '{r['model']}':",
-                  f"  nanoseek chat {r['model']}        (type a Countdown prompt such as 5,2,7,9>9| )",
-                  f"  nanoseek generate {r['model']} '6,2,1,5>1|' --raw",
+                  f"  nanoseek chat {r['model']}        (type a Countdown prompt such as 6,2,1>4| )",
+                  f"  nanoseek generate {r['model']} '6,2,1>4|' --raw",
                   "  nanoseek serve                   (Ollama and OpenAI APIs on http://127.0.0.1:11434)"]
     return "\n".join(lines)
 
