@@ -25,9 +25,9 @@ from dataclasses import dataclass
 from .chat import THINK_OPEN, render_chat, split_thinking
 from .data import DataError
 from .sft import BadRecord, DataReport, _check_messages, _text, iter_records
+from .tasks.extract import ANSWER_RE
 
 NUMBER_RE = re.compile(r"-?\d+(?:\.\d+)?")
-ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.S)
 
 
 @dataclass

@@ -220,10 +220,7 @@ class Engine:
             reqs = [self._enqueue(p, params) for p in prompts]
             with torch.inference_mode():
                 while self._active or not self._pending.empty():
-                    self._drop_cancelled()
-                    self._admit()
-                    if self._active:
-                        self._decode_step()
+                    self._tick()
             handles = [Handle(self, r) for r in reqs]
         else:
             handles = [self.submit(p, params) for p in prompts]
@@ -256,10 +253,7 @@ class Engine:
         while not self._closed:
             try:
                 with torch.inference_mode():
-                    self._drop_cancelled()
-                    self._admit()
-                    if self._active:
-                        self._decode_step()
+                    if self._tick():
                         continue
             except Exception as e:  # noqa: BLE001 - report to every waiting request, keep serving
                 import traceback
@@ -271,6 +265,16 @@ class Engine:
             with self._cv:
                 if self._pending.empty() and not self._closed:
                     self._cv.wait(timeout=0.5)
+
+    def _tick(self) -> bool:
+        """One scheduler round: drop cancelled requests, admit pending ones, decode a step.
+        Returns whether a step was decoded."""
+        self._drop_cancelled()
+        self._admit()
+        if self._active:
+            self._decode_step()
+            return True
+        return False
 
     def _cache_rows(self, start: int, end: int) -> dict:
         if self._cache is None:

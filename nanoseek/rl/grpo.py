@@ -12,7 +12,6 @@ compared with the same time spent another way.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import math
 import os
@@ -80,15 +79,16 @@ class GRPOArgs:
         return self
 
 
-def completion_logprobs(model, seqs: torch.Tensor, temperature: float, autocast) -> tuple[torch.Tensor, torch.Tensor]:
-    """seqs [N, T] -> log-probs of tokens 1..T-1 under the (tempered) model [N, T-1] and the
-    entropy of each predicting distribution [N, T-1]."""
+def completion_logprobs(model, seqs: torch.Tensor, temperature: float, autocast,
+                        entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """seqs [N, T] -> log-probs of tokens 1..T-1 under the (tempered) model [N, T-1] and, with
+    `entropy`, the entropy of each predicting distribution [N, T-1] (else None)."""
     with autocast:
         logits = model(seqs[:, :-1])
     logp_all = torch.log_softmax(logits.float() / max(temperature, 1e-6), dim=-1)  # [N, T-1, V]
     logp = logp_all.gather(-1, seqs[:, 1:, None])[..., 0]
-    entropy = -(logp_all.detach().exp() * logp_all.detach()).sum(-1)
-    return logp, entropy
+    ent = -(logp_all.detach().exp() * logp_all.detach()).sum(-1) if entropy else None
+    return logp, ent
 
 
 def build_batch(prompts: list[list[int]], completions, eos_id: int, pad_id: int, mask_truncated: bool):
@@ -115,6 +115,7 @@ def grpo(args: GRPOArgs, model=None, tokenizer=None) -> dict:
     from ..engine import Engine, SamplingParams
     from ..model import DeepSeekV3
     from ..tasks import Task, evaluate, get_task
+    from ..tasks.base import score_reward
     from ..tasks.evaluate import encode_prompts
     from ..tokenizer import Tokenizer
     from ..train import MetricsLog, _say
@@ -171,7 +172,7 @@ def grpo(args: GRPOArgs, model=None, tokenizer=None) -> dict:
                                                      top_p=a.top_p))
         t_gen = time.time() - t0
         scores = [task.check(problems[i // a.group_size], c.text) for i, c in enumerate(comps)]
-        rewards = torch.tensor([float(s.strict if a.reward == "strict" else s.correct) + a.format_weight * float(s.format)
+        rewards = torch.tensor([score_reward(s, a.reward, a.format_weight)
                                 for s in scores]).view(a.prompts_per_step, a.group_size)
         adv, informative = group_advantages(rewards, scale=a.scale_rewards)
         keep = informative.repeat_interleave(a.group_size)  # [P*G]
@@ -182,6 +183,9 @@ def grpo(args: GRPOArgs, model=None, tokenizer=None) -> dict:
         rows = keep.nonzero()[:, 0].tolist()
         # ---- policy update(s)
         model.train()
+        lr = a.lr * min(1.0, (step + 1) / max(1, a.warmup_steps))  # linear warm-up, then constant
+        for g in opt.param_groups:
+            g["lr"] = lr
         stats = {"clip_fraction": 0.0, "kl": 0.0, "entropy": float("nan"), "loss": 0.0}
         grad_norm = float("nan")
         if rows:
@@ -193,13 +197,10 @@ def grpo(args: GRPOArgs, model=None, tokenizer=None) -> dict:
                 refs = ([completion_logprobs(ref, seqs_d[c], a.temperature, autocast)[0] for c in chunks]
                         if ref is not None else None)
             for it in range(a.mu):
-                lr = a.lr * min(1.0, (step + 1) / max(1, a.warmup_steps))
-                for g in opt.param_groups:
-                    g["lr"] = lr
                 acc = {"clip_fraction": 0.0, "kl": 0.0, "entropy": 0.0, "loss": 0.0}
                 wsum = float(w_d.sum())
                 for j, c in enumerate(chunks):
-                    logp, ent = completion_logprobs(model, seqs_d[c], a.temperature, autocast)
+                    logp, ent = completion_logprobs(model, seqs_d[c], a.temperature, autocast, entropy=it == 0)
                     old_lp = old[j] if old is not None else logp.detach()
                     loss, st = policy_loss(logp, old_lp, adv_d[c], w_d[c], a.eps, eps_high, a.beta,
                                            refs[j] if refs is not None else None)
@@ -207,7 +208,8 @@ def grpo(args: GRPOArgs, model=None, tokenizer=None) -> dict:
                     share = float(w_d[c].sum()) / max(wsum, 1e-12)
                     acc["clip_fraction"] += st["clip_fraction"] * share
                     acc["kl"] += st.get("kl", 0.0) * share
-                    acc["entropy"] += float((ent * mask_d[c]).sum())
+                    if ent is not None:
+                        acc["entropy"] += float((ent * mask_d[c]).sum())
                     acc["loss"] += loss.item()
                 acc["entropy"] /= max(float(mask_d.sum()), 1.0)
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(params, a.grad_clip))
@@ -234,7 +236,7 @@ def grpo(args: GRPOArgs, model=None, tokenizer=None) -> dict:
                "completion_length": n_tokens / len(comps), "truncated": float(truncated.float().mean()),
                "groups_informative": int(informative.sum()), "groups_zero_variance": int((~informative).sum()),
                "kl": stats["kl"], "clip_fraction": stats["clip_fraction"], "entropy": stats["entropy"],
-               "loss": stats["loss"], "grad_norm": grad_norm, "lr": a.lr * min(1.0, step / max(1, a.warmup_steps)),
+               "loss": stats["loss"], "grad_norm": grad_norm, "lr": lr,
                "gen_s": t_gen, "step_s": dt, "rollout_tokens_per_s": n_tokens / max(t_gen, 1e-9), "elapsed_s": loop_s}
         log.write(rec)
         if pbar is not None:
@@ -301,7 +303,3 @@ def plot_grpo(out: str) -> list[str]:
     plt.close(fig)
     return [path]
 
-
-def args_from_dict(d: dict) -> GRPOArgs:
-    names = {f.name for f in dataclasses.fields(GRPOArgs)}
-    return GRPOArgs(**{k: v for k, v in d.items() if k in names})

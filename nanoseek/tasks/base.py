@@ -77,7 +77,11 @@ class Task:
 
     def reward(self, problem: Problem, completion: str, mode: str = "strict", format_weight: float = 0.0) -> float:
         """Accuracy reward (strict or lenient checking) plus an optional format reward."""
-        if mode not in ("strict", "lenient"):
-            raise ValueError(f"reward mode must be 'strict' or 'lenient', got {mode!r}")
-        s = self.check(problem, completion)
-        return float(s.strict if mode == "strict" else s.correct) + format_weight * float(s.format)
+        return score_reward(self.check(problem, completion), mode, format_weight)
+
+
+def score_reward(s: Score, mode: str = "strict", format_weight: float = 0.0) -> float:
+    """The reward of a checked completion: 1 when right (strict or lenient) + format_weight x format."""
+    if mode not in ("strict", "lenient"):
+        raise ValueError(f"reward mode must be 'strict' or 'lenient', got {mode!r}")
+    return float(s.strict if mode == "strict" else s.correct) + format_weight * float(s.format)
