@@ -99,7 +99,7 @@ def run_mode(mode: str, cfg: ModelConfig, a, info) -> dict:
     sync(device)
     probe_total = time.perf_counter() - t0
     xp.COMM_STATS["timing"] = False
-    step_s = torch.tensor([statistics.median(times)], dtype=torch.float64)
+    step_s = torch.tensor([statistics.median(times)], dtype=torch.float64, device=device)
     dist.all_reduce(step_s, op=dist.ReduceOp.MAX)  # the slowest rank sets the pace
     local = sum(p.numel() for p in model.parameters())
     state_bytes = sum(p.numel() * p.element_size() * 4 for p in model.parameters())  # param, grad, 2 moments

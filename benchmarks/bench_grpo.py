@@ -28,6 +28,7 @@ def main():
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--no-hf", action="store_true")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], help="weights of both (default: bf16 on GPU, fp32 on CPU)")
     a = p.parse_args()
     from nanoseek.engine import Engine, SamplingParams
     from nanoseek.model import DeepSeekV3
@@ -50,7 +51,8 @@ def main():
         tok.save(tmp)
         model_dir = tmp
     tok = Tokenizer.from_dir(model_dir)
-    model = DeepSeekV3.from_pretrained(model_dir, device=device).eval()
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[a.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    model = DeepSeekV3.from_pretrained(model_dir, device=device, dtype=dtype).eval()
     prompts = encode_prompts(tok, problems)
     rep = [q for q in prompts for _ in range(a.group)]
     rows, results = [], {"device": str(device), "prompts": a.prompts, "group": a.group, "max_new": a.new,
@@ -78,7 +80,7 @@ def main():
 
     if not a.no_hf:
         from transformers import DeepseekV3ForCausalLM
-        hf = DeepseekV3ForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
+        hf = DeepseekV3ForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
         width = max(map(len, prompts))
         ids = torch.full((len(prompts), width), tok.pad_id or 0, dtype=torch.long)
         mask = torch.zeros_like(ids)

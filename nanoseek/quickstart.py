@@ -26,7 +26,6 @@ QUICKSTART_MODEL = dict(hidden_size=128, intermediate_size=384, moe_intermediate
                         q_lora_rank=None, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
                         n_routed_experts=8, num_experts_per_tok=2, n_group=1, topk_group=1,
                         max_position_embeddings=256)
-TOKENIZER_SIZE = 300
 # Chat turns are rendered as the raw task prompt (the model was never taught a dialogue format), so
 # `nanoseek chat` and the server's chat endpoints work on it too.
 CHAT_TEMPLATE = "{{ bos_token }}{{ (messages | selectattr('role', 'equalto', 'user') | list)[-1]['content'] }}"
@@ -40,7 +39,7 @@ class Recipe:
     Countdown with 3 numbers, where a few minutes of pretraining leave pass@8 far above pass@1."""
     n_numbers: int = 3
     train_problems: int = 80_000  # worked solutions written for pretraining (and the control)
-    pretrain_steps: int = 1000
+    pretrain_steps: int = 800  # 800 beat 1000 for the RL gain (4 seeds each, RESULTS.md)
     batch_size: int = 16
     seq_len: int = 128
     pretrain_lr: float = 2e-3
@@ -55,6 +54,14 @@ class Recipe:
     control_lr: float = 1e-3
     max_new_tokens: int = 40
     dense: bool = False  # dense FFN in every layer instead of DeepSeekMoE (for comparison)
+    # scaling the recipe up (benchmarks/bench_grpo_scale.py): a bigger model, English text mixed into
+    # pretraining, and wall-clock budgets (the step counts above then act as caps)
+    model: dict | None = None  # overrides on QUICKSTART_MODEL (and the nano preset)
+    text: tuple[str, ...] = ()  # extra pretraining sources (text files or folders)
+    tokenizer_size: int = 300
+    pretrain_seconds: float | None = None
+    rl_seconds: float | None = None
+    eval_context: int = 96
 
 
 def _log(msg: str) -> None:
@@ -72,13 +79,31 @@ def write_task_data(task, path: str, n: int, bos: str) -> int:
     return n
 
 
-def measure(model_dir: str, task, problems, k: int, max_new_tokens: int, device: str | None = None) -> dict:
+def _budget(steps: int, seconds: float | None) -> str:
+    return f"{seconds:g} s (at most {steps} steps)" if seconds else f"{steps} steps"
+
+
+def _text_sample(sources, n_chars: int) -> list[str]:
+    """Up to n_chars of the extra pretraining text, in 2,000-character pieces, for the tokenizer."""
+    from .data import resolve_sources
+    pieces, left = [], n_chars
+    for path in resolve_sources(list(sources)) if sources else []:
+        text = open(path, encoding="utf-8", errors="replace").read(left)
+        pieces += [text[i:i + 2000] for i in range(0, len(text), 2000)]
+        left -= len(text)
+        if left <= 0:
+            break
+    return pieces
+
+
+def measure(model_dir: str, task, problems, k: int, max_new_tokens: int, device: str | None = None,
+            max_context: int = 96) -> dict:
     from .engine import Engine
     from .model import DeepSeekV3
     from .tasks import evaluate
     from .tokenizer import Tokenizer
     model = DeepSeekV3.from_pretrained(model_dir, device=device)
-    engine = Engine(model, Tokenizer.from_dir(model_dir), max_context=96, max_batch=512)
+    engine = Engine(model, Tokenizer.from_dir(model_dir), max_context=max_context, max_batch=512)
     try:
         return evaluate(engine, task, problems, k=k, temperature=1.0, max_new_tokens=max_new_tokens, seed=0)
     finally:
@@ -107,8 +132,9 @@ def quickstart(out: str = "runs/quickstart", recipe: Recipe | None = None, contr
     data = os.path.join(out, "countdown_train.jsonl")
     write_task_data(task, data, rc.train_problems, BOS)
     docs = [json.loads(line)["text"] for _, line in zip(range(20_000), open(data))]
+    docs += _text_sample(rc.text, 8_000_000)
     tok_dir = os.path.join(out, "tokenizer")
-    tokenizer = train_bpe(docs, TOKENIZER_SIZE, split_digits=True)
+    tokenizer = train_bpe(docs, rc.tokenizer_size, split_digits=True)
     tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.save(tok_dir)
     _log(f"{rc.train_problems:,} Countdown problems with worked solutions -> {data}; held-out test: {len(test)} "
@@ -120,23 +146,25 @@ def quickstart(out: str = "runs/quickstart", recipe: Recipe | None = None, contr
                   weight_decay=0.1, eval_every=0, eval_batches=4, val_fraction=0.01, mtp_depth=0,
                   keep_last=1, progress=progress, json=False, device=device)
     pre_dir = os.path.join(out, "pretrain")
-    _log(f"pretraining a nano DeepSeek-V3 (MLA + DeepSeekMoE) for {rc.pretrain_steps} steps")
-    pre = train(TrainArgs(data=[data], out=pre_dir, overrides={**QUICKSTART_MODEL, "vocab_size": vocab,
-                                                           **({"first_k_dense_replace": 4} if rc.dense else {})},
+    _log(f"pretraining a DeepSeek-V3 (MLA + DeepSeekMoE) for {_budget(rc.pretrain_steps, rc.pretrain_seconds)}")
+    overrides = {**QUICKSTART_MODEL, **(rc.model or {}), "vocab_size": vocab}
+    if rc.dense:
+        overrides["first_k_dense_replace"] = overrides.get("num_hidden_layers", 4)
+    pre = train(TrainArgs(data=[data, *rc.text], out=pre_dir, overrides=overrides,
                           lr=rc.pretrain_lr, warmup_steps=100, min_lr_ratio=0.1, max_steps=rc.pretrain_steps,
-                          seed=seed, **common))
-    before = measure(pre_dir, task, test, k, max_new, device)
+                          max_seconds=rc.pretrain_seconds, seed=seed, **common))
+    before = measure(pre_dir, task, test, k, max_new, device, rc.eval_context)
     _log(f"before RL: greedy accuracy {before['accuracy']:.3f} (strict {before['accuracy_strict']:.3f}), "
          f"pass@{k} {before[f'pass_at_{k}']:.3f}")
 
     # 5: GRPO from the pretrained model, verifier only
     rl_dir = os.path.join(out, "grpo")
-    _log(f"GRPO for {rc.rl_steps} steps (rule-based reward, no demonstrations)")
+    _log(f"GRPO for {_budget(rc.rl_steps, rc.rl_seconds)} (rule-based reward, no demonstrations)")
     rl = grpo(GRPOArgs(model=pre_dir, task=f"countdown:n_numbers={rc.n_numbers},test_size={eval_problems}", out=rl_dir, max_steps=rc.rl_steps,
                        prompts_per_step=rc.prompts_per_step, group_size=rc.group_size, temperature=rc.temperature,
                        max_new_tokens=max_new, lr=rc.rl_lr, warmup_steps=rc.rl_warmup, loss=rc.loss, beta=0.0,
-                       reward=rc.reward, seed=seed, progress=progress, device=device))
-    after = measure(rl_dir, task, test, k, max_new, device)
+                       reward=rc.reward, max_seconds=rc.rl_seconds, seed=seed, progress=progress, device=device))
+    after = measure(rl_dir, task, test, k, max_new, device, rc.eval_context)
     _log(f"after RL:  greedy accuracy {after['accuracy']:.3f} (strict {after['accuracy_strict']:.3f}), "
          f"pass@{k} {after[f'pass_at_{k}']:.3f}")
 
@@ -156,7 +184,7 @@ def quickstart(out: str = "runs/quickstart", recipe: Recipe | None = None, contr
         ctl = train(TrainArgs(data=[os.path.join(pre_dir, "data")], out=ctl_dir, model=pre_dir, lr=rc.control_lr,
                               warmup_steps=50, min_lr_ratio=0.1, max_steps=100_000, max_seconds=rl["seconds"],
                               seed=seed + 1, **common))
-        c = measure(ctl_dir, task, test, k, max_new, device)
+        c = measure(ctl_dir, task, test, k, max_new, device, rc.eval_context)
         result.update({"accuracy_control": c["accuracy"], "strict_accuracy_control": c["accuracy_strict"],
                        f"pass_at_{k}_control": c[f"pass_at_{k}"], "sampled_accuracy_control": c["pass_at_1_sampled"],
                        "control_seconds": ctl["seconds"], "control_steps": ctl["step"]})

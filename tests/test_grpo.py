@@ -146,11 +146,10 @@ def test_quickstart_toy_budget_end_to_end(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "qs" / "quickstart.json").read_text())["accuracy_after_rl"] == r["accuracy_after_rl"]
 
 
-def test_grpo_raises_reward_on_a_toy_task(tmp_path, tiny_cfg):
-    """A model that answers "1" or "2" half the time each, rewarded for "1": a short GRPO run
-    (real engine rollouts, real updates) must push the rollout reward up."""
+def _pick_one_setup(tmp_path, tiny_cfg):
+    """A model that answers "1" or "2" half the time each (supervised on both), and a task that
+    rewards "1"."""
     from nanoseek.model import DeepSeekV3
-    from nanoseek.rl import GRPOArgs, grpo
     from nanoseek.tasks import Problem, Task
     from nanoseek.tokenizer import train_bpe
 
@@ -175,8 +174,16 @@ def test_grpo_raises_reward_on_a_toy_task(tmp_path, tiny_cfg):
         opt.step()
     model.save_pretrained(str(tmp_path / "sft"))
     tok.save(str(tmp_path / "sft"))
+    return str(tmp_path / "sft"), PickOne()
+
+
+def test_grpo_raises_reward_on_a_toy_task(tmp_path, tiny_cfg):
+    """A short GRPO run (real engine rollouts, real updates) on the coin-flip model must push the
+    rollout reward up."""
+    from nanoseek.rl import GRPOArgs, grpo
+    start, task = _pick_one_setup(tmp_path, tiny_cfg)
     out = tmp_path / "grpo"
-    summary = grpo(GRPOArgs(model=str(tmp_path / "sft"), task=PickOne(), out=str(out), max_steps=20,
+    summary = grpo(GRPOArgs(model=start, task=task, out=str(out), max_steps=20,
                             prompts_per_step=4, group_size=8, temperature=1.0, max_new_tokens=6, lr=2e-3,
                             warmup_steps=1, reward="lenient", loss="grpo", progress=False, save=False))
     recs = [json.loads(line) for line in open(out / "metrics.jsonl") if "reward_mean" in line]
@@ -185,3 +192,34 @@ def test_grpo_raises_reward_on_a_toy_task(tmp_path, tiny_cfg):
     assert 0.2 < first < 0.8, first  # the start really is a coin flip
     assert last > first + 0.25 and last > 0.8, (first, last)
     assert summary["steps"] == 20
+
+
+def test_grpo_resume_is_exact(tmp_path, tiny_cfg):
+    """Stopped after 3 steps and resumed to 6 == 6 steps in one go: same rollouts, same weights,
+    same optimizer state, the metrics log without duplicates (mu 2 and a KL reference included).
+    One thread: with two, CPU backward reductions may sum in a different order from run to run
+    (gradient norms then differ in the 6th digit even between two uninterrupted runs)."""
+    from nanoseek.model import DeepSeekV3
+    from nanoseek.rl import GRPOArgs, grpo
+    start, task = _pick_one_setup(tmp_path, tiny_cfg)
+    common = dict(model=start, task=task, prompts_per_step=4, group_size=8, temperature=1.0, max_new_tokens=6,
+                  lr=2e-3, warmup_steps=2, mu=2, beta=0.05, reward="lenient", progress=False, save_every=3)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        grpo(GRPOArgs(out=str(tmp_path / "whole"), max_steps=6, **common))
+        grpo(GRPOArgs(out=str(tmp_path / "split"), max_steps=3, **common))
+        s = grpo(GRPOArgs(out=str(tmp_path / "split"), max_steps=6, resume=True, **common))
+    finally:
+        torch.set_num_threads(threads)
+    assert s["resumed_from_step"] == 3 and s["steps"] == 6
+    whole = DeepSeekV3.from_pretrained(str(tmp_path / "whole")).state_dict()
+    split = DeepSeekV3.from_pretrained(str(tmp_path / "split")).state_dict()
+    assert any(not torch.equal(whole[k], DeepSeekV3.from_pretrained(start).state_dict()[k]) for k in whole)
+    for k in whole:
+        assert torch.equal(whole[k], split[k]), k
+    recs = lambda d: [json.loads(x) for x in open(tmp_path / d / "metrics.jsonl") if "reward_mean" in x]  # noqa: E731
+    a, b = recs("whole"), recs("split")
+    assert [r["step"] for r in b] == list(range(1, 7))
+    assert [r["reward_mean"] for r in a] == [r["reward_mean"] for r in b]
+    assert (tmp_path / "split" / "checkpoints" / "step-000006" / "trainer.pt").exists()

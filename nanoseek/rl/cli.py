@@ -17,7 +17,9 @@ HELP = {
     "reward": "strict (format and worked steps checked) or lenient (answer only)",
     "format_weight": "weight of the format reward added to the accuracy reward",
     "mask_truncated": "leave completions cut at --max-new-tokens out of the loss",
-    "eval_every": "greedy held-out accuracy every N steps (0: never)", "chat": "wrap prompts in the chat template",
+    "eval_every": "greedy held-out accuracy every N steps (0: never)",
+    "save_every": "also write a resumable checkpoint every N steps (0: only the final model)",
+    "resume": "continue from the newest checkpoint in --out (the same rollouts as an uninterrupted run)", "chat": "wrap prompts in the chat template",
 }
 
 

@@ -61,6 +61,9 @@ class GRPOArgs:
     device: str | None = None
     precision: str | None = None  # fp32 | bf16 (default: bf16 on GPU, fp32 on CPU)
     save: bool = True
+    save_every: int = 0  # also checkpoint (model, optimizer, counters) every N steps; 0: only the final model
+    keep_last: int = 2
+    resume: bool = False  # continue from the newest checkpoint in out/checkpoints (exact: same rollouts)
     json: bool = False
     progress: bool = True
 
@@ -69,6 +72,8 @@ class GRPOArgs:
             raise ValueError(f"--loss: must be one of {', '.join(LOSS_TYPES)}, got {self.loss!r}")
         if self.group_size < 2:
             raise ValueError(f"--group-size: GRPO needs at least 2 completions per prompt, got {self.group_size}")
+        if self.save_every < 0:
+            raise ValueError(f"--save-every: must be >= 0, got {self.save_every}")
         for name in ("prompts_per_step", "max_new_tokens", "mu", "micro_batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(self, name)}")
@@ -118,22 +123,31 @@ def grpo(args: GRPOArgs, model=None, tokenizer=None) -> dict:
     from ..tasks.base import score_reward
     from ..tasks.evaluate import encode_prompts
     from ..tokenizer import Tokenizer
-    from ..train import MetricsLog, _say
+    from ..train import MetricsLog, _say, list_checkpoints, load_trainer_state, save_checkpoint
 
     a = args.validate()
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     precision = a.precision or ("bf16" if device.type == "cuda" else "fp32")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
     torch.manual_seed(a.seed)
+    ckpts = list_checkpoints(a.out) if a.resume else []
+    resume_dir = ckpts[-1][1] if ckpts else None
+    if a.resume and resume_dir is None:
+        _say(f"--resume: no complete checkpoint in {a.out}/checkpoints, starting fresh", quiet=not a.progress)
     if model is None:
         model = DeepSeekV3.from_pretrained(a.model, dtype=torch.float32, device=device)
     tokenizer = tokenizer or Tokenizer.from_dir(a.model)
     task = a.task if isinstance(a.task, Task) else get_task(a.task, a.task_data)
     eps_high = a.eps_high if a.eps_high is not None else (0.28 if a.loss == "dapo" else a.eps)
-    ref = copy.deepcopy(model).eval().requires_grad_(False) if a.beta > 0 else None
+    ref = copy.deepcopy(model).eval().requires_grad_(False) if a.beta > 0 else None  # the starting policy
+    state = load_trainer_state(resume_dir) if resume_dir else None
+    if resume_dir:
+        model.load_state_dict(DeepSeekV3.from_pretrained(resume_dir, dtype=torch.float32, device=device).state_dict())
     os.makedirs(a.out, exist_ok=True)
 
     stream = task.stream(seed=a.seed)
+    for _ in range(state["step"] * a.prompts_per_step if state else 0):  # the problems already trained on
+        next(stream)
     first = [next(stream) for _ in range(a.prompts_per_step)]
     longest = max(len(p) for p in encode_prompts(tokenizer, first, a.chat))
     engine = Engine(model, tokenizer, max_context=2 * longest + a.max_new_tokens + 8,
@@ -143,7 +157,9 @@ def grpo(args: GRPOArgs, model=None, tokenizer=None) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=a.lr, betas=(a.beta1, a.beta2), weight_decay=a.weight_decay,
                             fused=device.type == "cuda")
-    log = MetricsLog(os.path.join(a.out, "metrics.jsonl"), True, 0)
+    if state:
+        opt.load_state_dict(state["optimizer"])
+    log = MetricsLog(os.path.join(a.out, "metrics.jsonl"), True, state["step"] if state else 0)
     _say(f"nanoseek grpo: {model.num_params() / 1e6:.2f}M parameters on {device}, task {a.task}, "
          f"{a.prompts_per_step} prompts x {a.group_size} samples, loss {a.loss}, lr {a.lr:g}, beta {a.beta:g}, "
          f"T {a.temperature:g}, reward {a.reward}", quiet=not a.progress)
@@ -158,6 +174,11 @@ def grpo(args: GRPOArgs, model=None, tokenizer=None) -> dict:
         log.write({"step": step, "eval_accuracy": res["accuracy"], "eval_accuracy_strict": res["accuracy_strict"]})
 
     loop_s, step, totals = 0.0, 0, {"zero_variance_groups": 0, "skipped_steps": 0, "rollout_tokens": 0, "gen_s": 0.0}
+    if state:
+        loop_s, step, totals = state["loop_s"], state["step"], dict(state["totals"])
+        _say(f"resumed from {resume_dir} (step {step})", quiet=not a.progress)
+        if pbar is not None:
+            pbar.update(step)
     pending = first
     while step < a.max_steps and (a.max_seconds is None or loop_s < a.max_seconds):
         t0 = time.time()
@@ -245,6 +266,8 @@ def grpo(args: GRPOArgs, model=None, tokenizer=None) -> dict:
                              len=f"{rec['completion_length']:.0f}", kept=rec["groups_informative"])
         if a.eval_every and step % a.eval_every == 0:
             run_eval(step)
+        if a.save and a.save_every and step % a.save_every == 0:
+            save_checkpoint(a.out, step, model, opt, tokenizer, {"loop_s": loop_s, "totals": totals}, a.keep_last)
     if pbar is not None:
         pbar.close()
     engine.close()
@@ -253,6 +276,7 @@ def grpo(args: GRPOArgs, model=None, tokenizer=None) -> dict:
     summary = {"steps": step, "seconds": round(loop_s, 2), "task": task.name, "loss_type": a.loss,
                "rollout_tokens_per_s": totals["rollout_tokens"] / max(totals["gen_s"], 1e-9),
                "zero_variance_groups": totals["zero_variance_groups"], "skipped_steps": totals["skipped_steps"],
+               "resumed_from_step": state["step"] if state else 0,
                "out": a.out}
     recs = [json.loads(line) for line in open(os.path.join(a.out, "metrics.jsonl")) if line.strip()]
     last = [r for r in recs if "reward_mean" in r][-10:]
