@@ -121,6 +121,8 @@ class _Request:
     t_submit: float = 0.0
     prefill_s: float = 0.0
     t_decode0: float = 0.0
+    stream: bool = True  # per-token events; off for batch `generate` (text decoded once at the end)
+    finish_reason: str | None = None
 
 
 class GraphDecoder:
@@ -194,7 +196,7 @@ class Engine:
         self.compile = compile
 
     # ------------------------------------------------------------------ public API
-    def _enqueue(self, prompt_ids: list[int], params: SamplingParams | None) -> _Request:
+    def _enqueue(self, prompt_ids: list[int], params: SamplingParams | None, stream: bool = True) -> _Request:
         params = (params or SamplingParams()).validate()
         if not prompt_ids:
             raise ValueError("prompt: must contain at least one token")
@@ -202,7 +204,7 @@ class Engine:
             raise ValueError(f"prompt of {len(prompt_ids)} tokens exceeds the context limit of {self.max_context} tokens")
         if self._closed:
             raise RuntimeError("engine is closed")
-        req = _Request(list(map(int, prompt_ids)), params, t_submit=time.perf_counter())
+        req = _Request(list(map(int, prompt_ids)), params, t_submit=time.perf_counter(), stream=stream)
         self._pending.put(req)
         return req
 
@@ -217,21 +219,24 @@ class Engine:
         e.g. RL rollouts and evaluation), the scheduler runs in the calling thread: a second thread
         doing tensor work would make both share (and fight over) the CPU's math threads."""
         if self._thread is None or not self._thread.is_alive():
-            reqs = [self._enqueue(p, params) for p in prompts]
+            # no per-token events or text: each request keeps its tokens and is decoded once at the end
+            reqs = [self._enqueue(p, params, stream=False) for p in prompts]
             with torch.inference_mode():
                 while self._active or not self._pending.empty():
                     self._tick()
-            handles = [Handle(self, r) for r in reqs]
-        else:
-            handles = [self.submit(p, params) for p in prompts]
-        out = []
-        for h in handles:
-            events = list(h)
-            last = events[-1]
-            out.append(Completion([e.token_id for e in events if e.token_id is not None], "".join(e.text for e in events),
-                                  last.finish_reason, last.prompt_tokens, last.completion_tokens,
-                                  [e.logprob for e in events if e.logprob is not None]))
-        return out
+            return [self._completion(Handle(self, r)) if r.stream else
+                    Completion(r.generated, r.emitted, r.finish_reason, len(r.prompt), len(r.generated), r.logprobs)
+                    for r in reqs]
+        handles = [self.submit(p, params) for p in prompts]
+        return [self._completion(h) for h in handles]
+
+    @staticmethod
+    def _completion(handle: Handle) -> Completion:
+        events = list(handle)
+        last = events[-1]
+        return Completion([e.token_id for e in events if e.token_id is not None], "".join(e.text for e in events),
+                          last.finish_reason, last.prompt_tokens, last.completion_tokens,
+                          [e.logprob for e in events if e.logprob is not None])
 
     def close(self) -> None:
         self._closed = True
@@ -360,6 +365,14 @@ class Engine:
             req.generated.append(token)
             req.logprobs.append(logprob)
         out_of_room = len(req.generated) >= p.max_tokens or req.pos + 1 >= self.max_context
+        if not req.stream and not p.stop:  # batch generate: the text once, at the end
+            req.finish_reason = "stop" if is_eos else "length" if out_of_room else None
+            if req.finish_reason is not None:
+                req.emitted = self.tokenizer.decode(req.generated)
+                self._retire(req)
+            return
+        if not req.stream:  # stop strings need the incremental text; generate() reads the events
+            req.stream = True
         text_all = self._detokenize(req, final=is_eos or out_of_room)
         delta_end = len(text_all)
         for s in p.stop:  # cut at the earliest stop string

@@ -56,6 +56,28 @@ def test_continuous_batching_equals_one_at_a_time(small_model, tok):
         eng.close()
 
 
+def test_batch_generate_equals_the_streamed_path(small_model, tok):
+    """Batch `generate` keeps no per-token events and decodes each text once at the end; with a stop
+    string (never matched) it goes through the streamed path. Same seed: the same tokens, text,
+    log-probs, finish reasons and counts, also against a background-loop engine's handles."""
+    prompts = [tok.encode(t) for t in ("the quick", "a stitch in", "lazy", "the quick")]
+    plain = SamplingParams(max_tokens=12, temperature=1.0)
+    streamed = SamplingParams(max_tokens=12, temperature=1.0, stop=["@@never@@"])
+    outs = []
+    for params in (plain, streamed):
+        engine = Engine(small_model, tok, max_context=64, max_batch=4)
+        torch.manual_seed(3)
+        outs.append(engine.generate(prompts, params))
+        engine.close()
+    a, b = outs
+    assert [c.token_ids for c in a] == [c.token_ids for c in b]
+    assert [c.text for c in a] == [c.text for c in b] == [tok.decode(c.token_ids) for c in a]
+    assert [c.logprobs for c in a] == [c.logprobs for c in b]
+    assert [(c.finish_reason, c.prompt_tokens, c.completion_tokens) for c in a] == \
+        [(c.finish_reason, c.prompt_tokens, c.completion_tokens) for c in b]
+    assert {c.finish_reason for c in a} <= {"stop", "length"} and all(c.token_ids for c in a)
+
+
 def test_cache_is_exactly_the_latent(small_model, tok):
     cfg = small_model.config
     eng = Engine(small_model, tok, max_context=32, max_batch=2)
