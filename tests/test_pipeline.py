@@ -258,10 +258,61 @@ def test_dualpipev_single_rank_no_process_group():
     finally:
         pipeline._OVERLAP.pop(DeepSeekStage)
     assert len(pairs) == sum(o.kind == "FB" for o in sched.ops[0]) > 0
-    assert [losses[i] for i in range(2)] == pytest.approx(ref_losses, rel=1e-6)
+    assert [float(losses[i]) for i in range(2)] == pytest.approx(ref_losses, rel=1e-6)
     for n, p in model.named_parameters():
         if n in ref:
             torch.testing.assert_close(p.grad, ref[n], rtol=1e-5, atol=1e-7)
+
+
+class _CountBackward(torch.autograd.Function):
+    """Identity whose backward counts its calls (an input-path node)."""
+    calls = 0
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        _CountBackward.calls += 1
+        return g
+
+
+@pytest.mark.parametrize("shared_weight", [False, True])
+def test_weight_step_reuses_the_input_backward(shared_weight):
+    """I then W give the gradients of one full backward, and W runs no input-path node again
+    (with a weight used twice, the input path between its two uses is the exception)."""
+    from nanoseek.parallel.pipeline import WeightBranches
+    torch.manual_seed(0)
+    lin1, lin2, norm = torch.nn.Linear(6, 8), torch.nn.Linear(8, 5), torch.nn.LayerNorm(8)
+    params = [*lin1.parameters(), *norm.parameters(), *lin2.parameters()]
+    x0, g = torch.randn(3, 6), torch.randn(3, 5)
+
+    def fwd(x):
+        h = _CountBackward.apply(torch.tanh(lin1(x)))
+        h = norm(h)
+        if shared_weight:  # lin1.weight [8, 6] used a second time, further down the input path
+            h = h + 0.5 * h @ (lin1.weight @ lin1.weight.t())
+        return lin2(_CountBackward.apply(h)) + x.sum() * lin2.bias
+
+    x = x0.clone().requires_grad_()
+    fwd(x).backward(g)
+    ref = [p.grad.clone() for p in params]
+    ref_x = x.grad.clone()
+    for p in params:
+        p.grad = None
+    _CountBackward.calls = 0
+    x = x0.clone().requires_grad_()
+    out = fwd(x)
+    wb = WeightBranches(out, x, params)
+    gx = wb.input_grad(out, g, x)
+    assert _CountBackward.calls == 2 and all(p.grad is None for p in params)
+    wb.weight_grads()
+    if not shared_weight:
+        assert _CountBackward.calls == 2  # the weight step did not re-run the input path
+    torch.testing.assert_close(gx, ref_x)
+    for p, r in zip(params, ref):
+        torch.testing.assert_close(p.grad, r)
 
 
 def test_invalid_executor_settings():

@@ -4,19 +4,28 @@
 - Stages: `split_deepseek` prunes a DeepSeekV3 in place to the layers this rank's stages run
   (embedding on the first stage; final norm, head, MTP modules and the loss on the last) and wraps
   each stage; `split_sequential` does the same for any nn.Sequential. Model code stays unchanged.
+- No host synchronisation inside a step: losses, balance losses and expert loads stay device
+  tensors (read once, after the step, by the caller); on NCCL a wait only orders the compute
+  stream after the transfer, so the CPU keeps queueing work ahead of the GPU.
 - Communication: before each compute op the rank posts, in one `dist.batch_isend_irecv`, the sends
-  queued by its previous op and the receives this op needs, and waits (with a timeout) on the
-  receives; sends are waited at the end of the step (on gloo a send completes only when the peer
-  posts its receive, so blocking on it before computing can deadlock two ranks). Receives from a peer are posted in that peer's send order (known from its op list),
-  so FIFO matching is right on NCCL as well as gloo.
-- Backward split: `B` is a full backward; `I` computes the input gradient only
-  (`autograd.grad(..., retain_graph=True)`) and `W` later computes the weight gradients from the
-  kept graph (it recomputes the shared part of the backward: correct, not the cheapest).
+  queued by its previous op and the receives this op needs, and waits on the receives. On gloo the
+  wait blocks the CPU (with a timeout) and sends are waited at the end of the step (a gloo send
+  completes only when the peer posts its receive, so blocking on it before computing can deadlock
+  two ranks); on NCCL every request is waited on the stream (the process group's own timeout
+  catches hangs). Receives from a peer are posted in that peer's send order (known from its op
+  list), so FIFO matching is right on NCCL as well as gloo.
+- Backward split: `B` is a full backward; `I` computes the input gradient only and records, at
+  each autograd node where a weight-gradient branch leaves the input path, the gradient flowing
+  into it; `W` later runs only those weight branches from the recorded gradients (nothing of the
+  input path is recomputed). A stage whose input needs no gradient (the embedding stage) has no
+  input path: its `I` does nothing and its `W` is the whole backward.
 - `FB` pairs go through an overlap hook (`register_overlap`), keyed by the forward stage's class:
   the default runs the forward then the backward; a block type may interleave them (e.g. to hide
   MoE all-to-all), with the schedule doing all bookkeeping and communication around it.
 - Mirrored/shared parameters (DualPipe's two copies of every stage; the embedding that MTP needs
-  on the last 1F1B stage) have their gradients summed over their holders by `sync_shared_grads`.
+  on the last 1F1B stage) have their gradients summed over their holders by `SharedGrads`.
+- Timelines: every op's host interval is kept (`timeline`); with `cuda_timing=True` CUDA events
+  also bracket every op and every communication wait, read after the step by `device_timeline()`.
 """
 
 from __future__ import annotations
@@ -77,7 +86,9 @@ class _AddAuxLoss(torch.autograd.Function):
 
 class DeepSeekStage(nn.Module):
     """A contiguous run of a DeepSeekV3's decoder layers; the first stage embeds, the last returns
-    (logits, final-normed hidden). MoE balance losses of its layers are added in its backward."""
+    (logits, final-normed hidden). MoE balance losses of its layers are added in its backward.
+    `balance_sum` (a device tensor, no host sync) sums those balance losses over the forwards
+    since the last `reset_stats()`."""
 
     def __init__(self, local, layer_names: list[str], first: bool, last: bool, balance_alpha: float = 0.0,
                  loss_scale: float = 1.0):
@@ -92,8 +103,11 @@ class DeepSeekStage(nn.Module):
             self.mtp = local.mtp
             self.mtp_embed = local.model.embed_tokens
         self.balance_alpha, self.loss_scale = balance_alpha, loss_scale
-        self.balance_values: list[float] = []  # per forward, for reporting
+        self.balance_sum: torch.Tensor | None = None  # [] summed over forwards, for reporting
         self.loads: dict[str, torch.Tensor] = {}  # tokens per expert, summed over the step's forwards
+
+    def reset_stats(self) -> None:
+        self.balance_sum = None
 
     def forward(self, x):
         from ..balance import sequence_balance_loss
@@ -110,7 +124,8 @@ class DeepSeekStage(nn.Module):
                     b = sequence_balance_loss(layer.mlp, h.shape[0], self.balance_alpha)
                     bal = b if bal is None else bal + b
         if bal is not None:
-            self.balance_values.append(float(bal.detach()))
+            b = bal.detach().float()
+            self.balance_sum = b if self.balance_sum is None else self.balance_sum + b
             h = _AddAuxLoss.apply(h, bal, self.loss_scale)
         if self.last:
             h = self.norm(h)
@@ -120,7 +135,8 @@ class DeepSeekStage(nn.Module):
 
 def deepseek_criterion(local, mtp_lambda: float = 0.3, balance_alpha: float = 0.0):
     """Last-stage loss: CE + MTP loss (+ the balance loss of MTP MoEs). The target of a micro-batch
-    is (input_ids, labels); `criterion.parts` keeps (ce, mtp) per call for reporting."""
+    is (input_ids, labels); `criterion.parts` keeps detached (ce, mtp, MTP balance) device tensors
+    per call for reporting (read after the step: no host sync per micro-batch)."""
     from ..balance import sequence_balance_loss
     from ..model import MoE
 
@@ -129,6 +145,7 @@ def deepseek_criterion(local, mtp_lambda: float = 0.3, balance_alpha: float = 0.
         x, y = target
         ce = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
         mtp = torch.zeros((), device=logits.device)
+        mtp_bal = torch.zeros((), device=logits.device)
         if len(local.mtp) and mtp_lambda > 0:
             mtp_logits = local.mtp_forward(hidden, x)
             mtp = mtp_lambda / len(local.mtp) * sum(
@@ -136,9 +153,9 @@ def deepseek_criterion(local, mtp_lambda: float = 0.3, balance_alpha: float = 0.
             if balance_alpha > 0:
                 for m in local.mtp.values():
                     if isinstance(m.mlp, MoE):
-                        mtp = mtp + sequence_balance_loss(m.mlp, x.shape[0], balance_alpha)
-        criterion.parts.append((float(ce.detach()), float(mtp.detach())))
-        return ce + mtp
+                        mtp_bal = mtp_bal + sequence_balance_loss(m.mlp, x.shape[0], balance_alpha)
+        criterion.parts.append((ce.detach(), mtp.detach(), mtp_bal.detach()))
+        return ce + mtp + mtp_bal
 
     criterion.parts = []
     return criterion
@@ -211,12 +228,123 @@ class SharedGrads:
             for p in ps:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
+            if dist.get_backend(pg) == "nccl":  # in place, one request per tensor: no flat copy
+                works = [dist.all_reduce(p.grad, group=pg, async_op=True) for p in ps]
+                for w in works:
+                    w.wait()
+                continue
             flat = torch.cat([p.grad.reshape(-1) for p in ps])
             dist.all_reduce(flat, group=pg)
             i = 0
             for p in ps:
                 p.grad.copy_(flat[i:i + p.numel()].view_as(p.grad))
                 i += p.numel()
+
+
+# ------------------------------------------------------------------------------------ backward split
+def _grad_node(t: torch.Tensor):
+    """The autograd node that receives t's gradient (for a leaf, its AccumulateGrad node)."""
+    if t.grad_fn is not None:
+        return t.grad_fn
+    if not t.requires_grad:
+        return None
+    return t.view_as(t).grad_fn.next_functions[0][0]
+
+
+class WeightBranches:
+    """What an input-only backward (`I`) leaves for its weight step (`W`).
+
+    The stage's autograd graph is walked once from the output. The *input path* is every node whose
+    backward lies between the output and the stage input. Walking up from each parameter, the first
+    input-path nodes met are where that parameter's weight-gradient branch leaves the input path;
+    parameters that meet the same nodes form one group. `input_grad` computes d(out)/d(input) and
+    records the gradient flowing into each such node; `weight_grads` then runs, per group, only the
+    branch from those nodes to the parameters (no input-path node is executed twice, except between
+    two nodes of one group, where each node's recorded gradient is used so nothing counts twice)."""
+
+    def __init__(self, out: torch.Tensor, x: torch.Tensor, params: list[nn.Parameter]):
+        from torch.autograd.graph import GradientEdge
+        self._edge = GradientEdge
+        root, x_node = out.grad_fn, _grad_node(x)
+        users: dict = defaultdict(list)  # node -> nodes whose backward feeds it (reverse edges)
+        seen, todo = {root}, [root]
+        while todo:
+            n = todo.pop()
+            for child, _ in n.next_functions:
+                if child is not None:
+                    users[child].append(n)
+                    if child not in seen:
+                        seen.add(child)
+                        todo.append(child)
+        on_path, todo = {x_node}, [x_node]  # x_node reaches the root through `users`
+        while todo:
+            for u in users[todo.pop()]:
+                if u not in on_path:
+                    on_path.add(u)
+                    todo.append(u)
+        if root not in on_path:
+            raise ScheduleError("stage output does not depend on the stage input")
+        groups: list[tuple[set, list]] = []  # (branch points, [(param, its AccumulateGrad node)])
+        for p in params:
+            pn = _grad_node(p)
+            if pn not in seen:
+                continue  # unused in this forward: no gradient, as with a full backward
+            hit, walked, todo = set(), {pn}, [pn]
+            while todo:
+                for u in users[todo.pop()]:
+                    if u in on_path:
+                        hit.add(u)
+                    elif u not in walked:
+                        walked.add(u)
+                        todo.append(u)
+            merged = [g for g in groups if g[0] & hit]
+            for g in merged:
+                groups.remove(g)
+                hit |= g[0]
+            groups.append((hit, [q for g in merged for q in g[1]] + [(p, pn)]))
+        self.groups = [(list(nodes), members) for nodes, members in groups]
+        self.recorded: dict = {}
+
+    def input_grad(self, out: torch.Tensor, grad: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+        def record(node):
+            def hook(grad_outputs):
+                self.recorded[node] = grad_outputs
+            return hook
+
+        handles = [n.register_prehook(record(n)) for nodes, _ in self.groups for n in nodes]
+        try:
+            (gx,) = torch.autograd.grad(out, x, grad, retain_graph=True)
+        finally:
+            for h in handles:
+                h.remove()
+        return gx
+
+    def weight_grads(self) -> None:
+        """Accumulate every parameter's gradient into .grad; frees the recorded state."""
+        for nodes, members in self.groups:
+            roots, grads, pins = [], [], []
+            for n in nodes:
+                g = self.recorded.get(n)
+                if g is None:
+                    continue
+                if len(nodes) > 1:  # a node below another of the group: use its own recorded gradient
+                    pins.append(n.register_prehook(lambda _, g=g: g))
+                for i, gi in enumerate(g):
+                    if gi is not None:
+                        roots.append(self._edge(n, i))
+                        grads.append(gi)
+            try:
+                if roots:
+                    gs = torch.autograd.grad(roots, [self._edge(pn, 0) for _, pn in members], grads,
+                                             retain_graph=True, allow_unused=True)
+                    with torch.no_grad():
+                        for (p, _), g in zip(members, gs):
+                            if g is not None:
+                                p.grad = g if p.grad is None else p.grad.add_(g)
+            finally:
+                for h in pins:
+                    h.remove()
+        self.groups, self.recorded = [], {}
 
 
 # ------------------------------------------------------------------------------------ executor
@@ -230,11 +358,12 @@ class PipelineExecutor:
     stages: {virtual stage: module} for this rank's stages. criterion(output, target) -> scalar on
     last stages. boundary(micro_batch_input) -> (shape, dtype) of the tensor crossing every stage
     boundary for that micro-batch (the receive buffers). Losses are multiplied by `loss_scale`
-    (default 1/chunks) before backward, so gradients are those of the mean micro-batch loss."""
+    (default 1/chunks) before backward, so gradients are those of the mean micro-batch loss.
+    cuda_timing: bracket every op and communication wait with CUDA events (see `device_timeline`)."""
 
     def __init__(self, schedule: Schedule, stages: dict[int, nn.Module], criterion, boundary,
                  device=None, group=None, loss_scale: float | None = None, timeout: float = 120.0,
-                 rank: int | None = None):
+                 rank: int | None = None, cuda_timing: bool = False):
         self.s = schedule
         self.group = group
         self.rank = dist.get_rank(group) if rank is None else rank
@@ -249,6 +378,12 @@ class PipelineExecutor:
         self.scale = 1.0 / schedule.chunks if loss_scale is None else loss_scale
         self.timeout = timeout
         self.overlap = default_overlap
+        # NCCL: waits order the compute stream (no CPU block); gloo: waits block the CPU, with a timeout
+        self.stream_waits = dist.is_initialized() and world > 1 and dist.get_backend(group) == "nccl"
+        if cuda_timing and self.device.type != "cuda":
+            raise ScheduleError(f"cuda_timing needs a CUDA device, the executor runs on {self.device}")
+        self.cuda_timing = cuda_timing
+        self.params = {v: [p for p in m.parameters() if p.requires_grad] for v, m in stages.items()}
         # the order in which each peer sends to us: messages (kind, stage, mb) from its op list
         self.incoming: dict[int, list[tuple]] = defaultdict(list)
         for r in range(schedule.pp):
@@ -259,6 +394,7 @@ class PipelineExecutor:
         self.timeline: list[tuple[str, float, float]] = []
         self.comm_wait = 0.0
         self.executed: list[str] = []
+        self._events: list[tuple[str, object, object]] = []
 
     def _sends_of(self, r: int):
         s = self.s
@@ -271,6 +407,24 @@ class PipelineExecutor:
                 pv = s.prev_stage(op.stage)
                 if s.stage_rank[pv] != r:
                     yield ("grad", pv, op.mb), s.stage_rank[pv]
+
+    # ---------------------------------------------------------------- timing
+    def _event(self):
+        e = torch.cuda.Event(enable_timing=True)
+        e.record()
+        return e
+
+    def device_timeline(self) -> tuple[list[tuple[str, float, float]], list[tuple[str, float, float]]]:
+        """(ops, communication waits) of the last step as (name, start, end) in seconds on the
+        compute stream, relative to the step's first event (synchronizes; call after the step)."""
+        if not self.cuda_timing:
+            raise ScheduleError("device_timeline needs PipelineExecutor(cuda_timing=True)")
+        torch.cuda.synchronize(self.device)
+        ops, waits = [], []
+        for name, b, e in self._events:
+            rec = (name, self._ev0.elapsed_time(b) / 1e3, self._ev0.elapsed_time(e) / 1e3)
+            (waits if name.startswith("wait") else ops).append(rec)
+        return ops, waits
 
     # ---------------------------------------------------------------- communication
     def _needs(self, op: Op) -> list[tuple[tuple, int]]:
@@ -299,12 +453,19 @@ class PipelineExecutor:
         if not p2p:
             return
         t0 = time.perf_counter()
+        ev = self._event() if self.cuda_timing else None
         works = dist.batch_isend_irecv(p2p)
-        n_send = len(p2p) - sum(1 for o in p2p if o.op is dist.irecv)
-        if len(works) == len(p2p):  # gloo: one Work per op. Only receives block the compute;
-            self._send_works += works[:n_send]  # sends are waited at the end of the step
-            works = works[n_send:]
-        self._wait(works, op)
+        if self.stream_waits:  # every request: the compute stream waits, the CPU runs on
+            for w in works:
+                w.wait()
+        else:
+            n_send = len(p2p) - sum(1 for o in p2p if o.op is dist.irecv)
+            if len(works) == len(p2p):  # gloo: one Work per op. Only receives block the compute;
+                self._send_works += works[:n_send]  # sends are waited at the end of the step
+                works = works[n_send:]
+            self._wait(works, op)
+        if ev is not None:
+            self._events.append((f"wait {op}", ev, self._event()))
         self.comm_wait += time.perf_counter() - t0
 
     def _wait(self, works, op) -> None:
@@ -340,7 +501,7 @@ class PipelineExecutor:
         self._in[(v, mb)] = x
         if s.is_last(v):
             loss = self.criterion(y, self._targets[mb])
-            self.losses[mb] = float(loss.detach())
+            self.losses[mb] = loss.detach()  # a device tensor: read after the step
             self._out[(v, mb)] = loss * self.scale
             return
         if not isinstance(y, torch.Tensor):
@@ -366,9 +527,11 @@ class PipelineExecutor:
         if not input_only:
             torch.autograd.backward(out, grad)
             gx = x.grad if x.requires_grad else None
-        else:
-            if x.requires_grad:
-                (gx,) = torch.autograd.grad(out, x, grad, retain_graph=True)
+        elif x.requires_grad:  # input gradient now; the weight branches wait for W
+            branches = WeightBranches(out, x, self.params[v])
+            gx = branches.input_grad(out, grad, x)
+            self._wstash[(v, mb)] = branches
+        else:  # no input path (the embedding stage): W is the whole backward
             self._wstash[(v, mb)] = (out, grad)
         if not s.is_first(v):
             if gx is None:
@@ -380,13 +543,11 @@ class PipelineExecutor:
                 self._queue_send(gx, s.stage_rank[pv], v, mb)
 
     def _weight(self, v: int, mb: int) -> None:
-        out, grad = self._wstash.pop((v, mb))
-        params = [p for p in self.stages[v].parameters() if p.requires_grad]
-        gs = torch.autograd.grad(out, params, grad, allow_unused=True)
-        with torch.no_grad():
-            for p, g in zip(params, gs):
-                if g is not None:
-                    p.grad = g if p.grad is None else p.grad.add_(g)
+        w = self._wstash.pop((v, mb))
+        if isinstance(w, WeightBranches):
+            w.weight_grads()
+        else:
+            torch.autograd.backward(*w)
 
     def _run(self, o: Op) -> None:
         if o.kind == "F":
@@ -396,10 +557,11 @@ class PipelineExecutor:
         elif o.kind == "W":
             self._weight(o.stage, o.mb)
 
-    def step(self, inputs: list[torch.Tensor], targets: list | None = None) -> dict[int, float]:
+    def step(self, inputs: list[torch.Tensor], targets: list | None = None) -> dict[int, torch.Tensor]:
         """One step over `inputs` (all micro-batches, every rank; only first stages read them) and
-        `targets` (read by last stages). Returns {micro-batch: loss} for micro-batches whose chain
-        ends on this rank. Gradients accumulate into .grad; call SharedGrads.sync() afterwards."""
+        `targets` (read by last stages). Returns {micro-batch: detached loss, a 0-d device tensor}
+        for micro-batches whose chain ends on this rank (no host sync inside the step). Gradients
+        accumulate into .grad; call SharedGrads.sync() afterwards."""
         M = self.s.chunks
         if len(inputs) != M or (targets is not None and len(targets) != M):
             raise ScheduleError(f"expected {M} micro-batches of inputs and targets, got {len(inputs)}"
@@ -412,17 +574,22 @@ class PipelineExecutor:
         self._pending: list = []
         self._send_works: list = []
         self._posted = defaultdict(int)
-        self.losses: dict[int, float] = {}
-        self.timeline, self.executed, self.comm_wait = [], [], 0.0
+        self.losses: dict[int, torch.Tensor] = {}
+        self.timeline, self.executed, self.comm_wait, self._events = [], [], 0.0, []
+        if self.cuda_timing:
+            self._ev0 = self._event()
         for op in self.s.ops[self.rank]:
             self._commit(op)
             t0 = time.perf_counter()
+            ev = self._event() if self.cuda_timing else None
             if op.kind == "FB":
                 f, b = op.sub
                 hook = _OVERLAP.get(type(self.stages[f.stage]), self.overlap)
                 hook(lambda: self._run(f), lambda: self._run(b), self.stages[f.stage], self.stages[b.stage])
             else:
                 self._run(op)
+            if ev is not None:
+                self._events.append((str(op), ev, self._event()))
             self.timeline.append((str(op), t0, time.perf_counter()))
             self.executed.append(str(op))
         self._commit(None)
@@ -434,12 +601,12 @@ class PipelineExecutor:
         return self.losses
 
 
-def all_losses(losses: dict[int, float], chunks: int, group=None, device=None) -> torch.Tensor:
-    """Every micro-batch's loss on every rank (each lives on exactly one rank). On NCCL pass the
-    rank's CUDA device."""
+def all_losses(losses: dict[int, torch.Tensor | float], chunks: int, group=None, device=None) -> torch.Tensor:
+    """Every micro-batch's loss [chunks] (float64) on every rank (each lives on exactly one rank).
+    On NCCL pass the rank's CUDA device. No host sync for tensor losses."""
     t = torch.zeros(chunks, dtype=torch.float64, device=device)
     for mb, v in losses.items():
-        t[mb] = v
+        t[mb] = v.to(t) if isinstance(v, torch.Tensor) else v
     if dist.is_initialized():
         dist.all_reduce(t, group=group)
     return t

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from ..model import MoE
-from .pipeline import PipelineExecutor, SharedGrads, all_losses, split_deepseek
+from .pipeline import PipelineExecutor, SharedGrads, split_deepseek
 from .schedules import ScheduleError, build_schedule, default_chunks
 
 
@@ -85,21 +85,22 @@ class PipelineTraining:
                                 f"{self.chunks} micro-batches")
         xs, ys = list(x.chunk(self.chunks)), list(y.chunk(self.chunks))
         for st in self.stages.values():
-            st.balance_values.clear()
+            st.reset_stats()
         self.criterion.parts.clear()
-        losses = self.executor.step(xs, list(zip(xs, ys)))
+        self.executor.step(xs, list(zip(xs, ys)))
         self.shared.sync()
-        total = all_losses(losses, self.chunks, group=self.groups.pp_group, device=self.device).mean()
-        ce_mtp = torch.tensor([sum(p[0] for p in self.criterion.parts), sum(p[1] for p in self.criterion.parts)],
-                              dtype=torch.float64, device=self.device)
-        bal = torch.tensor([sum(sum(st.balance_values) for st in self.stages.values())], dtype=torch.float64,
-                           device=self.device)
+        # device tensors only (one host read, by the caller, after the step)
+        zero = torch.zeros((), dtype=torch.float64, device=self.device)
+        parts = self.criterion.parts
+        ce_mtp = torch.stack([sum((p[0].double() for p in parts), zero), sum((p[1].double() for p in parts), zero)])
+        bal = sum((st.balance_sum.double() for st in self.stages.values() if st.balance_sum is not None),
+                  sum((p[2].double() for p in parts), zero))[None]  # decoder layers' and MTP layers' balance
         # each micro-batch's CE/MTP lives on one last-stage rank; balance terms on every stage: sum them
         # (mirrored DualPipe copies each ran different micro-batches, so nothing is counted twice)
         parts = torch.cat([ce_mtp, bal])
         dist.all_reduce(parts, group=self.groups.pp_group)
         parts /= self.chunks
-        return torch.stack([parts[0], parts[1], parts[2], total.to(parts.dtype)])
+        return torch.stack([parts[0], parts[1], parts[2], parts.sum()])
 
     def take_loads(self) -> dict[str, torch.Tensor]:
         """Tokens per expert of every MoE layer over the global batch (summed over all ranks)."""
@@ -113,10 +114,14 @@ class PipelineTraining:
     def local_sq_norm(self) -> torch.Tensor:
         """Sum of squared gradients, mirrored parameters weighted by 1/holders; summed over the
         pipeline group it is the full model's squared gradient norm."""
-        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        by_holders: dict[int, list[torch.Tensor]] = {}
         for n, p in self.named.items():
             if p.grad is not None:
-                total += p.grad.double().pow(2).sum() / self.holders.get(n, 1)
+                by_holders.setdefault(self.holders.get(n, 1), []).append(p.grad)
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        for h, grads in by_holders.items():  # one fused norm per holder count, no fp64 copies
+            norms = torch.stack(torch._foreach_norm(grads)).double()
+            total += norms.pow(2).sum() / h
         dist.all_reduce(total, group=self.groups.pp_group)
         return total
 
