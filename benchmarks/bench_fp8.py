@@ -1,12 +1,18 @@
 """FP8 (DeepSeek-V3 block-scaled recipe, nanoseek/fp8.py) vs bf16 on one GPU.
 
-check: the Triton 1x128 quantizer is bit-identical to the PyTorch one; torch._scaled_mm with
-       block-wise scales matches the CPU emulation (same FP8 operands); the FP8 layer on GPU vs fp32.
+check: the Triton quantizers (1x128 rows; the fused 1x128 + per-segment 128x1 one; the 128x128
+       weight one writing W and W^T) are bit-identical to the PyTorch reference (fp8.TorchKernels);
+       the Triton grouped GEMMs (Fprop/Dgrad kind and the K-grouped Wgrad) match the per-expert
+       torch._scaled_mm loop on the same FP8 operands; torch._scaled_mm with block-wise scales
+       matches the CPU emulation; the FP8 Linear and experts on GPU (each variant) vs fp32.
 gemm:  GEMM TFLOP/s at DeepSeek-V3, V2-Lite and `small` shapes: bf16 vs FP8 Fprop-type (1x128 by
        128x128) on pre-quantized operands, then with quantization of both operands included
        (eager PyTorch quantizers, and the Triton row quantizer for the activation).
-layer: forward+backward of an FP8 Linear, a dense SwiGLU MLP and the routed experts (per-expert
-       loop) vs bf16 (autocast over fp32 master weights, grouped_mm for the bf16 experts).
+layer: forward+backward of an FP8 Linear, a dense SwiGLU MLP and the routed experts vs bf16
+       (autocast over fp32 master weights, grouped_mm for the bf16 experts). FP8 variants:
+       fp8-eager (per-op PyTorch quantizers, transposes included: FP8Config(kernels="off")),
+       fp8-fused (the Triton quantizers; experts: per-expert _scaled_mm loop) and, for the
+       experts, fp8-grouped (the Triton quantizers and grouped GEMMs, one launch per GEMM).
 
     PYTHONPATH=. python benchmarks/bench_fp8.py [--quick] [--json-out FILE]
 
@@ -28,7 +34,7 @@ import torch.nn as nn
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from nanoseek import fp8  # noqa: E402
-from nanoseek.fp8 import ACT, WEIGHT, sqnr_db  # noqa: E402
+from nanoseek.fp8 import ACT, WEIGHT, FP8Config, sqnr_db  # noqa: E402
 from nanoseek.model import MLP, Experts  # noqa: E402
 
 # (name, M tokens, N out, K in)
@@ -59,6 +65,66 @@ def bench(fn, iters=10, warmup=3) -> float:
     return statistics.median(times)
 
 
+def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
+
+
+def _check_kernels(tri, g) -> dict:
+    """Triton kernels vs the PyTorch reference of the same layouts (fp8.TorchKernels)."""
+    R = fp8.TORCH_KERNELS
+    res = {}
+    # quantizers: bit-identical data and scales
+    for sizes in ([4096], [200], [0, 1000, 77, 4096, 0, 129, 3000], [1536] * 8):
+        T = sum(sizes)
+        for C in (7168, 328):
+            x = torch.randn(T, C, device="cuda", generator=g, dtype=torch.bfloat16) * 3
+            x[:, :2] *= 60
+            x[: min(T, 128), :128] = 0
+            tm = fp8.tile_map(sizes, "cuda")
+            for pow2 in (False, True):
+                r1, c1 = R.quantize_act_dual(x, tm, pow2)
+                r2, c2 = tri.quantize_act_dual(x, tm, pow2)
+                same = (_same_bytes(r1.data, r2.data) and torch.equal(r1.scale, r2.scale)
+                        and _same_bytes(c1.data, c2.data) and torch.equal(c1.scale, c2.scale))
+                res[f"act_dual {len(sizes)} seg T={T} C={C} pow2={pow2}"] = same
+    for shape in [(18432, 7168), (200, 328), (8, 2048, 7168), (3, 130, 260)]:
+        w = torch.randn(*shape, device="cuda", generator=g) * 0.02
+        for pow2 in (False, True):
+            a, at = R.quantize_weight_dual(w, pow2)
+            b, bt = tri.quantize_weight_dual(w, pow2)
+            res[f"weight_dual {shape} pow2={pow2}"] = (_same_bytes(a.data, b.data) and torch.equal(a.scale, b.scale)
+                                                       and _same_bytes(at.data, bt.data)
+                                                       and torch.equal(at.scale, bt.scale))
+    x = torch.randn(4096, 2048, device="cuda", generator=g, dtype=torch.bfloat16)
+    a, b = fp8.quantize(x, ACT), tri.quantize_rows(x)
+    res["rows (4096, 2048)"] = _same_bytes(a.data, b.data) and torch.equal(a.scale, b.scale)
+    # grouped GEMMs vs the per-expert torch._scaled_mm loop on the same operands
+    gem = {}
+    for sizes, N, K in [([0, 1000, 77, 4096, 0, 129, 3000], 2048, 7168), ([1536] * 8, 512, 1024),
+                        ([5, 300, 0, 200], 264, 328)]:
+        T, E = sum(sizes), len(sizes)
+        tm = fp8.tile_map(sizes, "cuda")
+        xa = torch.randn(T, K, device="cuda", generator=g, dtype=torch.bfloat16)
+        dy = torch.randn(T, N, device="cuda", generator=g, dtype=torch.bfloat16)
+        w = torch.randn(E, N, K, device="cuda", generator=g) * 0.02
+        xq, xt = tri.quantize_act_dual(xa, tm)
+        dyq, dyt = tri.quantize_act_dual(dy, tm)
+        wq, wqt = tri.quantize_weight_dual(w)
+        key = f"{E} experts T={T} N={N} K={K}"
+        ref = R.grouped_gemm(xq, wq, tm, torch.float32)
+        gem[key + " fprop"] = round(sqnr_db(ref, tri.grouped_gemm(xq, wq, tm, torch.float32)), 1)
+        ref = R.grouped_gemm(dyq, wqt, tm, torch.float32)
+        gem[key + " dgrad"] = round(sqnr_db(ref, tri.grouped_gemm(dyq, wqt, tm, torch.float32)), 1)
+        ref = R.grouped_wgrad(dyt, xt, tm)
+        got = tri.grouped_wgrad(dyt, xt, tm)
+        gem[key + " wgrad"] = round(sqnr_db(ref, got), 1)
+        empty = [e for e, n in enumerate(sizes) if n == 0]
+        if empty:
+            gem[key + " empty experts zero"] = bool((got[empty] == 0).all())
+    res["grouped_vs_loop_sqnr_db"] = gem
+    return res
+
+
 def part_check(out: dict) -> None:
     res = {}
     tri = None
@@ -69,17 +135,7 @@ def part_check(out: dict) -> None:
         res["triton_import_error"] = repr(e)
     g = torch.Generator(device="cuda").manual_seed(0)
     if tri is not None:
-        exact = {}
-        for shape in [(4096, 7168), (200, 328), (8192, 2048)]:
-            x = torch.randn(*shape, device="cuda", generator=g, dtype=torch.bfloat16) * 3
-            x[0, :128] = 0
-            for pow2 in (False, True):
-                a, b = fp8.quantize(x, ACT, pow2), tri.quantize_rows(x, pow2)
-                same = (torch.equal(a.data.view(torch.uint8), b.data.view(torch.uint8))
-                        and torch.equal(a.scale, b.scale))
-                mism = (a.data.view(torch.uint8) != b.data.view(torch.uint8)).float().mean().item()
-                exact[f"{shape}-pow2={pow2}"] = {"bit_identical": same, "byte_mismatch_frac": mism}
-        res["triton_vs_torch_quantizer"] = exact
+        res["triton_vs_torch"] = _check_kernels(tri, g)
     gem = {}
     for M, N, K in [(256, 512, 1024), (200, 264, 328), (4096, 2048, 7168)]:
         a = torch.randn(M, K, device="cuda", generator=g, dtype=torch.bfloat16)
@@ -95,18 +151,55 @@ def part_check(out: dict) -> None:
             except Exception as e:  # noqa: BLE001
                 gem[f"{M}x{N}x{K} {name}"] = {"error": repr(e)[:300]}
     res["scaled_mm_vs_emulation"] = gem
-    res["scaled_mm_disabled"] = dict(fp8._SCALED_MM_BROKEN)
-    # FP8 Linear on GPU vs fp32
+    # FP8 Linear and experts on GPU vs fp32, each variant
+    variants = {"eager": FP8Config(kernels="off")}
+    if tri is not None:
+        variants.update({"fused": FP8Config(kernels="triton", grouped="loop"),
+                         "grouped": FP8Config(kernels="triton", grouped="triton")})
     x = torch.randn(4096, 2048, device="cuda", generator=g)
     w = torch.randn(1024, 2048, device="cuda", generator=g) * 0.02
     dy = torch.randn(4096, 1024, device="cuda", generator=g)
     xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
     (xr @ wr.t()).backward(dy)
-    xf, wf = x.clone().requires_grad_(), w.clone().requires_grad_()
-    y = fp8.fp8_linear(xf, wf)
-    y.backward(dy)
-    res["linear_sqnr_db"] = {"y": round(sqnr_db(x @ w.t(), y), 2), "dx": round(sqnr_db(xr.grad, xf.grad), 2),
-                             "dw": round(sqnr_db(wr.grad, wf.grad), 2)}
+    lin = {}
+    for name, cfg in variants.items():
+        if name == "grouped":
+            continue
+        xf, wf = x.clone().requires_grad_(), w.clone().requires_grad_()
+        y = fp8.fp8_linear(xf, wf, cfg)
+        y.backward(dy)
+        lin[name] = {"y": round(sqnr_db(x @ w.t(), y), 2), "dx": round(sqnr_db(xr.grad, xf.grad), 2),
+                     "dw": round(sqnr_db(wr.grad, wf.grad), 2)}
+    res["linear_sqnr_db"] = lin
+    E, h, inter, N, k = 16, 1024, 512, 3000, 4
+    torch.manual_seed(0)
+    ref = Experts(E, h, inter).cuda()
+    for p in ref.parameters():
+        nn.init.normal_(p, 0.0, 0.02)
+    xe = torch.randn(N, h, device="cuda")
+    idx = torch.stack([torch.randperm(E - 1, device="cuda")[:k] for _ in range(N)])  # expert E-1: no tokens
+    wts = torch.rand(N, k, device="cuda")
+    dye = torch.randn(N, h, device="cuda")
+    xr = xe.clone().requires_grad_()
+    yr = ref(xr, idx, wts)
+    yr.backward(dye)
+    exp = {}
+    for name, cfg in variants.items():
+        ex = Experts(E, h, inter).cuda()
+        ex.load_state_dict(ref.state_dict())
+        fp8.convert(ex, cfg)
+        xf = xe.clone().requires_grad_()
+        y = ex(xf, idx, wts)
+        y.backward(dye)
+        exp[name] = {"y": round(sqnr_db(yr, y), 2), "dx": round(sqnr_db(xr.grad, xf.grad), 2),
+                     **{p: round(sqnr_db(getattr(ref, p).grad, getattr(ex, p).grad), 2)
+                        for p in ("gate_proj", "up_proj", "down_proj")},
+                     "empty_expert_grad_zero": bool((ex.gate_proj.grad[E - 1] == 0).all())}
+    res["experts_sqnr_db"] = exp
+    res["scaled_mm_disabled"] = dict(fp8._SCALED_MM_BROKEN)
+    res["grouped_triton_disabled"] = dict(fp8._GROUPED_BROKEN)
+    flat = [v for v in res.get("triton_vs_torch", {}).values() if isinstance(v, bool)]
+    res["triton_quantizers_all_bit_identical"] = all(flat) if flat else None
     out["check"] = res
     print(json.dumps(res, indent=1), flush=True)
 
@@ -158,36 +251,49 @@ def _fwd_bwd(module, x, autocast=True):
 
 def part_layer(out: dict, quick: bool) -> None:
     rows = []
-    tri_ok = False
+    tri_ok = True
     try:
-        from nanoseek import fp8_triton
-        tri_ok = True
-    except Exception:  # noqa: BLE001
-        pass
+        from nanoseek import fp8_triton  # noqa: F401
+    except Exception as e:  # noqa: BLE001
+        tri_ok = False
+        print(f"no Triton kernels ({e!r}): fp8-eager only", flush=True)
 
-    def run(name, make, x_shape, flops, extra_args=None):
-        torch.manual_seed(0)
+    def run(name, make, x_shape, flops, extra_args=None, experts=False):
         res = {"name": name}
-        for variant in (["bf16", "fp8-eager", "fp8-triton"] if tri_ok else ["bf16", "fp8-eager"]):
-            fp8.ROW_QUANTIZER = None
-            if variant == "fp8-triton":
-                fp8_triton.install()
+        variants = {"bf16": None, "fp8-eager": FP8Config(kernels="off")}
+        if tri_ok:
+            variants["fp8-fused"] = FP8Config(kernels="triton", grouped="loop")
+            if experts:
+                variants["fp8-grouped"] = FP8Config(kernels="triton", grouped="triton")
+        for variant, cfg in variants.items():
+            torch.manual_seed(0)
             m = make().cuda()
-            if variant != "bf16":
-                fp8.convert(m)
+            if cfg is not None:
+                fp8.convert(m, cfg)
             x = torch.randn(*x_shape, device="cuda", dtype=torch.bfloat16, requires_grad=True)
             fn = (lambda: _fwd_bwd(lambda t: m(t, *extra_args), x)()) if extra_args else _fwd_bwd(m, x)
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            t = bench(fn, iters=5, warmup=2)
-            res[variant + "_ms"] = t
-            res[variant + "_tflops"] = flops / t / 1e9
-            res[variant + "_peak_gib"] = (torch.cuda.max_memory_allocated() - base) / 2**30
-            del m, x
+            try:
+                fn()  # compile / autotune outside the timed region
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+                t = bench(fn, iters=5, warmup=2)
+                res[variant + "_ms"] = t
+                res[variant + "_tflops"] = flops / t / 1e9
+                res[variant + "_peak_gib"] = (torch.cuda.max_memory_allocated() - base) / 2**30
+            except Exception as e:  # noqa: BLE001
+                import traceback
+                traceback.print_exc()
+                res[variant + "_error"] = repr(e)[:300]
+            for p in m.parameters():
+                p.grad = None
+            m = x = fn = None  # free this variant's model and activations before the next
             torch.cuda.empty_cache()
-        fp8.ROW_QUANTIZER = None
+        for variant in variants:
+            if variant != "bf16" and variant + "_ms" in res and "bf16_ms" in res:
+                res[variant + "_speedup"] = res["bf16_ms"] / res[variant + "_ms"]
         rows.append(res)
-        print(name, {k: round(v, 2) if isinstance(v, float) else v for k, v in res.items() if k != "name"}, flush=True)
+        print(name, {k: round(v, 3) if isinstance(v, float) else v for k, v in res.items() if k != "name"}, flush=True)
 
     T = 8192
     run("linear 8192x7168->18432 fwd+bwd", lambda: nn.Linear(7168, 18432, bias=False), (T, 7168),
@@ -204,14 +310,23 @@ def part_layer(out: dict, quick: bool) -> None:
             nn.init.normal_(p, 0.0, 0.02)
         return ex
     run("experts v3 (8 x 2048, 4096 tok each) fwd+bwd", make_experts, (N, h), 3 * 3 * 2 * N * E * h * inter,
-        extra_args=(idx, wts))
+        extra_args=(idx, wts), experts=True)
     if not quick:
-        # `small`: 64 experts of width 512, 16384 tokens x top-6 -> 1536 per expert (FP8 expected to lose)
+        # `small`: 64 experts of width 512, 16384 tokens x top-6 -> 1536 per expert
         E2, h2, i2, N2, k2 = 64, 1024, 512, 16384, 6
         idx2 = (torch.arange(N2, device="cuda")[:, None] * k2 + torch.arange(k2, device="cuda")) % E2
         wts2 = torch.full((N2, k2), 1.0 / k2, device="cuda")
         run("experts small (64 x 512, 1536 tok each) fwd+bwd", lambda: make_experts(E2, h2, i2), (N2, h2),
-            3 * 3 * 2 * N2 * k2 * h2 * i2, extra_args=(idx2, wts2))
+            3 * 3 * 2 * N2 * k2 * h2 * i2, extra_args=(idx2, wts2), experts=True)
+    names = [v for v in ("fp8-eager", "fp8-fused", "fp8-grouped")]
+    print(f"\n{'block':48s} {'bf16 ms':>8s} " + " ".join(f"{n + ' ms (x)':>20s}" for n in names)
+          + "   peak GiB bf16/" + "/".join(n.split("-")[1] for n in names))
+    for r in rows:
+        cells = []
+        for n in names:
+            cells.append(f"{r[n + '_ms']:9.2f} ({r[n + '_speedup']:4.2f}x)" if n + "_ms" in r else f"{'-':>20s}")
+        peaks = "/".join(f"{r[n + '_peak_gib']:.2f}" if n + "_peak_gib" in r else "-" for n in ["bf16"] + names)
+        print(f"{r['name']:48s} {r.get('bf16_ms', float('nan')):8.2f} " + " ".join(f"{c:>20s}" for c in cells) + "   " + peaks)
     out["layer"] = rows
 
 

@@ -13,6 +13,12 @@
   On CUDA (SM90) through `torch._scaled_mm` with block-wise scales; elsewhere (CPU) an exact
   emulation: dequantize, then matmul in fp32. The forward caches x for the backward in FP8 only
   (its 128x1-tiled copy, the only form the backward needs): 1 byte per element.
+- Fused path (CUDA: the Triton kernels of nanoseek.fp8_triton; `TorchKernels` is its plain-PyTorch
+  reference): each activation / activation gradient is read once to write its 1x128 copy and its
+  128x1 copy (transposed, per token segment, zero-padded to whole tiles); each weight once to write
+  W's and W^T's 128x128 blocks (the Dgrad operand: same blocks, only the layout changes); routed
+  experts quantize all tokens and all experts in one launch each, then run one grouped GEMM launch
+  (or a per-expert loop) for Fprop, Dgrad and the K-grouped Wgrad. CPU keeps the per-op path.
 - `convert(model)` swaps modules in place from outside the model (class swap: same parameters,
   same state_dict keys, so checkpoints still save and load in the HF layout). The embedding,
   output head, router, norms, MTP eh_proj and the attention core stay in high precision.
@@ -45,10 +51,18 @@ class FP8Config:
     `cache_fp8`: save the Linear input for the backward as its FP8 128x1 copy (else keep the
     high-precision tensor and quantize it in the backward). `backend`: "auto" (scaled_mm on
     SM90 CUDA, emulation on CPU, dequantize + bf16 GEMM on other GPUs), "emulate", "dequant",
-    "scaled_mm"."""
+    "scaled_mm". `kernels`: the quantizers' implementation: "auto" (the fused Triton kernels of
+    nanoseek.fp8_triton for CUDA tensors when Triton imports, else the per-op PyTorch path),
+    "triton" (required), "torch" (the fused path's data layouts computed in plain PyTorch: the
+    reference the Triton kernels are checked against, and how the CPU tests run that path), "off"
+    (the per-op PyTorch quantizers, transposes included). `grouped`: the routed experts' GEMMs on
+    the fused path: "auto" (the Triton grouped kernel when kernels are Triton on SM89+, else the
+    loop), "triton" (one launch per GEMM for all experts), "loop" (one `fp8_gemm` per expert)."""
     pow2_scales: bool = False
     cache_fp8: bool = True
     backend: str = "auto"
+    kernels: str = "auto"
+    grouped: str = "auto"
 
 
 DEFAULT_CONFIG = FP8Config()
@@ -133,13 +147,200 @@ def quantize_128x1(x: torch.Tensor, pow2: bool = False) -> Fp8Tensor:
     return quantize(x, COL, pow2)
 
 
-ROW_QUANTIZER = None  # optional fused 1x128 quantizer for CUDA tensors (nanoseek.fp8_triton.install())
-
-
 def _quant(x: torch.Tensor, tile: tuple[int, int], pow2: bool) -> Fp8Tensor:
-    if tile == ACT and ROW_QUANTIZER is not None and x.is_cuda and x.dim() == 2:
-        return ROW_QUANTIZER(x, pow2)
     return quantize(x, tile, pow2)
+
+
+# ----------------------------------------------------------------------------------- fused-path layouts
+class TileMap(NamedTuple):
+    """Token segments (the experts' ranges of tokens sorted by expert; one segment for a dense
+    Linear) cut into 128-token tiles that never cross a segment, for the fused kernels.
+    prog [6, P] int32 (P = n_tiles; per tile: its index, first row, rows, its segment's first tile,
+    the segment's tile count, the segment); seg [4, E] int32 (per segment: first row, rows, first
+    tile, tiles). sizes and tile_starts are the same on the host."""
+    sizes: list[int]
+    tile_starts: list[int]
+    n_tiles: int
+    prog: torch.Tensor
+    seg: torch.Tensor
+
+
+def tile_map(sizes: list[int], device) -> TileMap:
+    """The TileMap of contiguous segments of sizes[e] rows (built on the host, one copy to device)."""
+    sizes = [int(n) for n in sizes]
+    ntiles = [math.ceil(n / BLOCK) for n in sizes]
+    starts, tstarts, r, t = [], [], 0, 0
+    for n, nt in zip(sizes, ntiles):
+        starts.append(r)
+        tstarts.append(t)
+        r += n
+        t += nt
+    seg_of = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(ntiles, dtype=torch.int64))  # [P]
+    s_start, s_rows = torch.tensor(starts, dtype=torch.int64), torch.tensor(sizes, dtype=torch.int64)
+    s_tstart, s_ntiles = torch.tensor(tstarts, dtype=torch.int64), torch.tensor(ntiles, dtype=torch.int64)
+    j = torch.arange(t) - s_tstart[seg_of]  # tile number within its segment
+    row0 = s_start[seg_of] + BLOCK * j
+    nrow = (s_rows[seg_of] - BLOCK * j).clamp(max=BLOCK)
+    prog = torch.stack([torch.arange(t), row0, nrow, s_tstart[seg_of], s_ntiles[seg_of], seg_of])
+    seg = torch.stack([s_start, s_rows, s_tstart, s_ntiles])
+    if r >= 2**31 or t * BLOCK >= 2**31:
+        raise ValueError(f"tile_map: {r} rows is too many for int32 offsets")
+    both = torch.cat([prog.flatten(), seg.flatten()]).to(torch.int32).to(device)
+    return TileMap(sizes, tstarts, t, both[:prog.numel()].view(6, t), both[prog.numel():].view(4, len(sizes)))
+
+
+_DENSE_MAPS: dict[tuple, TileMap] = {}
+
+
+def dense_tile_map(rows: int, device) -> TileMap:
+    """The one-segment TileMap of a dense Linear's rows (cached per size and device)."""
+    key = (rows, str(device))
+    if key not in _DENSE_MAPS:
+        if len(_DENSE_MAPS) > 64:
+            _DENSE_MAPS.clear()
+        _DENSE_MAPS[key] = tile_map([rows], device)
+    return _DENSE_MAPS[key]
+
+
+class SegmentsT(NamedTuple):
+    """The 128x1-tile quantization of x [T, C], per segment of a TileMap, stored transposed (the
+    Wgrad operand: 1x128 tiles along tokens, K-major): segment e is data[C*128*ts_e : C*128*(ts_e+t_e)]
+    viewed [C, 128 t_e] (its tokens zero-padded to whole tiles) with scales scale[ts_e : ts_e+t_e]
+    [t_e, C] (one per 128 tokens per channel). data [n_tiles*128*C] E4M3, scale [n_tiles, C] fp32."""
+    data: torch.Tensor
+    scale: torch.Tensor
+    C: int
+
+    def segment(self, tm: TileMap, e: int) -> Fp8Tensor:
+        """Segment e as an Fp8Tensor [C, 128 t_e] with 1x128 tiles (scale [C, t_e], M-major)."""
+        ts = tm.tile_starts[e]
+        nt = math.ceil(tm.sizes[e] / BLOCK)
+        data = self.data[self.C * BLOCK * ts:self.C * BLOCK * (ts + nt)].view(self.C, BLOCK * nt)
+        return Fp8Tensor(data, self.scale[ts:ts + nt].t(), ACT)
+
+
+class TorchKernels:
+    """The fused path's ops in plain PyTorch, same layouts and values as nanoseek.fp8_triton's
+    kernels (they are checked against these, bit for bit for the quantizers)."""
+    name = "torch"
+
+    @staticmethod
+    def quantize_act_dual(x: torch.Tensor, tm: TileMap, pow2: bool = False, rows: bool = True,
+                          cols: bool = True) -> tuple[Fp8Tensor | None, SegmentsT | None]:
+        """x [T, C] -> (1x128 quantization, scale M-major; per-segment 128x1 `SegmentsT`)."""
+        T, C = x.shape
+        row = None
+        if rows:
+            row = quantize(x, ACT, pow2)
+            row = Fp8Tensor(row.data, row.scale.t().contiguous().t(), ACT)  # [T, L], strides (1, T)
+        col = None
+        if cols:
+            datas, scales = [], []
+            for start, n in zip(torch.tensor([0] + tm.sizes).cumsum(0).tolist(), tm.sizes):
+                if n:
+                    seg = F.pad(x[start:start + n], (0, 0, 0, math.ceil(n / BLOCK) * BLOCK - n))  # [128 t_e, C]
+                    q = quantize(seg.t(), ACT, pow2)  # data [C, 128 t_e], scale [C, t_e]
+                    datas.append(q.data.reshape(-1))
+                    scales.append(q.scale.t())
+            data = torch.cat(datas) if datas else x.new_empty(0, dtype=E4M3)
+            scale = torch.cat(scales) if scales else x.new_empty(0, C, dtype=torch.float32)
+            col = SegmentsT(data, scale, C)
+        return row, col
+
+    @staticmethod
+    def quantize_weight_dual(w: torch.Tensor, pow2: bool = False, transposed: bool = True
+                             ) -> tuple[Fp8Tensor, Fp8Tensor | None]:
+        """W [..., N, K] -> (128x128 quantization, that of W^T: the same blocks transposed)."""
+        wq = quantize(w, WEIGHT, pow2)
+        return wq, (wq.t() if transposed else None)
+
+    @staticmethod
+    def grouped_gemm(a: Fp8Tensor, b: Fp8Tensor, tm: TileMap, out_dtype: torch.dtype,
+                     backend: str = "auto") -> torch.Tensor:
+        """out[T, N]: segment e of a [T, K] (1x128) times b[e] [N, K]^T (128x128); one GEMM per expert."""
+        out = a.data.new_empty(a.data.shape[0], b.data.shape[-2], dtype=out_dtype)
+        start = 0
+        for e, n in enumerate(tm.sizes):
+            if n:
+                out[start:start + n] = fp8_gemm(a.rows(start, start + n), Fp8Tensor(b.data[e], b.scale[e], b.tile),
+                                                out_dtype, backend)
+            start += n
+        return out
+
+    @staticmethod
+    def grouped_wgrad(a: SegmentsT, b: SegmentsT, tm: TileMap, backend: str = "auto") -> torch.Tensor:
+        """dW [E, N, K] fp32 = a_e b_e^T per segment (zeros for an empty one); one GEMM per expert."""
+        out = torch.zeros(len(tm.sizes), a.C, b.C, dtype=torch.float32, device=a.scale.device)
+        for e, n in enumerate(tm.sizes):
+            if n:
+                out[e] = fp8_gemm(a.segment(tm, e), b.segment(tm, e), torch.float32, backend)
+        return out
+
+
+TORCH_KERNELS = TorchKernels()
+_TRITON_KERNELS = None  # nanoseek.fp8_triton.KERNELS once imported; False when it failed
+_TRITON_ERROR = ""
+
+
+def _kernels(cfg: "FP8Config", x: torch.Tensor):
+    """The fused path's ops for this config and device, or None for the per-op path."""
+    global _TRITON_KERNELS, _TRITON_ERROR
+    if cfg.kernels == "off":
+        return None
+    if cfg.kernels == "torch":
+        return TORCH_KERNELS
+    if cfg.kernels not in ("auto", "triton"):
+        raise ValueError(f"FP8Config.kernels: unknown value {cfg.kernels!r} (auto, triton, torch, off)")
+    if x.is_cuda:
+        if _TRITON_KERNELS is None:
+            try:
+                from .fp8_triton import KERNELS
+                _TRITON_KERNELS = KERNELS
+            except Exception as e:  # noqa: BLE001  (no Triton, or one without E4M3)
+                _TRITON_KERNELS, _TRITON_ERROR = False, repr(e)
+        if _TRITON_KERNELS:
+            return _TRITON_KERNELS
+    if cfg.kernels == "triton":
+        raise RuntimeError(f"FP8Config(kernels='triton') needs CUDA tensors and Triton "
+                           f"(device {x.device}{'; ' + _TRITON_ERROR if _TRITON_ERROR else ''})")
+    return None
+
+
+_GROUPED_CHECKED: set = set()  # "fprop" / "dgrad" / "wgrad": the Triton grouped kernel agreed with the loop
+_GROUPED_BROKEN: dict[str, str] = {}  # use -> why the loop is used instead
+
+
+def _grouped_checked(use: str, kern, *args):
+    """The Triton grouped GEMM for `use` ("fprop", "dgrad": kern.grouped_gemm; "wgrad":
+    kern.grouped_wgrad) on args; its first call per use is compared with the per-expert loop on the
+    same operands (relative error below 1e-2, as for _scaled_mm), and a kernel that disagrees is
+    replaced by the loop from then on."""
+    loop = TORCH_KERNELS.grouped_wgrad if use == "wgrad" else TORCH_KERNELS.grouped_gemm
+    if use in _GROUPED_BROKEN:
+        return loop(*args)
+    out = (kern.grouped_wgrad if use == "wgrad" else kern.grouped_gemm)(*args)
+    if use not in _GROUPED_CHECKED:
+        _GROUPED_CHECKED.add(use)
+        ref = loop(*args).float()
+        err = ((out.float() - ref).norm() / ref.norm().clamp(min=1e-30)).item()
+        if not err < 1e-2:
+            _GROUPED_BROKEN[use] = f"relative error {err:.3g} vs the per-expert loop"
+            warnings.warn(f"fp8: the Triton grouped {use} GEMM disagrees with the per-expert loop "
+                          f"({_GROUPED_BROKEN[use]}); using the loop instead")
+            return ref.to(out.dtype)
+    return out
+
+
+def _grouped_impl(cfg: "FP8Config", kern, x: torch.Tensor) -> str:
+    if cfg.grouped not in ("auto", "triton", "loop"):
+        raise ValueError(f"FP8Config.grouped: unknown value {cfg.grouped!r} (auto, triton, loop)")
+    if getattr(kern, "name", "") != "triton":
+        if cfg.grouped == "triton":
+            raise RuntimeError("FP8Config(grouped='triton') needs the Triton kernels (kernels='auto' or 'triton' on CUDA)")
+        return "loop"
+    if cfg.grouped == "auto":
+        return "triton" if torch.cuda.get_device_capability(x.device) >= (8, 9) else "loop"
+    return cfg.grouped
 
 
 # ----------------------------------------------------------------------------------- GEMMs
@@ -255,26 +456,58 @@ def _out_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 class _FP8LinearFn(torch.autograd.Function):
-    """y = x W^T with all three GEMMs in FP8 (module docstring)."""
+    """y = x W^T with all three GEMMs in FP8 (module docstring). With fused kernels (`_kernels`):
+    x and dy are each read once to produce their 1x128 and (transposed) 128x1 quantizations, and
+    W once for W's and W^T's 128x128 blocks; else the per-op quantizers (transposes included)."""
 
     @staticmethod
     def forward(ctx, x, weight, out_dtype, cfg: FP8Config):
         K = x.shape[-1]
         x2 = x.reshape(-1, K)
-        xq = _quant(x2, ACT, cfg.pow2_scales)
-        wq = quantize(weight, WEIGHT, cfg.pow2_scales)
-        y = fp8_gemm(xq, wq, out_dtype, cfg.backend)
-        if cfg.cache_fp8:  # x^T in 1x128 tiles along tokens == x in 128x1 tiles, K-major for Wgrad
-            xt = _quant(x2.t(), ACT, cfg.pow2_scales)
-            ctx.save_for_backward(xt.data, xt.scale, wq.data, wq.scale)
+        kern = _kernels(cfg, x)
+        ctx.kern = kern
+        if kern is not None:
+            tm = dense_tile_map(x2.shape[0], x.device)
+            xq, xt = kern.quantize_act_dual(x2, tm, cfg.pow2_scales, rows=True, cols=cfg.cache_fp8)
+            wq, wqt = kern.quantize_weight_dual(weight, cfg.pow2_scales, transposed=True)
+            y = fp8_gemm(xq, wq, out_dtype, cfg.backend)
+            saved = (xt.data, xt.scale) if cfg.cache_fp8 else (x2,)
+            ctx.save_for_backward(*saved, wqt.data, wqt.scale)  # only W^T is needed (Dgrad)
+            ctx.tm = tm
         else:
-            ctx.save_for_backward(x2, wq.data, wq.scale)
+            xq = _quant(x2, ACT, cfg.pow2_scales)
+            wq = quantize(weight, WEIGHT, cfg.pow2_scales)
+            y = fp8_gemm(xq, wq, out_dtype, cfg.backend)
+            if cfg.cache_fp8:  # x^T in 1x128 tiles along tokens == x in 128x1 tiles, K-major for Wgrad
+                xt = _quant(x2.t(), ACT, cfg.pow2_scales)
+                ctx.save_for_backward(xt.data, xt.scale, wq.data, wq.scale)
+            else:
+                ctx.save_for_backward(x2, wq.data, wq.scale)
         ctx.cfg, ctx.x_shape, ctx.x_dtype, ctx.w_dtype = cfg, x.shape, x.dtype, weight.dtype
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, dy):
-        cfg = ctx.cfg
+        cfg, kern = ctx.cfg, ctx.kern
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        dx = dw = None
+        if kern is not None:
+            if cfg.cache_fp8:
+                xt_data, xt_scale, wt_data, wt_scale = ctx.saved_tensors
+                xt = SegmentsT(xt_data, xt_scale, ctx.x_shape[-1])
+            else:
+                x2, wt_data, wt_scale = ctx.saved_tensors
+                xt = None
+            tm = ctx.tm
+            dyq, dyt = kern.quantize_act_dual(dy2, tm, cfg.pow2_scales, rows=ctx.needs_input_grad[0],
+                                              cols=ctx.needs_input_grad[1])
+            if ctx.needs_input_grad[0]:  # Dgrad: dx = dy W; B = W^T [K, N] in 128x128 blocks
+                dx = fp8_gemm(dyq, Fp8Tensor(wt_data, wt_scale, WEIGHT), ctx.x_dtype, cfg.backend).view(ctx.x_shape)
+            if ctx.needs_input_grad[1]:  # Wgrad: dW[N, K] = dy^T x, both 1x128 along tokens (zero-padded)
+                if xt is None:
+                    _, xt = kern.quantize_act_dual(x2, tm, cfg.pow2_scales, rows=False, cols=True)
+                dw = fp8_gemm(dyt.segment(tm, 0), xt.segment(tm, 0), torch.float32, cfg.backend).to(ctx.w_dtype)
+            return dx, dw, None, None
         if cfg.cache_fp8:
             xt_data, xt_scale, w_data, w_scale = ctx.saved_tensors
             xt = Fp8Tensor(xt_data, xt_scale, ACT)
@@ -282,8 +515,6 @@ class _FP8LinearFn(torch.autograd.Function):
             x2, w_data, w_scale = ctx.saved_tensors
             xt = None
         wq = Fp8Tensor(w_data, w_scale, WEIGHT)
-        dy2 = dy.reshape(-1, dy.shape[-1])
-        dx = dw = None
         if ctx.needs_input_grad[0]:  # Dgrad: dx[M, K] = dy[M, N] @ W[N, K]; B = W^T [K, N], 128x128
             dx = fp8_gemm(_quant(dy2, ACT, cfg.pow2_scales), wq.t(), ctx.x_dtype, cfg.backend)
             dx = dx.view(ctx.x_shape)
@@ -316,11 +547,27 @@ class FP8Linear(nn.Linear):
 class _FP8GroupedLinearFn(torch.autograd.Function):
     """Per-expert y_e = x_e W_e^T over contiguous token segments (tokens sorted by expert).
     The 1x128 quantizations (x, dy) are per token, so they run once over all tokens; the 128x1
-    ones (Wgrad operands) are per expert segment, as in DeepSeek's K-grouped Wgrad GEMM."""
+    ones (Wgrad operands) are per expert segment, as in DeepSeek's K-grouped Wgrad GEMM.
+    With fused kernels every quantization is one launch for all experts (x, dy: both tilings in
+    one read; W: W and W^T), and the GEMMs are either one grouped launch or a per-expert loop."""
 
     @staticmethod
-    def forward(ctx, x, weight, sizes: list[int], out_dtype, cfg: FP8Config):
+    def forward(ctx, x, weight, sizes: list[int], out_dtype, cfg: FP8Config, tm: TileMap | None):
         E, N, K = weight.shape
+        kern = _kernels(cfg, x)
+        ctx.sizes, ctx.cfg, ctx.x_dtype, ctx.w_dtype, ctx.kern = sizes, cfg, x.dtype, weight.dtype, kern
+        if kern is not None:
+            tm = tm if tm is not None else tile_map(sizes, x.device)
+            impl = _grouped_impl(cfg, kern, x)
+            xq, xt = kern.quantize_act_dual(x, tm, cfg.pow2_scales, rows=True, cols=True)
+            wq, wqt = kern.quantize_weight_dual(weight, cfg.pow2_scales, transposed=True)  # [E, N, K], [E, K, N]
+            if impl == "triton":
+                y = _grouped_checked("fprop", kern, xq, wq, tm, out_dtype)
+            else:
+                y = TORCH_KERNELS.grouped_gemm(xq, wq, tm, out_dtype, cfg.backend)
+            ctx.tm, ctx.impl = tm, impl
+            ctx.save_for_backward(xt.data, xt.scale, wqt.data, wqt.scale)
+            return y
         xq = _quant(x, ACT, cfg.pow2_scales)
         wq = quantize(weight, WEIGHT, cfg.pow2_scales)  # [E, N, K], blocks never cross experts
         y = x.new_empty(x.shape[0], N, dtype=out_dtype)
@@ -333,14 +580,29 @@ class _FP8GroupedLinearFn(torch.autograd.Function):
             else:
                 xts.append(None)
             start += n
-        ctx.sizes, ctx.cfg, ctx.x_dtype, ctx.w_dtype = sizes, cfg, x.dtype, weight.dtype
         ctx.xts = xts
         ctx.save_for_backward(wq.data, wq.scale)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        cfg = ctx.cfg
+        cfg, kern = ctx.cfg, ctx.kern
+        if kern is not None:
+            xt_data, xt_scale, wt_data, wt_scale = ctx.saved_tensors
+            tm = ctx.tm
+            xt = SegmentsT(xt_data, xt_scale, wt_data.shape[1])
+            dyq, dyt = kern.quantize_act_dual(dy.contiguous(), tm, cfg.pow2_scales, rows=ctx.needs_input_grad[0],
+                                              cols=ctx.needs_input_grad[1])
+            dx = dw = None
+            if ctx.needs_input_grad[0]:  # Dgrad per expert: dx_e = dy_e W_e; B = W_e^T [K, N], 128x128
+                wqt = Fp8Tensor(wt_data, wt_scale, WEIGHT)
+                dx = (_grouped_checked("dgrad", kern, dyq, wqt, tm, ctx.x_dtype) if ctx.impl == "triton"
+                      else TORCH_KERNELS.grouped_gemm(dyq, wqt, tm, ctx.x_dtype, cfg.backend))
+            if ctx.needs_input_grad[1]:  # Wgrad per expert: dW_e = dy_e^T x_e (128x1 tiles within the segment)
+                dw = (_grouped_checked("wgrad", kern, dyt, xt, tm) if ctx.impl == "triton"
+                      else TORCH_KERNELS.grouped_wgrad(dyt, xt, tm, cfg.backend))
+                dw = dw.to(ctx.w_dtype)
+            return dx, dw, None, None, None, None
         w_data, w_scale = ctx.saved_tensors
         dyq = _quant(dy, ACT, cfg.pow2_scales) if ctx.needs_input_grad[0] else None
         dx = dy.new_zeros(dy.shape[0], w_data.shape[2], dtype=ctx.x_dtype) if ctx.needs_input_grad[0] else None
@@ -356,13 +618,14 @@ class _FP8GroupedLinearFn(torch.autograd.Function):
                     dw[e] = fp8_gemm(dyt, ctx.xts[e], torch.float32, cfg.backend)
             start += n
         ctx.xts = None
-        return dx, (dw.to(ctx.w_dtype) if dw is not None else None), None, None, None
+        return dx, (dw.to(ctx.w_dtype) if dw is not None else None), None, None, None, None
 
 
 def fp8_grouped_linear(x: torch.Tensor, weight: torch.Tensor, sizes: list[int], cfg: FP8Config | None = None,
-                       out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """x [sum(sizes), K] sorted by expert, weight [E, N, K] -> [sum(sizes), N] (FP8 GEMMs)."""
-    return _FP8GroupedLinearFn.apply(x, weight, list(sizes), out_dtype or _out_dtype(x), cfg or DEFAULT_CONFIG)
+                       out_dtype: torch.dtype | None = None, tm: TileMap | None = None) -> torch.Tensor:
+    """x [sum(sizes), K] sorted by expert, weight [E, N, K] -> [sum(sizes), N] (FP8 GEMMs). `tm`:
+    the segments' TileMap when the caller shares one between several calls (fused path only)."""
+    return _FP8GroupedLinearFn.apply(x, weight, list(sizes), out_dtype or _out_dtype(x), cfg or DEFAULT_CONFIG, tm)
 
 
 def _experts_base():
@@ -385,9 +648,10 @@ class FP8Experts(_experts_base()):
         dtype = _out_dtype(x)
         xs = x[order // k]  # [N*k, h], grouped by expert; quantized straight from x's dtype
         cfg = self.fp8_config
-        hidden = (F.silu(fp8_grouped_linear(xs, self.gate_proj, sizes, cfg, dtype))
-                  * fp8_grouped_linear(xs, self.up_proj, sizes, cfg, dtype))
-        ys = fp8_grouped_linear(hidden, self.down_proj, sizes, cfg, dtype)
+        tm = tile_map(sizes, x.device) if _kernels(cfg, x) is not None else None  # shared by the 3 GEMMs
+        hidden = (F.silu(fp8_grouped_linear(xs, self.gate_proj, sizes, cfg, dtype, tm))
+                  * fp8_grouped_linear(xs, self.up_proj, sizes, cfg, dtype, tm))
+        ys = fp8_grouped_linear(hidden, self.down_proj, sizes, cfg, dtype, tm)
         ys = ys.float() * weights.reshape(-1)[order, None].float()
         unsorted = torch.empty_like(ys)
         unsorted[order] = ys

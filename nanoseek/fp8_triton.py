@@ -1,18 +1,68 @@
-"""Fused FP8 quantization on CUDA (Triton): one pass reads x, writes E4M3 data and the fp32
-scales in the layout `torch._scaled_mm` wants. Same formulas as `nanoseek.fp8.quantize`
-(max(amax, eps) / 448, optional power-of-two round-up, clamp, round-to-nearest-even cast) with
-IEEE-rounded divisions, so results are bit-identical to the PyTorch version; the benchmark
-checks that on the GPU. Only the 1x128 (per token) tiling along the last dim is fused."""
+"""FP8 kernels for CUDA in Triton: the quantizers and grouped GEMMs of nanoseek/fp8.py's fused path.
+
+Quantizers (same formulas as `nanoseek.fp8.quantize`: s = max(amax, eps) / 448 with IEEE-rounded
+division, optional power-of-two round-up, q = e4m3_rne(clamp(x / s, +-448)); bit-identical to the
+PyTorch reference, which the GPU benchmark checks before timing):
+- `quantize_rows`: 1x128 tiles along the last dim (kept for the GEMM benchmarks).
+- `quantize_act_dual`: one read of an activation (or activation gradient) x [T, C] writes both its
+  1x128 quantization (for Fprop / Dgrad) and its 128x1 quantization stored transposed, per token
+  segment (for Wgrad): no transpose copy, no second pass. Segments are the experts' token ranges
+  (tokens sorted by expert) or the whole tensor for a dense Linear; tiles never cross a segment.
+- `quantize_weight_dual`: 128x128 blocks of W [..., N, K], writing W's FP8 data and its transpose
+  (the Dgrad operand: same blocks and scales, only the layout changes) in one pass.
+
+GEMMs (fp32 accumulation with the scales applied every 128 elements of the contraction, the
+DeepSeek promotion scheme: each `tl.dot` covers exactly one 128-wide scale group):
+- `grouped_gemm`: out[T, N] = A[T, K] (1x128) x B_e[N, K]^T (128x128) per expert segment
+  (Fprop and Dgrad of the routed experts, one launch for all experts).
+- `grouped_wgrad`: dW[E, N, K] = dy_e^T x_e, both operands in 128x1 tiles (the K-grouped Wgrad).
+"""
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
 import triton.language as tl
 
-from .fp8 import ACT, E4M3, E4M3_MAX, EPS, Fp8Tensor
+from .fp8 import ACT, BLOCK, E4M3, EPS, WEIGHT, Fp8Tensor, SegmentsT, TileMap
+
+if not hasattr(tl, "float8e4nv"):
+    raise ImportError("this Triton has no float8e4nv (E4M3) type")
 
 
+# ----------------------------------------------------------------------------------- helpers
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's interpreter runs on CPU tensors
+
+
+def _on_device(t: torch.Tensor) -> bool:
+    return t.is_cuda or _INTERPRET
+
+
+@triton.jit
+def _scale_from_amax(amax, EPS_C: tl.constexpr, POW2: tl.constexpr):
+    """s = max(amax, eps) / 448 (IEEE division), optionally 2^ceil(log2 s) by bit manipulation."""
+    amax = tl.maximum(amax, EPS_C)
+    s = tl.math.div_rn(amax, tl.full(amax.shape, 448.0, tl.float32))
+    if POW2:
+        bits = s.to(tl.int32, bitcast=True)
+        exp = (bits >> 23) & 0xFF
+        exp = exp + ((bits & 0x7FFFFF) != 0).to(tl.int32)
+        exp = tl.minimum(tl.maximum(exp, 1), 254)
+        s = (exp << 23).to(tl.float32, bitcast=True)
+    return s
+
+
+@triton.jit
+def _to_e4m3(x, s):
+    """e4m3(clamp(x / s, -448, 448)), round to nearest even; s broadcasts against x."""
+    q = tl.math.div_rn(x, s)
+    q = tl.minimum(tl.maximum(q, -448.0), 448.0)
+    return q.to(tl.float8e4nv)
+
+
+# ----------------------------------------------------------------------------------- 1x128 rows
 @triton.jit
 def _quant_rows_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm,
                        EPS_C: tl.constexpr, POW2: tl.constexpr, BLOCK_K: tl.constexpr, ROWS: tl.constexpr):
@@ -22,18 +72,8 @@ def _quant_rows_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm,
     cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     mask = (rows[:, None] < M) & (cols[None, :] < K)
     x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    amax = tl.max(tl.abs(x), axis=1)
-    amax = tl.maximum(amax, EPS_C)
-    s = tl.math.div_rn(amax, tl.full(amax.shape, 448.0, tl.float32))
-    if POW2:
-        bits = s.to(tl.int32, bitcast=True)
-        exp = (bits >> 23) & 0xFF
-        exp = exp + ((bits & 0x7FFFFF) != 0).to(tl.int32)
-        exp = tl.minimum(tl.maximum(exp, 1), 254)
-        s = (exp << 23).to(tl.float32, bitcast=True)
-    q = tl.math.div_rn(x, s[:, None])
-    q = tl.minimum(tl.maximum(q, -448.0), 448.0)
-    tl.store(q_ptr + rows[:, None] * stride_qm + cols[None, :], q.to(tl.float8e4nv), mask=mask)
+    s = _scale_from_amax(tl.max(tl.abs(x), axis=1), EPS_C, POW2)
+    tl.store(q_ptr + rows[:, None] * stride_qm + cols[None, :], _to_e4m3(x, s[:, None]), mask=mask)
     # scales M-major ([M, L] with strides (1, M)): what _scaled_mm's 1x128 operand wants
     tl.store(s_ptr + pid_k * M + rows, s, mask=rows < M)
 
@@ -41,24 +81,268 @@ def _quant_rows_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm,
 def quantize_rows(x: torch.Tensor, pow2: bool = False) -> Fp8Tensor:
     """1x128 quantization of a 2-D CUDA tensor [M, K] (last dim contiguous): E4M3 data [M, K],
     scales [M, ceil(K/128)] stored M-major."""
-    assert x.is_cuda and x.dim() == 2
+    if not (_on_device(x) and x.dim() == 2):
+        raise ValueError(f"quantize_rows: needs a 2-D CUDA tensor, got {tuple(x.shape)} on {x.device}")
     if x.stride(1) != 1:
         x = x.contiguous()
     M, K = x.shape
-    L = triton.cdiv(K, 128)
+    L = triton.cdiv(K, BLOCK)
     q = torch.empty(M, K, dtype=E4M3, device=x.device)
     s = torch.empty(L, M, dtype=torch.float32, device=x.device)
     ROWS = 16
     _quant_rows_kernel[(triton.cdiv(M, ROWS), L)](x, q, s, M, K, x.stride(0), q.stride(0), EPS_C=EPS,
-                                                  POW2=pow2, BLOCK_K=128, ROWS=ROWS, num_warps=4)
+                                                  POW2=pow2, BLOCK_K=BLOCK, ROWS=ROWS, num_warps=4)
     return Fp8Tensor(q, s.t(), ACT)
 
 
+# ----------------------------------------------------------------------------------- 1x128 + 128x1
+@triton.jit
+def _quant_dual_kernel(x_ptr, qr_ptr, sr_ptr, qc_ptr, sc_ptr, prog_ptr, T, C, P, stride_xm,
+                       EPS_C: tl.constexpr, POW2: tl.constexpr, ROWS_OUT: tl.constexpr, COLS_OUT: tl.constexpr):
+    p = tl.program_id(0)  # token tile (never crosses a segment)
+    cb = tl.program_id(1)  # 128-channel block
+    tile = tl.load(prog_ptr + p)  # global tile index == p; rows of the tile:
+    row0 = tl.load(prog_ptr + P + p).to(tl.int64)
+    nrow = tl.load(prog_ptr + 2 * P + p)
+    r = tl.arange(0, 128)
+    c = cb * 128 + tl.arange(0, 128)
+    rmask = r < nrow
+    cmask = c < C
+    mask = rmask[:, None] & cmask[None, :]
+    rows = row0 + r
+    x = tl.load(x_ptr + rows[:, None] * stride_xm + c[None, :], mask=mask, other=0.0).to(tl.float32)  # [128 tok, 128 ch]
+    ax = tl.abs(x)
+    if ROWS_OUT:  # 1x128: one scale per token per 128 channels; scales stored [L, T] (M-major for _scaled_mm)
+        sr = _scale_from_amax(tl.max(ax, axis=1), EPS_C, POW2)
+        tl.store(qr_ptr + rows[:, None] * C + c[None, :], _to_e4m3(x, sr[:, None]), mask=mask)
+        tl.store(sr_ptr + cb * T + rows, sr, mask=rmask)
+    if COLS_OUT:  # 128x1: one scale per channel per 128 tokens, data written transposed [C, 128] per tile
+        sc = _scale_from_amax(tl.max(ax, axis=0), EPS_C, POW2)
+        qc = _to_e4m3(tl.trans(x), sc[:, None])  # [128 ch, 128 tok] (transposed in fp32); padded tokens -> 0
+        # segment e's block: [C, 128 t_e] row-major at C * 128 * ts_e; this tile's columns: 128 (tile - ts_e)
+        first = tl.load(prog_ptr + 3 * P + p)  # the segment's first tile ts_e
+        ntiles = tl.load(prog_ptr + 4 * P + p)  # t_e
+        base = first.to(tl.int64) * 128 * C
+        ld = 128 * ntiles.to(tl.int64)
+        col0 = 128 * (tile - first)
+        tl.store(qc_ptr + base + c[:, None].to(tl.int64) * ld + col0 + r[None, :], qc, mask=cmask[:, None])
+        tl.store(sc_ptr + tile.to(tl.int64) * C + c, sc, mask=cmask)
+
+
+def quantize_act_dual(x: torch.Tensor, tm: TileMap, pow2: bool = False, rows: bool = True,
+                      cols: bool = True) -> tuple[Fp8Tensor | None, SegmentsT | None]:
+    """x [T, C] (CUDA, last dim contiguous) -> (1x128 quantization: data [T, C], scale [T, L]
+    M-major; 128x1 quantization per segment of `tm`, transposed: `SegmentsT`). Either can be
+    skipped (rows / cols False). One launch, one read of x."""
+    if not (_on_device(x) and x.dim() == 2):
+        raise ValueError(f"quantize_act_dual: needs a 2-D CUDA tensor, got {tuple(x.shape)} on {x.device}")
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    T, C = x.shape
+    if T != sum(tm.sizes):
+        raise ValueError(f"quantize_act_dual: {T} rows but the tile map covers {sum(tm.sizes)}")
+    L = triton.cdiv(C, BLOCK)
+    P = tm.n_tiles
+    dev = x.device
+    qr = torch.empty(T, C, dtype=E4M3, device=dev) if rows else None
+    sr = torch.empty(L, T, dtype=torch.float32, device=dev) if rows else None
+    qc = torch.empty(P * BLOCK * C, dtype=E4M3, device=dev) if cols else None
+    sc = torch.empty(P, C, dtype=torch.float32, device=dev) if cols else None
+    if P and (rows or cols):
+        dummy = torch.empty(1, dtype=torch.float32, device=dev)
+        _quant_dual_kernel[(P, L)](x, qr if rows else dummy, sr if rows else dummy, qc if cols else dummy,
+                                   sc if cols else dummy, tm.prog, T, C, P, x.stride(0), EPS_C=EPS, POW2=pow2,
+                                   ROWS_OUT=rows, COLS_OUT=cols, num_warps=8)
+    return (Fp8Tensor(qr, sr.t(), ACT) if rows else None), (SegmentsT(qc, sc, C) if cols else None)
+
+
+# ----------------------------------------------------------------------------------- 128x128 weights
+@triton.jit
+def _quant_weight_kernel(w_ptr, q_ptr, qt_ptr, s_ptr, N, K, stride_we, stride_wn, nN, nK,
+                         EPS_C: tl.constexpr, POW2: tl.constexpr, WRITE_T: tl.constexpr):
+    nb = tl.program_id(0)
+    kb = tl.program_id(1)
+    e = tl.program_id(2).to(tl.int64)
+    r = nb * 128 + tl.arange(0, 128)
+    c = kb * 128 + tl.arange(0, 128)
+    mask = (r[:, None] < N) & (c[None, :] < K)
+    w = tl.load(w_ptr + e * stride_we + r[:, None] * stride_wn + c[None, :], mask=mask, other=0.0).to(tl.float32)
+    amax = tl.max(tl.max(tl.abs(w), axis=1), axis=0, keep_dims=True)  # [1]
+    s = _scale_from_amax(amax, EPS_C, POW2)  # [1]
+    q = _to_e4m3(w, s[:, None])
+    off = e * N * K
+    tl.store(q_ptr + off + r[:, None] * K + c[None, :], q, mask=mask)
+    if WRITE_T:  # W^T [K, N]: the Dgrad operand, same blocks and scales
+        tl.store(qt_ptr + off + c[:, None] * N + r[None, :], _to_e4m3(tl.trans(w), s[:, None]),
+                 mask=(c[:, None] < K) & (r[None, :] < N))
+    tl.store(s_ptr + e * nN * nK + nb * nK + kb + tl.arange(0, 1), s)
+
+
+def quantize_weight_dual(w: torch.Tensor, pow2: bool = False, transposed: bool = True
+                         ) -> tuple[Fp8Tensor, Fp8Tensor | None]:
+    """W [N, K] or stacked [E, N, K] (CUDA) -> (128x128 quantization of W, that of W^T [.., K, N]
+    (same values, transposed; scales a transposed view) or None)."""
+    if not (_on_device(w) and w.dim() in (2, 3)):
+        raise ValueError(f"quantize_weight_dual: needs a 2-D or 3-D CUDA tensor, got {tuple(w.shape)} on {w.device}")
+    w3 = w if w.dim() == 3 else w.unsqueeze(0)
+    if w3.stride(2) != 1:
+        w3 = w3.contiguous()
+    E, N, K = w3.shape
+    nN, nK = triton.cdiv(N, BLOCK), triton.cdiv(K, BLOCK)
+    q = torch.empty(E, N, K, dtype=E4M3, device=w.device)
+    qt = torch.empty(E, K, N, dtype=E4M3, device=w.device) if transposed else None
+    s = torch.empty(E, nN, nK, dtype=torch.float32, device=w.device)
+    _quant_weight_kernel[(nN, nK, E)](w3, q, qt if transposed else q, s, N, K, w3.stride(0), w3.stride(1), nN, nK,
+                                      EPS_C=EPS, POW2=pow2, WRITE_T=transposed, num_warps=8)
+    if w.dim() == 2:
+        q, s = q[0], s[0]
+        qt = qt[0] if transposed else None
+    wq = Fp8Tensor(q, s, WEIGHT)
+    return wq, (Fp8Tensor(qt, s.transpose(-2, -1), WEIGHT) if transposed else None)
+
+
+# ----------------------------------------------------------------------------------- grouped GEMMs
+def _gemm_configs():
+    cfgs = [triton.Config({"BN": bn, "GROUP_M": 8}, num_warps=w, num_stages=st)
+            for bn, w, st in [(128, 8, 3), (128, 4, 4), (64, 4, 4), (256, 8, 3)]]
+    return cfgs[:1] if _INTERPRET else cfgs
+
+
+@triton.autotune(configs=_gemm_configs(), key=["N", "K"])
+@triton.jit
+def _grouped_gemm_kernel(a_ptr, sa_ptr, b_ptr, sb_ptr, c_ptr, prog_ptr, P, N, K,
+                         stride_am, stride_sam, stride_sak, stride_be, stride_bn,
+                         stride_sbe, stride_sbn, stride_sbk, stride_cm,
+                         BN: tl.constexpr, GROUP_M: tl.constexpr):
+    """out[rows of tile, :] = A[rows, :] B_e^T with A 1x128-scaled [T, K], B_e 128x128-scaled [N, K]."""
+    pid = tl.program_id(0)
+    n_n = tl.cdiv(N, BN)
+    width = GROUP_M * n_n  # L2-friendly order: GROUP_M token tiles share a sweep over N
+    group = pid // width
+    first_m = group * GROUP_M
+    size_m = tl.minimum(P - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % size_m
+    pid_n = (pid % width) // size_m
+    e = tl.load(prog_ptr + 5 * P + pid_m).to(tl.int64)  # the tile's segment (expert)
+    row0 = tl.load(prog_ptr + P + pid_m).to(tl.int64)
+    nrow = tl.load(prog_ptr + 2 * P + pid_m)
+    rm = tl.arange(0, 128)
+    rows = row0 + rm
+    cols = pid_n * BN + tl.arange(0, BN)
+    rk = tl.arange(0, 128)
+    mmask = rm < nrow
+    nmask = cols < N
+    a_ptrs = a_ptr + rows[:, None] * stride_am + rk[None, :]
+    b_ptrs = b_ptr + e * stride_be + cols[:, None].to(tl.int64) * stride_bn + rk[None, :]
+    sa_ptrs = sa_ptr + rows * stride_sam
+    sb_ptrs = sb_ptr + e * stride_sbe + (cols // 128) * stride_sbn
+    acc = tl.zeros((128, BN), dtype=tl.float32)
+    for kb in range(0, (K + 127) // 128):
+        kmask = rk < K - kb * 128
+        a = tl.load(a_ptrs, mask=mmask[:, None] & kmask[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=nmask[:, None] & kmask[None, :], other=0.0)
+        sa = tl.load(sa_ptrs + kb * stride_sak, mask=mmask, other=0.0)
+        sb = tl.load(sb_ptrs + kb * stride_sbk, mask=nmask, other=0.0)
+        acc += tl.dot(a, tl.trans(b)) * sa[:, None] * sb[None, :]  # fp32 promotion every 128
+        a_ptrs += 128
+        b_ptrs += 128
+    tl.store(c_ptr + rows[:, None] * stride_cm + cols[None, :], acc.to(c_ptr.dtype.element_ty),
+             mask=mmask[:, None] & nmask[None, :])
+
+
+def grouped_gemm(a: Fp8Tensor, b: Fp8Tensor, tm: TileMap, out_dtype: torch.dtype) -> torch.Tensor:
+    """out[T, N]: rows of segment e of a [T, K] (1x128) times b[e] [N, K] (128x128)^T, one launch."""
+    if a.tile != ACT or b.tile != WEIGHT or b.data.dim() != 3:
+        raise ValueError(f"grouped_gemm: needs 1x128 A [T, K] and 128x128 B [E, N, K], got {a.tile} and {b.tile}")
+    T, K = a.data.shape
+    E, N, Kb = b.data.shape
+    if Kb != K or E != len(tm.sizes) or T != sum(tm.sizes):
+        raise ValueError(f"grouped_gemm: shapes {tuple(a.data.shape)} x {tuple(b.data.shape)} vs {len(tm.sizes)} segments")
+    if a.data.stride(1) != 1 or b.data.stride(2) != 1:
+        raise ValueError("grouped_gemm: operands must be contiguous along K")
+    out = torch.empty(T, N, dtype=out_dtype, device=a.data.device)
+    P = tm.n_tiles
+    if P == 0 or N == 0:
+        return out
+    sa, sb = a.scale, b.scale
+    grid = lambda meta: (P * triton.cdiv(N, meta["BN"]),)  # noqa: E731
+    _grouped_gemm_kernel[grid](a.data, sa, b.data, sb, out, tm.prog, P, N, K,
+                               a.data.stride(0), sa.stride(0), sa.stride(1), b.data.stride(0), b.data.stride(1),
+                               sb.stride(0), sb.stride(1), sb.stride(2), out.stride(0))
+    return out
+
+
+def _wgrad_configs():
+    cfgs = [triton.Config({"BN": bn, "BK": bk}, num_warps=w, num_stages=st)
+            for bn, bk, w, st in [(128, 128, 8, 3), (128, 128, 4, 4), (64, 128, 4, 4), (128, 256, 8, 3)]]
+    return cfgs[:1] if _INTERPRET else cfgs
+
+
+@triton.autotune(configs=_wgrad_configs(), key=["N", "K"])
+@triton.jit
+def _grouped_wgrad_kernel(a_ptr, sa_ptr, b_ptr, sb_ptr, c_ptr, seg_ptr, E, N, K,
+                          BN: tl.constexpr, BK: tl.constexpr):
+    """dW[e] [N, K] = A_e [N, 128 t_e] B_e [K, 128 t_e]^T over the segment's token tiles, A and B in
+    the `SegmentsT` layout (1x128 along tokens, i.e. 128x1 tiles of dy and x)."""
+    pid = tl.program_id(0)
+    e = tl.program_id(1)
+    n_k = tl.cdiv(K, BK)
+    pid_n = pid // n_k
+    pid_k = pid % n_k
+    first = tl.load(seg_ptr + 2 * E + e).to(tl.int64)  # first tile ts_e
+    ntiles = tl.load(seg_ptr + 3 * E + e)  # t_e
+    ld = tl.multiple_of(128 * ntiles.to(tl.int64), 128)
+    rn = pid_n * BN + tl.arange(0, BN)
+    rk = pid_k * BK + tl.arange(0, BK)
+    rt = tl.arange(0, 128)
+    nmask = rn < N
+    kmask = rk < K
+    a_ptrs = a_ptr + first * 128 * N + rn[:, None].to(tl.int64) * ld + rt[None, :]
+    b_ptrs = b_ptr + first * 128 * K + rk[:, None].to(tl.int64) * ld + rt[None, :]
+    acc = tl.zeros((BN, BK), dtype=tl.float32)
+    for j in range(0, ntiles):
+        a = tl.load(a_ptrs, mask=nmask[:, None], other=0.0)
+        b = tl.load(b_ptrs, mask=kmask[:, None], other=0.0)
+        sa = tl.load(sa_ptr + (first + j) * N + rn, mask=nmask, other=0.0)
+        sb = tl.load(sb_ptr + (first + j) * K + rk, mask=kmask, other=0.0)
+        acc += tl.dot(a, tl.trans(b)) * sa[:, None] * sb[None, :]
+        a_ptrs += 128
+        b_ptrs += 128
+    tl.store(c_ptr + e.to(tl.int64) * N * K + rn[:, None].to(tl.int64) * K + rk[None, :], acc,
+             mask=nmask[:, None] & kmask[None, :])
+
+
+def grouped_wgrad(a: SegmentsT, b: SegmentsT, tm: TileMap) -> torch.Tensor:
+    """dW [E, N, K] fp32 = per segment e: a_e [N, tokens] b_e [K, tokens]^T (`SegmentsT` layouts of
+    dy and x); a segment without tokens gets zeros. One launch."""
+    N, K, E = a.C, b.C, len(tm.sizes)
+    out = torch.empty(E, N, K, dtype=torch.float32, device=a.data.device)
+    if E == 0 or N == 0 or K == 0:
+        return out
+    grid = lambda meta: (triton.cdiv(N, meta["BN"]) * triton.cdiv(K, meta["BK"]), E)  # noqa: E731
+    _grouped_wgrad_kernel[grid](a.data, a.scale, b.data, b.scale, out, tm.seg, E, N, K)
+    return out
+
+
+class TritonKernels:
+    """The fused path's ops for `nanoseek.fp8` (see `fp8.TorchKernels` for the reference)."""
+    name = "triton"
+    quantize_act_dual = staticmethod(quantize_act_dual)
+    quantize_weight_dual = staticmethod(quantize_weight_dual)
+    grouped_gemm = staticmethod(grouped_gemm)
+    grouped_wgrad = staticmethod(grouped_wgrad)
+
+
+KERNELS = TritonKernels()
+
+
 def install() -> bool:
-    """Route the FP8 layers' 1x128 quantizations of CUDA tensors through the Triton kernel."""
+    """Make the FP8 layers use these kernels for CUDA tensors (what FP8Config(kernels="auto") does
+    on first use anyway)."""
     from . import fp8
-    fp8.ROW_QUANTIZER = quantize_rows
+    fp8._TRITON_KERNELS = KERNELS
     return True
 
 
-__all__ = ["quantize_rows", "install", "E4M3_MAX"]
+__all__ = ["quantize_rows", "quantize_act_dual", "quantize_weight_dual", "grouped_gemm", "grouped_wgrad",
+           "TritonKernels", "KERNELS", "install"]

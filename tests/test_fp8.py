@@ -242,6 +242,119 @@ def test_fp8_experts_vs_fp32():
     assert torch.equal(ex.gate_proj.grad[E - 1], torch.zeros(inter, h))
 
 
+# ------------------------------------------------------------------ fused path (reference ops on CPU)
+def test_tile_map_segments_never_share_a_tile():
+    tm = fp8.tile_map([0, 130, 5, 256, 0, 77], "cpu")
+    assert tm.n_tiles == 0 + 2 + 1 + 2 + 0 + 1 and tm.tile_starts == [0, 0, 2, 3, 5, 5]
+    idx, row0, nrow, first, ntiles, seg = tm.prog.tolist()
+    assert idx == list(range(6)) and seg == [1, 1, 2, 3, 3, 5]
+    assert row0 == [0, 128, 130, 135, 263, 391] and nrow == [128, 2, 5, 128, 128, 77]
+    assert first == [0, 0, 2, 3, 3, 5] and ntiles == [2, 2, 1, 2, 2, 1]
+    assert tm.seg.tolist() == [[0, 0, 130, 135, 391, 391], [0, 130, 5, 256, 0, 77], [0, 0, 2, 3, 5, 5],
+                               [0, 2, 1, 2, 0, 1]]
+    assert fp8.dense_tile_map(300, "cpu").sizes == [300]
+
+
+@pytest.mark.parametrize("pow2", [False, True], ids=["fp32-scale", "pow2-scale"])
+def test_fused_layouts_equal_the_per_op_quantizers(pow2):
+    """The fused path's layouts (what the Triton kernels write) hold exactly the per-op values:
+    1x128 rows; per segment the 128x1 tiles, transposed and zero-padded to whole tiles; W and W^T."""
+    sizes = [0, 130, 5, 256, 0, 77]
+    x = _hard_input(sum(sizes), 200, seed=7)
+    tm = fp8.tile_map(sizes, "cpu")
+    row, col = fp8.TORCH_KERNELS.quantize_act_dual(x, tm, pow2)
+    ref = fp8.quantize(x, ACT, pow2)
+    assert torch.equal(row.data.float(), ref.data.float()) and torch.equal(row.scale, ref.scale)
+    assert row.scale.stride() == (1, x.shape[0])  # M-major, what _scaled_mm wants
+    assert col.data.numel() == tm.n_tiles * 128 * 200 and col.scale.shape == (tm.n_tiles, 200)
+    start = 0
+    for e, n in enumerate(sizes):
+        if n:
+            seg = col.segment(tm, e)
+            want = fp8.quantize(x[start:start + n].t(), ACT, pow2)  # == 128x1 tiles of the segment
+            assert seg.data.shape == (200, math.ceil(n / 128) * 128)
+            assert torch.equal(seg.data[:, :n].float(), want.data.float()) and torch.equal(seg.scale, want.scale)
+            assert not seg.data[:, n:].float().any()
+        start += n
+    w = torch.randn(3, 200, 300) * 0.02
+    wq, wqt = fp8.TORCH_KERNELS.quantize_weight_dual(w, pow2)
+    assert torch.equal(wqt.data.float(), wq.data.float().transpose(-2, -1))
+    assert torch.equal(wqt.dequantize(), wq.dequantize().transpose(-2, -1))
+
+
+def test_fused_path_linear_equals_per_op_path():
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(2, 150, 320, generator=g)
+    w = torch.randn(264, 320, generator=g) * 0.05
+    dy = torch.randn(2, 150, 264, generator=g)
+    out = {}
+    for kernels in ("off", "torch"):
+        for cache in (True, False):
+            xf, wf = x.clone().requires_grad_(), w.clone().requires_grad_()
+            y = fp8.fp8_linear(xf, wf, FP8Config(kernels=kernels, cache_fp8=cache))
+            y.backward(dy)
+            out[kernels, cache] = (y, xf.grad, wf.grad)
+    for cache in (True, False):
+        (y0, dx0, dw0), (y1, dx1, dw1) = out["off", cache], out["torch", cache]
+        assert torch.equal(y0, y1) and torch.equal(dx0, dx1)  # same FP8 operands, same GEMM
+        assert sqnr_db(dw0, dw1) > 100  # Wgrad: same operands plus zero padding along tokens
+    with pytest.raises(RuntimeError, match="needs CUDA tensors and Triton"):
+        fp8.fp8_linear(x, w, FP8Config(kernels="triton"))
+    with pytest.raises(ValueError, match="unknown value"):
+        fp8.fp8_linear(x, w, FP8Config(kernels="fast"))
+
+
+def test_fused_path_experts_equal_per_op_path():
+    torch.manual_seed(9)
+    E, h, inter, N, k = 6, 192, 160, 150, 2
+    ex = Experts(E, h, inter)
+    for p in ex.parameters():
+        nn.init.normal_(p, 0.0, 0.05)
+    ex.__class__ = FP8Experts
+    x = torch.randn(N, h)
+    idx = torch.randint(0, E - 1, (N, k))  # expert E-1: no tokens
+    wts = torch.rand(N, k)
+    dy = torch.randn(N, h)
+    res = {}
+    for kernels in ("off", "torch"):
+        ex.fp8_config = FP8Config(kernels=kernels)
+        ex.zero_grad()
+        xf = x.clone().requires_grad_()
+        y = ex(xf, idx, wts)
+        y.backward(dy)
+        res[kernels] = [y, xf.grad] + [getattr(ex, n).grad.clone() for n in ("gate_proj", "up_proj", "down_proj")]
+    for a, b in zip(res["off"], res["torch"]):
+        assert sqnr_db(a, b) > 100
+    assert torch.equal(res["torch"][2][E - 1], torch.zeros(inter, h))
+    with pytest.raises(RuntimeError, match="grouped='triton'"):
+        ex.fp8_config = FP8Config(kernels="torch", grouped="triton")
+        ex(x, idx, wts)
+
+
+def test_grouped_kernel_self_check_falls_back_to_the_loop(monkeypatch):
+    """A grouped GEMM kernel that disagrees with the per-expert loop on its first call is replaced
+    by the loop (with a warning), as torch._scaled_mm's self-check does."""
+    monkeypatch.setattr(fp8, "_GROUPED_CHECKED", set())
+    monkeypatch.setattr(fp8, "_GROUPED_BROKEN", {})
+
+    class Wrong:
+        name = "triton"
+
+        @staticmethod
+        def grouped_gemm(a, b, tm, out_dtype):
+            return 2 * fp8.TORCH_KERNELS.grouped_gemm(a, b, tm, out_dtype)
+
+    sizes = [70, 0, 200]
+    tm = fp8.tile_map(sizes, "cpu")
+    xq, _ = fp8.TORCH_KERNELS.quantize_act_dual(torch.randn(270, 256), tm, cols=False)
+    wq, _ = fp8.TORCH_KERNELS.quantize_weight_dual(torch.randn(3, 128, 256), transposed=False)
+    ref = fp8.TORCH_KERNELS.grouped_gemm(xq, wq, tm, torch.float32)
+    with pytest.warns(UserWarning, match="disagrees with the per-expert loop"):
+        out = fp8._grouped_checked("fprop", Wrong, xq, wq, tm, torch.float32)
+    assert torch.equal(out, ref) and "fprop" in fp8._GROUPED_BROKEN
+    assert torch.equal(fp8._grouped_checked("fprop", Wrong, xq, wq, tm, torch.float32), ref)
+
+
 # ------------------------------------------------------------------ convert
 def test_convert_nano_every_eligible_layer():
     cfg = ModelConfig.from_preset("nano")
