@@ -69,36 +69,89 @@ def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.shape == b.shape and torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
 
 
+def _where(a: torch.Tensor, b: torch.Tensor, block: int = 128) -> dict:
+    """Where two same-shape E4M3 / fp32 tensors differ: counts, NaN count in b (a sentinel byte:
+    an unwritten region), the first differing index, and (for >= 2-D) the 128x128 blocks hit."""
+    if a.shape != b.shape:
+        return {"shape": [list(a.shape), list(b.shape)]}
+    if a.dtype == torch.float8_e4m3fn:
+        bad = a.contiguous().view(torch.uint8) != b.contiguous().view(torch.uint8)
+    else:
+        bad = ~((a == b) | (torch.isnan(a) & torch.isnan(b)))
+    n = int(bad.sum())
+    if n == 0:
+        return {}
+    out = {"bad": n, "of": bad.numel(), "nan_in_triton": int(torch.isnan(b.float()).sum()),
+           "first": bad.nonzero()[0].tolist()}
+    if b.dim() >= 2 and a.dtype == torch.float8_e4m3fn:
+        R, C = bad.shape[-2:]
+        nr, nc = -(-R // block), -(-C // block)
+        pad = torch.nn.functional.pad(bad.reshape(-1, R, C).float(), (0, nc * block - C, 0, nr * block - R))
+        blocks = pad.view(-1, nr, block, nc, block).amax(dim=(2, 4)) > 0
+        out["blocks_bad"] = f"{int(blocks.sum())}/{blocks.numel()}"
+        out["first_blocks"] = blocks.nonzero()[:4].tolist()
+    return out
+
+
 def _check_kernels(tri, g) -> dict:
-    """Triton kernels vs the PyTorch reference of the same layouts (fp8.TorchKernels)."""
+    """Triton kernels vs the PyTorch reference of the same layouts (fp8.TorchKernels), every
+    output (data, scales, the transposed copies) bit for bit, for both compilations ("fast":
+    Triton's default specialization on sizes divisible by 16; "safe": none), with outputs
+    pre-filled with NaN (tri.sentinel_outputs) so a region a kernel never writes cannot pass."""
     R = fp8.TORCH_KERNELS
-    res = {}
-    # quantizers: bit-identical data and scales
-    for sizes in ([4096], [200], [0, 1000, 77, 4096, 0, 129, 3000], [1536] * 8):
-        T = sum(sizes)
-        for C in (7168, 328):
-            x = torch.randn(T, C, device="cuda", generator=g, dtype=torch.bfloat16) * 3
-            x[:, :2] *= 60
-            x[: min(T, 128), :128] = 0
-            tm = fp8.tile_map(sizes, "cuda")
+    res, diag = {}, {}
+    variants = ("fast", "safe")
+    with tri.sentinel_outputs():
+        # quantizers: bit-identical data and scales
+        for sizes in ([4096], [200], [0, 1000, 77, 4096, 0, 129, 3000], [1536] * 8):
+            T = sum(sizes)
+            for C, dt in ((7168, torch.bfloat16), (328, torch.bfloat16), (2048, torch.float32)):
+                if dt == torch.float32 and len(sizes) > 1 and sizes[0] != 1536:
+                    continue
+                x = torch.randn(T, C, device="cuda", generator=g, dtype=dt) * 3
+                x[:, :2] *= 60
+                x[: min(T, 128), :128] = 0
+                tm = fp8.tile_map(sizes, "cuda")
+                for pow2 in (False, True):
+                    r1, c1 = R.quantize_act_dual(x, tm, pow2)
+                    for v in variants:
+                        r2, c2 = tri.quantize_act_dual(x, tm, pow2, variant=v)
+                        d = {k: w for k, w in {"rows.data": _where(r1.data, r2.data), "rows.scale": _where(r1.scale, r2.scale),
+                                               "cols.data": _where(c1.data, c2.data),
+                                               "cols.scale": _where(c1.scale, c2.scale)}.items() if w}
+                        name = f"act_dual {len(sizes)} seg T={T} C={C} {str(dt)[6:]} pow2={pow2} {v}"
+                        res[name] = not d
+                        if d:
+                            diag[name] = d
+        for shape in [(18432, 7168), (200, 328), (8, 2048, 7168), (3, 130, 260), (1024, 2048), (2304, 896),
+                      (16, 512, 1024), (7168, 1536)]:
+            w = torch.randn(*shape, device="cuda", generator=g) * 0.02
             for pow2 in (False, True):
-                r1, c1 = R.quantize_act_dual(x, tm, pow2)
-                r2, c2 = tri.quantize_act_dual(x, tm, pow2)
-                same = (_same_bytes(r1.data, r2.data) and torch.equal(r1.scale, r2.scale)
-                        and _same_bytes(c1.data, c2.data) and torch.equal(c1.scale, c2.scale))
-                res[f"act_dual {len(sizes)} seg T={T} C={C} pow2={pow2}"] = same
-    for shape in [(18432, 7168), (200, 328), (8, 2048, 7168), (3, 130, 260)]:
-        w = torch.randn(*shape, device="cuda", generator=g) * 0.02
-        for pow2 in (False, True):
-            a, at = R.quantize_weight_dual(w, pow2)
-            b, bt = tri.quantize_weight_dual(w, pow2)
-            res[f"weight_dual {shape} pow2={pow2}"] = (_same_bytes(a.data, b.data) and torch.equal(a.scale, b.scale)
-                                                       and _same_bytes(at.data, bt.data)
-                                                       and torch.equal(at.scale, bt.scale))
-    x = torch.randn(4096, 2048, device="cuda", generator=g, dtype=torch.bfloat16)
-    a, b = fp8.quantize(x, ACT), tri.quantize_rows(x)
-    res["rows (4096, 2048)"] = _same_bytes(a.data, b.data) and torch.equal(a.scale, b.scale)
-    # grouped GEMMs vs the per-expert torch._scaled_mm loop on the same operands
+                a, at = R.quantize_weight_dual(w, pow2)
+                for v in variants:
+                    b, bt = tri.quantize_weight_dual(w, pow2, variant=v)
+                    d = {k: x for k, x in {"W.data": _where(a.data, b.data), "W.scale": _where(a.scale, b.scale),
+                                           "WT.data": _where(at.data, bt.data),
+                                           "WT.scale": _where(at.scale, bt.scale)}.items() if x}
+                    if d:  # is W alone right when the kernel does not write W^T?
+                        b1, _ = tri.quantize_weight_dual(w, pow2, transposed=False, variant=v)
+                        d["W.data (W^T not written)"] = _where(a.data, b1.data) or "identical"
+                    name = f"weight_dual {shape} pow2={pow2} {v}"
+                    res[name] = not d
+                    if d:
+                        diag[name] = d
+        res["mismatch_details"] = diag
+        x = torch.randn(4096, 2048, device="cuda", generator=g, dtype=torch.bfloat16)
+        a, b = fp8.quantize(x, ACT), tri.quantize_rows(x)
+        res["rows (4096, 2048)"] = _same_bytes(a.data, b.data) and torch.equal(a.scale, b.scale)
+        res["grouped_vs_loop_sqnr_db"] = _check_grouped(tri, g)
+    return res
+
+
+def _check_grouped(tri, g) -> dict:
+    """Grouped GEMMs vs the per-expert torch._scaled_mm loop on the same operands (quantized by
+    the PyTorch reference, so a quantizer bug cannot hide or cause a GEMM result)."""
+    R = fp8.TORCH_KERNELS
     gem = {}
     for sizes, N, K in [([0, 1000, 77, 4096, 0, 129, 3000], 2048, 7168), ([1536] * 8, 512, 1024),
                         ([5, 300, 0, 200], 264, 328)]:
@@ -107,9 +160,11 @@ def _check_kernels(tri, g) -> dict:
         xa = torch.randn(T, K, device="cuda", generator=g, dtype=torch.bfloat16)
         dy = torch.randn(T, N, device="cuda", generator=g, dtype=torch.bfloat16)
         w = torch.randn(E, N, K, device="cuda", generator=g) * 0.02
-        xq, xt = tri.quantize_act_dual(xa, tm)
-        dyq, dyt = tri.quantize_act_dual(dy, tm)
-        wq, wqt = tri.quantize_weight_dual(w)
+        xq, xt = R.quantize_act_dual(xa, tm)
+        dyq, dyt = R.quantize_act_dual(dy, tm)
+        wq, wqt = R.quantize_weight_dual(w)
+        wqt = fp8.Fp8Tensor(wqt.data, wqt.scale.transpose(-2, -1).contiguous().transpose(-2, -1), wqt.tile)  # the
+        # Triton quantizer's scale layout (a transposed view), what the fused path hands the kernel
         key = f"{E} experts T={T} N={N} K={K}"
         ref = R.grouped_gemm(xq, wq, tm, torch.float32)
         gem[key + " fprop"] = round(sqnr_db(ref, tri.grouped_gemm(xq, wq, tm, torch.float32)), 1)
@@ -121,8 +176,7 @@ def _check_kernels(tri, g) -> dict:
         empty = [e for e, n in enumerate(sizes) if n == 0]
         if empty:
             gem[key + " empty experts zero"] = bool((got[empty] == 0).all())
-    res["grouped_vs_loop_sqnr_db"] = gem
-    return res
+    return gem
 
 
 def part_check(out: dict) -> None:
@@ -198,8 +252,13 @@ def part_check(out: dict) -> None:
     res["experts_sqnr_db"] = exp
     res["scaled_mm_disabled"] = dict(fp8._SCALED_MM_BROKEN)
     res["grouped_triton_disabled"] = dict(fp8._GROUPED_BROKEN)
-    flat = [v for v in res.get("triton_vs_torch", {}).values() if isinstance(v, bool)]
-    res["triton_quantizers_all_bit_identical"] = all(flat) if flat else None
+    res["quantizer_choice"] = {str(k): v for k, v in fp8._QUANT_CHOICE.items()}  # the fused path's verified picks
+    res["quantizer_fallbacks"] = {str(k): v for k, v in fp8._QUANT_BROKEN.items()}
+    flat = {k: v for k, v in res.get("triton_vs_torch", {}).items() if isinstance(v, bool)}
+    res["triton_quantizers_all_bit_identical"] = all(flat.values()) if flat else None
+    for v in ("fast", "safe"):
+        sel = [ok for k, ok in flat.items() if k.endswith(" " + v)]
+        res[f"triton_quantizers_{v}_all_bit_identical"] = all(sel) if sel else None
     out["check"] = res
     print(json.dumps(res, indent=1), flush=True)
 

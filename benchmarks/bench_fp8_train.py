@@ -68,6 +68,12 @@ def run_one(a, tag: str, preset: str, overrides: dict | None, precision: str, se
            "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
            "val_loss": s["val_loss"], "train_loss_tail": sum(tail) / len(tail), "skipped_steps": s["skipped_steps"],
            "wall_s": round(wall, 1)}
+    if precision == "fp8":  # which fused-path kernels passed their first-use checks (nanoseek/fp8.py)
+        from nanoseek import fp8
+        res["fp8_kernels"] = {"quantizer_choice": {str(k): v for k, v in fp8._QUANT_CHOICE.items()},
+                              "quantizer_fallbacks": {str(k): v for k, v in fp8._QUANT_BROKEN.items()},
+                              "grouped_fallbacks": dict(fp8._GROUPED_BROKEN),
+                              "scaled_mm_fallbacks": {str(k): v for k, v in fp8._SCALED_MM_BROKEN.items()}}
     print(f"[{tag}] {json.dumps(res)}", flush=True)
     return res
 

@@ -51,17 +51,21 @@ class FP8Config:
     `cache_fp8`: save the Linear input for the backward as its FP8 128x1 copy (else keep the
     high-precision tensor and quantize it in the backward). `backend`: "auto" (scaled_mm on
     SM90 CUDA, emulation on CPU, dequantize + bf16 GEMM on other GPUs), "emulate", "dequant",
-    "scaled_mm". `kernels`: the quantizers' implementation: "auto" (the fused Triton kernels of
-    nanoseek.fp8_triton for CUDA tensors when Triton imports, else the per-op PyTorch path),
-    "triton" (required), "torch" (the fused path's data layouts computed in plain PyTorch: the
-    reference the Triton kernels are checked against, and how the CPU tests run that path), "off"
-    (the per-op PyTorch quantizers, transposes included). `grouped`: the routed experts' GEMMs on
+    "scaled_mm". `kernels`: the quantizers' implementation: "off" (the default: the per-op
+    PyTorch quantizers, transposes included; the path verified on an H200), "auto" (the fused
+    Triton kernels of nanoseek.fp8_triton for CUDA tensors when Triton imports, else "off"; opt-in
+    until their first GPU run after the fix is checked, see benchmarks/RESULTS.md),
+    "triton" (required; every new shape specialization of a Triton quantizer is checked bit for
+    bit against the PyTorch reference on first use and replaced by it if they differ: see
+    `_CheckedKernels`), "torch" (the fused path's data layouts computed in plain PyTorch: the
+    reference the Triton kernels are checked against, and how the CPU tests run that path).
+    `grouped`: the routed experts' GEMMs on
     the fused path: "auto" (the Triton grouped kernel when kernels are Triton on SM89+, else the
     loop), "triton" (one launch per GEMM for all experts), "loop" (one `fp8_gemm` per expert)."""
     pow2_scales: bool = False
     cache_fp8: bool = True
     backend: str = "auto"
-    kernels: str = "auto"
+    kernels: str = "off"
     grouped: str = "auto"
 
 
@@ -278,8 +282,104 @@ class TorchKernels:
 
 
 TORCH_KERNELS = TorchKernels()
-_TRITON_KERNELS = None  # nanoseek.fp8_triton.KERNELS once imported; False when it failed
+_TRITON_KERNELS = None  # _CheckedKernels(nanoseek.fp8_triton.KERNELS) once imported; False when it failed
 _TRITON_ERROR = ""
+
+_QUANT_CHOICE: dict[tuple, str] = {}  # specialization key -> "fast" / "safe" / "torch" (verified on first use)
+_QUANT_BROKEN: dict[tuple, str] = {}  # specialization key -> what disagreed with the PyTorch reference
+
+
+def _div16(*ns: int) -> tuple[bool, ...]:
+    return tuple(int(n) % 16 == 0 for n in ns)
+
+
+def _same_fp8(a: Fp8Tensor | None, b: Fp8Tensor | None) -> bool:
+    """Bit-identical data and equal scales (shapes included); NaN never equals."""
+    if a is None or b is None:
+        return a is None and b is None
+    return (a.data.shape == b.data.shape and a.scale.shape == b.scale.shape
+            and torch.equal(a.data.contiguous().view(torch.uint8), b.data.contiguous().view(torch.uint8))
+            and torch.equal(a.scale, b.scale))
+
+
+def _same_segments(a: "SegmentsT | None", b: "SegmentsT | None") -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    return (a.C == b.C and a.data.shape == b.data.shape and a.scale.shape == b.scale.shape
+            and torch.equal(a.data.view(torch.uint8), b.data.view(torch.uint8)) and torch.equal(a.scale, b.scale))
+
+
+class _CheckedKernels:
+    """The Triton kernels behind a first-use check: each quantizer call whose specialization
+    (dtype, sizes and strides divisible by 16 or not, flags) is new is compared bit for bit with
+    `TorchKernels` on the same input; the first variant that agrees ("fast", then "safe": the same
+    kernel compiled without size specialization) is used for that specialization from then on, and
+    when none agrees the PyTorch reference is (with a warning). So a kernel that miscompiles or
+    misbehaves on some shapes can cost time, never correctness. The grouped GEMMs are checked in
+    `_grouped_checked`."""
+    name = "triton"
+
+    def __init__(self, kern):
+        self.kern = kern
+
+    def _choose(self, key: tuple, run, ref, same):
+        choice = _QUANT_CHOICE.get(key)
+        if choice == "torch":
+            return ref()
+        if choice is not None:
+            return run(choice)
+        expect = ref()
+        why = []
+        for variant in ("fast", "safe"):
+            try:
+                got = run(variant)
+            except Exception as e:  # noqa: BLE001  (a compile or launch failure: try the next)
+                why.append(f"{variant}: {type(e).__name__}: {str(e)[:100]}")
+                continue
+            if same(expect, got):
+                _QUANT_CHOICE[key] = variant
+                if why:
+                    _QUANT_BROKEN[key] = "; ".join(why)
+                    warnings.warn(f"fp8: Triton {key[0]} {why[0]}; the unspecialized kernel agrees and is used "
+                                  f"for this specialization ({key})")
+                return got
+            why.append(f"{variant}: differs from the PyTorch reference")
+        _QUANT_CHOICE[key] = "torch"
+        _QUANT_BROKEN[key] = "; ".join(why)
+        warnings.warn(f"fp8: Triton {key[0]} disagrees with the PyTorch reference ({'; '.join(why)}); "
+                      f"using the PyTorch quantizer for this specialization ({key})")
+        return expect
+
+    def quantize_act_dual(self, x: torch.Tensor, tm: TileMap, pow2: bool = False, rows: bool = True,
+                          cols: bool = True):
+        if x.stride(-1) != 1:
+            x = x.contiguous()
+        key = ("quantize_act_dual", x.dtype, _div16(x.shape[0], x.shape[1], tm.n_tiles, x.stride(0)),
+               x.data_ptr() % 16 == 0, bool(pow2), bool(rows), bool(cols))
+
+        def same(a, b):
+            return _same_fp8(a[0], b[0]) and _same_segments(a[1], b[1])
+        return self._choose(key, lambda v: self.kern.quantize_act_dual(x, tm, pow2, rows, cols, variant=v),
+                            lambda: TORCH_KERNELS.quantize_act_dual(x, tm, pow2, rows, cols), same)
+
+    def quantize_weight_dual(self, w: torch.Tensor, pow2: bool = False, transposed: bool = True):
+        if w.stride(-1) != 1:
+            w = w.contiguous()
+        N, K = w.shape[-2:]
+        key = ("quantize_weight_dual", w.dtype, w.dim(), _div16(N, K, w.stride(0) if w.dim() == 3 else N * K, w.stride(-2),
+                                                                 math.ceil(N / BLOCK), math.ceil(K / BLOCK)),
+               w.data_ptr() % 16 == 0, bool(pow2), bool(transposed))
+
+        def same(a, b):
+            return _same_fp8(a[0], b[0]) and _same_fp8(a[1], b[1])
+        return self._choose(key, lambda v: self.kern.quantize_weight_dual(w, pow2, transposed, variant=v),
+                            lambda: TORCH_KERNELS.quantize_weight_dual(w, pow2, transposed), same)
+
+    def grouped_gemm(self, *args, **kw):
+        return self.kern.grouped_gemm(*args, **kw)
+
+    def grouped_wgrad(self, *args, **kw):
+        return self.kern.grouped_wgrad(*args, **kw)
 
 
 def _kernels(cfg: "FP8Config", x: torch.Tensor):
@@ -295,7 +395,7 @@ def _kernels(cfg: "FP8Config", x: torch.Tensor):
         if _TRITON_KERNELS is None:
             try:
                 from .fp8_triton import KERNELS
-                _TRITON_KERNELS = KERNELS
+                _TRITON_KERNELS = _CheckedKernels(KERNELS)
             except Exception as e:  # noqa: BLE001  (no Triton, or one without E4M3)
                 _TRITON_KERNELS, _TRITON_ERROR = False, repr(e)
         if _TRITON_KERNELS:
@@ -306,23 +406,28 @@ def _kernels(cfg: "FP8Config", x: torch.Tensor):
     return None
 
 
-_GROUPED_CHECKED: set = set()  # "fprop" / "dgrad" / "wgrad": the Triton grouped kernel agreed with the loop
+_GROUPED_CHECKED: set = set()  # (use, N, K, dtype): the Triton grouped kernel agreed with the loop there
 _GROUPED_BROKEN: dict[str, str] = {}  # use -> why the loop is used instead
 
 
 def _grouped_checked(use: str, kern, *args):
     """The Triton grouped GEMM for `use` ("fprop", "dgrad": kern.grouped_gemm; "wgrad":
-    kern.grouped_wgrad) on args; its first call per use is compared with the per-expert loop on the
-    same operands (relative error below 1e-2, as for _scaled_mm), and a kernel that disagrees is
-    replaced by the loop from then on."""
+    kern.grouped_wgrad) on args; its first call per use and GEMM shape (N, K: the autotuning and
+    specialization key) is compared with the per-expert loop on the same operands (relative error
+    below 1e-2, as for _scaled_mm; a non-finite result fails), and a kernel that disagrees is
+    replaced by the loop for that use from then on."""
     loop = TORCH_KERNELS.grouped_wgrad if use == "wgrad" else TORCH_KERNELS.grouped_gemm
     if use in _GROUPED_BROKEN:
         return loop(*args)
     out = (kern.grouped_wgrad if use == "wgrad" else kern.grouped_gemm)(*args)
-    if use not in _GROUPED_CHECKED:
-        _GROUPED_CHECKED.add(use)
+    a, b = args[0], args[1]
+    key = (use, a.C, b.C) if use == "wgrad" else (use, b.data.shape[-2], b.data.shape[-1], args[3])
+    if key not in _GROUPED_CHECKED:
+        _GROUPED_CHECKED.add(key)
         ref = loop(*args).float()
         err = ((out.float() - ref).norm() / ref.norm().clamp(min=1e-30)).item()
+        if not torch.isfinite(out).all() and torch.isfinite(ref).all():
+            err = float("nan")
         if not err < 1e-2:
             _GROUPED_BROKEN[use] = f"relative error {err:.3g} vs the per-expert loop"
             warnings.warn(f"fp8: the Triton grouped {use} GEMM disagrees with the per-expert loop "

@@ -2,7 +2,9 @@
 
 Quantizers (same formulas as `nanoseek.fp8.quantize`: s = max(amax, eps) / 448 with IEEE-rounded
 division, optional power-of-two round-up, q = e4m3_rne(clamp(x / s, +-448)); bit-identical to the
-PyTorch reference, which the GPU benchmark checks before timing):
+PyTorch reference, which the GPU benchmark checks before timing, and which the fused path checks on
+the first use of every shape specialization, falling back to the unspecialized compilation
+(`variant="safe"`) and then to the PyTorch reference: `fp8._CheckedKernels`):
 - `quantize_rows`: 1x128 tiles along the last dim (kept for the GEMM benchmarks).
 - `quantize_act_dual`: one read of an activation (or activation gradient) x [T, C] writes both its
   1x128 quantization (for Fprop / Dgrad) and its 128x1 quantization stored transposed, per token
@@ -38,6 +40,33 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's interpreter r
 
 def _on_device(t: torch.Tensor) -> bool:
     return t.is_cuda or _INTERPRET
+
+
+SENTINEL = False  # debug: fill every output buffer with NaN (E4M3 0x7F) so unwritten regions show
+
+
+class sentinel_outputs:
+    """Context manager: the kernels' outputs start as NaN instead of `torch.empty` garbage (a
+    region the kernel never writes stays NaN; no valid quantization is NaN)."""
+
+    def __enter__(self):
+        global SENTINEL
+        self._old, SENTINEL = SENTINEL, True
+        return self
+
+    def __exit__(self, *exc):
+        global SENTINEL
+        SENTINEL = self._old
+
+
+def _empty(*shape, dtype, device) -> torch.Tensor:
+    t = torch.empty(*shape, dtype=dtype, device=device)
+    if SENTINEL and t.numel():
+        if t.dtype == E4M3:
+            t.view(torch.uint8).fill_(0x7F)
+        else:
+            t.fill_(float("nan"))
+    return t
 
 
 @triton.jit
@@ -87,8 +116,8 @@ def quantize_rows(x: torch.Tensor, pow2: bool = False) -> Fp8Tensor:
         x = x.contiguous()
     M, K = x.shape
     L = triton.cdiv(K, BLOCK)
-    q = torch.empty(M, K, dtype=E4M3, device=x.device)
-    s = torch.empty(L, M, dtype=torch.float32, device=x.device)
+    q = _empty(M, K, dtype=E4M3, device=x.device)
+    s = _empty(L, M, dtype=torch.float32, device=x.device)
     ROWS = 16
     _quant_rows_kernel[(triton.cdiv(M, ROWS), L)](x, q, s, M, K, x.stride(0), q.stride(0), EPS_C=EPS,
                                                   POW2=pow2, BLOCK_K=BLOCK, ROWS=ROWS, num_warps=4)
@@ -96,7 +125,6 @@ def quantize_rows(x: torch.Tensor, pow2: bool = False) -> Fp8Tensor:
 
 
 # ----------------------------------------------------------------------------------- 1x128 + 128x1
-@triton.jit
 def _quant_dual_kernel(x_ptr, qr_ptr, sr_ptr, qc_ptr, sc_ptr, prog_ptr, T, C, P, stride_xm,
                        EPS_C: tl.constexpr, POW2: tl.constexpr, ROWS_OUT: tl.constexpr, COLS_OUT: tl.constexpr):
     p = tl.program_id(0)  # token tile (never crosses a segment)
@@ -129,11 +157,23 @@ def _quant_dual_kernel(x_ptr, qr_ptr, sr_ptr, qc_ptr, sc_ptr, prog_ptr, T, C, P,
         tl.store(sc_ptr + tile.to(tl.int64) * C + c, sc, mask=cmask)
 
 
+# Two compilations of each quantizer: "fast" (Triton's default specialization: integer arguments
+# divisible by 16 get divisibility hints -> 16-byte vector loads/stores, layouts chosen for them)
+# and "safe" (no specialization of the sizes and strides: the code Triton emits for odd shapes,
+# which the first H200 run found bit-identical, while the fast weight kernel was not at shapes
+# with N, K multiples of 16). The fused path verifies each new specialization against
+# the PyTorch reference on first use and falls back fast -> safe -> PyTorch (fp8._CheckedKernels).
+_DUAL_INT_ARGS = ["T", "C", "P", "stride_xm"]
+_quant_dual_fast = triton.jit(_quant_dual_kernel)
+_quant_dual_safe = triton.jit(_quant_dual_kernel, do_not_specialize=_DUAL_INT_ARGS)
+
+
 def quantize_act_dual(x: torch.Tensor, tm: TileMap, pow2: bool = False, rows: bool = True,
-                      cols: bool = True) -> tuple[Fp8Tensor | None, SegmentsT | None]:
+                      cols: bool = True, variant: str = "fast") -> tuple[Fp8Tensor | None, SegmentsT | None]:
     """x [T, C] (CUDA, last dim contiguous) -> (1x128 quantization: data [T, C], scale [T, L]
     M-major; 128x1 quantization per segment of `tm`, transposed: `SegmentsT`). Either can be
-    skipped (rows / cols False). One launch, one read of x."""
+    skipped (rows / cols False). One launch, one read of x. `variant`: "fast" or "safe" (see
+    `_quant_dual_safe`)."""
     if not (_on_device(x) and x.dim() == 2):
         raise ValueError(f"quantize_act_dual: needs a 2-D CUDA tensor, got {tuple(x.shape)} on {x.device}")
     if x.stride(1) != 1:
@@ -144,20 +184,20 @@ def quantize_act_dual(x: torch.Tensor, tm: TileMap, pow2: bool = False, rows: bo
     L = triton.cdiv(C, BLOCK)
     P = tm.n_tiles
     dev = x.device
-    qr = torch.empty(T, C, dtype=E4M3, device=dev) if rows else None
-    sr = torch.empty(L, T, dtype=torch.float32, device=dev) if rows else None
-    qc = torch.empty(P * BLOCK * C, dtype=E4M3, device=dev) if cols else None
-    sc = torch.empty(P, C, dtype=torch.float32, device=dev) if cols else None
+    qr = _empty(T, C, dtype=E4M3, device=dev) if rows else None
+    sr = _empty(L, T, dtype=torch.float32, device=dev) if rows else None
+    qc = _empty(P * BLOCK * C, dtype=E4M3, device=dev) if cols else None
+    sc = _empty(P, C, dtype=torch.float32, device=dev) if cols else None
     if P and (rows or cols):
         dummy = torch.empty(1, dtype=torch.float32, device=dev)
-        _quant_dual_kernel[(P, L)](x, qr if rows else dummy, sr if rows else dummy, qc if cols else dummy,
+        kernel = {"fast": _quant_dual_fast, "safe": _quant_dual_safe}[variant]
+        kernel[(P, L)](x, qr if rows else dummy, sr if rows else dummy, qc if cols else dummy,
                                    sc if cols else dummy, tm.prog, T, C, P, x.stride(0), EPS_C=EPS, POW2=pow2,
                                    ROWS_OUT=rows, COLS_OUT=cols, num_warps=8)
     return (Fp8Tensor(qr, sr.t(), ACT) if rows else None), (SegmentsT(qc, sc, C) if cols else None)
 
 
 # ----------------------------------------------------------------------------------- 128x128 weights
-@triton.jit
 def _quant_weight_kernel(w_ptr, q_ptr, qt_ptr, s_ptr, N, K, stride_we, stride_wn, nN, nK,
                          EPS_C: tl.constexpr, POW2: tl.constexpr, WRITE_T: tl.constexpr):
     nb = tl.program_id(0)
@@ -166,22 +206,30 @@ def _quant_weight_kernel(w_ptr, q_ptr, qt_ptr, s_ptr, N, K, stride_we, stride_wn
     r = nb * 128 + tl.arange(0, 128)
     c = kb * 128 + tl.arange(0, 128)
     mask = (r[:, None] < N) & (c[None, :] < K)
-    w = tl.load(w_ptr + e * stride_we + r[:, None] * stride_wn + c[None, :], mask=mask, other=0.0).to(tl.float32)
+    r64 = r.to(tl.int64)  # int64 offsets: N * K may pass 2^31 (an output head, a big stacked W)
+    c64 = c.to(tl.int64)
+    w = tl.load(w_ptr + e * stride_we + r64[:, None] * stride_wn + c[None, :], mask=mask, other=0.0).to(tl.float32)
     amax = tl.max(tl.max(tl.abs(w), axis=1), axis=0, keep_dims=True)  # [1]
     s = _scale_from_amax(amax, EPS_C, POW2)  # [1]
     q = _to_e4m3(w, s[:, None])
     off = e * N * K
-    tl.store(q_ptr + off + r[:, None] * K + c[None, :], q, mask=mask)
+    tl.store(q_ptr + off + r64[:, None] * K + c[None, :], q, mask=mask)
     if WRITE_T:  # W^T [K, N]: the Dgrad operand, same blocks and scales
-        tl.store(qt_ptr + off + c[:, None] * N + r[None, :], _to_e4m3(tl.trans(w), s[:, None]),
+        tl.store(qt_ptr + off + c64[:, None] * N + r[None, :], _to_e4m3(tl.trans(w), s[:, None]),
                  mask=(c[:, None] < K) & (r[None, :] < N))
     tl.store(s_ptr + e * nN * nK + nb * nK + kb + tl.arange(0, 1), s)
 
 
-def quantize_weight_dual(w: torch.Tensor, pow2: bool = False, transposed: bool = True
+_WEIGHT_INT_ARGS = ["N", "K", "stride_we", "stride_wn", "nN", "nK"]
+_quant_weight_fast = triton.jit(_quant_weight_kernel)
+_quant_weight_safe = triton.jit(_quant_weight_kernel, do_not_specialize=_WEIGHT_INT_ARGS)
+
+
+def quantize_weight_dual(w: torch.Tensor, pow2: bool = False, transposed: bool = True, variant: str = "fast"
                          ) -> tuple[Fp8Tensor, Fp8Tensor | None]:
     """W [N, K] or stacked [E, N, K] (CUDA) -> (128x128 quantization of W, that of W^T [.., K, N]
-    (same values, transposed; scales a transposed view) or None)."""
+    (same values, transposed; scales a transposed view) or None). `variant`: "fast" or "safe"
+    (see `_quant_dual_safe`)."""
     if not (_on_device(w) and w.dim() in (2, 3)):
         raise ValueError(f"quantize_weight_dual: needs a 2-D or 3-D CUDA tensor, got {tuple(w.shape)} on {w.device}")
     w3 = w if w.dim() == 3 else w.unsqueeze(0)
@@ -189,11 +237,18 @@ def quantize_weight_dual(w: torch.Tensor, pow2: bool = False, transposed: bool =
         w3 = w3.contiguous()
     E, N, K = w3.shape
     nN, nK = triton.cdiv(N, BLOCK), triton.cdiv(K, BLOCK)
-    q = torch.empty(E, N, K, dtype=E4M3, device=w.device)
-    qt = torch.empty(E, K, N, dtype=E4M3, device=w.device) if transposed else None
-    s = torch.empty(E, nN, nK, dtype=torch.float32, device=w.device)
-    _quant_weight_kernel[(nN, nK, E)](w3, q, qt if transposed else q, s, N, K, w3.stride(0), w3.stride(1), nN, nK,
+    q = _empty(E, N, K, dtype=E4M3, device=w.device)
+    qt = _empty(E, K, N, dtype=E4M3, device=w.device) if transposed else None
+    s = _empty(E, nN, nK, dtype=torch.float32, device=w.device)
+    if E * nN * nK == 0:
+        return _weight_result(w, q, qt, s, transposed)
+    kernel = {"fast": _quant_weight_fast, "safe": _quant_weight_safe}[variant]
+    kernel[(nN, nK, E)](w3, q, qt if transposed else q, s, N, K, w3.stride(0), w3.stride(1), nN, nK,
                                       EPS_C=EPS, POW2=pow2, WRITE_T=transposed, num_warps=8)
+    return _weight_result(w, q, qt, s, transposed)
+
+
+def _weight_result(w, q, qt, s, transposed):
     if w.dim() == 2:
         q, s = q[0], s[0]
         qt = qt[0] if transposed else None
@@ -260,7 +315,7 @@ def grouped_gemm(a: Fp8Tensor, b: Fp8Tensor, tm: TileMap, out_dtype: torch.dtype
         raise ValueError(f"grouped_gemm: shapes {tuple(a.data.shape)} x {tuple(b.data.shape)} vs {len(tm.sizes)} segments")
     if a.data.stride(1) != 1 or b.data.stride(2) != 1:
         raise ValueError("grouped_gemm: operands must be contiguous along K")
-    out = torch.empty(T, N, dtype=out_dtype, device=a.data.device)
+    out = _empty(T, N, dtype=out_dtype, device=a.data.device)
     P = tm.n_tiles
     if P == 0 or N == 0:
         return out
@@ -316,7 +371,7 @@ def grouped_wgrad(a: SegmentsT, b: SegmentsT, tm: TileMap) -> torch.Tensor:
     """dW [E, N, K] fp32 = per segment e: a_e [N, tokens] b_e [K, tokens]^T (`SegmentsT` layouts of
     dy and x); a segment without tokens gets zeros. One launch."""
     N, K, E = a.C, b.C, len(tm.sizes)
-    out = torch.empty(E, N, K, dtype=torch.float32, device=a.data.device)
+    out = _empty(E, N, K, dtype=torch.float32, device=a.data.device)
     if E == 0 or N == 0 or K == 0:
         return out
     grid = lambda meta: (triton.cdiv(N, meta["BN"]) * triton.cdiv(K, meta["BK"]), E)  # noqa: E731
@@ -340,9 +395,9 @@ def install() -> bool:
     """Make the FP8 layers use these kernels for CUDA tensors (what FP8Config(kernels="auto") does
     on first use anyway)."""
     from . import fp8
-    fp8._TRITON_KERNELS = KERNELS
+    fp8._TRITON_KERNELS = fp8._CheckedKernels(KERNELS)
     return True
 
 
 __all__ = ["quantize_rows", "quantize_act_dual", "quantize_weight_dual", "grouped_gemm", "grouped_wgrad",
-           "TritonKernels", "KERNELS", "install"]
+           "TritonKernels", "KERNELS", "install", "sentinel_outputs"]

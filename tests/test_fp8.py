@@ -355,6 +355,99 @@ def test_grouped_kernel_self_check_falls_back_to_the_loop(monkeypatch):
     assert torch.equal(fp8._grouped_checked("fprop", Wrong, xq, wq, tm, torch.float32), ref)
 
 
+
+def test_grouped_kernel_self_check_catches_nan_and_checks_each_shape(monkeypatch):
+    """A non-finite grouped result fails the check; a kernel checked at one (N, K) is checked
+    again at a new one (specializations and autotuning differ per shape)."""
+    monkeypatch.setattr(fp8, "_GROUPED_CHECKED", set())
+    monkeypatch.setattr(fp8, "_GROUPED_BROKEN", {})
+
+    class NanOnBig:
+        name = "triton"
+
+        @staticmethod
+        def grouped_gemm(a, b, tm, out_dtype):
+            out = fp8.TORCH_KERNELS.grouped_gemm(a, b, tm, out_dtype)
+            if b.data.shape[-1] >= 256:
+                out[0, 0] = float("nan")
+            return out
+
+    sizes = [70, 0, 200]
+    tm = fp8.tile_map(sizes, "cpu")
+    for K in (128, 256):
+        xq, _ = fp8.TORCH_KERNELS.quantize_act_dual(torch.randn(270, K), tm, cols=False)
+        wq, _ = fp8.TORCH_KERNELS.quantize_weight_dual(torch.randn(3, 128, K), transposed=False)
+        ref = fp8.TORCH_KERNELS.grouped_gemm(xq, wq, tm, torch.float32)
+        if K == 128:
+            assert torch.equal(fp8._grouped_checked("dgrad", NanOnBig, xq, wq, tm, torch.float32), ref)
+            assert not fp8._GROUPED_BROKEN
+        else:
+            with pytest.warns(UserWarning, match="disagrees with the per-expert loop"):
+                out = fp8._grouped_checked("dgrad", NanOnBig, xq, wq, tm, torch.float32)
+            assert torch.equal(out, ref) and "dgrad" in fp8._GROUPED_BROKEN
+
+
+class _FakeTriton:
+    """Stands in for nanoseek.fp8_triton.KERNELS: the PyTorch reference, corrupted for the
+    variants listed in `bad` (W^T's first byte, or a NaN row-scale), to test `_CheckedKernels`."""
+    name = "triton"
+
+    def __init__(self, bad):
+        self.bad, self.calls = set(bad), []
+
+    def quantize_act_dual(self, x, tm, pow2=False, rows=True, cols=True, variant="fast"):
+        self.calls.append(("act", variant))
+        r, c = fp8.TORCH_KERNELS.quantize_act_dual(x, tm, pow2, rows, cols)
+        if variant in self.bad and r is not None:
+            sc = r.scale.clone()
+            sc[0, 0] = float("nan")
+            r = fp8.Fp8Tensor(r.data, sc, r.tile)
+        return r, c
+
+    def quantize_weight_dual(self, w, pow2=False, transposed=True, variant="fast"):
+        self.calls.append(("weight", variant))
+        wq, wqt = fp8.TORCH_KERNELS.quantize_weight_dual(w, pow2, transposed)
+        if variant in self.bad and wqt is not None:
+            data = wqt.data.clone()
+            data.view(torch.uint8).view(-1)[0] = 0x7F  # NaN: an unwritten byte
+            wqt = fp8.Fp8Tensor(data, wqt.scale, wqt.tile)
+        return wq, wqt
+
+
+@pytest.mark.parametrize("bad, expect", [((), "fast"), (("fast",), "safe"), (("fast", "safe"), "torch")])
+def test_checked_quantizers_fall_back_per_specialization(monkeypatch, bad, expect):
+    """Every new quantizer specialization is compared bit for bit with the PyTorch reference on
+    first use: the fast kernel, else the unspecialized one, else the PyTorch quantizer (with a
+    warning) is used from then on; the result handed back is always the reference's values."""
+    monkeypatch.setattr(fp8, "_QUANT_CHOICE", {})
+    monkeypatch.setattr(fp8, "_QUANT_BROKEN", {})
+    fake = _FakeTriton(bad)
+    kern = fp8._CheckedKernels(fake)
+    w = torch.randn(256, 384) * 0.02
+    ref_w, ref_wt = fp8.TORCH_KERNELS.quantize_weight_dual(w)
+    x = torch.randn(300, 256)
+    tm = fp8.tile_map([300], "cpu")
+    ref_r, ref_c = fp8.TORCH_KERNELS.quantize_act_dual(x, tm)
+    import warnings as _w
+    with _w.catch_warnings(record=True) as rec:
+        _w.simplefilter("always")
+        for _ in range(2):
+            wq, wqt = kern.quantize_weight_dual(w)
+            assert fp8._same_fp8(wq, ref_w) and fp8._same_fp8(wqt, ref_wt)
+            r, c = kern.quantize_act_dual(x, tm)
+            assert fp8._same_fp8(r, ref_r) and fp8._same_segments(c, ref_c)
+    assert sorted(set(fp8._QUANT_CHOICE.values())) == [expect]
+    assert (len(rec) > 0) == bool(bad)
+    # after the first call per specialization only the chosen variant runs (no reference)
+    n = len(fake.calls)
+    kern.quantize_weight_dual(w)
+    assert fake.calls[n:] == ([] if expect == "torch" else [("weight", expect)])
+    # a new specialization (sizes not multiples of 16) is checked again
+    with _w.catch_warnings():
+        _w.simplefilter("ignore")
+        kern.quantize_weight_dual(torch.randn(200, 328))
+    assert len(fp8._QUANT_CHOICE) == 3
+
 # ------------------------------------------------------------------ convert
 def test_convert_nano_every_eligible_layer():
     cfg = ModelConfig.from_preset("nano")
