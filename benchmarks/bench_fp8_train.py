@@ -54,7 +54,7 @@ def run_one(a, tag: str, preset: str, overrides: dict | None, precision: str, se
     args = TrainArgs(data=[a.data], out=out, preset=preset, overrides=overrides, max_steps=steps,
                      batch_size=batch, seq_len=seq, lr=a.lr, warmup_steps=max(1, steps // 10),
                      eval_every=0, eval_batches=eval_batches, precision=precision, seed=seed,
-                     save=False, progress=False, mtp_depth=mtp_depth)
+                     save=False, progress=False, mtp_depth=mtp_depth, fp8_kernels=a.fp8_kernels)
     s = train(args)
     wall = time.time() - t0
     recs = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
@@ -63,6 +63,7 @@ def run_one(a, tag: str, preset: str, overrides: dict | None, precision: str, se
     losses = [r["loss"] for r in steps_recs]
     tail = losses[-max(1, len(losses) // 5):]  # mean training loss over the last fifth of the steps
     res = {"tag": tag, "preset": preset, "precision": precision, "seed": seed, "steps": s["step"],
+           "fp8_kernels_setting": a.fp8_kernels if precision == "fp8" else None,
            "tokens": s["step"] * batch * seq, "params_total": s["params_total"],
            "tokens_per_s": statistics.median(speeds) if speeds else float("nan"),
            "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
@@ -91,6 +92,8 @@ def main():
     p.add_argument("--speed-steps", type=int, default=15, help="0 skips the second model")
     p.add_argument("--speed-batch-size", type=int, default=16)
     p.add_argument("--speed-seq-len", type=int, default=2048)
+    p.add_argument("--fp8-kernels", default="off", choices=["off", "auto", "triton", "torch"],
+                   help="FP8 quantizers of the fp8 runs (nanoseek.fp8.FP8Config.kernels)")
     p.add_argument("--json-out")
     a = p.parse_args()
     if not os.path.isfile(os.path.join(a.data, "meta.json")):

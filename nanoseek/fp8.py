@@ -633,8 +633,11 @@ class _FP8LinearFn(torch.autograd.Function):
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, cfg: FP8Config | None = None,
                out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """F.linear(x, weight) with FP8 Fprop, Dgrad and Wgrad. Output dtype: the autocast dtype
-    when autocast is on, else x's dtype."""
-    return _FP8LinearFn.apply(x, weight, out_dtype or _out_dtype(x), cfg or DEFAULT_CONFIG)
+    when autocast is on, else x's dtype. The FP8 work itself runs with autocast off (autocast has
+    no rule for e4m3 tensors)."""
+    out_dtype = out_dtype or _out_dtype(x)
+    with torch.autocast(x.device.type, enabled=False):
+        return _FP8LinearFn.apply(x, weight, out_dtype, cfg or DEFAULT_CONFIG)
 
 
 class FP8Linear(nn.Linear):
@@ -729,8 +732,11 @@ class _FP8GroupedLinearFn(torch.autograd.Function):
 def fp8_grouped_linear(x: torch.Tensor, weight: torch.Tensor, sizes: list[int], cfg: FP8Config | None = None,
                        out_dtype: torch.dtype | None = None, tm: TileMap | None = None) -> torch.Tensor:
     """x [sum(sizes), K] sorted by expert, weight [E, N, K] -> [sum(sizes), N] (FP8 GEMMs). `tm`:
-    the segments' TileMap when the caller shares one between several calls (fused path only)."""
-    return _FP8GroupedLinearFn.apply(x, weight, list(sizes), out_dtype or _out_dtype(x), cfg or DEFAULT_CONFIG, tm)
+    the segments' TileMap when the caller shares one between several calls (fused path only).
+    Autocast is off inside, as in `fp8_linear`."""
+    out_dtype = out_dtype or _out_dtype(x)
+    with torch.autocast(x.device.type, enabled=False):
+        return _FP8GroupedLinearFn.apply(x, weight, list(sizes), out_dtype, cfg or DEFAULT_CONFIG, tm)
 
 
 def _experts_base():

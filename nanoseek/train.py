@@ -60,6 +60,7 @@ class TrainArgs:
     beta2: float = 0.95
     grad_clip: float = 1.0
     precision: str | None = None  # fp32 | bf16 | fp8 (default: bf16 on GPU, fp32 on CPU)
+    fp8_kernels: str = "off"  # fp8 quantizers: off (per-op PyTorch) | auto | triton | torch (nanoseek.fp8.FP8Config)
     device: str | None = None
     compile: bool = False
     activation_checkpointing: bool = False
@@ -290,6 +291,8 @@ def train(args: TrainArgs, finetune=None) -> dict:
     precision = a.precision or ("bf16" if device.type == "cuda" else "fp32")
     if precision not in ("fp32", "bf16", "fp8"):
         raise ValueError(f"--precision: unsupported value {precision!r} (fp32, bf16 or fp8)")
+    if a.fp8_kernels not in ("off", "auto", "triton", "torch"):
+        raise ValueError(f"--fp8-kernels: unsupported value {a.fp8_kernels!r} (off, auto, triton or torch)")
     if a.pp < 1 or world % a.pp:
         raise ValueError(f"--pp {a.pp} must divide the number of processes ({world})")
     if a.pp > 1 and (a.compile or a.activation_checkpointing or precision == "fp8" or a.grad_accum != 1):
@@ -378,8 +381,8 @@ def train(args: TrainArgs, finetune=None) -> dict:
     if finetune is not None:
         finetune.prepare_model(model, trainer_state)
     if precision == "fp8":  # FP8 GEMMs (DeepSeek-V3 recipe), swapped in from outside; bf16 autocast for the rest
-        from .fp8 import convert, format_report
-        fp8_converted, fp8_skipped = convert(model)
+        from .fp8 import FP8Config, convert, format_report
+        fp8_converted, fp8_skipped = convert(model, FP8Config(kernels=a.fp8_kernels))
         if main:
             _say(format_report(fp8_converted, fp8_skipped))
     pipe = epar = None

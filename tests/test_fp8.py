@@ -519,10 +519,13 @@ TINY = ["--batch-size", "4", "--seq-len", "32", "--vocab-size", "512", "--eval-b
 
 
 def test_cli_train_fp8_tracks_fp32(tmp_path, text_file):
+    """`train --precision fp8` (with the fused path's layouts, `--fp8-kernels torch`) tracks fp32."""
     outs = {}
     for prec in ("fp32", "fp8"):
+        kernels = ["--fp8-kernels", "torch"] if prec == "fp8" else []
         p = subprocess.run([sys.executable, "-m", "nanoseek", "train", "--preset", "nano", "--data", text_file,
-                            "--max-steps", "6", "--out", str(tmp_path / prec), "--precision", prec, "--json", *TINY],
+                            "--max-steps", "6", "--out", str(tmp_path / prec), "--precision", prec, "--json", *TINY,
+                            *kernels],
                            capture_output=True, text=True, timeout=300)
         assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
         outs[prec] = (p.stdout, json.loads(p.stdout.strip().splitlines()[-1]))
