@@ -331,6 +331,15 @@ def test_fused_path_experts_equal_per_op_path():
         ex(x, idx, wts)
 
 
+def _grouped_case(K: int):
+    """Three experts (70, 0 and 200 tokens) of width 128 at depth K: tile map, quantized operands
+    and the PyTorch reference grouped GEMM."""
+    tm = fp8.tile_map([70, 0, 200], "cpu")
+    xq, _ = fp8.TORCH_KERNELS.quantize_act_dual(torch.randn(270, K), tm, cols=False)
+    wq, _ = fp8.TORCH_KERNELS.quantize_weight_dual(torch.randn(3, 128, K), transposed=False)
+    return tm, xq, wq, fp8.TORCH_KERNELS.grouped_gemm(xq, wq, tm, torch.float32)
+
+
 def test_grouped_kernel_self_check_falls_back_to_the_loop(monkeypatch):
     """A grouped GEMM kernel that disagrees with the per-expert loop on its first call is replaced
     by the loop (with a warning), as torch._scaled_mm's self-check does."""
@@ -344,16 +353,11 @@ def test_grouped_kernel_self_check_falls_back_to_the_loop(monkeypatch):
         def grouped_gemm(a, b, tm, out_dtype):
             return 2 * fp8.TORCH_KERNELS.grouped_gemm(a, b, tm, out_dtype)
 
-    sizes = [70, 0, 200]
-    tm = fp8.tile_map(sizes, "cpu")
-    xq, _ = fp8.TORCH_KERNELS.quantize_act_dual(torch.randn(270, 256), tm, cols=False)
-    wq, _ = fp8.TORCH_KERNELS.quantize_weight_dual(torch.randn(3, 128, 256), transposed=False)
-    ref = fp8.TORCH_KERNELS.grouped_gemm(xq, wq, tm, torch.float32)
+    tm, xq, wq, ref = _grouped_case(256)
     with pytest.warns(UserWarning, match="disagrees with the per-expert loop"):
         out = fp8._grouped_checked("fprop", Wrong, xq, wq, tm, torch.float32)
     assert torch.equal(out, ref) and "fprop" in fp8._GROUPED_BROKEN
     assert torch.equal(fp8._grouped_checked("fprop", Wrong, xq, wq, tm, torch.float32), ref)
-
 
 
 def test_grouped_kernel_self_check_catches_nan_and_checks_each_shape(monkeypatch):
@@ -372,12 +376,8 @@ def test_grouped_kernel_self_check_catches_nan_and_checks_each_shape(monkeypatch
                 out[0, 0] = float("nan")
             return out
 
-    sizes = [70, 0, 200]
-    tm = fp8.tile_map(sizes, "cpu")
     for K in (128, 256):
-        xq, _ = fp8.TORCH_KERNELS.quantize_act_dual(torch.randn(270, K), tm, cols=False)
-        wq, _ = fp8.TORCH_KERNELS.quantize_weight_dual(torch.randn(3, 128, K), transposed=False)
-        ref = fp8.TORCH_KERNELS.grouped_gemm(xq, wq, tm, torch.float32)
+        tm, xq, wq, ref = _grouped_case(K)
         if K == 128:
             assert torch.equal(fp8._grouped_checked("dgrad", NanOnBig, xq, wq, tm, torch.float32), ref)
             assert not fp8._GROUPED_BROKEN
