@@ -21,6 +21,8 @@ import subprocess
 import sys
 import time
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 # ~168M parameters with a 4,096-token vocabulary: 8 layers (the first dense), width 768, MLA with a

@@ -8,10 +8,14 @@ then profiles the smallest: top CUDA kernels and top CPU ops, and the host syncs
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import time
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 
 def main():
