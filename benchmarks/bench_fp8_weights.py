@@ -1,0 +1,93 @@
+"""Serving an FP8 checkpoint with its weights kept in FP8 (nanoseek.fp8_weights) against the same
+checkpoint dequantized at load: model memory (parameters + buffers), decode tokens/s through the
+engine at two batch sizes, and whether the greedy tokens agree. Random-init preset model written
+with `save_pretrained(fp8=True)`.
+
+    python benchmarks/bench_fp8_weights.py [--preset nano] [--dtype fp32|bf16] [--new 32]
+
+Prints a table and a final JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+
+def model_bytes(model) -> int:
+    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--preset", default=None, help="default: small on GPU, nano on CPU")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], help="compute dtype (default: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--new", type=int, default=32, help="new tokens per sequence")
+    p.add_argument("--batches", default="1,16")
+    p.add_argument("--prompt-len", type=int, default=32)
+    a = p.parse_args()
+    from nanoseek import DeepSeekV3, ModelConfig
+    from nanoseek.engine import Engine, SamplingParams
+    from nanoseek.fp8_weights import load_fp8_weights
+    from nanoseek.tokenizer import train_bpe
+
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    preset = a.preset or ("small" if cuda else "nano")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[a.dtype or ("bf16" if cuda else "fp32")]
+    cfg = ModelConfig.from_preset(preset, num_nextn_predict_layers=0)
+    tmp = tempfile.mkdtemp(prefix="bench_fp8_weights_")
+    DeepSeekV3.from_config(cfg, seed=0).save_pretrained(tmp, fp8=True)
+    tok = train_bpe(["the quick brown fox jumps over the lazy dog. " * 50], min(cfg.vocab_size, 512))
+    tok.save(tmp)
+    g = torch.Generator().manual_seed(0)
+    bs = list(map(int, a.batches.split(",")))
+    prompts_of = {b: torch.randint(2, cfg.vocab_size, (b, a.prompt_len), generator=g).tolist() for b in bs}
+    rows, outs = [], {}
+    for name in ("dequantized at load", "FP8 weights kept"):
+        if name.startswith("FP8"):
+            model, rep = load_fp8_weights(tmp, dtype=dtype, device=device)
+        else:
+            model = DeepSeekV3.from_pretrained(tmp, dtype=dtype, device=device)
+        model.eval()
+        row = {"impl": name, "model_gib": model_bytes(model) / 2**30}
+        for b in bs:
+            prompts = prompts_of[b]
+            engine = Engine(model, tok, max_context=a.prompt_len + a.new + 8, max_batch=b, device=device,
+                            cuda_graphs=False)
+            params = SamplingParams(max_tokens=a.new, temperature=0, ignore_eos=True)
+            engine.generate(prompts[:1], SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))  # warm-up
+            if cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            comps = engine.generate(prompts, params)
+            if cuda:
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
+            engine.close()
+            row[f"tok_s_b{b}"] = sum(c.completion_tokens for c in comps) / dt
+            outs.setdefault(b, []).append([c.token_ids for c in comps])
+        rows.append(row)
+        del model
+    same = {b: o[0] == o[1] for b, o in outs.items()}
+    hw = torch.cuda.get_device_name() if cuda else f"CPU ({torch.get_num_threads()} threads)"
+    print(f"{preset} on {hw}, compute {str(dtype)[6:]}, {a.new} new tokens, prompt {a.prompt_len}")
+    print(f"{'impl':<22} {'model GiB':>10} " + " ".join(f"{'tok/s b' + str(b):>12}" for b in bs))
+    for r in rows:
+        print(f"{r['impl']:<22} {r['model_gib']:>10.3f} " + " ".join(f"{r[f'tok_s_b{b}']:>12,.0f}" for b in bs))
+    ratio = rows[1]["model_gib"] / rows[0]["model_gib"]
+    print(f"memory FP8 / dequantized: {ratio:.2f}x; greedy tokens identical: {same}")
+    print(json.dumps({"preset": preset, "device": hw, "dtype": str(dtype)[6:], "rows": rows, "memory_ratio": ratio,
+                      "greedy_identical": same, "fp8_modules": rep["fp8_modules"]}))
+
+
+if __name__ == "__main__":
+    main()
