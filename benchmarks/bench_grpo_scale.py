@@ -6,7 +6,7 @@ length before and after; then rollout tokens/s of the nanoseek engine against tr
 `generate` on the pretrained checkpoint (benchmarks/bench_grpo.py, same prompts and settings).
 
     python benchmarks/bench_grpo_scale.py --text .carry/text --out runs/grpo_scale \
-        --pretrain-seconds 100 --rl-seconds 60
+        --pretrain-seconds 150 --rl-seconds 240
 
 Budgets are wall-clock seconds (pretraining, GRPO, control), so the run fits a fixed GPU slot.
 Prints a table and a final JSON line.
@@ -38,8 +38,8 @@ def main():
     p.add_argument("--text", help="English text folder/files mixed into pretraining (default: none)")
     p.add_argument("--n-numbers", type=int, default=3, help="Countdown numbers per problem")
     p.add_argument("--train-problems", type=int, default=200_000)
-    p.add_argument("--pretrain-seconds", type=float, default=100)
-    p.add_argument("--rl-seconds", type=float, default=60)
+    p.add_argument("--pretrain-seconds", type=float, default=150)
+    p.add_argument("--rl-seconds", type=float, default=240, help="GRPO seconds (45 s = 43 steps moved nothing; the CPU recipe needed 150+ steps)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--pretrain-lr", type=float, default=1e-3)
