@@ -52,9 +52,9 @@ def main():
     bs = list(map(int, a.batches.split(",")))
     prompts_of = {b: torch.randint(2, cfg.vocab_size, (b, a.prompt_len), generator=g).tolist() for b in bs}
     rows, outs = [], {}
-    for name in ("dequantized at load", "FP8 weights kept"):
+    for name in ("dequantized at load", "FP8 weights kept", "FP8 weights, W8A8 GEMMs"):
         if name.startswith("FP8"):
-            model, rep = load_fp8_weights(tmp, dtype=dtype, device=device)
+            model, rep = load_fp8_weights(tmp, dtype=dtype, device=device, w8a8="W8A8" in name)
         else:
             model = DeepSeekV3.from_pretrained(tmp, dtype=dtype, device=device)
         model.eval()
@@ -77,16 +77,19 @@ def main():
             outs.setdefault(b, []).append([c.token_ids for c in comps])
         rows.append(row)
         del model
-    same = {b: o[0] == o[1] for b, o in outs.items()}
+    same = {b: o[0] == o[1] for b, o in outs.items()}  # dequantized vs FP8-kept (W8A8 is not exact)
+    agree_w8a8 = {b: sum(x == y for r0, r2 in zip(o[0], o[2]) for x, y in zip(r0, r2)) / sum(map(len, o[0]))
+                  for b, o in outs.items()}
     hw = torch.cuda.get_device_name() if cuda else f"CPU ({torch.get_num_threads()} threads)"
     print(f"{preset} on {hw}, compute {str(dtype)[6:]}, {a.new} new tokens, prompt {a.prompt_len}")
     print(f"{'impl':<22} {'model GiB':>10} " + " ".join(f"{'tok/s b' + str(b):>12}" for b in bs))
     for r in rows:
         print(f"{r['impl']:<22} {r['model_gib']:>10.3f} " + " ".join(f"{r[f'tok_s_b{b}']:>12,.0f}" for b in bs))
     ratio = rows[1]["model_gib"] / rows[0]["model_gib"]
-    print(f"memory FP8 / dequantized: {ratio:.2f}x; greedy tokens identical: {same}")
+    print(f"memory FP8 / dequantized: {ratio:.2f}x; greedy tokens identical (FP8 kept): {same}; "
+          f"W8A8 greedy tokens equal to the dequantized model's: {agree_w8a8}")
     print(json.dumps({"preset": preset, "device": hw, "dtype": str(dtype)[6:], "rows": rows, "memory_ratio": ratio,
-                      "greedy_identical": same, "fp8_modules": rep["fp8_modules"]}))
+                      "greedy_identical": same, "w8a8_token_agreement": agree_w8a8, "fp8_modules": rep["fp8_modules"]}))
 
 
 if __name__ == "__main__":

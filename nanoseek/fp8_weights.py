@@ -6,7 +6,10 @@ official release's layout) and keeps every FP8-stored Linear and routed-expert w
 bytes and block scales, read straight from the files: 1 byte per weight instead of 2 (bf16) or 4
 (fp32). Each forward dequantizes the weight it needs (`checkpoint.fp8_dequantize`, the same formula
 the normal loader applies once) and runs the GEMM in the activations' dtype, so the outputs equal
-those of the model loaded the usual way, bit for bit. The swap is applied from outside the model:
+those of the model loaded the usual way, bit for bit. With `w8a8=True` the Linears instead quantize
+their input in 1x128 tiles and run the FP8 x FP8 block-scaled GEMM of DeepSeek's own inference code
+(`fp8.fp8_gemm`: `torch._scaled_mm` on Hopper, an exact emulation on CPU); outputs then carry the
+activation quantization error (~28 dB SQNR per GEMM). The swap is applied from outside the model:
 FP8 Linears become `FP8WeightLinear`, routed experts `FP8WeightExperts`; the rest (embedding, head,
 router, norms) stays as loaded. Inference only: the FP8 weights are buffers, not parameters.
 """
@@ -18,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .checkpoint import CheckpointError, _ShardSet, fp8_dequantize, hf_keys_for, load_pretrained
+from .fp8 import WEIGHT, Fp8Tensor, fp8_gemm, quantize_1x128
 from .model import Experts
 
 _EXPERT_PROJ = ("gate_proj", "up_proj", "down_proj")
@@ -29,12 +33,12 @@ class FP8WeightLinear(nn.Module):
     absorbed attention reads kv_b_proj's weight directly)."""
 
     def __init__(self, weight: torch.Tensor, scale_inv: torch.Tensor, bias: torch.Tensor | None,
-                 compute_dtype: torch.dtype):
+                 compute_dtype: torch.dtype, w8a8: bool = False):
         super().__init__()
         self.register_buffer("weight_fp8", weight)
         self.register_buffer("weight_scale_inv", scale_inv)
         self.bias = bias
-        self.compute_dtype = compute_dtype
+        self.compute_dtype, self.w8a8 = compute_dtype, w8a8
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
 
     @property
@@ -43,7 +47,12 @@ class FP8WeightLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        return F.linear(x, fp8_dequantize(self.weight_fp8, self.weight_scale_inv, dtype), self.bias)
+        if not self.w8a8:
+            return F.linear(x, fp8_dequantize(self.weight_fp8, self.weight_scale_inv, dtype), self.bias)
+        x2 = x.reshape(-1, x.shape[-1])  # [M, K]
+        y = fp8_gemm(quantize_1x128(x2), Fp8Tensor(self.weight_fp8, self.weight_scale_inv, WEIGHT), dtype)  # [M, N]
+        y = y.view(*x.shape[:-1], self.out_features)
+        return y + self.bias.to(dtype) if self.bias is not None else y
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, weight=e4m3 + 128x128 scales"
@@ -73,8 +82,9 @@ class FP8WeightExperts(Experts):
         return self._dequant(self.down_proj_fp8, self.down_proj_scale_inv, self.compute_dtype)
 
 
-def load_fp8_weights(path: str, dtype=None, device=None) -> tuple[nn.Module, dict]:
-    """The checkpoint at `path` with its FP8-stored weights kept in FP8 (module docstring).
+def load_fp8_weights(path: str, dtype=None, device=None, w8a8: bool = False) -> tuple[nn.Module, dict]:
+    """The checkpoint at `path` with its FP8-stored weights kept in FP8 (module docstring; `w8a8`:
+    the Linears' GEMMs in FP8 with 1x128-quantized inputs).
     Returns (model, report) where report has `fp8_modules`, `fp8_weight_bytes` and
     `dense_weight_bytes` (what the same weights take in `dtype`)."""
     model = load_pretrained(path, dtype=dtype, device=device)
@@ -100,7 +110,7 @@ def load_fp8_weights(path: str, dtype=None, device=None) -> tuple[nn.Module, dic
             if pair is None:
                 continue
             report["dense_weight_bytes"] += mod.weight.numel() * mod.weight.element_size()
-            new = FP8WeightLinear(*pair, mod.bias, mod.weight.dtype)
+            new = FP8WeightLinear(*pair, mod.bias, mod.weight.dtype, w8a8)
             setattr(parent, attr, new)
         elif isinstance(mod, Experts) and not isinstance(mod, FP8WeightExperts):
             stacks = {}

@@ -74,3 +74,23 @@ def test_cli_generate_and_errors(fp8_dir, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "nanoseek", "generate", str(bf), "x", "--raw", "--fp8-weights"],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "no FP8 weights" in bad.stderr
+
+
+def test_w8a8_gemms_within_fp8_error(fp8_dir):
+    """`w8a8`: inputs quantized in 1x128 tiles, FP8 x FP8 block GEMMs (DeepSeek's inference path).
+    One Linear against its dequantized-weight GEMM: the activation quantization error only, at least
+    the 25 dB the FP8 GEMMs must reach (32 dB measured); the whole 3-layer model's logits accumulate
+    it layer after layer (25.6 dB measured)."""
+    from nanoseek.fp8 import sqnr_db
+    ref = DeepSeekV3.from_pretrained(fp8_dir, dtype=torch.float32)
+    got, _ = load_fp8_weights(fp8_dir, dtype=torch.float32, w8a8=True)
+    lin = next(m for m in got.modules() if isinstance(m, FP8WeightLinear))
+    assert lin.w8a8
+    h = torch.randn(64, lin.in_features, generator=torch.Generator().manual_seed(1))
+    lin.w8a8 = False
+    exact = lin(h)
+    lin.w8a8 = True
+    assert sqnr_db(exact.double(), lin(h).double()) >= 25
+    x = torch.randint(0, 300, (2, 21), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert sqnr_db(ref(x).double(), got(x).double()) >= 20
