@@ -204,7 +204,9 @@ class Engine:
             raise ValueError(f"prompt of {len(prompt_ids)} tokens exceeds the context limit of {self.max_context} tokens")
         if self._closed:
             raise RuntimeError("engine is closed")
-        req = _Request(list(map(int, prompt_ids)), params, t_submit=time.perf_counter(), stream=stream)
+        # stop strings need the incremental text, so such requests stream whatever the caller asked
+        req = _Request(list(map(int, prompt_ids)), params, t_submit=time.perf_counter(),
+                       stream=stream or bool(params.stop))
         self._pending.put(req)
         return req
 
@@ -365,14 +367,12 @@ class Engine:
             req.generated.append(token)
             req.logprobs.append(logprob)
         out_of_room = len(req.generated) >= p.max_tokens or req.pos + 1 >= self.max_context
-        if not req.stream and not p.stop:  # batch generate: the text once, at the end
+        if not req.stream:  # batch generate: the text once, at the end
             req.finish_reason = "stop" if is_eos else "length" if out_of_room else None
             if req.finish_reason is not None:
                 req.emitted = self.tokenizer.decode(req.generated)
                 self._retire(req)
             return
-        if not req.stream:  # stop strings need the incremental text; generate() reads the events
-            req.stream = True
         text_all = self._detokenize(req, final=is_eos or out_of_room)
         delta_end = len(text_all)
         for s in p.stop:  # cut at the earliest stop string

@@ -391,13 +391,5 @@ class TritonKernels:
 KERNELS = TritonKernels()
 
 
-def install() -> bool:
-    """Make the FP8 layers use these kernels for CUDA tensors (what FP8Config(kernels="auto") does
-    on first use anyway)."""
-    from . import fp8
-    fp8._TRITON_KERNELS = fp8._CheckedKernels(KERNELS)
-    return True
-
-
 __all__ = ["quantize_rows", "quantize_act_dual", "quantize_weight_dual", "grouped_gemm", "grouped_wgrad",
-           "TritonKernels", "KERNELS", "install", "sentinel_outputs"]
+           "TritonKernels", "KERNELS", "sentinel_outputs"]

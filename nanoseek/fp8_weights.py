@@ -20,11 +20,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .checkpoint import CheckpointError, _ShardSet, fp8_dequantize, hf_keys_for, load_pretrained
-from .fp8 import WEIGHT, Fp8Tensor, fp8_gemm, quantize_1x128
+from .checkpoint import _EXPERT_PROJ, CheckpointError, _ShardSet, fp8_dequantize, hf_keys_for, load_pretrained
+from .fp8 import WEIGHT, Fp8Tensor, _out_dtype, fp8_gemm, quantize_1x128
 from .model import Experts
-
-_EXPERT_PROJ = ("gate_proj", "up_proj", "down_proj")
 
 
 class FP8WeightLinear(nn.Module):
@@ -46,7 +44,7 @@ class FP8WeightLinear(nn.Module):
         return fp8_dequantize(self.weight_fp8, self.weight_scale_inv, self.compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        dtype = _out_dtype(x)
         if not self.w8a8:
             return F.linear(x, fp8_dequantize(self.weight_fp8, self.weight_scale_inv, dtype), self.bias)
         x2 = x.reshape(-1, x.shape[-1])  # [M, K]

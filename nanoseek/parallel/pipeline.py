@@ -165,7 +165,7 @@ def split_deepseek(model, schedule: Schedule, rank: int, balance_alpha: float = 
                    loss_scale: float | None = None):
     """Prune `model` (a DeepSeekV3, identical on every rank) in place to what `rank` runs and return
     (stages {virtual stage: DeepSeekStage}, criterion). The pruned model keeps HF parameter names,
-    so `model.named_parameters()` is what `sync_shared_grads` matches across ranks."""
+    so `model.named_parameters()` is what `SharedGrads` matches across ranks."""
     S = schedule.num_model_stages
     groups = split_layers(list(model.model.layers.keys()), S)
     held = sorted({schedule.model_stage[v] for v in schedule.stages_of_rank(rank)})
