@@ -43,7 +43,7 @@ WIDE = dict(hidden_size=4096, num_hidden_layers=4, first_k_dense_replace=1, inte
 
 
 def run_one(a, tag: str, preset: str, overrides: dict | None, precision: str, seed: int, steps: int,
-            batch: int, seq: int, eval_batches: int, mtp_depth: int | None, work: str) -> dict:
+            batch: int, seq: int, eval_batches: int, mtp_depth: int | None, work: str, kernels: str = "off") -> dict:
     """One training run in this process; returns its summary plus speed and peak memory."""
     out = os.path.join(work, tag)
     cuda = torch.cuda.is_available()
@@ -54,7 +54,8 @@ def run_one(a, tag: str, preset: str, overrides: dict | None, precision: str, se
     args = TrainArgs(data=[a.data], out=out, preset=preset, overrides=overrides, max_steps=steps,
                      batch_size=batch, seq_len=seq, lr=a.lr, warmup_steps=max(1, steps // 10),
                      eval_every=0, eval_batches=eval_batches, precision=precision, seed=seed,
-                     save=False, progress=False, mtp_depth=mtp_depth, fp8_kernels=a.fp8_kernels)
+                     save=False, progress=False, mtp_depth=mtp_depth, fp8_kernels=kernels.split(":")[0],
+                     fp8_grouped=(kernels.split(":") + ["loop"])[1])
     s = train(args)
     wall = time.time() - t0
     recs = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
@@ -63,7 +64,7 @@ def run_one(a, tag: str, preset: str, overrides: dict | None, precision: str, se
     losses = [r["loss"] for r in steps_recs]
     tail = losses[-max(1, len(losses) // 5):]  # mean training loss over the last fifth of the steps
     res = {"tag": tag, "preset": preset, "precision": precision, "seed": seed, "steps": s["step"],
-           "fp8_kernels_setting": a.fp8_kernels if precision == "fp8" else None,
+           "fp8_kernels_setting": kernels if precision == "fp8" else None,
            "tokens": s["step"] * batch * seq, "params_total": s["params_total"],
            "tokens_per_s": statistics.median(speeds) if speeds else float("nan"),
            "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
@@ -74,9 +75,25 @@ def run_one(a, tag: str, preset: str, overrides: dict | None, precision: str, se
         res["fp8_kernels"] = {"quantizer_choice": {str(k): v for k, v in fp8._QUANT_CHOICE.items()},
                               "quantizer_fallbacks": {str(k): v for k, v in fp8._QUANT_BROKEN.items()},
                               "grouped_fallbacks": dict(fp8._GROUPED_BROKEN),
-                              "scaled_mm_fallbacks": {str(k): v for k, v in fp8._SCALED_MM_BROKEN.items()}}
+                              "scaled_mm_fallbacks": {str(k): v for k, v in fp8._SCALED_MM_BROKEN.items()},
+                              "check_every": fp8.CHECK_EVERY, "check_mismatches": len(fp8.CHECK_LOG),
+                              "check_first_mismatches": fp8.CHECK_LOG[:8]}
     print(f"[{tag}] {json.dumps(res)}", flush=True)
     return res
+
+
+class _keep:
+    """A folder kept after the runs (the `--work` option), used like TemporaryDirectory."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __enter__(self) -> str:
+        os.makedirs(self.path, exist_ok=True)
+        return self.path
+
+    def __exit__(self, *exc):
+        return False
 
 
 def main():
@@ -92,10 +109,19 @@ def main():
     p.add_argument("--speed-steps", type=int, default=15, help="0 skips the second model")
     p.add_argument("--speed-batch-size", type=int, default=16)
     p.add_argument("--speed-seq-len", type=int, default=2048)
-    p.add_argument("--fp8-kernels", default="off", choices=["off", "auto", "triton", "torch"],
-                   help="FP8 quantizers of the fp8 runs (nanoseek.fp8.FP8Config.kernels)")
+    p.add_argument("--fp8-kernels", default="off",
+                   help="FP8 quantizers of the fp8 runs (nanoseek.fp8.FP8Config.kernels: off, auto, triton, "
+                        "torch), optionally with the experts' GEMMs after a colon (auto:triton); a comma list runs "
+                        "one fp8 run per setting next to the same bf16 runs")
+    p.add_argument("--work", help="keep each run's folder (metrics.jsonl, loss curve) here instead of a temporary one")
     p.add_argument("--json-out")
     a = p.parse_args()
+    kernel_settings = a.fp8_kernels.split(",")
+    bad = [k for k in kernel_settings if k.split(":")[0] not in ("off", "auto", "triton", "torch")
+           or k.split(":")[1:] not in ([], ["triton"], ["loop"])]
+    if bad:
+        p.error(f"--fp8-kernels: unknown setting(s) {bad}; use off, auto, triton or torch (optionally :loop "
+                f"or :triton)")
     if not os.path.isfile(os.path.join(a.data, "meta.json")):
         print(f"bench_fp8_train: no prepared data at {a.data} (meta.json missing); nothing measured")
         print(json.dumps({"skipped": f"no data at {a.data}"}))
@@ -107,43 +133,47 @@ def main():
     preset, overrides, mtp = ((a.model, None, None) if a.model != "wide"
                               else ("small", {**WIDE, "vocab_size": 8192}, 0))
     runs = []
-    with tempfile.TemporaryDirectory(prefix="bench_fp8_train_") as work:
+    with (tempfile.TemporaryDirectory(prefix="bench_fp8_train_") if not a.work else _keep(a.work)) as work:
         common = dict(steps=a.steps, batch=a.batch_size, seq=a.seq_len, eval_batches=a.eval_batches, mtp_depth=mtp,
                       work=work)
-        for tag, prec, seed in [("bf16-seed0", "bf16", 0), ("fp8-seed0", "fp8", 0), ("bf16-seed1", "bf16", 1)]:
-            runs.append(run_one(a, f"{a.model}-{tag}", preset, overrides, prec, seed, **common))
+        fp8_runs = [(f"fp8-{k}-seed0", "fp8", 0, k) for k in kernel_settings]
+        for tag, prec, seed, kern in [("bf16-seed0", "bf16", 0, "off"), *fp8_runs, ("bf16-seed1", "bf16", 1, "off")]:
+            runs.append(run_one(a, f"{a.model}-{tag}", preset, overrides, prec, seed, kernels=kern, **common))
             if a.json_out:
                 json.dump({**out, "runs": runs}, open(a.json_out, "w"), indent=1)
         if a.speed_steps > 0:
-            for prec in ("bf16", "fp8"):
-                runs.append(run_one(a, f"{a.speed_preset}-{prec}", a.speed_preset, None, prec, 0, steps=a.speed_steps,
-                                    batch=a.speed_batch_size, seq=a.speed_seq_len, eval_batches=1, mtp_depth=None,
-                                    work=work))
+            for prec, kern in [("bf16", "off"), *(("fp8", k) for k in kernel_settings)]:
+                runs.append(run_one(a, f"{a.speed_preset}-{prec}" + (f"-{kern}" if prec == "fp8" else ""),
+                                    a.speed_preset, None, prec, 0, steps=a.speed_steps, batch=a.speed_batch_size,
+                                    seq=a.speed_seq_len, eval_batches=1, mtp_depth=None, work=work, kernels=kern))
                 if a.json_out:
                     json.dump({**out, "runs": runs}, open(a.json_out, "w"), indent=1)
     by = {r["tag"]: r for r in runs}
-    b0, f0, b1 = (by[f"{a.model}-{t}"] for t in ("bf16-seed0", "fp8-seed0", "bf16-seed1"))
+    b0, b1 = by[f"{a.model}-bf16-seed0"], by[f"{a.model}-bf16-seed1"]
     rel = lambda x, ref: (x - ref) / ref  # noqa: E731
-    quality = {"val_loss_bf16_seed0": b0["val_loss"], "val_loss_fp8_seed0": f0["val_loss"],
-               "val_loss_bf16_seed1": b1["val_loss"],
-               "rel_gap_fp8_vs_bf16": rel(f0["val_loss"], b0["val_loss"]),
-               "rel_gap_bf16_seed1_vs_seed0": rel(b1["val_loss"], b0["val_loss"]),
-               "rel_gap_train_loss_tail_fp8_vs_bf16": rel(f0["train_loss_tail"], b0["train_loss_tail"]),
-               "tokens_each": b0["tokens"]}
+    quality = {"val_loss_bf16_seed0": b0["val_loss"], "val_loss_bf16_seed1": b1["val_loss"],
+               "rel_gap_bf16_seed1_vs_seed0": rel(b1["val_loss"], b0["val_loss"]), "tokens_each": b0["tokens"]}
     speed = {}
-    for name, pair in [(a.model, (b0, f0)), (a.speed_preset, (by.get(f"{a.speed_preset}-bf16"),
-                                                              by.get(f"{a.speed_preset}-fp8")))]:
-        if pair[0] and pair[1]:
-            speed[name] = {"bf16_tokens_per_s": pair[0]["tokens_per_s"], "fp8_tokens_per_s": pair[1]["tokens_per_s"],
-                           "fp8_speedup": pair[1]["tokens_per_s"] / pair[0]["tokens_per_s"],
-                           "bf16_peak_gib": pair[0]["peak_gib"], "fp8_peak_gib": pair[1]["peak_gib"]}
+    for k in kernel_settings:
+        f0 = by[f"{a.model}-fp8-{k}-seed0"]
+        quality[f"val_loss_fp8_{k}_seed0"] = f0["val_loss"]
+        quality[f"rel_gap_fp8_{k}_vs_bf16"] = rel(f0["val_loss"], b0["val_loss"])
+        quality[f"rel_gap_train_loss_tail_fp8_{k}_vs_bf16"] = rel(f0["train_loss_tail"], b0["train_loss_tail"])
+        for name, pair in [(a.model, (b0, f0)), (a.speed_preset, (by.get(f"{a.speed_preset}-bf16"),
+                                                                  by.get(f"{a.speed_preset}-fp8-{k}")))]:
+            if pair[0] and pair[1]:
+                speed[f"{name} fp8-{k}"] = {
+                    "bf16_tokens_per_s": pair[0]["tokens_per_s"], "fp8_tokens_per_s": pair[1]["tokens_per_s"],
+                    "fp8_speedup": pair[1]["tokens_per_s"] / pair[0]["tokens_per_s"],
+                    "bf16_peak_gib": pair[0]["peak_gib"], "fp8_peak_gib": pair[1]["peak_gib"]}
     print(f"\n{'run':28s} {'params':>8s} {'tokens':>10s} {'tok/s':>9s} {'peak GiB':>9s} {'val loss':>9s} "
           f"{'train loss (last 1/5)':>22s} {'wall s':>7s}")
     for r in runs:
         peak = f"{r['peak_gib']:9.1f}" if r["peak_gib"] is not None else f"{'-':>9s}"
         print(f"{r['tag']:28s} {r['params_total'] / 1e6:7.0f}M {r['tokens']:10d} {r['tokens_per_s']:9.0f} {peak} "
               f"{r['val_loss']:9.4f} {r['train_loss_tail']:22.4f} {r['wall_s']:7.1f}")
-    print(f"\nval loss, relative: fp8 vs bf16 (same seed) {100 * quality['rel_gap_fp8_vs_bf16']:+.3f} %; "
+    gaps = ", ".join(f"fp8-{k} {100 * quality[f'rel_gap_fp8_{k}_vs_bf16']:+.3f} %" for k in kernel_settings)
+    print(f"\nval loss, relative to bf16 (same seed): {gaps}; "
           f"bf16 seed 1 vs seed 0 (noise floor) {100 * quality['rel_gap_bf16_seed1_vs_seed0']:+.3f} %; "
           f"the DeepSeek-V3 report: < 0.25 %")
     for name, sp in speed.items():

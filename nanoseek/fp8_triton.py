@@ -159,10 +159,11 @@ def _quant_dual_kernel(x_ptr, qr_ptr, sr_ptr, qc_ptr, sc_ptr, prog_ptr, T, C, P,
 
 # Two compilations of each quantizer: "fast" (Triton's default specialization: integer arguments
 # divisible by 16 get divisibility hints -> 16-byte vector loads/stores, layouts chosen for them)
-# and "safe" (no specialization of the sizes and strides: the code Triton emits for odd shapes,
-# which the first H200 run found bit-identical, while the fast weight kernel was not at shapes
-# with N, K multiples of 16). The fused path verifies each new specialization against
-# the PyTorch reference on first use and falls back fast -> safe -> PyTorch (fp8._CheckedKernels).
+# and "safe" (no specialization of the sizes and strides). The fused path verifies each new
+# specialization against the PyTorch reference on first use and falls back fast -> safe ->
+# PyTorch (fp8._CheckedKernels): a miscompile costs speed, never correctness. (The one seen: an
+# in-kernel transposed store of the weight blocks, wrong only in the fast build; see
+# quantize_weight_dual.)
 _DUAL_INT_ARGS = ["T", "C", "P", "stride_xm"]
 _quant_dual_fast = triton.jit(_quant_dual_kernel)
 _quant_dual_safe = triton.jit(_quant_dual_kernel, do_not_specialize=_DUAL_INT_ARGS)
@@ -198,8 +199,8 @@ def quantize_act_dual(x: torch.Tensor, tm: TileMap, pow2: bool = False, rows: bo
 
 
 # ----------------------------------------------------------------------------------- 128x128 weights
-def _quant_weight_kernel(w_ptr, q_ptr, qt_ptr, s_ptr, N, K, stride_we, stride_wn, nN, nK,
-                         EPS_C: tl.constexpr, POW2: tl.constexpr, WRITE_T: tl.constexpr):
+def _quant_weight_kernel(w_ptr, q_ptr, s_ptr, N, K, stride_we, stride_wn, nN, nK,
+                         EPS_C: tl.constexpr, POW2: tl.constexpr):
     nb = tl.program_id(0)
     kb = tl.program_id(1)
     e = tl.program_id(2).to(tl.int64)
@@ -207,16 +208,10 @@ def _quant_weight_kernel(w_ptr, q_ptr, qt_ptr, s_ptr, N, K, stride_we, stride_wn
     c = kb * 128 + tl.arange(0, 128)
     mask = (r[:, None] < N) & (c[None, :] < K)
     r64 = r.to(tl.int64)  # int64 offsets: N * K may pass 2^31 (an output head, a big stacked W)
-    c64 = c.to(tl.int64)
     w = tl.load(w_ptr + e * stride_we + r64[:, None] * stride_wn + c[None, :], mask=mask, other=0.0).to(tl.float32)
     amax = tl.max(tl.max(tl.abs(w), axis=1), axis=0, keep_dims=True)  # [1]
     s = _scale_from_amax(amax, EPS_C, POW2)  # [1]
-    q = _to_e4m3(w, s[:, None])
-    off = e * N * K
-    tl.store(q_ptr + off + r64[:, None] * K + c[None, :], q, mask=mask)
-    if WRITE_T:  # W^T [K, N]: the Dgrad operand, same blocks and scales
-        tl.store(qt_ptr + off + c64[:, None] * N + r[None, :], _to_e4m3(tl.trans(w), s[:, None]),
-                 mask=(c[:, None] < K) & (r[None, :] < N))
+    tl.store(q_ptr + e * N * K + r64[:, None] * K + c[None, :], _to_e4m3(w, s[:, None]), mask=mask)
     tl.store(s_ptr + e * nN * nK + nb * nK + kb + tl.arange(0, 1), s)
 
 
@@ -238,13 +233,11 @@ def quantize_weight_dual(w: torch.Tensor, pow2: bool = False, transposed: bool =
     E, N, K = w3.shape
     nN, nK = triton.cdiv(N, BLOCK), triton.cdiv(K, BLOCK)
     q = _empty(E, N, K, dtype=E4M3, device=w.device)
-    qt = _empty(E, K, N, dtype=E4M3, device=w.device) if transposed else None
     s = _empty(E, nN, nK, dtype=torch.float32, device=w.device)
-    if E * nN * nK == 0:
-        return _weight_result(w, q, qt, s, transposed)
-    kernel = {"fast": _quant_weight_fast, "safe": _quant_weight_safe}[variant]
-    kernel[(nN, nK, E)](w3, q, qt if transposed else q, s, N, K, w3.stride(0), w3.stride(1), nN, nK,
-                                      EPS_C=EPS, POW2=pow2, WRITE_T=transposed, num_warps=8)
+    if E * nN * nK:
+        kernel = {"fast": _quant_weight_fast, "safe": _quant_weight_safe}[variant]
+        kernel[(nN, nK, E)](w3, q, s, N, K, w3.stride(0), w3.stride(1), nN, nK, EPS_C=EPS, POW2=pow2, num_warps=8)
+    qt = q.transpose(1, 2).contiguous() if transposed else None  # [E, K, N]
     return _weight_result(w, q, qt, s, transposed)
 
 

@@ -61,6 +61,7 @@ class TrainArgs:
     grad_clip: float = 1.0
     precision: str | None = None  # fp32 | bf16 | fp8 (default: bf16 on GPU, fp32 on CPU)
     fp8_kernels: str = "off"  # fp8 quantizers: off (per-op PyTorch) | auto | triton | torch (nanoseek.fp8.FP8Config)
+    fp8_grouped: str = "loop"  # fp8 routed-expert GEMMs on the fused path: loop | triton (experimental)
     device: str | None = None
     compile: bool = False
     activation_checkpointing: bool = False
@@ -293,6 +294,8 @@ def train(args: TrainArgs, finetune=None) -> dict:
         raise ValueError(f"--precision: unsupported value {precision!r} (fp32, bf16 or fp8)")
     if a.fp8_kernels not in ("off", "auto", "triton", "torch"):
         raise ValueError(f"--fp8-kernels: unsupported value {a.fp8_kernels!r} (off, auto, triton or torch)")
+    if a.fp8_grouped not in ("loop", "triton"):
+        raise ValueError(f"--fp8-grouped: unsupported value {a.fp8_grouped!r} (loop or triton)")
     if a.pp < 1 or world % a.pp:
         raise ValueError(f"--pp {a.pp} must divide the number of processes ({world})")
     if a.pp > 1 and (a.compile or a.activation_checkpointing or precision == "fp8" or a.grad_accum != 1):
@@ -382,7 +385,7 @@ def train(args: TrainArgs, finetune=None) -> dict:
         finetune.prepare_model(model, trainer_state)
     if precision == "fp8":  # FP8 GEMMs (DeepSeek-V3 recipe), swapped in from outside; bf16 autocast for the rest
         from .fp8 import FP8Config, convert, format_report
-        fp8_converted, fp8_skipped = convert(model, FP8Config(kernels=a.fp8_kernels))
+        fp8_converted, fp8_skipped = convert(model, FP8Config(kernels=a.fp8_kernels, grouped=a.fp8_grouped))
         if main:
             _say(format_report(fp8_converted, fp8_skipped))
     pipe = epar = None

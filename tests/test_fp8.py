@@ -387,6 +387,59 @@ def test_grouped_kernel_self_check_catches_nan_and_checks_each_shape(monkeypatch
             assert torch.equal(out, ref) and "dgrad" in fp8._GROUPED_BROKEN
 
 
+def test_grouped_self_check_is_per_row(monkeypatch):
+    """One wrong token tile among many rows fails the check although the whole-output relative
+    error stays under the threshold (the check compares every output row)."""
+    monkeypatch.setattr(fp8, "_GROUPED_CHECKED", set())
+    monkeypatch.setattr(fp8, "_GROUPED_BROKEN", {})
+    tm = fp8.tile_map([70, 0, 200 + 128 * 60], "cpu")
+    T = sum(tm.sizes)
+    xq, _ = fp8.TORCH_KERNELS.quantize_act_dual(torch.randn(T, 128), tm, cols=False)
+    wq, _ = fp8.TORCH_KERNELS.quantize_weight_dual(torch.randn(3, 128, 128), transposed=False)
+    ref = fp8.TORCH_KERNELS.grouped_gemm(xq, wq, tm, torch.float32)
+
+    class OneTileOff:
+        name = "triton"
+
+        @staticmethod
+        def grouped_gemm(a, b, tm, out_dtype):
+            out = fp8.TORCH_KERNELS.grouped_gemm(a, b, tm, out_dtype)
+            out[:70] *= 1.05  # the first expert's only tile, 5 % off
+            return out
+
+    wrong = OneTileOff.grouped_gemm(xq, wq, tm, torch.float32)
+    assert ((wrong - ref).norm() / ref.norm()).item() < 1e-2  # a whole-output norm would pass it
+    with pytest.warns(UserWarning, match="disagrees with the per-expert loop"):
+        out = fp8._grouped_checked("fprop", OneTileOff, xq, wq, tm, torch.float32)
+    assert torch.equal(out, ref)
+
+
+def test_check_every_call_logs_and_corrects_a_later_disagreement(monkeypatch):
+    """NANOSEEK_FP8_CHECK=every: a grouped kernel right on its first call and wrong on a later one
+    is caught there (logged in CHECK_LOG with the segment sizes) and the reference is used."""
+    monkeypatch.setattr(fp8, "_GROUPED_CHECKED", set())
+    monkeypatch.setattr(fp8, "_GROUPED_BROKEN", {})
+    monkeypatch.setattr(fp8, "CHECK_EVERY", True)
+    monkeypatch.setattr(fp8, "CHECK_LOG", [])
+
+    class WrongOnSecondCall:
+        name = "triton"
+        calls = 0
+
+        @classmethod
+        def grouped_gemm(cls, a, b, tm, out_dtype):
+            cls.calls += 1
+            out = fp8.TORCH_KERNELS.grouped_gemm(a, b, tm, out_dtype)
+            return out if cls.calls == 1 else out + 1
+
+    tm, xq, wq, ref = _grouped_case(256)
+    assert torch.equal(fp8._grouped_checked("fprop", WrongOnSecondCall, xq, wq, tm, torch.float32), ref)
+    assert not fp8.CHECK_LOG
+    assert torch.equal(fp8._grouped_checked("fprop", WrongOnSecondCall, xq, wq, tm, torch.float32), ref)
+    assert len(fp8.CHECK_LOG) == 1 and fp8.CHECK_LOG[0]["sizes"] == [70, 0, 200]
+    assert "fprop" not in fp8._GROUPED_BROKEN  # logged per call; the kernel stays in use
+
+
 class _FakeTriton:
     """Stands in for nanoseek.fp8_triton.KERNELS: the PyTorch reference, corrupted for the
     variants listed in `bad` (W^T's first byte, or a NaN row-scale), to test `_CheckedKernels`."""
@@ -447,6 +500,25 @@ def test_checked_quantizers_fall_back_per_specialization(monkeypatch, bad, expec
         _w.simplefilter("ignore")
         kern.quantize_weight_dual(torch.randn(200, 328))
     assert len(fp8._QUANT_CHOICE) == 3
+
+
+def test_check_every_call_catches_a_quantizer_that_goes_wrong_later(monkeypatch):
+    """NANOSEEK_FP8_CHECK=every: after the first-use choice, each call still runs the reference;
+    a later disagreement is logged and the reference's values are handed back."""
+    monkeypatch.setattr(fp8, "_QUANT_CHOICE", {})
+    monkeypatch.setattr(fp8, "_QUANT_BROKEN", {})
+    monkeypatch.setattr(fp8, "CHECK_EVERY", True)
+    monkeypatch.setattr(fp8, "CHECK_LOG", [])
+    fake = _FakeTriton(())
+    kern = fp8._CheckedKernels(fake)
+    w = torch.randn(256, 384) * 0.02
+    ref_w, ref_wt = fp8.TORCH_KERNELS.quantize_weight_dual(w)
+    kern.quantize_weight_dual(w)
+    assert fp8._QUANT_CHOICE and not fp8.CHECK_LOG
+    fake.bad = {"fast"}  # the chosen kernel now writes a wrong W^T byte
+    wq, wqt = kern.quantize_weight_dual(w)
+    assert fp8._same_fp8(wq, ref_w) and fp8._same_fp8(wqt, ref_wt)
+    assert [e["op"] for e in fp8.CHECK_LOG] == ["quantize_weight_dual"]
 
 # ------------------------------------------------------------------ convert
 def test_convert_nano_every_eligible_layer():
