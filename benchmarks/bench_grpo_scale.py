@@ -36,7 +36,9 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out", default="runs/grpo_scale")
     p.add_argument("--text", help="English text folder/files mixed into pretraining (default: none)")
-    p.add_argument("--n-numbers", type=int, default=3, help="Countdown numbers per problem")
+    p.add_argument("--n-numbers", type=int, default=4,
+                   help="Countdown numbers per problem (3 has only 1,364 distinct training problems, which a "
+                        "168M model memorizes: GRPO then sees ~100%% reward and learns nothing; RESULTS.md)")
     p.add_argument("--train-problems", type=int, default=200_000)
     p.add_argument("--pretrain-seconds", type=float, default=150)
     p.add_argument("--rl-seconds", type=float, default=240, help="GRPO seconds (45 s = 43 steps moved nothing; the CPU recipe needed 150+ steps)")

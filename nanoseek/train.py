@@ -28,6 +28,7 @@ from .balance import max_violation, moe_modules, sequence_balance_loss, update_b
 from .checkpoint import CheckpointError, atomic_write_text
 from .config import ModelConfig
 from .model import DeepSeekV3
+from .pace import read_pace
 from .parallel import DataParallel, all_reduce_sum, barrier, init_distributed
 
 CKPT_RE = re.compile(r"step-(\d{6,})")
@@ -49,6 +50,7 @@ class TrainArgs:
     tokenizer: str | None = None  # a directory with tokenizer.json; default: train one on the data
     max_steps: int = 100
     max_seconds: float | None = None  # also stop (and finish the schedule) when the loop has run this long
+    pace_file: str | None = None  # follow another job's progress (nanoseek/pace.py): schedule and stop with it
     batch_size: int | None = None  # global, in sequences per optimizer step
     seq_len: int | None = None
     grad_accum: int = 1
@@ -96,15 +98,16 @@ class TrainArgs:
         return dataclasses.replace(self, **changes)
 
 
-def lr_at(step: int, a: TrainArgs, elapsed: float = 0.0) -> float:
+def lr_at(step: int, a: TrainArgs, elapsed: float = 0.0, paced: float = 0.0) -> float:
     """Linear warmup, then cosine decay to lr * min_lr_ratio at max_steps (or at max_seconds of
-    loop time, whichever comes first)."""
+    loop time, or when a followed job (`pace_file`, its progress `paced`) ends: whichever comes first)."""
     warmup = min(a.warmup_steps, max(a.max_steps - 1, 0))
     if step < warmup:
         return a.lr * (step + 1) / warmup
     progress = (step - warmup) / max(1, a.max_steps - warmup)
     if a.max_seconds:
         progress = max(progress, elapsed / a.max_seconds)
+    progress = max(progress, paced)
     return a.lr * (a.min_lr_ratio + (1 - a.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
@@ -298,6 +301,8 @@ def train(args: TrainArgs, finetune=None) -> dict:
         raise ValueError(f"--fp8-grouped: unsupported value {a.fp8_grouped!r} (loop or triton)")
     if a.pp < 1 or world % a.pp:
         raise ValueError(f"--pp {a.pp} must divide the number of processes ({world})")
+    if a.pace_file and world > 1:
+        raise ValueError("--pace-file: a followed schedule needs a single process (ranks could read different paces)")
     if a.pp > 1 and (a.compile or a.activation_checkpointing or precision == "fp8" or a.grad_accum != 1):
         raise ValueError("--pp > 1 does not combine with --compile, --activation-checkpointing, fp8 or --grad-accum yet")
     dp_world = world // a.pp
@@ -483,7 +488,8 @@ def train(args: TrainArgs, finetune=None) -> dict:
     t_run = time.time()
     for step in range(start_step, a.max_steps):
         t0 = time.time()
-        lr = lr_at(step, a, t0 - t_run)
+        paced = read_pace(a.pace_file) if a.pace_file else 0.0
+        lr = lr_at(step, a, t0 - t_run, paced)
         for g in opt.param_groups:
             g["lr"] = lr
         loads = {n: torch.zeros(m.experts.n_experts, device=device) for n, m in moes.items()}
@@ -560,7 +566,7 @@ def train(args: TrainArgs, finetune=None) -> dict:
             flag = torch.tensor([float(time.time() - t_run >= a.max_seconds)], device=device)
             all_reduce_sum(flag)
             out_of_time = bool(flag.item() > 0)
-        done = step + 1 == a.max_steps or out_of_time
+        done = step + 1 == a.max_steps or out_of_time or paced >= 1.0
         if (a.eval_every and (step + 1) % a.eval_every == 0) or done:
             last["val_loss"], last["val_bpb"] = evaluate()
             log.write({"step": step + 1, "val_loss": last["val_loss"], "val_bpb": last["val_bpb"]})

@@ -126,15 +126,17 @@ def test_teacher_forced_logprobs_match_the_engine(tiny_cfg):
         assert got.tolist() == pytest.approx(c.logprobs, abs=1e-4)
 
 
-def test_quickstart_toy_budget_end_to_end(tmp_path, monkeypatch):
+@pytest.mark.parametrize("alongside", [True, False])
+def test_quickstart_toy_budget_end_to_end(tmp_path, monkeypatch, alongside):
     """Every stage of the quickstart on a tiny budget: data, tokenizer, pretraining, evaluation,
-    GRPO, the control, the model store, the JSON keys the README promises."""
+    GRPO, the control (after GRPO, or next to it in a child process), the model store, the JSON
+    keys the README promises."""
     monkeypatch.setenv("NANOSEEK_HOME", str(tmp_path / "home"))
     from nanoseek.quickstart import Recipe, quickstart
     from nanoseek.store import Store
     rc = Recipe(n_numbers=2, train_problems=3000, pretrain_steps=40, seq_len=64, rl_steps=4, prompts_per_step=8,
                 group_size=4, max_new_tokens=24)
-    r = quickstart(out=str(tmp_path / "qs"), recipe=rc, eval_problems=40, progress=False)
+    r = quickstart(out=str(tmp_path / "qs"), recipe=rc, eval_problems=40, progress=False, alongside=alongside)
     for key in ("accuracy_before_rl", "accuracy_after_rl", "accuracy_control", "pass_at_8_before_rl",
                 "pass_at_8_after_rl", "seconds"):
         assert key in r and (key == "seconds" or 0.0 <= r[key] <= 1.0)
@@ -144,6 +146,13 @@ def test_quickstart_toy_budget_end_to_end(tmp_path, monkeypatch):
     assert {"reward_mean", "kl", "clip_fraction", "entropy", "completion_length", "groups_zero_variance"} <= set(recs[0])
     assert (tmp_path / "qs" / "grpo" / "grpo.png").exists()
     assert json.loads((tmp_path / "qs" / "quickstart.json").read_text())["accuracy_after_rl"] == r["accuracy_after_rl"]
+    # alongside (2+ threads): the control trains next to GRPO (a child process following GRPO's
+    # pace file) and stops within a step of GRPO's end
+    assert r["control_alongside_grpo"] == (alongside and torch.get_num_threads() >= 2)
+    if r["control_alongside_grpo"]:
+        assert r["control_alongside_grpo"] and r["control_steps"] >= 1
+        assert (tmp_path / "qs" / "grpo.pace").read_text().strip() == "1.000000"
+        assert torch.get_num_threads() >= 2  # restored after GRPO ran on its half
 
 
 def _pick_one_setup(tmp_path, tiny_cfg):

@@ -15,7 +15,7 @@ from conftest import SHARED_DATA
 from nanoseek import DeepSeekV3, ModelConfig
 from nanoseek.balance import max_violation, update_bias
 from nanoseek.checkpoint import CheckpointError
-from nanoseek.train import TrainArgs, train
+from nanoseek.train import TrainArgs, lr_at, train
 
 SHAKESPEARE = os.path.join(SHARED_DATA, "tinyshakespeare", "input.txt")
 
@@ -208,3 +208,22 @@ def test_activation_checkpointing_gives_the_same_step(tmp_path, text_file):
     la = [r["maxvio_layers"] for r in metrics(tmp_path / "plain") if "loss" in r]
     lb = [r["maxvio_layers"] for r in metrics(tmp_path / "ckpt") if "loss" in r]
     assert la == lb
+
+
+def test_pace_file_drives_the_schedule_and_stops_training(tmp_path, text_file):
+    """A run following a pace file: its cosine uses the leader's progress and it stops (and saves)
+    once the leader reports 1; without the file it behaves as before (progress 0)."""
+    from nanoseek.pace import read_pace, write_pace
+    pace = str(tmp_path / "leader.pace")
+    assert read_pace(pace) == 0.0
+    a = TrainArgs(data=[text_file], lr=1e-3, warmup_steps=0, max_steps=1000, min_lr_ratio=0.1)
+    assert lr_at(0, a, 0.0, paced=0.0) == pytest.approx(1e-3, rel=1e-3)
+    assert lr_at(0, a, 0.0, paced=1.0) == pytest.approx(1e-4)
+    assert lr_at(0, a, 0.0, paced=0.5) == pytest.approx(1e-4 + 0.9e-3 * 0.5)
+    write_pace(pace, 1.0)
+    s = train(TrainArgs(data=[text_file], out=str(tmp_path / "run"), max_steps=1000, batch_size=2, seq_len=32,
+                        vocab_size=512, eval_batches=1, progress=False, pace_file=pace))
+    assert s["step"] == 1  # the leader was done before the first step ended
+    (tmp_path / "bad.pace").write_text("half\n")
+    with pytest.raises(ValueError, match="bad.pace"):
+        read_pace(str(tmp_path / "bad.pace"))

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..pace import write_pace
 from .objective import LOSS_TYPES, group_advantages, policy_loss, token_weights
 
 
@@ -64,6 +65,7 @@ class GRPOArgs:
     save_every: int = 0  # also checkpoint (model, optimizer, counters) every N steps; 0: only the final model
     keep_last: int = 2
     resume: bool = False  # continue from the newest checkpoint in out/checkpoints (exact: same rollouts)
+    pace_file: str | None = None  # write the run's progress here each step, for a job following it (nanoseek/pace.py)
     json: bool = False
     progress: bool = True
 
@@ -260,6 +262,8 @@ def grpo(args: GRPOArgs, model=None, tokenizer=None) -> dict:
                "loss": stats["loss"], "grad_norm": grad_norm, "lr": lr,
                "gen_s": t_gen, "step_s": dt, "rollout_tokens_per_s": n_tokens / max(t_gen, 1e-9), "elapsed_s": loop_s}
         log.write(rec)
+        if a.pace_file:
+            write_pace(a.pace_file, max(step / a.max_steps, loop_s / a.max_seconds if a.max_seconds else 0.0))
         if pbar is not None:
             pbar.update(1)
             pbar.set_postfix(reward=f"{rec['reward_mean']:.3f}", acc=f"{rec['accuracy']:.2f}",
