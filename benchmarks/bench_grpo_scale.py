@@ -52,7 +52,7 @@ def main():
     p.add_argument("--no-control", action="store_true")
     p.add_argument("--no-rollout-bench", action="store_true")
     p.add_argument("--device", default=None)
-    p.add_argument("--tiny", action="store_true", help="a tiny model and budgets (to check the script on a CPU)")
+    p.add_argument("--tiny", action="store_true", help="a tiny model (to check the script on a CPU; give small --pretrain-seconds and --rl-seconds too)")
     a = p.parse_args()
     import torch
 
