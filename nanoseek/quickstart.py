@@ -213,8 +213,9 @@ def quickstart(out: str = "runs/quickstart", recipe: Recipe | None = None, contr
                     pace_file=os.path.join(out, "grpo.pace") if alongside else None)
     proc = None
     if alongside:
-        if os.path.exists(ctl_spec["pace_file"]):
-            os.remove(ctl_spec["pace_file"])
+        for stale in (ctl_spec["pace_file"], os.path.join(ctl_dir, "result.json")):  # from an earlier run here
+            if os.path.exists(stale):
+                os.remove(stale)
         _log(f"GRPO for {_budget(rc.rl_steps, rc.rl_seconds)} on {threads - threads // 2} thread(s) (rule-based "
              f"reward, no demonstrations); the control alongside on {threads // 2}: more supervised training "
              f"for the same time")
