@@ -46,6 +46,13 @@ def run_one(a, tag: str, preset: str, overrides: dict | None, precision: str, se
             batch: int, seq: int, eval_batches: int, mtp_depth: int | None, work: str, kernels: str = "off") -> dict:
     """One training run in this process; returns its summary plus speed and peak memory."""
     out = os.path.join(work, tag)
+    from nanoseek import fp8
+    for state in (fp8._QUANT_CHOICE, fp8._QUANT_BROKEN, fp8._GROUPED_BROKEN, fp8._SCALED_MM_BROKEN):
+        state.clear()  # each run makes its own first-use checks and reports only its own fallbacks
+    for state in (fp8._GROUPED_CHECKED, fp8._SCALED_MM_CHECKED):
+        state.clear()
+    fp8.CHECK_LOG.clear()
+    fp8.CHECK_COUNT[0] = 0
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.empty_cache()
@@ -71,12 +78,11 @@ def run_one(a, tag: str, preset: str, overrides: dict | None, precision: str, se
            "val_loss": s["val_loss"], "train_loss_tail": sum(tail) / len(tail), "skipped_steps": s["skipped_steps"],
            "wall_s": round(wall, 1)}
     if precision == "fp8":  # which fused-path kernels passed their first-use checks (nanoseek/fp8.py)
-        from nanoseek import fp8
         res["fp8_kernels"] = {"quantizer_choice": {str(k): v for k, v in fp8._QUANT_CHOICE.items()},
                               "quantizer_fallbacks": {str(k): v for k, v in fp8._QUANT_BROKEN.items()},
                               "grouped_fallbacks": dict(fp8._GROUPED_BROKEN),
                               "scaled_mm_fallbacks": {str(k): v for k, v in fp8._SCALED_MM_BROKEN.items()},
-                              "check_every": fp8.CHECK_EVERY, "check_mismatches": len(fp8.CHECK_LOG),
+                              "check_every": fp8.CHECK_EVERY, "check_mismatches": fp8.CHECK_COUNT[0],
                               "check_first_mismatches": fp8.CHECK_LOG[:8]}
     print(f"[{tag}] {json.dumps(res)}", flush=True)
     return res
@@ -118,10 +124,13 @@ def main():
     a = p.parse_args()
     kernel_settings = a.fp8_kernels.split(",")
     bad = [k for k in kernel_settings if k.split(":")[0] not in ("off", "auto", "triton", "torch")
-           or k.split(":")[1:] not in ([], ["triton"], ["loop"])]
+           or k.split(":")[1:] not in ([], ["loop"], ["triton"])
+           or (k.endswith(":triton") and k.split(":")[0] not in ("auto", "triton"))]
+    if len(set(kernel_settings)) != len(kernel_settings):
+        p.error(f"--fp8-kernels: a setting is listed twice ({a.fp8_kernels})")
     if bad:
-        p.error(f"--fp8-kernels: unknown setting(s) {bad}; use off, auto, triton or torch (optionally :loop "
-                f"or :triton)")
+        p.error(f"--fp8-kernels: unknown setting(s) {bad}; use off, auto, triton or torch (optionally :loop, "
+                f"or :triton with auto or triton)")
     if not os.path.isfile(os.path.join(a.data, "meta.json")):
         print(f"bench_fp8_train: no prepared data at {a.data} (meta.json missing); nothing measured")
         print(json.dumps({"skipped": f"no data at {a.data}"}))

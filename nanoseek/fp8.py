@@ -294,7 +294,15 @@ _QUANT_BROKEN: dict[tuple, str] = {}  # specialization key -> what disagreed wit
 # specialization) with the reference, use the reference where they differ, and log each
 # disagreement in CHECK_LOG (a debugging mode: it runs every op twice).
 CHECK_EVERY = os.environ.get("NANOSEEK_FP8_CHECK", "") == "every"
-CHECK_LOG: list[dict] = []
+CHECK_LOG: list[dict] = []  # the first CHECK_LOG_MAX disagreements
+CHECK_LOG_MAX = 100
+CHECK_COUNT = [0]  # all disagreements
+
+
+def _log_mismatch(entry: dict) -> None:
+    CHECK_COUNT[0] += 1
+    if len(CHECK_LOG) < CHECK_LOG_MAX:
+        CHECK_LOG.append(entry)
 
 
 def _div16(*ns: int) -> tuple[bool, ...]:
@@ -340,7 +348,7 @@ class _CheckedKernels:
             got, expect = run(choice), ref()
             if same(expect, got):
                 return got
-            CHECK_LOG.append({"op": key[0], "key": str(key), "variant": choice})
+            _log_mismatch({"op": key[0], "key": str(key), "variant": choice})
             return expect
         expect = ref()
         why = []
@@ -425,14 +433,18 @@ _GROUPED_BROKEN: dict[str, str] = {}  # use -> why the loop is used instead
 
 
 def _worst_row_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """max over rows (last dim) of |out - ref| / |ref| (rows of zeros in ref: absolute), NaN when out
-    has a non-finite value that ref has not: a wrong tile cannot hide in a large average."""
+    """max over rows (last dim) of |out - ref| / |ref| (rows of zeros in ref: absolute); NaN when
+    out and ref are non-finite at different places: a wrong tile cannot hide in a large average,
+    and an overflow both share does not count as a disagreement."""
     out, ref = out.float().flatten(0, -2), ref.float().flatten(0, -2)
     if out.numel() == 0:
         return 0.0
-    if not torch.isfinite(out).all() and torch.isfinite(ref).all():
+    fo, fr = torch.isfinite(out), torch.isfinite(ref)
+    if not torch.equal(fo, fr) or not torch.equal(out[~fo], ref[~fr]):
         return float("nan")
-    return ((out - ref).norm(dim=-1) / ref.norm(dim=-1).clamp(min=1e-30).where(ref.norm(dim=-1) > 0, 1.0)).max().item()
+    out, ref = out.where(fo, 0.0), ref.where(fr, 0.0)
+    norm = ref.norm(dim=-1)
+    return ((out - ref).norm(dim=-1) / norm.clamp(min=1e-30).where(norm > 0, 1.0)).max().item()
 
 
 def _grouped_checked(use: str, kern, *args):
@@ -454,8 +466,8 @@ def _grouped_checked(use: str, kern, *args):
         err = _worst_row_error(out, ref)
         if not err < 1e-2:
             if not first:  # CHECK_EVERY: log it, keep the kernel, use the reference for this call
-                CHECK_LOG.append({"op": f"grouped {use}", "key": str(key), "worst_row_error": err,
-                                  "sizes": list(args[2].sizes)})
+                _log_mismatch({"op": f"grouped {use}", "key": str(key), "worst_row_error": err,
+                               "sizes": list(args[2].sizes)})
                 return ref.to(out.dtype)
             _GROUPED_BROKEN[use] = f"relative error {err:.3g} vs the per-expert loop"
             warnings.warn(f"fp8: the Triton grouped {use} GEMM disagrees with the per-expert loop "

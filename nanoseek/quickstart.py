@@ -206,14 +206,15 @@ def quickstart(out: str = "runs/quickstart", recipe: Recipe | None = None, contr
     # the other half of the threads, following GRPO's clock (nanoseek/pace.py)
     rl_dir, ctl_dir = os.path.join(out, "grpo"), os.path.join(out, "control")
     threads = torch.get_num_threads()
-    alongside = control and threads >= 2 and (threads >= 4 if alongside is None else alongside)
+    on_cpu = (device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cpu"
+    alongside = control and threads >= 2 and (threads >= 4 and on_cpu if alongside is None else alongside)
     ctl_spec = dict(data=os.path.join(pre_dir, "data"), out=ctl_dir, model=pre_dir, lr=rc.control_lr, seed=seed + 1,
                     common={**common, "progress": progress and not alongside}, n_numbers=rc.n_numbers, eval_problems=eval_problems, k=k,
                     max_new=max_new, device=device, eval_context=rc.eval_context, threads=threads // 2,
                     pace_file=os.path.join(out, "grpo.pace") if alongside else None)
     proc = None
     if alongside:
-        for stale in (ctl_spec["pace_file"], os.path.join(ctl_dir, "result.json")):  # from an earlier run here
+        for stale in (ctl_spec["pace_file"], os.path.join(ctl_dir, "result.json"), os.path.join(ctl_dir, "log.txt")):
             if os.path.exists(stale):
                 os.remove(stale)
         _log(f"GRPO for {_budget(rc.rl_steps, rc.rl_seconds)} on {threads - threads // 2} thread(s) (rule-based "
@@ -232,14 +233,17 @@ def quickstart(out: str = "runs/quickstart", recipe: Recipe | None = None, contr
                            warmup_steps=rc.rl_warmup, loss=rc.loss, beta=0.0, reward=rc.reward,
                            max_seconds=rc.rl_seconds, seed=seed, progress=progress, device=device,
                            pace_file=ctl_spec["pace_file"]))
+        if proc is not None:
+            write_pace(ctl_spec["pace_file"], 1.0)  # the control stops at its next step
+            if not proc.is_alive() and proc.exitcode != 0:  # say so now, not after GRPO's evaluation
+                _read_control(ctl_dir, proc.exitcode)
+        after = measure(rl_dir, task, test, k, max_new, device, rc.eval_context)  # meanwhile the control evaluates
     except BaseException:
         if proc is not None:
             proc.terminate()
+            proc.join(timeout=30)
+            torch.set_num_threads(threads)
         raise
-    finally:
-        if proc is not None:
-            write_pace(ctl_spec["pace_file"], 1.0)  # the control stops at its next step
-    after = measure(rl_dir, task, test, k, max_new, device, rc.eval_context)  # meanwhile the control evaluates
     _log(f"after RL:  greedy accuracy {after['accuracy']:.3f} (strict {after['accuracy_strict']:.3f}), "
          f"pass@{k} {after[f'pass_at_{k}']:.3f}")
 
