@@ -299,6 +299,9 @@ def train(args: TrainArgs, finetune=None) -> dict:
         raise ValueError(f"--fp8-kernels: unsupported value {a.fp8_kernels!r} (off, auto, triton or torch)")
     if a.fp8_grouped not in ("loop", "triton"):
         raise ValueError(f"--fp8-grouped: unsupported value {a.fp8_grouped!r} (loop or triton)")
+    if a.fp8_grouped == "triton" and a.fp8_kernels not in ("auto", "triton"):
+        raise ValueError(f"--fp8-grouped triton needs the fused Triton kernels (--fp8-kernels auto or triton), "
+                         f"not --fp8-kernels {a.fp8_kernels}")
     if a.pp < 1 or world % a.pp:
         raise ValueError(f"--pp {a.pp} must divide the number of processes ({world})")
     if a.pace_file and world > 1:
