@@ -47,12 +47,7 @@ def run_one(a, tag: str, preset: str, overrides: dict | None, precision: str, se
     """One training run in this process; returns its summary plus speed and peak memory."""
     out = os.path.join(work, tag)
     from nanoseek import fp8
-    for state in (fp8._QUANT_CHOICE, fp8._QUANT_BROKEN, fp8._GROUPED_BROKEN, fp8._SCALED_MM_BROKEN):
-        state.clear()  # each run makes its own first-use checks and reports only its own fallbacks
-    for state in (fp8._GROUPED_CHECKED, fp8._SCALED_MM_CHECKED):
-        state.clear()
-    fp8.CHECK_LOG.clear()
-    fp8.CHECK_COUNT[0] = 0
+    fp8.reset_kernel_checks()  # each run makes its own first-use checks and reports only its own fallbacks
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.empty_cache()

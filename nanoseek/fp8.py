@@ -305,6 +305,15 @@ def _log_mismatch(entry: dict) -> None:
         CHECK_LOG.append(entry)
 
 
+def reset_kernel_checks() -> None:
+    """Forget every first-use check, fallback and logged disagreement (a new run in the same
+    process makes its own checks and reports only its own fallbacks)."""
+    for state in (_QUANT_CHOICE, _QUANT_BROKEN, _GROUPED_CHECKED, _GROUPED_BROKEN, _SCALED_MM_CHECKED,
+                  _SCALED_MM_BROKEN, CHECK_LOG):
+        state.clear()
+    CHECK_COUNT[0] = 0
+
+
 def _div16(*ns: int) -> tuple[bool, ...]:
     return tuple(int(n) % 16 == 0 for n in ns)
 
@@ -321,8 +330,7 @@ def _same_fp8(a: Fp8Tensor | None, b: Fp8Tensor | None) -> bool:
 def _same_segments(a: "SegmentsT | None", b: "SegmentsT | None") -> bool:
     if a is None or b is None:
         return a is None and b is None
-    return (a.C == b.C and a.data.shape == b.data.shape and a.scale.shape == b.scale.shape
-            and torch.equal(a.data.view(torch.uint8), b.data.view(torch.uint8)) and torch.equal(a.scale, b.scale))
+    return a.C == b.C and _same_fp8(Fp8Tensor(a.data, a.scale, ACT), Fp8Tensor(b.data, b.scale, ACT))
 
 
 class _CheckedKernels:
@@ -476,7 +484,7 @@ def _grouped_checked(use: str, kern, *args):
     return out
 
 
-def _grouped_impl(cfg: "FP8Config", kern, x: torch.Tensor) -> str:
+def _grouped_impl(cfg: "FP8Config", kern) -> str:
     if cfg.grouped not in ("triton", "loop"):
         raise ValueError(f"FP8Config.grouped: unknown value {cfg.grouped!r} (loop, triton)")
     if getattr(kern, "name", "") != "triton":
@@ -704,7 +712,7 @@ class _FP8GroupedLinearFn(torch.autograd.Function):
         ctx.sizes, ctx.cfg, ctx.x_dtype, ctx.w_dtype, ctx.kern = sizes, cfg, x.dtype, weight.dtype, kern
         if kern is not None:
             tm = tm if tm is not None else tile_map(sizes, x.device)
-            impl = _grouped_impl(cfg, kern, x)
+            impl = _grouped_impl(cfg, kern)
             xq, xt = kern.quantize_act_dual(x, tm, cfg.pow2_scales, rows=True, cols=True)
             wq, wqt = kern.quantize_weight_dual(weight, cfg.pow2_scales, transposed=True)  # [E, N, K], [E, K, N]
             if impl == "triton":

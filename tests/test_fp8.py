@@ -340,18 +340,27 @@ def _grouped_case(K: int):
     return tm, xq, wq, fp8.TORCH_KERNELS.grouped_gemm(xq, wq, tm, torch.float32)
 
 
+def _fake_grouped(change):
+    """A stand-in for the Triton grouped kernel: the per-expert loop's output passed through
+    change(out, b, call number)."""
+    class Fake:
+        name = "triton"
+        calls = 0
+
+        @classmethod
+        def grouped_gemm(cls, a, b, tm, out_dtype):
+            cls.calls += 1
+            return change(fp8.TORCH_KERNELS.grouped_gemm(a, b, tm, out_dtype), b, cls.calls)
+    return Fake
+
+
 def test_grouped_kernel_self_check_falls_back_to_the_loop(monkeypatch):
     """A grouped GEMM kernel that disagrees with the per-expert loop on its first call is replaced
     by the loop (with a warning), as torch._scaled_mm's self-check does."""
     monkeypatch.setattr(fp8, "_GROUPED_CHECKED", set())
     monkeypatch.setattr(fp8, "_GROUPED_BROKEN", {})
 
-    class Wrong:
-        name = "triton"
-
-        @staticmethod
-        def grouped_gemm(a, b, tm, out_dtype):
-            return 2 * fp8.TORCH_KERNELS.grouped_gemm(a, b, tm, out_dtype)
+    Wrong = _fake_grouped(lambda out, b, call: 2 * out)
 
     tm, xq, wq, ref = _grouped_case(256)
     with pytest.warns(UserWarning, match="disagrees with the per-expert loop"):
@@ -366,15 +375,11 @@ def test_grouped_kernel_self_check_catches_nan_and_checks_each_shape(monkeypatch
     monkeypatch.setattr(fp8, "_GROUPED_CHECKED", set())
     monkeypatch.setattr(fp8, "_GROUPED_BROKEN", {})
 
-    class NanOnBig:
-        name = "triton"
-
-        @staticmethod
-        def grouped_gemm(a, b, tm, out_dtype):
-            out = fp8.TORCH_KERNELS.grouped_gemm(a, b, tm, out_dtype)
-            if b.data.shape[-1] >= 256:
-                out[0, 0] = float("nan")
-            return out
+    def nan_on_big(out, b, call):
+        if b.data.shape[-1] >= 256:
+            out[0, 0] = float("nan")
+        return out
+    NanOnBig = _fake_grouped(nan_on_big)
 
     for K in (128, 256):
         tm, xq, wq, ref = _grouped_case(K)
@@ -398,14 +403,10 @@ def test_grouped_self_check_is_per_row(monkeypatch):
     wq, _ = fp8.TORCH_KERNELS.quantize_weight_dual(torch.randn(3, 128, 128), transposed=False)
     ref = fp8.TORCH_KERNELS.grouped_gemm(xq, wq, tm, torch.float32)
 
-    class OneTileOff:
-        name = "triton"
-
-        @staticmethod
-        def grouped_gemm(a, b, tm, out_dtype):
-            out = fp8.TORCH_KERNELS.grouped_gemm(a, b, tm, out_dtype)
-            out[:70] *= 1.05  # the first expert's only tile, 5 % off
-            return out
+    def one_tile_off(out, b, call):
+        out[:70] *= 1.05  # the first expert's only tile, 5 % off
+        return out
+    OneTileOff = _fake_grouped(one_tile_off)
 
     wrong = OneTileOff.grouped_gemm(xq, wq, tm, torch.float32)
     assert ((wrong - ref).norm() / ref.norm()).item() < 1e-2  # a whole-output norm would pass it
@@ -422,15 +423,7 @@ def test_check_every_call_logs_and_corrects_a_later_disagreement(monkeypatch):
     monkeypatch.setattr(fp8, "CHECK_EVERY", True)
     monkeypatch.setattr(fp8, "CHECK_LOG", [])
 
-    class WrongOnSecondCall:
-        name = "triton"
-        calls = 0
-
-        @classmethod
-        def grouped_gemm(cls, a, b, tm, out_dtype):
-            cls.calls += 1
-            out = fp8.TORCH_KERNELS.grouped_gemm(a, b, tm, out_dtype)
-            return out if cls.calls == 1 else out + 1
+    WrongOnSecondCall = _fake_grouped(lambda out, b, call: out if call == 1 else out + 1)
 
     tm, xq, wq, ref = _grouped_case(256)
     assert torch.equal(fp8._grouped_checked("fprop", WrongOnSecondCall, xq, wq, tm, torch.float32), ref)
