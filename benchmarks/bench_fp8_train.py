@@ -22,6 +22,7 @@ a table and a final JSON line.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -50,14 +51,15 @@ def run_one(a, tag: str, preset: str, overrides: dict | None, precision: str, se
     fp8.reset_kernel_checks()  # each run makes its own first-use checks and reports only its own fallbacks
     cuda = torch.cuda.is_available()
     if cuda:
+        gc.collect()  # the previous run's model and optimizer, so that peak memory is this run's own
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
     args = TrainArgs(data=[a.data], out=out, preset=preset, overrides=overrides, max_steps=steps,
-                     batch_size=batch, seq_len=seq, lr=a.lr, warmup_steps=max(1, steps // 10),
+                     batch_size=batch, seq_len=seq, lr=a.lr, warmup_steps=max(1, round(steps * a.warmup)),
                      eval_every=0, eval_batches=eval_batches, precision=precision, seed=seed,
                      save=False, progress=False, mtp_depth=mtp_depth, fp8_kernels=kernels.split(":")[0],
-                     fp8_grouped=(kernels.split(":") + ["loop"])[1])
+                     fp8_grouped=(kernels.split(":") + ["auto"])[1])
     s = train(args)
     wall = time.time() - t0
     recs = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
@@ -105,12 +107,15 @@ def main():
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--lr", type=float, default=6e-4)
+    p.add_argument("--warmup", type=float, default=0.1, help="warm-up steps as a fraction of the run")
+    p.add_argument("--seeds", type=int, default=1,
+                   help="seeds of each fp8 setting (each next to a bf16 run of the same seed; bf16 runs at least 2)")
     p.add_argument("--eval-batches", type=int, default=16)
     p.add_argument("--speed-preset", default="small", help="second model, speed and memory only")
     p.add_argument("--speed-steps", type=int, default=15, help="0 skips the second model")
     p.add_argument("--speed-batch-size", type=int, default=16)
     p.add_argument("--speed-seq-len", type=int, default=2048)
-    p.add_argument("--fp8-kernels", default="off",
+    p.add_argument("--fp8-kernels", default="auto",
                    help="FP8 quantizers of the fp8 runs (nanoseek.fp8.FP8Config.kernels: off, auto, triton, "
                         "torch), optionally with the experts' GEMMs after a colon (auto:triton); a comma list runs "
                         "one fp8 run per setting next to the same bf16 runs")
@@ -140,8 +145,12 @@ def main():
     with (tempfile.TemporaryDirectory(prefix="bench_fp8_train_") if not a.work else _keep(a.work)) as work:
         common = dict(steps=a.steps, batch=a.batch_size, seq=a.seq_len, eval_batches=a.eval_batches, mtp_depth=mtp,
                       work=work)
-        fp8_runs = [(f"fp8-{k}-seed0", "fp8", 0, k) for k in kernel_settings]
-        for tag, prec, seed, kern in [("bf16-seed0", "bf16", 0, "off"), *fp8_runs, ("bf16-seed1", "bf16", 1, "off")]:
+        plan = []
+        for seed in range(max(2, a.seeds)):
+            plan.append((f"bf16-seed{seed}", "bf16", seed, "off"))
+            if seed < a.seeds:
+                plan += [(f"fp8-{k}-seed{seed}", "fp8", seed, k) for k in kernel_settings]
+        for tag, prec, seed, kern in plan:
             runs.append(run_one(a, f"{a.model}-{tag}", preset, overrides, prec, seed, kernels=kern, **common))
             if a.json_out:
                 json.dump({**out, "runs": runs}, open(a.json_out, "w"), indent=1)
@@ -163,6 +172,9 @@ def main():
         quality[f"val_loss_fp8_{k}_seed0"] = f0["val_loss"]
         quality[f"rel_gap_fp8_{k}_vs_bf16"] = rel(f0["val_loss"], b0["val_loss"])
         quality[f"rel_gap_train_loss_tail_fp8_{k}_vs_bf16"] = rel(f0["train_loss_tail"], b0["train_loss_tail"])
+        for seed in range(1, a.seeds):
+            fs, bs = by[f"{a.model}-fp8-{k}-seed{seed}"], by[f"{a.model}-bf16-seed{seed}"]
+            quality[f"rel_gap_fp8_{k}_seed{seed}_vs_bf16"] = rel(fs["val_loss"], bs["val_loss"])
         for name, pair in [(a.model, (b0, f0)), (a.speed_preset, (by.get(f"{a.speed_preset}-bf16"),
                                                                   by.get(f"{a.speed_preset}-fp8-{k}")))]:
             if pair[0] and pair[1]:
@@ -176,7 +188,9 @@ def main():
         peak = f"{r['peak_gib']:9.1f}" if r["peak_gib"] is not None else f"{'-':>9s}"
         print(f"{r['tag']:28s} {r['params_total'] / 1e6:7.0f}M {r['tokens']:10d} {r['tokens_per_s']:9.0f} {peak} "
               f"{r['val_loss']:9.4f} {r['train_loss_tail']:22.4f} {r['wall_s']:7.1f}")
-    gaps = ", ".join(f"fp8-{k} {100 * quality[f'rel_gap_fp8_{k}_vs_bf16']:+.3f} %" for k in kernel_settings)
+    gaps = ", ".join(f"fp8-{k} {100 * quality[f'rel_gap_fp8_{k}_vs_bf16']:+.3f} %"
+                     + "".join(f" (seed {s}: {100 * quality[f'rel_gap_fp8_{k}_seed{s}_vs_bf16']:+.3f} %)"
+                               for s in range(1, a.seeds)) for k in kernel_settings)
     print(f"\nval loss, relative to bf16 (same seed): {gaps}; "
           f"bf16 seed 1 vs seed 0 (noise floor) {100 * quality['rel_gap_bf16_seed1_vs_seed0']:+.3f} %; "
           f"the DeepSeek-V3 report: < 0.25 %")

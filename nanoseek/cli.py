@@ -170,11 +170,11 @@ def add_train_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("--grad-clip", type=float)
     s.add_argument("--precision", choices=["fp32", "bf16", "fp8"])
     s.add_argument("--fp8-kernels", choices=["off", "auto", "triton", "torch"],
-                   help="FP8 quantizers: off (per-op PyTorch, the default), auto/triton (fused Triton kernels on CUDA), "
-                        "torch (the fused layouts in PyTorch)")
-    s.add_argument("--fp8-grouped", choices=["loop", "triton"],
-                   help="routed experts' FP8 GEMMs on the fused path: one GEMM per expert (loop, the default) or one "
-                        "Triton launch for all experts (experimental)")
+                   help="FP8 quantizers: auto (fused Triton kernels on CUDA, per-op PyTorch elsewhere; the default), "
+                        "off (per-op PyTorch), triton (fused, required), torch (the fused layouts in PyTorch)")
+    s.add_argument("--fp8-grouped", choices=["auto", "loop", "triton"],
+                   help="routed experts' FP8 GEMMs on the fused path: one Triton launch for all experts (auto, the "
+                        "default, or triton) or one GEMM per expert (loop)")
     s.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     s.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
     s.add_argument("--activation-checkpointing", action="store_true", default=None)

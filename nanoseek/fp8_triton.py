@@ -194,7 +194,7 @@ def quantize_act_dual(x: torch.Tensor, tm: TileMap, pow2: bool = False, rows: bo
         kernel = {"fast": _quant_dual_fast, "safe": _quant_dual_safe}[variant]
         kernel[(P, L)](x, qr if rows else dummy, sr if rows else dummy, qc if cols else dummy,
                                    sc if cols else dummy, tm.prog, T, C, P, x.stride(0), EPS_C=EPS, POW2=pow2,
-                                   ROWS_OUT=rows, COLS_OUT=cols, num_warps=8)
+                                   ROWS_OUT=rows, COLS_OUT=cols, num_warps=4)  # 4: 1.2x 8 (RESULTS.md)
     return (Fp8Tensor(qr, sr.t(), ACT) if rows else None), (SegmentsT(qc, sc, C) if cols else None)
 
 

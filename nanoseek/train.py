@@ -62,8 +62,8 @@ class TrainArgs:
     beta2: float = 0.95
     grad_clip: float = 1.0
     precision: str | None = None  # fp32 | bf16 | fp8 (default: bf16 on GPU, fp32 on CPU)
-    fp8_kernels: str = "off"  # fp8 quantizers: off (per-op PyTorch) | auto | triton | torch (nanoseek.fp8.FP8Config)
-    fp8_grouped: str = "loop"  # fp8 routed-expert GEMMs on the fused path: loop | triton (experimental)
+    fp8_kernels: str = "auto"  # fp8 quantizers: auto (fused Triton on CUDA) | off (per-op PyTorch) | triton | torch (nanoseek.fp8.FP8Config)
+    fp8_grouped: str = "auto"  # fp8 routed-expert GEMMs on the fused path: auto (= triton) | triton | loop
     device: str | None = None
     compile: bool = False
     activation_checkpointing: bool = False
@@ -297,8 +297,8 @@ def train(args: TrainArgs, finetune=None) -> dict:
         raise ValueError(f"--precision: unsupported value {precision!r} (fp32, bf16 or fp8)")
     if a.fp8_kernels not in ("off", "auto", "triton", "torch"):
         raise ValueError(f"--fp8-kernels: unsupported value {a.fp8_kernels!r} (off, auto, triton or torch)")
-    if a.fp8_grouped not in ("loop", "triton"):
-        raise ValueError(f"--fp8-grouped: unsupported value {a.fp8_grouped!r} (loop or triton)")
+    if a.fp8_grouped not in ("auto", "loop", "triton"):
+        raise ValueError(f"--fp8-grouped: unsupported value {a.fp8_grouped!r} (auto, loop or triton)")
     if a.fp8_grouped == "triton" and a.fp8_kernels not in ("auto", "triton"):
         raise ValueError(f"--fp8-grouped triton needs the fused Triton kernels (--fp8-kernels auto or triton), "
                          f"not --fp8-kernels {a.fp8_kernels}")

@@ -152,7 +152,7 @@ def test_corrupt_checkpoint_and_bad_data(tmp_path, text_file):
                         vocab_size=512, progress=False))
     with pytest.raises(ValueError, match="--fp8-grouped triton needs the fused Triton kernels"):
         train(TrainArgs(data=[text_file], out=str(tmp_path / "y"), max_steps=2, batch_size=4, seq_len=32,
-                        vocab_size=512, precision="fp8", fp8_grouped="triton", progress=False))
+                        vocab_size=512, precision="fp8", fp8_kernels="off", fp8_grouped="triton", progress=False))
 
 
 @pytest.mark.skipif(not os.path.exists(SHAKESPEARE), reason="../shared/data/tinyshakespeare absent")
