@@ -6,6 +6,7 @@ random expert segment layouts (empty, tiny, huge experts), against the per-exper
     PYTHONPATH=. python dev/debug_fp8_grouped.py
 """
 import json
+import math
 
 import torch
 import triton
@@ -15,6 +16,11 @@ from nanoseek import fp8, fp8_triton as ft
 
 def worst(out, ref):
     return fp8._worst_row_error(out, ref)
+
+
+def worse(a: float, b: float) -> float:
+    """max that keeps a NaN (Python's max(0.0, nan) is 0.0)."""
+    return float("nan") if math.isnan(a) or math.isnan(b) else max(a, b)
 
 
 def main():
@@ -51,7 +57,7 @@ def main():
                     wq.scale.stride(0), wq.scale.stride(1), wq.scale.stride(2), out.stride(0),
                     num_warps=cfg.num_warps, num_stages=cfg.num_stages, **cfg.kwargs)
                 k = f"gemm N={N} K={K} {cfg.kwargs} w{cfg.num_warps} s{cfg.num_stages}"
-                res[k] = max(res.get(k, 0.0), worst(out, ref))
+                res[k] = worse(res.get(k, 0.0), worst(out, ref))
             for cfg in ft._grouped_wgrad_kernel.configs:
                 out = torch.full((E, N, K), float("nan"), device="cuda")
                 bn, bk = cfg.kwargs["BN"], cfg.kwargs["BK"]
@@ -59,7 +65,7 @@ def main():
                     dyt.data, dyt.scale, xt.data, xt.scale, out, tm.seg, E, N, K,
                     num_warps=cfg.num_warps, num_stages=cfg.num_stages, **cfg.kwargs)
                 k = f"wgrad N={N} K={K} {cfg.kwargs} w{cfg.num_warps} s{cfg.num_stages}"
-                res[k] = max(res.get(k, 0.0), worst(out, refw))
+                res[k] = worse(res.get(k, 0.0), worst(out, refw))
         torch.cuda.synchronize()
         print(json.dumps({k: round(v, 5) for k, v in res.items()}), flush=True)
 
