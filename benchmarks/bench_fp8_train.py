@@ -117,20 +117,25 @@ def main():
     p.add_argument("--speed-seq-len", type=int, default=2048)
     p.add_argument("--fp8-kernels", default="auto",
                    help="FP8 quantizers of the fp8 runs (nanoseek.fp8.FP8Config.kernels: off, auto, triton, "
-                        "torch), optionally with the experts' GEMMs after a colon (auto:triton); a comma list runs "
+                        "torch), optionally with the experts' GEMMs after a colon (auto:loop; default :auto, the "
+                        "grouped Triton GEMMs with the Triton kernels); a comma list runs "
                         "one fp8 run per setting next to the same bf16 runs")
     p.add_argument("--work", help="keep each run's folder (metrics.jsonl, loss curve) here instead of a temporary one")
     p.add_argument("--json-out")
     a = p.parse_args()
     kernel_settings = a.fp8_kernels.split(",")
     bad = [k for k in kernel_settings if k.split(":")[0] not in ("off", "auto", "triton", "torch")
-           or k.split(":")[1:] not in ([], ["loop"], ["triton"])
+           or k.split(":")[1:] not in ([], ["auto"], ["loop"], ["triton"])
            or (k.endswith(":triton") and k.split(":")[0] not in ("auto", "triton"))]
     if len(set(kernel_settings)) != len(kernel_settings):
         p.error(f"--fp8-kernels: a setting is listed twice ({a.fp8_kernels})")
     if bad:
-        p.error(f"--fp8-kernels: unknown setting(s) {bad}; use off, auto, triton or torch (optionally :loop, "
-                f"or :triton with auto or triton)")
+        p.error(f"--fp8-kernels: unknown setting(s) {bad}; use off, auto, triton or torch (optionally :auto, "
+                f":loop, or :triton with auto or triton)")
+    if a.seeds < 1:
+        p.error(f"--seeds: at least 1, got {a.seeds}")
+    if not 0 <= a.warmup <= 1:
+        p.error(f"--warmup: a fraction of the run between 0 and 1, got {a.warmup}")
     if not os.path.isfile(os.path.join(a.data, "meta.json")):
         print(f"bench_fp8_train: no prepared data at {a.data} (meta.json missing); nothing measured")
         print(json.dumps({"skipped": f"no data at {a.data}"}))

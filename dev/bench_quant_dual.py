@@ -45,7 +45,8 @@ def main():
                                                 POW2=False, ROWS_OUT=True, COLS_OUT=True, num_warps=w, num_stages=st)
                 t = timed(run)
                 ok = (torch.equal(qr.view(torch.uint8), ref[0].data.view(torch.uint8))
-                      and torch.equal(qc.view(torch.uint8), ref[1].data.view(torch.uint8)))
+                      and torch.equal(qc.view(torch.uint8), ref[1].data.view(torch.uint8))
+                      and torch.equal(sr.t(), ref[0].scale) and torch.equal(sc, ref[1].scale))
                 row[f"w{w}s{st}"] = {"GBps": round(byt / t / 1e9), "ms": round(t * 1e3, 3), "exact": ok}
         res[f"{T}x{C} {str(dt)[6:]}"] = row
         print(f"{T}x{C} {dt}: copy {row['copy_GBps']} GB/s; " + ", ".join(

@@ -3,7 +3,7 @@
 Builds bench_fp8_train's WIDE model, runs a few forward+backward+AdamW steps in bf16 autocast and
 with nanoseek.fp8.convert (fused kernels), profiles two steps of each and prints the GPU time per
 kernel family (GEMMs bf16 / FP8, quantizers, attention, elementwise, optimizer...).
-    PYTHONPATH=. python dev/profile_fp8_step.py [--batch 8 --seq 2048]
+    PYTHONPATH=. python dev/profile_fp8_step.py [--batch 8 --seq 2048 --grouped loop]
 """
 import argparse
 import collections
@@ -46,6 +46,7 @@ def main():
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--kernels", default="auto", help="nanoseek.fp8.FP8Config.kernels of the fp8 model")
+    p.add_argument("--grouped", default="auto", help="nanoseek.fp8.FP8Config.grouped (auto, loop, triton)")
     a = p.parse_args()
     res = {}
     for prec in ("bf16", "fp8"):
@@ -55,7 +56,7 @@ def main():
         model.train()
         if prec == "fp8":
             fp8.reset_kernel_checks()
-            fp8.convert(model, fp8.FP8Config(kernels=a.kernels))
+            fp8.convert(model, fp8.FP8Config(kernels=a.kernels, grouped=a.grouped))
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
         x = torch.randint(0, cfg.vocab_size, (a.batch, a.seq + 1), device="cuda")
 

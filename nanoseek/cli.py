@@ -173,8 +173,8 @@ def add_train_arguments(s: argparse.ArgumentParser) -> None:
                    help="FP8 quantizers: auto (fused Triton kernels on CUDA, per-op PyTorch elsewhere; the default), "
                         "off (per-op PyTorch), triton (fused, required), torch (the fused layouts in PyTorch)")
     s.add_argument("--fp8-grouped", choices=["auto", "loop", "triton"],
-                   help="routed experts' FP8 GEMMs on the fused path: one Triton launch for all experts (auto, the "
-                        "default, or triton) or one GEMM per expert (loop)")
+                   help="routed experts' FP8 GEMMs: auto (the default: one Triton launch for all experts when the "
+                        "fused Triton kernels run, else one GEMM per expert), triton (required) or loop")
     s.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     s.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
     s.add_argument("--activation-checkpointing", action="store_true", default=None)

@@ -58,19 +58,26 @@ class FP8Config:
     trained with them lands within the seed-to-seed noise of bf16: benchmarks/RESULTS.md), "off"
     (the per-op PyTorch quantizers, transposes included: the CPU path, 2x slower on GPU),
     "triton" (required; every new shape specialization of a Triton quantizer is checked bit for
-    bit against the PyTorch reference on first use and replaced by it if they differ: see
+    bit against the PyTorch reference on first use and replaced by it if they differ; "auto" uses
+    them only on GPUs with E4M3 support in Triton, compute capability 8.9 or newer: see
     `_CheckedKernels`), "torch" (the fused path's data layouts computed in plain PyTorch: the
     reference the Triton kernels are checked against, and how the CPU tests run that path).
     `grouped`: the routed experts' GEMMs on the fused path: "auto" (the default: "triton" with the
     Triton kernels, else "loop"), "triton" (one Triton launch per GEMM for all experts; each use's
     first call per shape is checked against the loop) or "loop" (one `fp8_gemm` per expert: 0.22x
-    bf16 for `small`'s 64 experts against 0.80x grouped; at 8 experts of width 2048 the two are
-    within run-to-run noise of each other in training)."""
+    bf16 for `small`'s 64 experts against 0.80x grouped; at 8 experts of width 2048 0.83-0.94x
+    against grouped's 0.93x in training, and faster per layer at V3 sizes: benchmarks/RESULTS.md)."""
     pow2_scales: bool = False
     cache_fp8: bool = True
     backend: str = "auto"
     kernels: str = "auto"
     grouped: str = "auto"
+
+    def __post_init__(self):
+        if self.kernels not in ("auto", "off", "triton", "torch"):
+            raise ValueError(f"FP8Config.kernels: unknown value {self.kernels!r} (auto, off, triton, torch)")
+        if self.grouped not in ("auto", "loop", "triton"):
+            raise ValueError(f"FP8Config.grouped: unknown value {self.grouped!r} (auto, loop, triton)")
 
 
 DEFAULT_CONFIG = FP8Config()
@@ -422,7 +429,7 @@ def _kernels(cfg: "FP8Config", x: torch.Tensor):
         return TORCH_KERNELS
     if cfg.kernels not in ("auto", "triton"):
         raise ValueError(f"FP8Config.kernels: unknown value {cfg.kernels!r} (auto, triton, torch, off)")
-    if x.is_cuda:
+    if x.is_cuda and (cfg.kernels == "triton" or torch.cuda.get_device_capability(x.device) >= (8, 9)):
         if _TRITON_KERNELS is None:
             try:
                 from .fp8_triton import KERNELS
@@ -465,9 +472,16 @@ def _grouped_checked(use: str, kern, *args):
     loop = TORCH_KERNELS.grouped_wgrad if use == "wgrad" else TORCH_KERNELS.grouped_gemm
     if use in _GROUPED_BROKEN:
         return loop(*args)
-    out = (kern.grouped_wgrad if use == "wgrad" else kern.grouped_gemm)(*args)
     a, b = args[0], args[1]
     key = (use, a.C, b.C) if use == "wgrad" else (use, b.data.shape[-2], b.data.shape[-1], args[3])
+    try:
+        out = (kern.grouped_wgrad if use == "wgrad" else kern.grouped_gemm)(*args)
+    except Exception as e:  # noqa: BLE001  (a compile or launch failure, e.g. no E4M3 on this GPU)
+        if key in _GROUPED_CHECKED:  # it ran before at this shape: not a build problem
+            raise
+        _GROUPED_BROKEN[use] = f"{type(e).__name__}: {str(e)[:100]}"
+        warnings.warn(f"fp8: the Triton grouped {use} GEMM failed ({_GROUPED_BROKEN[use]}); using the loop instead")
+        return loop(*args)
     if key not in _GROUPED_CHECKED or CHECK_EVERY:
         first = key not in _GROUPED_CHECKED
         _GROUPED_CHECKED.add(key)
@@ -486,8 +500,6 @@ def _grouped_checked(use: str, kern, *args):
 
 
 def _grouped_impl(cfg: "FP8Config", kern) -> str:
-    if cfg.grouped not in ("auto", "triton", "loop"):
-        raise ValueError(f"FP8Config.grouped: unknown value {cfg.grouped!r} (auto, loop, triton)")
     if getattr(kern, "name", "") != "triton":
         if cfg.grouped == "triton":
             raise RuntimeError("FP8Config(grouped='triton') needs the Triton kernels (kernels='auto' or 'triton' on CUDA)")
@@ -792,7 +804,8 @@ def _experts_base():
 
 
 class FP8Experts(_experts_base()):
-    """The routed experts with FP8 GEMMs (per-expert loop over the sorted token segments);
+    """The routed experts with FP8 GEMMs (one grouped launch or a per-expert loop over the sorted
+    token segments: `FP8Config.grouped`);
     same stacked parameters [E, out, in] as `Experts`, made by class swap. SwiGLU, the gate
     weighting and the combine stay in high precision (fp32 sum, as in `Experts`)."""
 

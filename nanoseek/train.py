@@ -63,7 +63,7 @@ class TrainArgs:
     grad_clip: float = 1.0
     precision: str | None = None  # fp32 | bf16 | fp8 (default: bf16 on GPU, fp32 on CPU)
     fp8_kernels: str = "auto"  # fp8 quantizers: auto (fused Triton on CUDA) | off (per-op PyTorch) | triton | torch (nanoseek.fp8.FP8Config)
-    fp8_grouped: str = "auto"  # fp8 routed-expert GEMMs on the fused path: auto (= triton) | triton | loop
+    fp8_grouped: str = "auto"  # fp8 routed-expert GEMMs: auto (grouped Triton when the Triton kernels run, else loop) | triton | loop
     device: str | None = None
     compile: bool = False
     activation_checkpointing: bool = False
@@ -299,9 +299,10 @@ def train(args: TrainArgs, finetune=None) -> dict:
         raise ValueError(f"--fp8-kernels: unsupported value {a.fp8_kernels!r} (off, auto, triton or torch)")
     if a.fp8_grouped not in ("auto", "loop", "triton"):
         raise ValueError(f"--fp8-grouped: unsupported value {a.fp8_grouped!r} (auto, loop or triton)")
-    if a.fp8_grouped == "triton" and a.fp8_kernels not in ("auto", "triton"):
-        raise ValueError(f"--fp8-grouped triton needs the fused Triton kernels (--fp8-kernels auto or triton), "
-                         f"not --fp8-kernels {a.fp8_kernels}")
+    if precision == "fp8" and a.fp8_grouped == "triton" and (a.fp8_kernels not in ("auto", "triton")
+                                                              or device.type != "cuda"):
+        raise ValueError(f"--fp8-grouped triton needs the fused Triton kernels (--fp8-kernels auto or triton on "
+                         f"CUDA), not --fp8-kernels {a.fp8_kernels} on {device.type}")
     if a.pp < 1 or world % a.pp:
         raise ValueError(f"--pp {a.pp} must divide the number of processes ({world})")
     if a.pace_file and world > 1:

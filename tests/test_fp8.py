@@ -302,6 +302,8 @@ def test_fused_path_linear_equals_per_op_path():
         fp8.fp8_linear(x, w, FP8Config(kernels="triton"))
     with pytest.raises(ValueError, match="unknown value"):
         fp8.fp8_linear(x, w, FP8Config(kernels="fast"))
+    with pytest.raises(ValueError, match="grouped: unknown value"):
+        FP8Config(grouped="fast")
 
 
 def test_fused_path_experts_equal_per_op_path():
@@ -367,6 +369,20 @@ def test_grouped_kernel_self_check_falls_back_to_the_loop(monkeypatch):
         out = fp8._grouped_checked("fprop", Wrong, xq, wq, tm, torch.float32)
     assert torch.equal(out, ref) and "fprop" in fp8._GROUPED_BROKEN
     assert torch.equal(fp8._grouped_checked("fprop", Wrong, xq, wq, tm, torch.float32), ref)
+
+
+def test_grouped_kernel_that_fails_to_build_falls_back_to_the_loop(monkeypatch):
+    """A grouped kernel that raises on its first call at a shape (a GPU without E4M3 support in the
+    compiler) is replaced by the loop for that use, with a warning; the step goes on."""
+    monkeypatch.setattr(fp8, "_GROUPED_CHECKED", set())
+    monkeypatch.setattr(fp8, "_GROUPED_BROKEN", {})
+
+    def no_build(out, b, call):
+        raise RuntimeError("fp8e4nv data type is not supported on CUDA arch < 89")
+    tm, xq, wq, ref = _grouped_case(256)
+    with pytest.warns(UserWarning, match="grouped dgrad GEMM failed"):
+        out = fp8._grouped_checked("dgrad", _fake_grouped(no_build), xq, wq, tm, torch.float32)
+    assert torch.equal(out, ref) and "arch < 89" in fp8._GROUPED_BROKEN["dgrad"]
 
 
 def test_grouped_kernel_self_check_catches_nan_and_checks_each_shape(monkeypatch):

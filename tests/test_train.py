@@ -150,9 +150,11 @@ def test_corrupt_checkpoint_and_bad_data(tmp_path, text_file):
     with pytest.raises(Exception, match="nope.txt"):
         train(TrainArgs(data=[missing], out=str(tmp_path / "x"), max_steps=2, batch_size=4, seq_len=32,
                         vocab_size=512, progress=False))
-    with pytest.raises(ValueError, match="--fp8-grouped triton needs the fused Triton kernels"):
-        train(TrainArgs(data=[text_file], out=str(tmp_path / "y"), max_steps=2, batch_size=4, seq_len=32,
-                        vocab_size=512, precision="fp8", fp8_kernels="off", fp8_grouped="triton", progress=False))
+    for kernels in ("off", "auto"):  # off: no Triton kernels; auto: none on a CPU either
+        with pytest.raises(ValueError, match="--fp8-grouped triton needs the fused Triton kernels"):
+            train(TrainArgs(data=[text_file], out=str(tmp_path / "y"), max_steps=2, batch_size=4, seq_len=32,
+                            vocab_size=512, precision="fp8", fp8_kernels=kernels, fp8_grouped="triton",
+                            progress=False, device="cpu"))
 
 
 @pytest.mark.skipif(not os.path.exists(SHAKESPEARE), reason="../shared/data/tinyshakespeare absent")
