@@ -295,10 +295,8 @@ def train(args: TrainArgs, finetune=None) -> dict:
     precision = a.precision or ("bf16" if device.type == "cuda" else "fp32")
     if precision not in ("fp32", "bf16", "fp8"):
         raise ValueError(f"--precision: unsupported value {precision!r} (fp32, bf16 or fp8)")
-    if a.fp8_kernels not in ("off", "auto", "triton", "torch"):
-        raise ValueError(f"--fp8-kernels: unsupported value {a.fp8_kernels!r} (off, auto, triton or torch)")
-    if a.fp8_grouped not in ("auto", "loop", "triton"):
-        raise ValueError(f"--fp8-grouped: unsupported value {a.fp8_grouped!r} (auto, loop or triton)")
+    from .fp8 import FP8Config
+    fp8_config = FP8Config(kernels=a.fp8_kernels, grouped=a.fp8_grouped)  # checks --fp8-kernels / --fp8-grouped
     if precision == "fp8" and a.fp8_grouped == "triton" and (a.fp8_kernels not in ("auto", "triton")
                                                               or device.type != "cuda"):
         raise ValueError(f"--fp8-grouped triton needs the fused Triton kernels (--fp8-kernels auto or triton on "
@@ -393,8 +391,8 @@ def train(args: TrainArgs, finetune=None) -> dict:
     if finetune is not None:
         finetune.prepare_model(model, trainer_state)
     if precision == "fp8":  # FP8 GEMMs (DeepSeek-V3 recipe), swapped in from outside; bf16 autocast for the rest
-        from .fp8 import FP8Config, convert, format_report
-        fp8_converted, fp8_skipped = convert(model, FP8Config(kernels=a.fp8_kernels, grouped=a.fp8_grouped))
+        from .fp8 import convert, format_report
+        fp8_converted, fp8_skipped = convert(model, fp8_config)
         if main:
             _say(format_report(fp8_converted, fp8_skipped))
     pipe = epar = None
