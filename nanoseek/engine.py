@@ -32,6 +32,10 @@ class SamplingParams:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     logprobs: int = 0  # how many top alternatives to report per token (0: only the chosen token's)
+    # the chosen token's log-prob: "raw" under the model's softmax (what APIs report), "sampled" under
+    # the distribution it was drawn from (temperature, top-k, top-p applied; 0 when greedy), which
+    # is the behaviour policy an RL trainer's importance ratio needs
+    logprob_mode: str = "raw"
     ignore_eos: bool = False
 
     def validate(self) -> "SamplingParams":
@@ -55,6 +59,8 @@ class SamplingParams:
         self.stop = [s for s in self.stop if s]
         if not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= 20:
             bad("logprobs", f"must be an integer in [0, 20], got {self.logprobs!r}")
+        if self.logprob_mode not in ("raw", "sampled"):
+            bad("logprob_mode", f"must be 'raw' or 'sampled', got {self.logprob_mode!r}")
         return self
 
 
@@ -78,7 +84,8 @@ class Completion:
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
-    logprobs: list[float] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)  # one per token of token_ids
+    stop_logprob: float | None = None  # the log-prob of the EOS that ended it (finish_reason "stop" by EOS)
 
 
 class Handle:
@@ -110,6 +117,7 @@ class _Request:
     cancelled: bool = False
     generated: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    stop_logprob: float | None = None
     emitted: str = ""
     text: str = ""  # detokenized text of generated[:read_offset] (complete characters only)
     prefix_offset: int = 0
@@ -227,7 +235,8 @@ class Engine:
                 while self._active or not self._pending.empty():
                     self._tick()
             return [self._completion(Handle(self, r)) if r.stream else
-                    Completion(r.generated, r.emitted, r.finish_reason, len(r.prompt), len(r.generated), r.logprobs)
+                    Completion(r.generated, r.emitted, r.finish_reason, len(r.prompt), len(r.generated), r.logprobs,
+                               r.stop_logprob)
                     for r in reqs]
         handles = [self.submit(p, params) for p in prompts]
         return [self._completion(h) for h in handles]
@@ -238,7 +247,7 @@ class Engine:
         last = events[-1]
         return Completion([e.token_id for e in events if e.token_id is not None], "".join(e.text for e in events),
                           last.finish_reason, last.prompt_tokens, last.completion_tokens,
-                          [e.logprob for e in events if e.logprob is not None])
+                          [e.logprob for e in events if e.logprob is not None], handle._request.stop_logprob)
 
     def close(self) -> None:
         self._closed = True
@@ -336,21 +345,32 @@ class Engine:
     def _emit(self, reqs: list[_Request], logits: torch.Tensor):
         """Sample the next token of each request from logits [A, V] (one host sync for the batch)."""
         logits = logits.float()
+        sampled_lp: dict[int, torch.Tensor] = {}  # group rows -> log-probs under the sampling distribution
         if all(r.params.temperature <= 0 for r in reqs):
             tokens = logits.argmax(dim=-1)
         else:  # one sampling call per group of equal settings; seeded requests alone (reproducible)
             groups: dict[tuple, list[int]] = {}
             for i, r in enumerate(reqs):
-                key = ((r.params.temperature, r.params.top_p, r.params.top_k) if r.generator is None
-                       else ("seeded", i))
+                key = ((r.params.temperature, r.params.top_p, r.params.top_k, r.params.logprob_mode)
+                       if r.generator is None else ("seeded", i))
                 groups.setdefault(key, []).append(i)
             tokens = torch.empty(len(reqs), dtype=torch.long, device=logits.device)
             for idx in groups.values():
                 p = reqs[idx[0]].params
                 rows = torch.tensor(idx, device=logits.device)
-                tokens[rows] = sample_next(logits[rows], p.temperature, p.top_p, p.top_k, reqs[idx[0]].generator)
+                out = sample_next(logits[rows], p.temperature, p.top_p, p.top_k, reqs[idx[0]].generator,
+                                  with_logprobs=p.logprob_mode == "sampled")
+                if p.logprob_mode == "sampled":
+                    tokens[rows], sampled_lp[tuple(idx)] = out
+                else:
+                    tokens[rows] = out
         logp = torch.log_softmax(logits, dim=-1)
         chosen = logp.gather(1, tokens[:, None])[:, 0]
+        for idx, lp in sampled_lp.items():
+            chosen[list(idx)] = lp
+        for i, r in enumerate(reqs):  # greedy in "sampled" mode: the chosen token had probability 1
+            if r.params.logprob_mode == "sampled" and r.params.temperature <= 0:
+                chosen[i] = 0.0
         for i, (r, token, lp) in enumerate(zip(reqs, tokens.tolist(), chosen.tolist())):
             top = None
             if r.params.logprobs:
@@ -366,6 +386,8 @@ class Engine:
         if not is_eos:
             req.generated.append(token)
             req.logprobs.append(logprob)
+        else:
+            req.stop_logprob = logprob
         out_of_room = len(req.generated) >= p.max_tokens or req.pos + 1 >= self.max_context
         if not req.stream:  # batch generate: the text once, at the end
             req.finish_reason = "stop" if is_eos else "length" if out_of_room else None

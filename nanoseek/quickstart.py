@@ -55,6 +55,10 @@ class Recipe:
     temperature: float = 0.7
     loss: str = "dapo"
     reward: str = "strict"  # the answer and every worked step checked (lenient: the answer alone)
+    # CPU: sample each GRPO step's rollouts during the previous step's update, on half of the threads
+    # each (one step off-policy; None: whenever GRPO has 2+ CPU threads)
+    overlap: bool | None = None
+    rl_eval_every: int = 0  # also measure held-out greedy accuracy every N GRPO steps (grpo/metrics.jsonl)
     control_lr: float = 1e-3
     max_new_tokens: int = 40
     dense: bool = False  # dense FFN in every layer instead of DeepSeekMoE (for comparison)
@@ -224,15 +228,19 @@ def quickstart(out: str = "runs/quickstart", recipe: Recipe | None = None, contr
         proc = multiprocessing.get_context("spawn").Process(target=_control_process, args=(ctl_spec,), daemon=True)
         proc.start()
         torch.set_num_threads(threads - threads // 2)
-    else:
-        _log(f"GRPO for {_budget(rc.rl_steps, rc.rl_seconds)} (rule-based reward, no demonstrations)")
+    rl_threads = torch.get_num_threads()
+    overlap = rc.overlap if rc.overlap is not None else on_cpu and rl_threads >= 2
+    if not alongside:
+        _log(f"GRPO for {_budget(rc.rl_steps, rc.rl_seconds)} (rule-based reward, no demonstrations"
+             + ("; each step's rollouts sampled during the previous update)" if overlap else ")"))
     try:
         rl = grpo(GRPOArgs(model=pre_dir, task=f"countdown:n_numbers={rc.n_numbers},test_size={eval_problems}",
                            out=rl_dir, max_steps=rc.rl_steps, prompts_per_step=rc.prompts_per_step,
                            group_size=rc.group_size, temperature=rc.temperature, max_new_tokens=max_new, lr=rc.rl_lr,
                            warmup_steps=rc.rl_warmup, loss=rc.loss, beta=0.0, reward=rc.reward,
                            max_seconds=rc.rl_seconds, seed=seed, progress=progress, device=device,
-                           pace_file=ctl_spec["pace_file"]))
+                           pace_file=ctl_spec["pace_file"], overlap=overlap, eval_every=rc.rl_eval_every,
+                           eval_problems=eval_problems))
         if proc is not None:
             write_pace(ctl_spec["pace_file"], 1.0)  # the control stops at its next step
             if not proc.is_alive() and proc.exitcode != 0:  # say so now, not after GRPO's evaluation
@@ -249,7 +257,7 @@ def quickstart(out: str = "runs/quickstart", recipe: Recipe | None = None, contr
 
     result = {"task": f"countdown-{rc.n_numbers}", "eval_problems": len(test), "params": pre["params_total"],
               "pretrain_seconds": pre["seconds"], "pretrain_steps": pre["step"], "rl_seconds": rl["seconds"],
-              "rl_steps": rl["steps"],
+              "rl_steps": rl["steps"], "rl_overlapped": overlap,
               "accuracy_before_rl": before["accuracy"], "accuracy_after_rl": after["accuracy"],
               "strict_accuracy_before_rl": before["accuracy_strict"], "strict_accuracy_after_rl": after["accuracy_strict"],
               f"pass_at_{k}_before_rl": before[f"pass_at_{k}"], f"pass_at_{k}_after_rl": after[f"pass_at_{k}"],

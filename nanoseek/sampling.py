@@ -1,15 +1,15 @@
-"""Next-token choice from logits: greedy, temperature, top-k and top-p (nucleus) sampling."""
+"""Next-token choice from logits: greedy, temperature, top-k and top-p (nucleus) sampling, and the
+log-probability of the chosen token under the distribution it was drawn from (what an RL trainer
+needs as the behaviour policy's probability)."""
 
 from __future__ import annotations
 
 import torch
 
 
-def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
-                generator: torch.Generator | None = None) -> torch.Tensor:
-    """logits [B, V] -> token ids [B]. temperature 0 is greedy (argmax)."""
-    if temperature <= 0:
-        return logits.argmax(dim=-1)
+def sampling_logits(logits: torch.Tensor, temperature: float, top_p: float = 1.0, top_k: int = 0) -> torch.Tensor:
+    """logits [B, V] -> the logits of the distribution sampling draws from [B, V] (fp32): divided by
+    the temperature (> 0), then -inf outside the top-k and outside the top-p nucleus."""
     logits = logits.float() / temperature
     if top_k and top_k < logits.shape[-1]:
         kth = logits.topk(top_k, dim=-1).values[:, -1:]
@@ -21,5 +21,19 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1
         drop = probs.cumsum(dim=-1) - probs >= top_p
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return logits
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+                generator: torch.Generator | None = None, with_logprobs: bool = False):
+    """logits [B, V] -> token ids [B]; temperature 0 is greedy (argmax). With `with_logprobs`, also
+    the chosen tokens' log-probabilities under the sampling distribution [B] (0 for greedy)."""
+    if temperature <= 0:
+        tokens = logits.argmax(dim=-1)
+        return (tokens, torch.zeros(tokens.shape, device=logits.device)) if with_logprobs else tokens
+    logits = sampling_logits(logits, temperature, top_p, top_k)
     probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+    tokens = torch.multinomial(probs, 1, generator=generator)[:, 0]
+    if not with_logprobs:
+        return tokens
+    return tokens, torch.log_softmax(logits, dim=-1).gather(1, tokens[:, None])[:, 0]

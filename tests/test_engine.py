@@ -78,6 +78,32 @@ def test_batch_generate_equals_the_streamed_path(small_model, tok):
     assert {c.finish_reason for c in a} <= {"stop", "length"} and all(c.token_ids for c in a)
 
 
+def test_sampled_logprobs_are_the_sampling_distribution():
+    """logprob_mode "sampled": the chosen token's log-prob under the distribution it was drawn
+    from (temperature, then top-k / top-p renormalized), recomputed here in float64."""
+    from nanoseek.sampling import sample_next
+    logits = torch.randn(64, 50, generator=torch.Generator().manual_seed(0)) * 3
+    for T, top_p, top_k in [(0.7, 1.0, 0), (1.3, 1.0, 5), (0.9, 0.8, 0)]:
+        tokens, lp = sample_next(logits, T, top_p, top_k, torch.Generator().manual_seed(1), with_logprobs=True)
+        z = logits.double() / T
+        keep = torch.ones_like(z, dtype=torch.bool)
+        if top_k:
+            keep &= z >= z.topk(top_k, dim=-1).values[:, -1:]
+        if top_p < 1:
+            p_sorted, order = z.softmax(-1).sort(dim=-1, descending=True)
+            keep_sorted = p_sorted.cumsum(-1) - p_sorted < top_p
+            keep &= torch.zeros_like(keep).scatter(-1, order, keep_sorted)
+        ref = z.masked_fill(~keep, float("-inf")).log_softmax(-1).gather(1, tokens[:, None])[:, 0]
+        assert keep.gather(1, tokens[:, None]).all()
+        assert (lp.double() - ref).abs().max() < 1e-5, (T, top_p, top_k)
+        # the same draw as without log-probs
+        assert torch.equal(tokens, sample_next(logits, T, top_p, top_k, torch.Generator().manual_seed(1)))
+    tokens, lp = sample_next(logits, 0.0, with_logprobs=True)
+    assert torch.equal(tokens, logits.argmax(-1)) and not lp.any()
+    with pytest.raises(ValueError, match="logprob_mode"):
+        SamplingParams(logprob_mode="tempered").validate()
+
+
 def test_cache_is_exactly_the_latent(small_model, tok):
     cfg = small_model.config
     eng = Engine(small_model, tok, max_context=32, max_batch=2)

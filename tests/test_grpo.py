@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from nanoseek.rl.grpo import build_batch, completion_logprobs
+from nanoseek.rl.grpo import build_batch, completion_logprobs, sampler_logprobs
 from nanoseek.rl.objective import group_advantages, policy_loss, token_weights
 
 
@@ -187,21 +187,49 @@ def _pick_one_setup(tmp_path, tiny_cfg):
     return str(tmp_path / "sft"), PickOne()
 
 
-def test_grpo_raises_reward_on_a_toy_task(tmp_path, tiny_cfg):
+def test_sampler_logprobs_are_the_tempered_policy(tmp_path, tiny_cfg):
+    """Overlap mode's pi_old: the log-probs the engine drew each token and each EOS with, at
+    temperature 0.7, laid out like the loss mask, equal the trainer's teacher-forced tempered
+    log-probs of the same weights."""
+    from nanoseek.engine import Engine, SamplingParams
+    from nanoseek.model import DeepSeekV3
+    from nanoseek.tokenizer import Tokenizer
+    start, _ = _pick_one_setup(tmp_path, tiny_cfg)
+    model, tok = DeepSeekV3.from_pretrained(start), Tokenizer.from_dir(start)
+    prompts = [tok.encode("a|", add_bos=True)] * 6
+    engine = Engine(model, tok, max_context=32, max_batch=8)
+    torch.manual_seed(0)
+    comps = engine.generate(prompts, SamplingParams(max_tokens=10, temperature=0.7, logprob_mode="sampled"))
+    engine.close()
+    assert any(c.finish_reason == "stop" for c in comps)
+    assert all((c.stop_logprob is not None) == (c.finish_reason == "stop") for c in comps)
+    seqs, mask, _ = build_batch(prompts, comps, tok.eos_id, tok.pad_id or 0, mask_truncated=False)
+    old = sampler_logprobs(prompts, comps, mask.shape[1])
+    with torch.no_grad():
+        logp, _ = completion_logprobs(model, seqs, 0.7, torch.autocast("cpu", enabled=False))
+    assert torch.equal(old != 0, mask.bool())  # one log-prob per counted target, EOS included
+    assert (old - logp)[mask.bool()].abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_grpo_raises_reward_on_a_toy_task(tmp_path, tiny_cfg, overlap):
     """A short GRPO run (real engine rollouts, real updates) on the coin-flip model must push the
-    rollout reward up."""
+    rollout reward up; also with rollouts overlapped with updates (one step off-policy)."""
     from nanoseek.rl import GRPOArgs, grpo
     start, task = _pick_one_setup(tmp_path, tiny_cfg)
     out = tmp_path / "grpo"
     summary = grpo(GRPOArgs(model=start, task=task, out=str(out), max_steps=20,
                             prompts_per_step=4, group_size=8, temperature=1.0, max_new_tokens=6, lr=2e-3,
-                            warmup_steps=1, reward="lenient", loss="grpo", progress=False, save=False))
+                            warmup_steps=1, reward="lenient", loss="grpo", progress=False, save=False,
+                            overlap=overlap))
     recs = [json.loads(line) for line in open(out / "metrics.jsonl") if "reward_mean" in line]
     first = sum(r["reward_mean"] for r in recs[:4]) / 4
     last = sum(r["reward_mean"] for r in recs[-4:]) / 4
     assert 0.2 < first < 0.8, first  # the start really is a coin flip
     assert last > first + 0.25 and last > 0.8, (first, last)
     assert summary["steps"] == 20
+    if overlap:  # off-policy rows: the ratio differs from 1, so the clip acts on some tokens
+        assert any(r["clip_fraction"] > 0 for r in recs)
 
 
 def test_grpo_resume_is_exact(tmp_path, tiny_cfg):

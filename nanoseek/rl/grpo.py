@@ -7,6 +7,12 @@ Per step it logs reward mean/std, rollout accuracy, KL, clip fraction, completio
 entropy, informative and zero-variance groups and truncations to metrics.jsonl, and draws
 grpo.png. `--max-seconds` bounds the loop's wall time (evaluations excluded), so a run can be
 compared with the same time spent another way.
+
+`--overlap` (CPU): the next step's rollouts are sampled on half of the threads while the policy
+update runs on the other half, from a copy of the weights one step old (one-step off-policy, as in
+asynchronous RL trainers); the importance ratio then uses the log-probs the sampler drew each token
+with (temperature applied) as pi_old, so the clipped objective corrects for the lag. A step costs
+about max(rollouts, update) instead of their sum.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import math
 import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -66,6 +73,7 @@ class GRPOArgs:
     keep_last: int = 2
     resume: bool = False  # continue from the newest checkpoint in out/checkpoints (exact: same rollouts)
     pace_file: str | None = None  # write the run's progress here each step, for a job following it (nanoseek/pace.py)
+    overlap: bool = False  # CPU: sample step t+1's rollouts during step t's update (one step off-policy)
     json: bool = False
     progress: bool = True
 
@@ -83,6 +91,9 @@ class GRPOArgs:
             raise ValueError(f"--reward: strict or lenient, got {self.reward!r}")
         if self.beta < 0:
             raise ValueError(f"--beta: must be >= 0, got {self.beta}")
+        if self.overlap and self.top_p < 1.0:
+            raise ValueError("--overlap: the importance ratio needs the sampler's full tempered distribution; "
+                             f"use --top-p 1 (got {self.top_p})")
         return self
 
 
@@ -115,6 +126,34 @@ def build_batch(prompts: list[list[int]], completions, eos_id: int, pad_id: int,
         if not (mask_truncated and truncated[i]):
             mask[i, a - 1:b - 1] = 1.0  # target position t predicts token t + 1
     return seqs, mask, torch.tensor(truncated)
+
+
+def sampler_logprobs(prompts: list[list[int]], completions, width: int) -> torch.Tensor:
+    """The log-prob each completion token (and its EOS) was sampled with, laid out like build_batch's
+    mask: [N, width], row i's token t + 1 at position t, 0 elsewhere."""
+    old = torch.zeros(len(prompts), width)
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        lps = list(c.logprobs) + ([c.stop_logprob] if c.finish_reason == "stop" else [])
+        old[i, len(p) - 1:len(p) - 1 + len(lps)] = torch.tensor(lps)
+    return old
+
+
+@dataclass
+class Rollouts:
+    """One step's sampled completions, their rewards and the training batch built from them."""
+    problems: list
+    comps: list
+    scores: list
+    rewards: torch.Tensor  # [P, G]
+    informative: torch.Tensor  # [P] groups whose rewards differ
+    seqs: torch.Tensor  # [N, T] prompt + completion rows
+    mask: torch.Tensor  # [N, T-1] completion targets that count (uninformative groups zeroed)
+    truncated: torch.Tensor  # [N]
+    weights: torch.Tensor  # [N, T-1] the loss variant's token weights
+    adv: torch.Tensor  # [N]
+    rows: list[int]  # the rows that enter the update
+    old: torch.Tensor | None  # [N, T-1] the sampler's log-probs (overlap mode), else None
+    gen_s: float
 
 
 def grpo(args: GRPOArgs, model=None, tokenizer=None) -> dict:
@@ -152,7 +191,9 @@ def grpo(args: GRPOArgs, model=None, tokenizer=None) -> dict:
         next(stream)
     first = [next(stream) for _ in range(a.prompts_per_step)]
     longest = max(len(p) for p in encode_prompts(tokenizer, first, a.chat))
-    engine = Engine(model, tokenizer, max_context=2 * longest + a.max_new_tokens + 8,
+    # overlap: the sampler works on its own copy of the weights, refreshed after every update
+    sampler = copy.deepcopy(model).eval().requires_grad_(False) if a.overlap else model
+    engine = Engine(sampler, tokenizer, max_context=2 * longest + a.max_new_tokens + 8,
                     max_batch=a.prompts_per_step * a.group_size, device=device)
     eval_set = task.problems("test", a.eval_problems) if a.eval_every else []
 
@@ -162,9 +203,12 @@ def grpo(args: GRPOArgs, model=None, tokenizer=None) -> dict:
     if state:
         opt.load_state_dict(state["optimizer"])
     log = MetricsLog(os.path.join(a.out, "metrics.jsonl"), True, state["step"] if state else 0)
+    threads = torch.get_num_threads()
+    half = max(1, threads // 2)
     _say(f"nanoseek grpo: {model.num_params() / 1e6:.2f}M parameters on {device}, task {a.task}, "
          f"{a.prompts_per_step} prompts x {a.group_size} samples, loss {a.loss}, lr {a.lr:g}, beta {a.beta:g}, "
-         f"T {a.temperature:g}, reward {a.reward}", quiet=not a.progress)
+         f"T {a.temperature:g}, reward {a.reward}"
+         + (f"; rollouts overlapped with updates ({half} + {half} threads)" if a.overlap else ""), quiet=not a.progress)
     pbar = None
     if a.progress:
         from tqdm import tqdm
@@ -175,25 +219,16 @@ def grpo(args: GRPOArgs, model=None, tokenizer=None) -> dict:
         res = evaluate(engine, task, eval_set, k=0, max_new_tokens=a.max_new_tokens, chat=a.chat)
         log.write({"step": step, "eval_accuracy": res["accuracy"], "eval_accuracy_strict": res["accuracy_strict"]})
 
-    loop_s, step, totals = 0.0, 0, {"zero_variance_groups": 0, "skipped_steps": 0, "rollout_tokens": 0, "gen_s": 0.0}
-    if state:
-        loop_s, step, totals = state["loop_s"], state["step"], dict(state["totals"])
-        _say(f"resumed from {resume_dir} (step {step})", quiet=not a.progress)
-        if pbar is not None:
-            pbar.update(step)
-    pending = first
-    while step < a.max_steps and (a.max_seconds is None or loop_s < a.max_seconds):
+    def collect(step: int, problems: list) -> Rollouts:
+        """Rollouts: P x G completions from the engine, scored, as a training batch."""
         t0 = time.time()
-        problems = pending or [next(stream) for _ in range(a.prompts_per_step)]
-        pending = None
         prompts = encode_prompts(tokenizer, problems, a.chat)
-        # ---- rollouts: P x G completions from the engine
-        model.eval()
+        sampler.eval()
         torch.manual_seed(a.seed * 1_000_003 + step)
         rep = [p for p in prompts for _ in range(a.group_size)]
         comps = engine.generate(rep, SamplingParams(max_tokens=a.max_new_tokens, temperature=a.temperature,
-                                                     top_p=a.top_p))
-        t_gen = time.time() - t0
+                                                     top_p=a.top_p, logprob_mode="sampled" if a.overlap else "raw"))
+        gen_s = time.time() - t0
         scores = [task.check(problems[i // a.group_size], c.text) for i, c in enumerate(comps)]
         rewards = torch.tensor([score_reward(s, a.reward, a.format_weight)
                                 for s in scores]).view(a.prompts_per_step, a.group_size)
@@ -201,77 +236,122 @@ def grpo(args: GRPOArgs, model=None, tokenizer=None) -> dict:
         keep = informative.repeat_interleave(a.group_size)  # [P*G]
         seqs, mask, truncated = build_batch(rep, comps, tokenizer.eos_id, tokenizer.pad_id or 0, a.mask_truncated)
         mask = mask * keep[:, None].float()
-        weights = token_weights(mask, a.loss, max_len=a.max_new_tokens + 1)
-        adv_flat = adv.reshape(-1)
-        rows = keep.nonzero()[:, 0].tolist()
-        # ---- policy update(s)
+        return Rollouts(problems, comps, scores, rewards, informative, seqs, mask, truncated,
+                        token_weights(mask, a.loss, max_len=a.max_new_tokens + 1), adv.reshape(-1),
+                        keep.nonzero()[:, 0].tolist(),
+                        sampler_logprobs(rep, comps, mask.shape[1]) if a.overlap else None, gen_s)
+
+    def update(ro: Rollouts, step: int) -> tuple[dict, float, float]:
+        """The policy update(s) on one batch of rollouts -> (stats of the first pass, grad norm, lr)."""
         model.train()
         lr = a.lr * min(1.0, (step + 1) / max(1, a.warmup_steps))  # linear warm-up, then constant
         for g in opt.param_groups:
             g["lr"] = lr
         stats = {"clip_fraction": 0.0, "kl": 0.0, "entropy": float("nan"), "loss": 0.0}
         grad_norm = float("nan")
-        if rows:
-            seqs_d, mask_d, w_d, adv_d = seqs[rows].to(device), mask[rows].to(device), weights[rows].to(device), adv_flat[rows].to(device)
-            chunks = [slice(i, i + a.micro_batch) for i in range(0, len(rows), a.micro_batch)]
-            with torch.no_grad():
+        rows = ro.rows
+        if not rows:
+            totals["skipped_steps"] += 1
+            return stats, grad_norm, lr
+        seqs_d, mask_d, w_d, adv_d = (ro.seqs[rows].to(device), ro.mask[rows].to(device),
+                                      ro.weights[rows].to(device), ro.adv[rows].to(device))
+        chunks = [slice(i, i + a.micro_batch) for i in range(0, len(rows), a.micro_batch)]
+        with torch.no_grad():
+            if ro.old is not None:  # off-policy: pi_old is the sampler that drew the tokens
+                old = [ro.old[rows][c].to(device) for c in chunks]
+            else:  # on-policy: pi_old is the policy before this batch's first optimizer step
                 old = ([completion_logprobs(model, seqs_d[c], a.temperature, autocast)[0] for c in chunks]
                        if a.mu > 1 else None)
-                refs = ([completion_logprobs(ref, seqs_d[c], a.temperature, autocast)[0] for c in chunks]
-                        if ref is not None else None)
-            for it in range(a.mu):
-                acc = {"clip_fraction": 0.0, "kl": 0.0, "entropy": 0.0, "loss": 0.0}
-                wsum = float(w_d.sum())
-                for j, c in enumerate(chunks):
-                    logp, ent = completion_logprobs(model, seqs_d[c], a.temperature, autocast, entropy=it == 0)
-                    old_lp = old[j] if old is not None else logp.detach()
-                    loss, st = policy_loss(logp, old_lp, adv_d[c], w_d[c], a.eps, eps_high, a.beta,
-                                           refs[j] if refs is not None else None)
-                    loss.backward()
-                    share = float(w_d[c].sum()) / max(wsum, 1e-12)
-                    acc["clip_fraction"] += st["clip_fraction"] * share
-                    acc["kl"] += st.get("kl", 0.0) * share
-                    if ent is not None:
-                        acc["entropy"] += float((ent * mask_d[c]).sum())
-                    acc["loss"] += loss.item()
-                acc["entropy"] /= max(float(mask_d.sum()), 1.0)
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, a.grad_clip))
-                if math.isfinite(grad_norm):
-                    opt.step()
-                opt.zero_grad(set_to_none=True)
-                if it == 0:
-                    stats = acc
-        else:
-            totals["skipped_steps"] += 1
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        dt = time.time() - t0
-        loop_s += dt
-        step += 1
-        n_tokens = sum(c.completion_tokens for c in comps)
-        totals["rollout_tokens"] += n_tokens
-        totals["gen_s"] += t_gen
-        totals["zero_variance_groups"] += int((~informative).sum())
-        rec = {"step": step, "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
-               "accuracy": sum(s.correct for s in scores) / len(scores),
-               "accuracy_strict": sum(s.strict for s in scores) / len(scores),
-               "format": sum(s.format for s in scores) / len(scores),
-               "completion_length": n_tokens / len(comps), "truncated": float(truncated.float().mean()),
-               "groups_informative": int(informative.sum()), "groups_zero_variance": int((~informative).sum()),
-               "kl": stats["kl"], "clip_fraction": stats["clip_fraction"], "entropy": stats["entropy"],
-               "loss": stats["loss"], "grad_norm": grad_norm, "lr": lr,
-               "gen_s": t_gen, "step_s": dt, "rollout_tokens_per_s": n_tokens / max(t_gen, 1e-9), "elapsed_s": loop_s}
-        log.write(rec)
-        if a.pace_file:
-            write_pace(a.pace_file, max(step / a.max_steps, loop_s / a.max_seconds if a.max_seconds else 0.0))
+            refs = ([completion_logprobs(ref, seqs_d[c], a.temperature, autocast)[0] for c in chunks]
+                    if ref is not None else None)
+        for it in range(a.mu):
+            acc = {"clip_fraction": 0.0, "kl": 0.0, "entropy": 0.0, "loss": 0.0}
+            wsum = float(w_d.sum())
+            for j, c in enumerate(chunks):
+                logp, ent = completion_logprobs(model, seqs_d[c], a.temperature, autocast, entropy=it == 0)
+                old_lp = old[j] if old is not None else logp.detach()
+                loss, st = policy_loss(logp, old_lp, adv_d[c], w_d[c], a.eps, eps_high, a.beta,
+                                       refs[j] if refs is not None else None)
+                loss.backward()
+                share = float(w_d[c].sum()) / max(wsum, 1e-12)
+                acc["clip_fraction"] += st["clip_fraction"] * share
+                acc["kl"] += st.get("kl", 0.0) * share
+                if ent is not None:
+                    acc["entropy"] += float((ent * mask_d[c]).sum())
+                acc["loss"] += loss.item()
+            acc["entropy"] /= max(float(mask_d.sum()), 1.0)
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, a.grad_clip))
+            if math.isfinite(grad_norm):
+                opt.step()
+            opt.zero_grad(set_to_none=True)
+            if it == 0:
+                stats = acc
+        return stats, grad_norm, lr
+
+    loop_s, step, totals = 0.0, 0, {"zero_variance_groups": 0, "skipped_steps": 0, "rollout_tokens": 0, "gen_s": 0.0}
+    if state:
+        loop_s, step, totals = state["loop_s"], state["step"], dict(state["totals"])
+        _say(f"resumed from {resume_dir} (step {step})", quiet=not a.progress)
         if pbar is not None:
-            pbar.update(1)
-            pbar.set_postfix(reward=f"{rec['reward_mean']:.3f}", acc=f"{rec['accuracy']:.2f}",
-                             len=f"{rec['completion_length']:.0f}", kept=rec["groups_informative"])
-        if a.eval_every and step % a.eval_every == 0:
-            run_eval(step)
-        if a.save and a.save_every and step % a.save_every == 0:
-            save_checkpoint(a.out, step, model, opt, tokenizer, {"loop_s": loop_s, "totals": totals}, a.keep_last)
+            pbar.update(step)
+    pending = first
+
+    def next_problems() -> list:
+        nonlocal pending
+        problems, pending = pending or [next(stream) for _ in range(a.prompts_per_step)], None
+        return problems
+
+    # overlap: one worker thread samples step t+1 while this thread updates on step t, `half` threads each
+    worker = ThreadPoolExecutor(1, initializer=torch.set_num_threads, initargs=(half,)) if a.overlap else None
+    if worker is not None:
+        torch.set_num_threads(half)
+    ready: Rollouts | None = None
+    try:
+        while step < a.max_steps and (a.max_seconds is None or loop_s < a.max_seconds):
+            t0 = time.time()
+            ro = ready or collect(step, next_problems())
+            ahead = worker.submit(collect, step + 1, next_problems()) if worker and step + 1 < a.max_steps else None
+            stats, grad_norm, lr = update(ro, step)
+            ready = ahead.result() if ahead is not None else None
+            if worker is not None:  # the sampler moves to the updated weights for the step after next
+                with torch.no_grad():
+                    for dst, src in zip(sampler.state_dict().values(), model.state_dict().values()):
+                        dst.copy_(src)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            dt = time.time() - t0
+            loop_s += dt
+            step += 1
+            comps, scores, informative = ro.comps, ro.scores, ro.informative
+            n_tokens = sum(c.completion_tokens for c in comps)
+            totals["rollout_tokens"] += n_tokens
+            totals["gen_s"] += ro.gen_s
+            totals["zero_variance_groups"] += int((~informative).sum())
+            rec = {"step": step, "reward_mean": float(ro.rewards.mean()), "reward_std": float(ro.rewards.std()),
+                   "accuracy": sum(s.correct for s in scores) / len(scores),
+                   "accuracy_strict": sum(s.strict for s in scores) / len(scores),
+                   "format": sum(s.format for s in scores) / len(scores),
+                   "completion_length": n_tokens / len(comps), "truncated": float(ro.truncated.float().mean()),
+                   "groups_informative": int(informative.sum()), "groups_zero_variance": int((~informative).sum()),
+                   "kl": stats["kl"], "clip_fraction": stats["clip_fraction"], "entropy": stats["entropy"],
+                   "loss": stats["loss"], "grad_norm": grad_norm, "lr": lr,
+                   "gen_s": ro.gen_s, "step_s": dt, "rollout_tokens_per_s": n_tokens / max(ro.gen_s, 1e-9),
+                   "elapsed_s": loop_s}
+            log.write(rec)
+            if a.pace_file:
+                write_pace(a.pace_file, max(step / a.max_steps, loop_s / a.max_seconds if a.max_seconds else 0.0))
+            if pbar is not None:
+                pbar.update(1)
+                pbar.set_postfix(reward=f"{rec['reward_mean']:.3f}", acc=f"{rec['accuracy']:.2f}",
+                                 len=f"{rec['completion_length']:.0f}", kept=rec["groups_informative"])
+            if a.eval_every and step % a.eval_every == 0:
+                run_eval(step)
+            if a.save and a.save_every and step % a.save_every == 0:
+                save_checkpoint(a.out, step, model, opt, tokenizer, {"loop_s": loop_s, "totals": totals}, a.keep_last)
+    finally:
+        if worker is not None:
+            worker.shutdown(wait=True)
+            torch.set_num_threads(threads)
     if pbar is not None:
         pbar.close()
     engine.close()
