@@ -12,7 +12,10 @@ layer: forward+backward of an FP8 Linear, a dense SwiGLU MLP and the routed expe
        (autocast over fp32 master weights, grouped_mm for the bf16 experts). FP8 variants:
        fp8-eager (per-op PyTorch quantizers, transposes included: FP8Config(kernels="off")),
        fp8-fused (the Triton quantizers; experts: per-expert _scaled_mm loop) and, for the
-       experts, fp8-grouped (the Triton quantizers and grouped GEMMs, one launch per GEMM).
+       experts, fp8-grouped (the Triton quantizers and grouped GEMMs, one launch per GEMM); for
+       the SwiGLU blocks each with the default choice between gate and up as one stacked GEMM per
+       pass and as two GEMMs (FP8Config.stack_gate_up_below: stacked below width 8192, so the
+       experts stack and the dense MLP does not) and, as fused2 / grouped2, the other choice.
 
     PYTHONPATH=. python benchmarks/bench_fp8.py [--quick] [--json-out FILE]
 
@@ -40,7 +43,9 @@ from nanoseek.model import MLP, Experts  # noqa: E402
 # (name, M tokens, N out, K in)
 GEMM_SHAPES = [
     ("v3 expert up   4096x2048x7168", 4096, 2048, 7168),
+    ("v3 expert gate+up 4096x4096x7168", 4096, 4096, 7168),
     ("v3 expert down 4096x7168x2048", 4096, 7168, 2048),
+    ("v3 expert dgrad g+u 4096x7168x4096", 4096, 7168, 4096),
     ("v3 dense up    16384x18432x7168", 16384, 18432, 7168),
     ("v3 dense down  16384x7168x18432", 16384, 7168, 18432),
     ("v2-lite expert 4096x1408x2048", 4096, 1408, 2048),
@@ -209,6 +214,7 @@ def part_check(out: dict) -> None:
     variants = {"eager": FP8Config(kernels="off")}
     if tri is not None:
         variants.update({"fused": FP8Config(kernels="triton", grouped="loop"),
+                         "fused2": FP8Config(kernels="triton", grouped="loop", stack_gate_up_below=0),
                          "grouped": FP8Config(kernels="triton", grouped="triton")})
     x = torch.randn(4096, 2048, device="cuda", generator=g)
     w = torch.randn(1024, 2048, device="cuda", generator=g) * 0.02
@@ -217,7 +223,7 @@ def part_check(out: dict) -> None:
     (xr @ wr.t()).backward(dy)
     lin = {}
     for name, cfg in variants.items():
-        if name == "grouped":
+        if name in ("grouped", "fused2"):
             continue
         xf, wf = x.clone().requires_grad_(), w.clone().requires_grad_()
         y = fp8.fp8_linear(xf, wf, cfg)
@@ -317,13 +323,18 @@ def part_layer(out: dict, quick: bool) -> None:
         tri_ok = False
         print(f"no Triton kernels ({e!r}): fp8-eager only", flush=True)
 
-    def run(name, make, x_shape, flops, extra_args=None, experts=False):
+    def run(name, make, x_shape, flops, extra_args=None, experts=False, swiglu_width=0):
         res = {"name": name}
         variants = {"bf16": None, "fp8-eager": FP8Config(kernels="off")}
         if tri_ok:
             variants["fp8-fused"] = FP8Config(kernels="triton", grouped="loop")
+            # fused2 / grouped2: the other choice for gate and up (stacked or two GEMMs), side by side
+            other = 0 if swiglu_width < FP8Config.stack_gate_up_below else 1 << 30
+            if swiglu_width:
+                variants["fp8-fused2"] = FP8Config(kernels="triton", grouped="loop", stack_gate_up_below=other)
             if experts:
                 variants["fp8-grouped"] = FP8Config(kernels="triton", grouped="triton")
+                variants["fp8-grouped2"] = FP8Config(kernels="triton", grouped="triton", stack_gate_up_below=other)
         for variant, cfg in variants.items():
             torch.manual_seed(0)
             m = make().cuda()
@@ -357,7 +368,8 @@ def part_layer(out: dict, quick: bool) -> None:
     T = 8192
     run("linear 8192x7168->18432 fwd+bwd", lambda: nn.Linear(7168, 18432, bias=False), (T, 7168),
         3 * 2 * T * 7168 * 18432)
-    run("dense MLP v3 (7168, 18432) 8192 tok fwd+bwd", lambda: MLP(7168, 18432), (T, 7168), 3 * 3 * 2 * T * 7168 * 18432)
+    run("dense MLP v3 (7168, 18432) 8192 tok fwd+bwd", lambda: MLP(7168, 18432), (T, 7168), 3 * 3 * 2 * T * 7168 * 18432,
+        swiglu_width=18432)
     # routed experts at V3 dims: 8 experts of width 2048, 4096 tokens each (every token picks all 8)
     E, h, inter, N = 8, 7168, 2048, 4096
     idx = torch.arange(E, device="cuda").repeat(N, 1)
@@ -369,15 +381,16 @@ def part_layer(out: dict, quick: bool) -> None:
             nn.init.normal_(p, 0.0, 0.02)
         return ex
     run("experts v3 (8 x 2048, 4096 tok each) fwd+bwd", make_experts, (N, h), 3 * 3 * 2 * N * E * h * inter,
-        extra_args=(idx, wts), experts=True)
+        extra_args=(idx, wts), experts=True, swiglu_width=inter)
     if not quick:
         # `small`: 64 experts of width 512, 16384 tokens x top-6 -> 1536 per expert
         E2, h2, i2, N2, k2 = 64, 1024, 512, 16384, 6
         idx2 = (torch.arange(N2, device="cuda")[:, None] * k2 + torch.arange(k2, device="cuda")) % E2
         wts2 = torch.full((N2, k2), 1.0 / k2, device="cuda")
         run("experts small (64 x 512, 1536 tok each) fwd+bwd", lambda: make_experts(E2, h2, i2), (N2, h2),
-            3 * 3 * 2 * N2 * k2 * h2 * i2, extra_args=(idx2, wts2), experts=True)
-    names = [v for v in ("fp8-eager", "fp8-fused", "fp8-grouped")]
+            3 * 3 * 2 * N2 * k2 * h2 * i2, extra_args=(idx2, wts2), experts=True, swiglu_width=i2)
+    # fused2 / grouped2: gate and up the other way (the experts as two GEMMs, the dense MLP stacked)
+    names = [v for v in ("fp8-eager", "fp8-fused", "fp8-fused2", "fp8-grouped", "fp8-grouped2")]
     print(f"\n{'block':48s} {'bf16 ms':>8s} " + " ".join(f"{n + ' ms (x)':>20s}" for n in names)
           + "   peak GiB bf16/" + "/".join(n.split("-")[1] for n in names))
     for r in rows:

@@ -66,12 +66,19 @@ class FP8Config:
     Triton kernels, else "loop"), "triton" (one Triton launch per GEMM for all experts; each use's
     first call per shape is checked against the loop) or "loop" (one `fp8_gemm` per expert: 0.22x
     bf16 for `small`'s 64 experts against 0.80x grouped; at 8 experts of width 2048 0.83-0.94x
-    against grouped's 0.93x in training, and faster per layer at V3 sizes: benchmarks/RESULTS.md)."""
+    against grouped's 0.93x in training, and faster per layer at V3 sizes: benchmarks/RESULTS.md).
+    `stack_gate_up_below`: SwiGLU's gate and up projections narrower than this many outputs each
+    run as one GEMM per pass over their stacked weights where the shapes allow (`stackable`): the
+    input is quantized once and its gradient is one GEMM. On an H200 that pays where the GEMMs are
+    narrow (V3 experts of width 2048: the stacked Fprop GEMM 772 vs 601 TFLOP/s, the expert block
+    1.05-1.06x) and costs ~3% for the dense MLP of width 18432, whose GEMMs are already at full
+    speed (benchmarks/RESULTS.md); 0 never stacks."""
     pow2_scales: bool = False
     cache_fp8: bool = True
     backend: str = "auto"
     kernels: str = "auto"
     grouped: str = "auto"
+    stack_gate_up_below: int = 8192
 
     def __post_init__(self):
         if self.kernels not in ("auto", "off", "triton", "torch"):
@@ -611,6 +618,49 @@ def fp8_gemm(a: Fp8Tensor, b: Fp8Tensor, out_dtype: torch.dtype = torch.float32,
     raise ValueError(f"unknown FP8 GEMM backend {backend!r}")
 
 
+# ----------------------------------------------------------------------------------- stacked weights
+def stackable(weights) -> bool:
+    """Whether weights [..., N_i, K] can run as one GEMM against the same input (SwiGLU's gate and
+    up): same K, dtype and device, and every N_i but the last a multiple of 128, so that no
+    128x128 block spans two of them and each is quantized exactly as it would be alone."""
+    w0 = weights[0]
+    return (all(w.shape[:-2] == w0.shape[:-2] and w.shape[-1] == w0.shape[-1] and w.dtype == w0.dtype
+                and w.device == w0.device for w in weights)
+            and all(w.shape[-2] % BLOCK == 0 for w in weights[:-1]))
+
+
+def _quantize_weights(weights, kern, pow2: bool) -> tuple[Fp8Tensor, Fp8Tensor | None]:
+    """Each weight's 128x128 quantization stacked along N, and with fused kernels that of the
+    stack's transpose: (W [..., sum N_i, K], W^T [..., K, sum N_i] or None). W^T is the same
+    blocks transposed, so it is made once from the stack (no per-weight transposes to join)."""
+    if kern is None:
+        parts = [quantize(w, WEIGHT, pow2) for w in weights]
+    elif len(weights) == 1:
+        return kern.quantize_weight_dual(weights[0], pow2, transposed=True)
+    else:
+        parts = [kern.quantize_weight_dual(w, pow2, transposed=False)[0] for w in weights]
+    wq = parts[0] if len(parts) == 1 else Fp8Tensor(torch.cat([q.data for q in parts], -2),
+                                                      torch.cat([q.scale for q in parts], -2), WEIGHT)
+    if kern is None:
+        return wq, None
+    return wq, Fp8Tensor(wq.data.transpose(-2, -1).contiguous(), wq.scale.transpose(-2, -1), WEIGHT)
+
+
+def _split_grad(dw: torch.Tensor, ctx, first: int) -> tuple:
+    """dW of the stacked weights [..., sum N_i, K] -> one gradient per weight (None where the
+    weight, input `first + i` of the autograd function, needs none)."""
+    parts = dw.split(ctx.n_out, dim=-2) if len(ctx.n_out) > 1 else (dw,)
+    return tuple(g.to(ctx.w_dtype) if ctx.needs_input_grad[first + i] else None for i, g in enumerate(parts))
+
+
+def _as_weights(weight) -> tuple:
+    weights = (weight,) if isinstance(weight, torch.Tensor) else tuple(weight)
+    if len(weights) > 1 and not stackable(weights):
+        raise ValueError(f"fp8: weights of shapes {[tuple(w.shape) for w in weights]} cannot share one GEMM "
+                         "(same K, dtype and device needed, and each N but the last a multiple of 128)")
+    return weights
+
+
 # ----------------------------------------------------------------------------------- Linear
 def _out_dtype(x: torch.Tensor) -> torch.dtype:
     dev = x.device.type
@@ -618,34 +668,36 @@ def _out_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 class _FP8LinearFn(torch.autograd.Function):
-    """y = x W^T with all three GEMMs in FP8 (module docstring). With fused kernels (`_kernels`):
-    x and dy are each read once to produce their 1x128 and (transposed) 128x1 quantizations, and
-    W once for W's and W^T's 128x128 blocks; else the per-op quantizers (transposes included)."""
+    """y = x [W_1; W_2; ...]^T with all three GEMMs in FP8 (module docstring); several weights
+    (SwiGLU's gate and up) stack along N into one GEMM per pass, so x is quantized once and the
+    input gradient is one GEMM. With fused kernels (`_kernels`): x and dy are each read once to
+    produce their 1x128 and (transposed) 128x1 quantizations, and W once for W's and W^T's
+    128x128 blocks; else the per-op quantizers (transposes included)."""
 
     @staticmethod
-    def forward(ctx, x, weight, out_dtype, cfg: FP8Config):
+    def forward(ctx, x, out_dtype, cfg: FP8Config, *weights):
         K = x.shape[-1]
         x2 = x.reshape(-1, K)
         kern = _kernels(cfg, x)
-        ctx.kern = kern
+        ctx.kern, ctx.n_out = kern, [w.shape[-2] for w in weights]
         if kern is not None:
             tm = dense_tile_map(x2.shape[0], x.device)
             xq, xt = kern.quantize_act_dual(x2, tm, cfg.pow2_scales, rows=True, cols=cfg.cache_fp8)
-            wq, wqt = kern.quantize_weight_dual(weight, cfg.pow2_scales, transposed=True)
+            wq, wqt = _quantize_weights(weights, kern, cfg.pow2_scales)
             y = fp8_gemm(xq, wq, out_dtype, cfg.backend)
             saved = (xt.data, xt.scale) if cfg.cache_fp8 else (x2,)
             ctx.save_for_backward(*saved, wqt.data, wqt.scale)  # only W^T is needed (Dgrad)
             ctx.tm = tm
         else:
             xq = _quant(x2, ACT, cfg.pow2_scales)
-            wq = quantize(weight, WEIGHT, cfg.pow2_scales)
+            wq, _ = _quantize_weights(weights, None, cfg.pow2_scales)
             y = fp8_gemm(xq, wq, out_dtype, cfg.backend)
             if cfg.cache_fp8:  # x^T in 1x128 tiles along tokens == x in 128x1 tiles, K-major for Wgrad
                 xt = _quant(x2.t(), ACT, cfg.pow2_scales)
                 ctx.save_for_backward(xt.data, xt.scale, wq.data, wq.scale)
             else:
                 ctx.save_for_backward(x2, wq.data, wq.scale)
-        ctx.cfg, ctx.x_shape, ctx.x_dtype, ctx.w_dtype = cfg, x.shape, x.dtype, weight.dtype
+        ctx.cfg, ctx.x_shape, ctx.x_dtype, ctx.w_dtype = cfg, x.shape, x.dtype, weights[0].dtype
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
@@ -653,6 +705,7 @@ class _FP8LinearFn(torch.autograd.Function):
         cfg, kern = ctx.cfg, ctx.kern
         dy2 = dy.reshape(-1, dy.shape[-1])
         dx = dw = None
+        want_w = any(ctx.needs_input_grad[3:])
         if kern is not None:
             if cfg.cache_fp8:
                 xt_data, xt_scale, wt_data, wt_scale = ctx.saved_tensors
@@ -661,15 +714,14 @@ class _FP8LinearFn(torch.autograd.Function):
                 x2, wt_data, wt_scale = ctx.saved_tensors
                 xt = None
             tm = ctx.tm
-            dyq, dyt = kern.quantize_act_dual(dy2, tm, cfg.pow2_scales, rows=ctx.needs_input_grad[0],
-                                              cols=ctx.needs_input_grad[1])
+            dyq, dyt = kern.quantize_act_dual(dy2, tm, cfg.pow2_scales, rows=ctx.needs_input_grad[0], cols=want_w)
             if ctx.needs_input_grad[0]:  # Dgrad: dx = dy W; B = W^T [K, N] in 128x128 blocks
                 dx = fp8_gemm(dyq, Fp8Tensor(wt_data, wt_scale, WEIGHT), ctx.x_dtype, cfg.backend).view(ctx.x_shape)
-            if ctx.needs_input_grad[1]:  # Wgrad: dW[N, K] = dy^T x, both 1x128 along tokens (zero-padded)
+            if want_w:  # Wgrad: dW[N, K] = dy^T x, both 1x128 along tokens (zero-padded)
                 if xt is None:
                     _, xt = kern.quantize_act_dual(x2, tm, cfg.pow2_scales, rows=False, cols=True)
-                dw = fp8_gemm(dyt.segment(tm, 0), xt.segment(tm, 0), torch.float32, cfg.backend).to(ctx.w_dtype)
-            return dx, dw, None, None
+                dw = fp8_gemm(dyt.segment(tm, 0), xt.segment(tm, 0), torch.float32, cfg.backend)
+            return (dx, None, None) + (_split_grad(dw, ctx, 3) if want_w else (None,) * len(ctx.n_out))
         if cfg.cache_fp8:
             xt_data, xt_scale, w_data, w_scale = ctx.saved_tensors
             xt = Fp8Tensor(xt_data, xt_scale, ACT)
@@ -680,21 +732,22 @@ class _FP8LinearFn(torch.autograd.Function):
         if ctx.needs_input_grad[0]:  # Dgrad: dx[M, K] = dy[M, N] @ W[N, K]; B = W^T [K, N], 128x128
             dx = fp8_gemm(_quant(dy2, ACT, cfg.pow2_scales), wq.t(), ctx.x_dtype, cfg.backend)
             dx = dx.view(ctx.x_shape)
-        if ctx.needs_input_grad[1]:  # Wgrad: dW[N, K] = dy^T[N, M] @ x[M, K], both 1x128 along M
+        if want_w:  # Wgrad: dW[N, K] = dy^T[N, M] @ x[M, K], both 1x128 along M
             if xt is None:
                 xt = _quant(x2.t(), ACT, cfg.pow2_scales)
-            dw = fp8_gemm(_quant(dy2.t(), ACT, cfg.pow2_scales), xt, torch.float32, cfg.backend).to(ctx.w_dtype)
-        return dx, dw, None, None
+            dw = fp8_gemm(_quant(dy2.t(), ACT, cfg.pow2_scales), xt, torch.float32, cfg.backend)
+        return (dx, None, None) + (_split_grad(dw, ctx, 3) if want_w else (None,) * len(ctx.n_out))
 
 
-def fp8_linear(x: torch.Tensor, weight: torch.Tensor, cfg: FP8Config | None = None,
+def fp8_linear(x: torch.Tensor, weight, cfg: FP8Config | None = None,
                out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """F.linear(x, weight) with FP8 Fprop, Dgrad and Wgrad. Output dtype: the autocast dtype
-    when autocast is on, else x's dtype. The FP8 work itself runs with autocast off (autocast has
-    no rule for e4m3 tensors)."""
+    """F.linear(x, weight) with FP8 Fprop, Dgrad and Wgrad; `weight` may be a list of weights
+    [N_i, K] (`stackable`), whose outputs come concatenated [..., sum N_i] from one GEMM. Output
+    dtype: the autocast dtype when autocast is on, else x's dtype. The FP8 work itself runs with
+    autocast off (autocast has no rule for e4m3 tensors)."""
     out_dtype = out_dtype or _out_dtype(x)
     with torch.autocast(x.device.type, enabled=False):
-        return _FP8LinearFn.apply(x, weight, out_dtype, cfg or DEFAULT_CONFIG)
+        return _FP8LinearFn.apply(x, out_dtype, cfg or DEFAULT_CONFIG, *_as_weights(weight))
 
 
 class FP8Linear(nn.Linear):
@@ -714,18 +767,20 @@ class _FP8GroupedLinearFn(torch.autograd.Function):
     The 1x128 quantizations (x, dy) are per token, so they run once over all tokens; the 128x1
     ones (Wgrad operands) are per expert segment, as in DeepSeek's K-grouped Wgrad GEMM.
     With fused kernels every quantization is one launch for all experts (x, dy: both tilings in
-    one read; W: W and W^T), and the GEMMs are either one grouped launch or a per-expert loop."""
+    one read; W: W and W^T), and the GEMMs are either one grouped launch or a per-expert loop.
+    Several weights [E, N_i, K] (gate and up) stack along N as in `_FP8LinearFn`."""
 
     @staticmethod
-    def forward(ctx, x, weight, sizes: list[int], out_dtype, cfg: FP8Config, tm: TileMap | None):
-        E, N, K = weight.shape
+    def forward(ctx, x, sizes: list[int], out_dtype, cfg: FP8Config, tm: TileMap | None, *weights):
+        N = sum(w.shape[-2] for w in weights)
         kern = _kernels(cfg, x)
-        ctx.sizes, ctx.cfg, ctx.x_dtype, ctx.w_dtype, ctx.kern = sizes, cfg, x.dtype, weight.dtype, kern
+        ctx.sizes, ctx.cfg, ctx.x_dtype, ctx.w_dtype, ctx.kern = sizes, cfg, x.dtype, weights[0].dtype, kern
+        ctx.n_out = [w.shape[-2] for w in weights]
         if kern is not None:
             tm = tm if tm is not None else tile_map(sizes, x.device)
             impl = _grouped_impl(cfg, kern)
             xq, xt = kern.quantize_act_dual(x, tm, cfg.pow2_scales, rows=True, cols=True)
-            wq, wqt = kern.quantize_weight_dual(weight, cfg.pow2_scales, transposed=True)  # [E, N, K], [E, K, N]
+            wq, wqt = _quantize_weights(weights, kern, cfg.pow2_scales)  # [E, N, K], [E, K, N]
             if impl == "triton":
                 y = _grouped_checked("fprop", kern, xq, wq, tm, out_dtype)
             else:
@@ -734,7 +789,7 @@ class _FP8GroupedLinearFn(torch.autograd.Function):
             ctx.save_for_backward(xt.data, xt.scale, wqt.data, wqt.scale)
             return y
         xq = _quant(x, ACT, cfg.pow2_scales)
-        wq = quantize(weight, WEIGHT, cfg.pow2_scales)  # [E, N, K], blocks never cross experts
+        wq, _ = _quantize_weights(weights, None, cfg.pow2_scales)  # [E, N, K], blocks never cross experts
         y = x.new_empty(x.shape[0], N, dtype=out_dtype)
         xts, start = [], 0
         for e, n in enumerate(sizes):
@@ -752,26 +807,27 @@ class _FP8GroupedLinearFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         cfg, kern = ctx.cfg, ctx.kern
+        want_w = any(ctx.needs_input_grad[5:])
+        no_w = (None,) * len(ctx.n_out)
         if kern is not None:
             xt_data, xt_scale, wt_data, wt_scale = ctx.saved_tensors
             tm = ctx.tm
             xt = SegmentsT(xt_data, xt_scale, wt_data.shape[1])
             dyq, dyt = kern.quantize_act_dual(dy.contiguous(), tm, cfg.pow2_scales, rows=ctx.needs_input_grad[0],
-                                              cols=ctx.needs_input_grad[1])
+                                              cols=want_w)
             dx = dw = None
             if ctx.needs_input_grad[0]:  # Dgrad per expert: dx_e = dy_e W_e; B = W_e^T [K, N], 128x128
                 wqt = Fp8Tensor(wt_data, wt_scale, WEIGHT)
                 dx = (_grouped_checked("dgrad", kern, dyq, wqt, tm, ctx.x_dtype) if ctx.impl == "triton"
                       else TORCH_KERNELS.grouped_gemm(dyq, wqt, tm, ctx.x_dtype, cfg.backend))
-            if ctx.needs_input_grad[1]:  # Wgrad per expert: dW_e = dy_e^T x_e (128x1 tiles within the segment)
+            if want_w:  # Wgrad per expert: dW_e = dy_e^T x_e (128x1 tiles within the segment)
                 dw = (_grouped_checked("wgrad", kern, dyt, xt, tm) if ctx.impl == "triton"
                       else TORCH_KERNELS.grouped_wgrad(dyt, xt, tm, cfg.backend))
-                dw = dw.to(ctx.w_dtype)
-            return dx, dw, None, None, None, None
+            return (dx, None, None, None, None) + (_split_grad(dw, ctx, 5) if want_w else no_w)
         w_data, w_scale = ctx.saved_tensors
         dyq = _quant(dy, ACT, cfg.pow2_scales) if ctx.needs_input_grad[0] else None
         dx = dy.new_zeros(dy.shape[0], w_data.shape[2], dtype=ctx.x_dtype) if ctx.needs_input_grad[0] else None
-        dw = torch.zeros(w_data.shape, dtype=torch.float32, device=dy.device) if ctx.needs_input_grad[1] else None
+        dw = torch.zeros(w_data.shape, dtype=torch.float32, device=dy.device) if want_w else None
         start = 0
         for e, n in enumerate(ctx.sizes):
             if n:
@@ -783,17 +839,28 @@ class _FP8GroupedLinearFn(torch.autograd.Function):
                     dw[e] = fp8_gemm(dyt, ctx.xts[e], torch.float32, cfg.backend)
             start += n
         ctx.xts = None
-        return dx, (dw.to(ctx.w_dtype) if dw is not None else None), None, None, None, None
+        return (dx, None, None, None, None) + (_split_grad(dw, ctx, 5) if want_w else no_w)
 
 
-def fp8_grouped_linear(x: torch.Tensor, weight: torch.Tensor, sizes: list[int], cfg: FP8Config | None = None,
+def fp8_grouped_linear(x: torch.Tensor, weight, sizes: list[int], cfg: FP8Config | None = None,
                        out_dtype: torch.dtype | None = None, tm: TileMap | None = None) -> torch.Tensor:
-    """x [sum(sizes), K] sorted by expert, weight [E, N, K] -> [sum(sizes), N] (FP8 GEMMs). `tm`:
-    the segments' TileMap when the caller shares one between several calls (fused path only).
-    Autocast is off inside, as in `fp8_linear`."""
+    """x [sum(sizes), K] sorted by expert, weight [E, N, K] (or a list of `stackable` ones, outputs
+    concatenated) -> [sum(sizes), N] (FP8 GEMMs). `tm`: the segments' TileMap when the caller
+    shares one between several calls (fused path only). Autocast is off inside, as in `fp8_linear`."""
     out_dtype = out_dtype or _out_dtype(x)
     with torch.autocast(x.device.type, enabled=False):
-        return _FP8GroupedLinearFn.apply(x, weight, list(sizes), out_dtype, cfg or DEFAULT_CONFIG, tm)
+        return _FP8GroupedLinearFn.apply(x, list(sizes), out_dtype, cfg or DEFAULT_CONFIG, tm, *_as_weights(weight))
+
+
+def swiglu_hidden(linear, gate: torch.Tensor, up: torch.Tensor, stack_below: int) -> torch.Tensor:
+    """silu(x gate^T) * (x up^T), where linear(w) applies weight w (or a list of them, stacked) to x:
+    one FP8 GEMM per pass for gate and up when each has fewer than `stack_below` outputs and their
+    shapes allow (`stackable`), else two."""
+    if max(gate.shape[-2], up.shape[-2]) < stack_below and stackable([gate, up]):
+        g, u = linear([gate, up]).split([gate.shape[-2], up.shape[-2]], dim=-1)
+    else:
+        g, u = linear(gate), linear(up)
+    return F.silu(g) * u
 
 
 def _experts_base():
@@ -818,13 +885,32 @@ class FP8Experts(_experts_base()):
         xs = x[order // k]  # [N*k, h], grouped by expert; quantized straight from x's dtype
         cfg = self.fp8_config
         tm = tile_map(sizes, x.device) if _kernels(cfg, x) is not None else None  # shared by the 3 GEMMs
-        hidden = (F.silu(fp8_grouped_linear(xs, self.gate_proj, sizes, cfg, dtype, tm))
-                  * fp8_grouped_linear(xs, self.up_proj, sizes, cfg, dtype, tm))
+        hidden = swiglu_hidden(lambda w: fp8_grouped_linear(xs, w, sizes, cfg, dtype, tm), self.gate_proj, self.up_proj,
+                               cfg.stack_gate_up_below)
         ys = fp8_grouped_linear(hidden, self.down_proj, sizes, cfg, dtype, tm)
         ys = ys.float() * weights.reshape(-1)[order, None].float()
         unsorted = torch.empty_like(ys)
         unsorted[order] = ys
         return unsorted.view(N, k, -1).sum(dim=1).to(x.dtype)
+
+
+def _mlp_base():
+    from .model import MLP
+    return MLP
+
+
+class FP8MLP(_mlp_base()):
+    """The SwiGLU MLP (dense FFN, shared experts) whose gate and up projections, once both are
+    `FP8Linear` without bias, run as one stacked FP8 GEMM per pass (`swiglu_hidden`); made by
+    class swap, the children keep their parameters and names. Otherwise the children's forward."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g, u = self.gate_proj, self.up_proj
+        if (type(g) is FP8Linear and type(u) is FP8Linear and g.bias is None and u.bias is None
+                and g.fp8_config is u.fp8_config):
+            cfg = g.fp8_config
+            return self.down_proj(swiglu_hidden(lambda w: fp8_linear(x, w, cfg), g.weight, u.weight, cfg.stack_gate_up_below))
+        return super().forward(x)
 
 
 # ----------------------------------------------------------------------------------- convert
@@ -840,13 +926,13 @@ SKIP_REASONS = {
 
 def convert(model: nn.Module, config: FP8Config | None = None) -> tuple[list[str], list[tuple[str, str]]]:
     """Switch every eligible GEMM of `model` to FP8, in place, from outside the model: each
-    nn.Linear (attention projections, dense MLP, shared experts) becomes `FP8Linear` and each
-    `Experts` becomes `FP8Experts` by class swap (same parameters and state_dict keys; call it
+    nn.Linear (attention projections, dense MLP, shared experts) becomes `FP8Linear`, each
+    `Experts` becomes `FP8Experts` and each SwiGLU `MLP` `FP8MLP` (gate and up as one GEMM) by class swap (same parameters and state_dict keys; call it
     before torch.compile and before building the optimizer or DDP wrappers, though the latter
     also work since parameters are untouched). Returns (converted module names, [(skipped
     module name, reason)]). Calling it again is harmless (already-converted modules are listed
     as converted)."""
-    from .model import MLA, Experts, RMSNorm, Router
+    from .model import MLA, MLP, Experts, RMSNorm, Router
     cfg = config or DEFAULT_CONFIG
     converted: list[str] = []
     skipped: list[tuple[str, str]] = []
@@ -860,6 +946,9 @@ def convert(model: nn.Module, config: FP8Config | None = None) -> tuple[list[str
             skipped.append((name, SKIP_REASONS["norm"]))
         elif isinstance(m, MLA):
             skipped.append((name, SKIP_REASONS["attention"]))
+        elif isinstance(m, MLP):  # its Linear children are converted (and listed) below
+            if not isinstance(m, FP8MLP):
+                m.__class__ = FP8MLP
         elif isinstance(m, Experts):
             if not isinstance(m, FP8Experts):
                 m.__class__ = FP8Experts

@@ -15,7 +15,7 @@ from nanoseek import DeepSeekV3, ModelConfig
 from nanoseek import fp8
 from nanoseek.checkpoint import fp8_dequantize, fp8_quantize_blocks
 from nanoseek.fp8 import ACT, COL, WEIGHT, FP8Config, FP8Experts, FP8Linear, sqnr_db
-from nanoseek.model import Experts
+from nanoseek.model import MLP, Experts
 
 
 
@@ -304,6 +304,60 @@ def test_fused_path_linear_equals_per_op_path():
         fp8.fp8_linear(x, w, FP8Config(kernels="fast"))
     with pytest.raises(ValueError, match="grouped: unknown value"):
         FP8Config(grouped="fast")
+
+
+@pytest.mark.parametrize("kernels", ["off", "torch"])
+def test_stacked_gate_and_up_equal_separate_gemms(kernels):
+    """Weights stacked along N (SwiGLU's gate and up) run as one GEMM per pass: the same outputs
+    and weight gradients as separate GEMMs (each weight quantized alone: N of all but the last a
+    multiple of 128), and the input gradient as one GEMM instead of a sum of two; for the Linear,
+    the grouped experts and the MLP after `convert`."""
+    g = torch.Generator().manual_seed(10)
+    cfg = FP8Config(kernels=kernels)
+    x = torch.randn(2, 70, 320, generator=g)
+    wg, wu = torch.randn(256, 320, generator=g) * 0.05, torch.randn(200, 320, generator=g) * 0.05
+    dy = torch.randn(2, 70, 456, generator=g)
+    runs = []
+    for stacked in (True, False):
+        xf, a, b = (t.clone().requires_grad_() for t in (x, wg, wu))
+        y = fp8.fp8_linear(xf, [a, b], cfg) if stacked else torch.cat([fp8.fp8_linear(xf, a, cfg),
+                                                                       fp8.fp8_linear(xf, b, cfg)], -1)
+        y.backward(dy)
+        runs.append((y, xf.grad, a.grad, b.grad))
+    for t0, t1 in zip(*runs):
+        assert sqnr_db(t1, t0) > 100
+    with pytest.raises(ValueError, match="cannot share one GEMM"):
+        fp8.fp8_linear(x, [wu, wg], cfg)  # 200 rows first: a 128x128 block would span both
+    # grouped experts: 4 experts, one without tokens
+    E, h, inter = 4, 192, 256
+    W = [torch.randn(E, inter, h, generator=g) * 0.05 for _ in range(2)]
+    sizes = [40, 0, 130, 7]
+    xs = torch.randn(sum(sizes), h, generator=g)
+    dys = torch.randn(sum(sizes), 2 * inter, generator=g)
+    runs = []
+    for stacked in (True, False):
+        xf, a, b = (t.clone().requires_grad_() for t in (xs, *W))
+        lin = lambda w: fp8.fp8_grouped_linear(xf, w, sizes, cfg)  # noqa: E731
+        y = lin([a, b]) if stacked else torch.cat([lin(a), lin(b)], -1)
+        y.backward(dys)
+        runs.append((y, xf.grad, a.grad, b.grad))
+    for t0, t1 in zip(*runs):
+        assert sqnr_db(t1, t0) > 100
+    assert torch.equal(runs[0][2][1], torch.zeros(inter, h))
+    # the SwiGLU MLP: `convert` makes it an FP8MLP whose stacked path equals its children's forward
+    torch.manual_seed(11)
+    mlp = nn.Sequential(MLP(320, 256))
+    fp8.convert(mlp, cfg)
+    assert isinstance(mlp[0], fp8.FP8MLP) and isinstance(mlp[0].gate_proj, FP8Linear)
+    grads = []
+    for forward in (mlp[0].forward, lambda t: MLP.forward(mlp[0], t)):
+        mlp.zero_grad()
+        xf = x.clone().requires_grad_()
+        y = forward(xf)
+        y.backward(torch.ones_like(y))
+        grads.append([y, xf.grad] + [p.grad.clone() for p in mlp.parameters()])
+    for t0, t1 in zip(*grads):
+        assert sqnr_db(t1, t0) > 100
 
 
 def test_fused_path_experts_equal_per_op_path():
