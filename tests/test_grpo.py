@@ -126,16 +126,16 @@ def test_teacher_forced_logprobs_match_the_engine(tiny_cfg):
         assert got.tolist() == pytest.approx(c.logprobs, abs=1e-4)
 
 
-@pytest.mark.parametrize("alongside", [True, False])
-def test_quickstart_toy_budget_end_to_end(tmp_path, monkeypatch, alongside):
+@pytest.mark.parametrize("alongside,overlap", [(True, False), (False, False), (False, True)])
+def test_quickstart_toy_budget_end_to_end(tmp_path, monkeypatch, alongside, overlap):
     """Every stage of the quickstart on a tiny budget: data, tokenizer, pretraining, evaluation,
-    GRPO, the control (after GRPO, or next to it in a child process), the model store, the JSON
-    keys the README promises."""
+    GRPO (rollouts overlapped with updates or not), the control (after GRPO, or next to it in a
+    child process), the model store, the JSON keys the README promises."""
     monkeypatch.setenv("NANOSEEK_HOME", str(tmp_path / "home"))
     from nanoseek.quickstart import Recipe, quickstart
     from nanoseek.store import Store
     rc = Recipe(n_numbers=2, train_problems=3000, pretrain_steps=40, seq_len=64, rl_steps=4, prompts_per_step=8,
-                group_size=4, max_new_tokens=24)
+                group_size=4, max_new_tokens=24, overlap=overlap)
     threads = torch.get_num_threads()
     r = quickstart(out=str(tmp_path / "qs"), recipe=rc, eval_problems=40, progress=False, alongside=alongside)
     assert torch.get_num_threads() == threads  # restored after GRPO ran on its share
@@ -143,6 +143,7 @@ def test_quickstart_toy_budget_end_to_end(tmp_path, monkeypatch, alongside):
                 "pass_at_8_after_rl", "seconds"):
         assert key in r and (key == "seconds" or 0.0 <= r[key] <= 1.0)
     assert r["rl_steps"] == 4 and r["pretrain_steps"] == 40
+    assert r["rl_overlapped"] == (overlap and threads >= 2)
     assert Store().exists("quickstart")
     recs = [json.loads(line) for line in open(tmp_path / "qs" / "grpo" / "metrics.jsonl")]
     assert {"reward_mean", "kl", "clip_fraction", "entropy", "completion_length", "groups_zero_variance"} <= set(recs[0])
