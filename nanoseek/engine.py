@@ -34,7 +34,7 @@ class SamplingParams:
     logprobs: int = 0  # how many top alternatives to report per token (0: only the chosen token's)
     # the chosen token's log-prob: "raw" under the model's softmax (what APIs report), "sampled" under
     # the distribution it was drawn from (temperature, top-k, top-p applied; 0 when greedy), which
-    # is the behaviour policy an RL trainer's importance ratio needs
+    # is the behaviour policy an RL trainer's importance ratio needs; top alternatives stay raw
     logprob_mode: str = "raw"
     ignore_eos: bool = False
 
@@ -345,7 +345,7 @@ class Engine:
     def _emit(self, reqs: list[_Request], logits: torch.Tensor):
         """Sample the next token of each request from logits [A, V] (one host sync for the batch)."""
         logits = logits.float()
-        sampled_lp: dict[int, torch.Tensor] = {}  # group rows -> log-probs under the sampling distribution
+        sampled_lp: dict[tuple, torch.Tensor] = {}  # group rows -> log-probs under the sampling distribution
         if all(r.params.temperature <= 0 for r in reqs):
             tokens = logits.argmax(dim=-1)
         else:  # one sampling call per group of equal settings; seeded requests alone (reproducible)

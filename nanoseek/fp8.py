@@ -946,9 +946,8 @@ def convert(model: nn.Module, config: FP8Config | None = None) -> tuple[list[str
             skipped.append((name, SKIP_REASONS["norm"]))
         elif isinstance(m, MLA):
             skipped.append((name, SKIP_REASONS["attention"]))
-        elif isinstance(m, MLP):  # its Linear children are converted (and listed) below
-            if not isinstance(m, FP8MLP):
-                m.__class__ = FP8MLP
+        elif type(m) in (MLP, FP8MLP):  # (not a subclass: it keeps its own forward)
+            m.__class__ = FP8MLP  # its Linear children are converted (and listed) below
         elif isinstance(m, Experts):
             if not isinstance(m, FP8Experts):
                 m.__class__ = FP8Experts

@@ -335,8 +335,8 @@ def add_quickstart_command(sub) -> None:
     s.add_argument("--control-alongside", dest="alongside", action="store_true", default=None,
                    help="run the control next to GRPO on half of the threads each (default: with 4+ threads)")
     s.add_argument("--overlap", action="store_true", default=None,
-                   help="sample each GRPO step's rollouts during the previous update, one CPU thread each "
-                        "(one step off-policy; ~0.8x the RL and control time, ~12 min on 2 cores)")
+                   help="sample each GRPO step's rollouts during the previous update, half of the CPU threads "
+                        "each (one step off-policy; ~0.8x the RL and control time, ~12 min on 2 cores)")
     s.add_argument("--eval-problems", type=int, default=500)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--name", default="quickstart", help="name in the local model store")

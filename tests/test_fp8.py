@@ -328,6 +328,10 @@ def test_stacked_gate_and_up_equal_separate_gemms(kernels):
         assert sqnr_db(t1, t0) > 100
     with pytest.raises(ValueError, match="cannot share one GEMM"):
         fp8.fp8_linear(x, [wu, wg], cfg)  # 200 rows first: a 128x128 block would span both
+    # one weight frozen: no gradient for it, the same one for the other
+    a, b = wg.clone().requires_grad_(), wu.clone()
+    fp8.fp8_linear(x, [a, b], cfg).backward(dy)
+    assert b.grad is None and sqnr_db(runs[1][2], a.grad) > 100
     # grouped experts: 4 experts, one without tokens
     E, h, inter = 4, 192, 256
     W = [torch.randn(E, inter, h, generator=g) * 0.05 for _ in range(2)]

@@ -217,6 +217,8 @@ def test_grpo_raises_reward_on_a_toy_task(tmp_path, tiny_cfg, overlap):
     """A short GRPO run (real engine rollouts, real updates) on the coin-flip model must push the
     rollout reward up; also with rollouts overlapped with updates (one step off-policy)."""
     from nanoseek.rl import GRPOArgs, grpo
+    if overlap and torch.get_num_threads() < 2:
+        pytest.skip("overlap needs 2+ threads")
     start, task = _pick_one_setup(tmp_path, tiny_cfg)
     out = tmp_path / "grpo"
     summary = grpo(GRPOArgs(model=start, task=task, out=str(out), max_steps=20,
@@ -231,6 +233,23 @@ def test_grpo_raises_reward_on_a_toy_task(tmp_path, tiny_cfg, overlap):
     assert summary["steps"] == 20
     if overlap:  # off-policy rows: the ratio differs from 1, so the clip acts on some tokens
         assert any(r["clip_fraction"] > 0 for r in recs)
+
+
+def test_overlap_is_refused_where_it_cannot_work(tmp_path):
+    """Overlap needs separate CPU threads and fp32 (pi_old from the fp32 sampler): a clear error
+    before anything loads, and the thread count left as it was."""
+    from nanoseek.rl import GRPOArgs, grpo
+    threads = torch.get_num_threads()
+    with pytest.raises(ValueError, match="--overlap: .*cpu, bf16"):
+        grpo(GRPOArgs(model=str(tmp_path / "none"), overlap=True, device="cpu", precision="bf16"))
+    torch.set_num_threads(1)
+    try:
+        with pytest.raises(ValueError, match="--overlap: .*1 thread"):
+            grpo(GRPOArgs(model=str(tmp_path / "none"), overlap=True, device="cpu"))
+    finally:
+        torch.set_num_threads(threads)
+    with pytest.raises(ValueError, match="--overlap: .*--top-p 1"):
+        grpo(GRPOArgs(model=str(tmp_path / "none"), overlap=True, top_p=0.9))
 
 
 def test_grpo_resume_is_exact(tmp_path, tiny_cfg):

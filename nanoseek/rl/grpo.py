@@ -133,6 +133,9 @@ def sampler_logprobs(prompts: list[list[int]], completions, width: int) -> torch
     mask: [N, width], row i's token t + 1 at position t, 0 elsewhere."""
     old = torch.zeros(len(prompts), width)
     for i, (p, c) in enumerate(zip(prompts, completions)):
+        if c.finish_reason == "stop" and c.stop_logprob is None:
+            raise ValueError("sampler_logprobs: a completion ended by a stop string has no EOS log-prob "
+                             "(GRPO's rollouts end at EOS or the token limit)")
         lps = list(c.logprobs) + ([c.stop_logprob] if c.finish_reason == "stop" else [])
         old[i, len(p) - 1:len(p) - 1 + len(lps)] = torch.tensor(lps)
     return old
@@ -170,6 +173,10 @@ def grpo(args: GRPOArgs, model=None, tokenizer=None) -> dict:
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     precision = a.precision or ("bf16" if device.type == "cuda" else "fp32")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+    threads = torch.get_num_threads()
+    if a.overlap and (device.type != "cpu" or precision != "fp32" or threads < 2):
+        raise ValueError(f"--overlap: for CPU runs in fp32 on 2+ threads (rollouts and updates on separate cores, "
+                         f"the sampler's log-probs as pi_old); got {device.type}, {precision}, {threads} thread(s)")
     torch.manual_seed(a.seed)
     ckpts = list_checkpoints(a.out) if a.resume else []
     resume_dir = ckpts[-1][1] if ckpts else None
@@ -203,12 +210,12 @@ def grpo(args: GRPOArgs, model=None, tokenizer=None) -> dict:
     if state:
         opt.load_state_dict(state["optimizer"])
     log = MetricsLog(os.path.join(a.out, "metrics.jsonl"), True, state["step"] if state else 0)
-    threads = torch.get_num_threads()
-    half = max(1, threads // 2)
+    half = threads // 2  # overlap: the sampler's threads; the update keeps the rest
     _say(f"nanoseek grpo: {model.num_params() / 1e6:.2f}M parameters on {device}, task {a.task}, "
          f"{a.prompts_per_step} prompts x {a.group_size} samples, loss {a.loss}, lr {a.lr:g}, beta {a.beta:g}, "
          f"T {a.temperature:g}, reward {a.reward}"
-         + (f"; rollouts overlapped with updates ({half} + {half} threads)" if a.overlap else ""), quiet=not a.progress)
+         + (f"; rollouts overlapped with updates ({half} + {threads - half} threads)" if a.overlap else ""),
+         quiet=not a.progress)
     pbar = None
     if a.progress:
         from tqdm import tqdm
@@ -301,10 +308,12 @@ def grpo(args: GRPOArgs, model=None, tokenizer=None) -> dict:
         problems, pending = pending or [next(stream) for _ in range(a.prompts_per_step)], None
         return problems
 
-    # overlap: one worker thread samples step t+1 while this thread updates on step t, `half` threads each
+    # overlap: one worker thread samples step t+1 on `half` threads while this one updates on step t
+    # with the rest. When the loop stops on --max-seconds, the batch sampled ahead goes unused (its
+    # time counts in the last step); on an error, shutdown waits for the batch in flight.
     worker = ThreadPoolExecutor(1, initializer=torch.set_num_threads, initargs=(half,)) if a.overlap else None
     if worker is not None:
-        torch.set_num_threads(half)
+        torch.set_num_threads(threads - half)
     ready: Rollouts | None = None
     try:
         while step < a.max_steps and (a.max_seconds is None or loop_s < a.max_seconds):
