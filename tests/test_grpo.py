@@ -235,6 +235,28 @@ def test_grpo_raises_reward_on_a_toy_task(tmp_path, tiny_cfg, overlap):
         assert any(r["clip_fraction"] > 0 for r in recs)
 
 
+def test_overlap_with_evaluations_checkpoints_and_a_time_budget(tmp_path, tiny_cfg):
+    """Overlap next to the loop's other duties: held-out evaluations and checkpoints between steps
+    (the worker idle then), a wall-clock stop that leaves a pre-sampled batch unused, and the
+    thread count restored afterwards."""
+    from nanoseek.rl import GRPOArgs, grpo
+    if torch.get_num_threads() < 2:
+        pytest.skip("overlap needs 2+ threads")
+    start, task = _pick_one_setup(tmp_path, tiny_cfg)
+    threads = torch.get_num_threads()
+    out = tmp_path / "grpo"
+    s = grpo(GRPOArgs(model=start, task=task, out=str(out), max_steps=1000, max_seconds=3.0, prompts_per_step=4,
+                      group_size=8, temperature=1.0, max_new_tokens=6, lr=2e-3, warmup_steps=1, reward="lenient",
+                      eval_every=2, eval_problems=8, save_every=2, progress=False, overlap=True))
+    assert torch.get_num_threads() == threads
+    assert 2 <= s["steps"] < 1000 and s["seconds"] >= 3.0
+    recs = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [r["step"] for r in recs if "reward_mean" in r] == list(range(1, s["steps"] + 1))
+    assert {r["step"] for r in recs if "eval_accuracy" in r} == set(range(2, s["steps"] + 1, 2))
+    last = s["steps"] // 2 * 2  # the newest checkpoint (keep_last 2)
+    assert (out / "checkpoints" / f"step-{last:06d}" / "trainer.pt").exists()
+
+
 def test_overlap_is_refused_where_it_cannot_work(tmp_path):
     """Overlap needs separate CPU threads and fp32 (pi_old from the fp32 sampler): a clear error
     before anything loads, and the thread count left as it was."""
