@@ -109,7 +109,7 @@ class Handle:
         self._engine._wake()
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity (`list.index` in _retire), not field by field
 class _Request:
     prompt: list[int]
     params: SamplingParams
