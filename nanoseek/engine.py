@@ -348,6 +348,9 @@ class Engine:
         sampled_lp: dict[tuple, torch.Tensor] = {}  # group rows -> log-probs under the sampling distribution
         if all(r.params.temperature <= 0 for r in reqs):
             tokens = logits.argmax(dim=-1)
+            greedy_sampled = [i for i, r in enumerate(reqs) if r.params.logprob_mode == "sampled"]
+            if greedy_sampled:  # the chosen token had probability 1 under the sampling distribution
+                sampled_lp[tuple(greedy_sampled)] = torch.zeros(len(greedy_sampled), device=logits.device)
         else:  # one sampling call per group of equal settings; seeded requests alone (reproducible)
             groups: dict[tuple, list[int]] = {}
             for i, r in enumerate(reqs):
@@ -366,11 +369,8 @@ class Engine:
                     tokens[rows] = out
         logp = torch.log_softmax(logits, dim=-1)
         chosen = logp.gather(1, tokens[:, None])[:, 0]
-        for idx, lp in sampled_lp.items():
+        for idx, lp in sampled_lp.items():  # (a greedy group's sample_next log-probs are 0 too)
             chosen[list(idx)] = lp
-        for i, r in enumerate(reqs):  # greedy in "sampled" mode: the chosen token had probability 1
-            if r.params.logprob_mode == "sampled" and r.params.temperature <= 0:
-                chosen[i] = 0.0
         for i, (r, token, lp) in enumerate(zip(reqs, tokens.tolist(), chosen.tolist())):
             top = None
             if r.params.logprobs:

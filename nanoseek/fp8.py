@@ -633,12 +633,10 @@ def _quantize_weights(weights, kern, pow2: bool) -> tuple[Fp8Tensor, Fp8Tensor |
     """Each weight's 128x128 quantization stacked along N, and with fused kernels that of the
     stack's transpose: (W [..., sum N_i, K], W^T [..., K, sum N_i] or None). W^T is the same
     blocks transposed, so it is made once from the stack (no per-weight transposes to join)."""
-    if kern is None:
-        parts = [quantize(w, WEIGHT, pow2) for w in weights]
-    elif len(weights) == 1:
+    if kern is not None and len(weights) == 1:  # the kernel writes W and W^T in one call
         return kern.quantize_weight_dual(weights[0], pow2, transposed=True)
-    else:
-        parts = [kern.quantize_weight_dual(w, pow2, transposed=False)[0] for w in weights]
+    parts = [quantize(w, WEIGHT, pow2) if kern is None else kern.quantize_weight_dual(w, pow2, transposed=False)[0]
+             for w in weights]
     wq = parts[0] if len(parts) == 1 else Fp8Tensor(torch.cat([q.data for q in parts], -2),
                                                       torch.cat([q.scale for q in parts], -2), WEIGHT)
     if kern is None:
@@ -646,11 +644,13 @@ def _quantize_weights(weights, kern, pow2: bool) -> tuple[Fp8Tensor, Fp8Tensor |
     return wq, Fp8Tensor(wq.data.transpose(-2, -1).contiguous(), wq.scale.transpose(-2, -1), WEIGHT)
 
 
-def _split_grad(dw: torch.Tensor, ctx, first: int) -> tuple:
-    """dW of the stacked weights [..., sum N_i, K] -> one gradient per weight (None where the
-    weight, input `first + i` of the autograd function, needs none)."""
-    parts = dw.split(ctx.n_out, dim=-2) if len(ctx.n_out) > 1 else (dw,)
-    return tuple(g.to(ctx.w_dtype) if ctx.needs_input_grad[first + i] else None for i, g in enumerate(parts))
+def _weight_grads(dw: torch.Tensor | None, ctx, first: int) -> tuple:
+    """dW of the stacked weights [..., sum N_i, K] (None when no weight needs one) -> one gradient
+    per weight, None where that weight (input `first + i` of the autograd function) needs none."""
+    if dw is None:
+        return (None,) * len(ctx.n_out)
+    return tuple(g.to(ctx.w_dtype) if ctx.needs_input_grad[first + i] else None
+                 for i, g in enumerate(dw.split(ctx.n_out, dim=-2)))
 
 
 def _as_weights(weight) -> tuple:
@@ -721,7 +721,7 @@ class _FP8LinearFn(torch.autograd.Function):
                 if xt is None:
                     _, xt = kern.quantize_act_dual(x2, tm, cfg.pow2_scales, rows=False, cols=True)
                 dw = fp8_gemm(dyt.segment(tm, 0), xt.segment(tm, 0), torch.float32, cfg.backend)
-            return (dx, None, None) + (_split_grad(dw, ctx, 3) if want_w else (None,) * len(ctx.n_out))
+            return (dx, None, None) + _weight_grads(dw, ctx, 3)
         if cfg.cache_fp8:
             xt_data, xt_scale, w_data, w_scale = ctx.saved_tensors
             xt = Fp8Tensor(xt_data, xt_scale, ACT)
@@ -736,7 +736,7 @@ class _FP8LinearFn(torch.autograd.Function):
             if xt is None:
                 xt = _quant(x2.t(), ACT, cfg.pow2_scales)
             dw = fp8_gemm(_quant(dy2.t(), ACT, cfg.pow2_scales), xt, torch.float32, cfg.backend)
-        return (dx, None, None) + (_split_grad(dw, ctx, 3) if want_w else (None,) * len(ctx.n_out))
+        return (dx, None, None) + _weight_grads(dw, ctx, 3)
 
 
 def fp8_linear(x: torch.Tensor, weight, cfg: FP8Config | None = None,
@@ -808,7 +808,6 @@ class _FP8GroupedLinearFn(torch.autograd.Function):
     def backward(ctx, dy):
         cfg, kern = ctx.cfg, ctx.kern
         want_w = any(ctx.needs_input_grad[5:])
-        no_w = (None,) * len(ctx.n_out)
         if kern is not None:
             xt_data, xt_scale, wt_data, wt_scale = ctx.saved_tensors
             tm = ctx.tm
@@ -823,7 +822,7 @@ class _FP8GroupedLinearFn(torch.autograd.Function):
             if want_w:  # Wgrad per expert: dW_e = dy_e^T x_e (128x1 tiles within the segment)
                 dw = (_grouped_checked("wgrad", kern, dyt, xt, tm) if ctx.impl == "triton"
                       else TORCH_KERNELS.grouped_wgrad(dyt, xt, tm, cfg.backend))
-            return (dx, None, None, None, None) + (_split_grad(dw, ctx, 5) if want_w else no_w)
+            return (dx, None, None, None, None) + _weight_grads(dw, ctx, 5)
         w_data, w_scale = ctx.saved_tensors
         dyq = _quant(dy, ACT, cfg.pow2_scales) if ctx.needs_input_grad[0] else None
         dx = dy.new_zeros(dy.shape[0], w_data.shape[2], dtype=ctx.x_dtype) if ctx.needs_input_grad[0] else None
@@ -839,7 +838,7 @@ class _FP8GroupedLinearFn(torch.autograd.Function):
                     dw[e] = fp8_gemm(dyt, ctx.xts[e], torch.float32, cfg.backend)
             start += n
         ctx.xts = None
-        return (dx, None, None, None, None) + (_split_grad(dw, ctx, 5) if want_w else no_w)
+        return (dx, None, None, None, None) + _weight_grads(dw, ctx, 5)
 
 
 def fp8_grouped_linear(x: torch.Tensor, weight, sizes: list[int], cfg: FP8Config | None = None,
@@ -909,7 +908,8 @@ class FP8MLP(_mlp_base()):
         if (type(g) is FP8Linear and type(u) is FP8Linear and g.bias is None and u.bias is None
                 and g.fp8_config is u.fp8_config):
             cfg = g.fp8_config
-            return self.down_proj(swiglu_hidden(lambda w: fp8_linear(x, w, cfg), g.weight, u.weight, cfg.stack_gate_up_below))
+            hidden = swiglu_hidden(lambda w: fp8_linear(x, w, cfg), g.weight, u.weight, cfg.stack_gate_up_below)
+            return self.down_proj(hidden)
         return super().forward(x)
 
 
@@ -927,7 +927,8 @@ SKIP_REASONS = {
 def convert(model: nn.Module, config: FP8Config | None = None) -> tuple[list[str], list[tuple[str, str]]]:
     """Switch every eligible GEMM of `model` to FP8, in place, from outside the model: each
     nn.Linear (attention projections, dense MLP, shared experts) becomes `FP8Linear`, each
-    `Experts` becomes `FP8Experts` and each SwiGLU `MLP` `FP8MLP` (gate and up as one GEMM) by class swap (same parameters and state_dict keys; call it
+    `Experts` becomes `FP8Experts` and each SwiGLU `MLP` `FP8MLP` (gate and up as one GEMM)
+    by class swap (same parameters and state_dict keys; call it
     before torch.compile and before building the optimizer or DDP wrappers, though the latter
     also work since parameters are untouched). Returns (converted module names, [(skipped
     module name, reason)]). Calling it again is harmless (already-converted modules are listed
