@@ -128,9 +128,11 @@ def _check_kernels(tri, g) -> dict:
                         res[name] = not d
                         if d:
                             diag[name] = d
+        # single weights, and SwiGLU's gate and up stacked into one quantization (a list)
         for shape in [(18432, 7168), (200, 328), (8, 2048, 7168), (3, 130, 260), (1024, 2048), (2304, 896),
-                      (16, 512, 1024), (7168, 1536)]:
-            w = torch.randn(*shape, device="cuda", generator=g) * 0.02
+                      (16, 512, 1024), (7168, 1536), [(8, 2048, 7168)] * 2, [(256, 328), (200, 328)]]:
+            w = ([torch.randn(*sh, device="cuda", generator=g) * 0.02 for sh in shape] if isinstance(shape, list)
+                 else torch.randn(*shape, device="cuda", generator=g) * 0.02)
             for pow2 in (False, True):
                 a, at = R.quantize_weight_dual(w, pow2)
                 for v in variants:

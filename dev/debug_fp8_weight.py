@@ -1,98 +1,72 @@
-"""Which formulation of the 128x128 weight quantizer is bit-exact on this GPU? (W, scales, W^T)
+"""Which way of writing W^T in the 128x128 weight quantizer is bit-exact on this GPU, and how fast?
 
-Compares nanoseek.fp8_triton.quantize_weight_dual (fast / safe) and variants of its kernel defined
-here against the PyTorch reference (fp8.TorchKernels), at shapes divisible by 16 and not.
+fp8_triton.quantize_weight_dual writes W's E4M3 blocks and those of W^T (the Dgrad operand). Its
+kernel can transpose each block's codes in registers (T_MODE 1), or load the block a second time
+transposed (T_MODE 2); the "copy" variant writes W only and transposes the bytes with PyTorch.
+Each way, in both compilations (fast: size-specialized, safe: not), is compared with the PyTorch
+reference (fp8.TorchKernels) at shapes divisible by 16 and not, single and stacked (SwiGLU's gate
+and up), then timed at DeepSeek-V3 shapes (fp32 master weights).
     PYTHONPATH=. python dev/debug_fp8_weight.py
 """
 import json
 
 import torch
-import triton
-import triton.language as tl
 
 from nanoseek import fp8, fp8_triton as ft
-from nanoseek.fp8 import E4M3, EPS
-from nanoseek.fp8_triton import _scale_from_amax, _to_e4m3
 
 
-@triton.jit
-def _to_e4m3_where(x, s):
-    y = tl.math.div_rn(x, s)
-    y = tl.where(y > 448.0, 448.0, y)
-    y = tl.where(y < -448.0, -448.0, y)
-    return y.to(tl.float8e4nv)
+def timed(fn, reps=20):
+    fn()
+    torch.cuda.synchronize()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(reps):
+        fn()
+    b.record()
+    torch.cuda.synchronize()
+    return a.elapsed_time(b) / reps / 1e3
 
 
-@triton.jit
-def _k(w_ptr, q_ptr, qt_ptr, s_ptr, N, K, stride_wn, nK, EPS_C: tl.constexpr, MODE: tl.constexpr, WRITE_T: tl.constexpr):
-    nb = tl.program_id(0)
-    kb = tl.program_id(1)
-    r = nb * 128 + tl.arange(0, 128)
-    c = kb * 128 + tl.arange(0, 128)
-    mask = (r[:, None] < N) & (c[None, :] < K)
-    w = tl.load(w_ptr + r.to(tl.int64)[:, None] * stride_wn + c[None, :], mask=mask, other=0.0).to(tl.float32)
-    if MODE == 0:  # as the product kernel: nested reduction keep_dims, min/max clamp
-        amax = tl.max(tl.max(tl.abs(w), axis=1), axis=0, keep_dims=True)
-        s = _scale_from_amax(amax, EPS_C, False)
-        q = _to_e4m3(w, s[:, None])
-    else:  # two scalar reductions, where-clamp
-        amax = tl.max(tl.max(tl.abs(w), axis=1), axis=0) + tl.zeros([1], tl.float32)
-        s = _scale_from_amax(amax, EPS_C, False)
-        q = _to_e4m3_where(w, s[:, None])
-    tl.store(s_ptr + nb * nK + kb + tl.arange(0, 1), s)
-    tl.store(q_ptr + r.to(tl.int64)[:, None] * K + c[None, :], q, mask=mask)
-    if WRITE_T:
-        tl.store(qt_ptr + c.to(tl.int64)[:, None] * N + r[None, :], tl.trans(q), mask=(c[:, None] < K) & (r[None, :] < N))
+def same(out, ref) -> bool:
+    return all(torch.equal(a.data.view(torch.uint8), b.data.view(torch.uint8)) and torch.equal(a.scale, b.scale)
+               for a, b in zip(out, ref))
 
 
-def run_variant(w, mode, write_t, nw):
-    N, K = w.shape
-    nN, nK = triton.cdiv(N, 128), triton.cdiv(K, 128)
-    q = torch.full((N, K), 0x7F, dtype=torch.uint8, device=w.device).view(E4M3)
-    qt = torch.full((K, N), 0x7F, dtype=torch.uint8, device=w.device).view(E4M3)
-    s = torch.full((nN, nK), float("nan"), device=w.device)
-    _k[(nN, nK)](w, q, qt, s, N, K, w.stride(0), nK, EPS_C=EPS, MODE=mode, WRITE_T=write_t, num_warps=nw)
-    return q, qt, s
-
-
-def diff(a, b):
-    if a.dtype == E4M3:
-        bad = a.view(torch.uint8) != b.contiguous().view(torch.uint8)
-    else:
-        bad = a != b
-    n = int(bad.sum())
-    if not n:
-        return 0
-    idx = bad.nonzero()[0].tolist()
-    return {"n": n, "of": bad.numel(), "first": idx}
+WAYS = [("T1 fast", 1, "fast"), ("T1 safe", 1, "safe"), ("T2 fast", 2, "fast"), ("T2 safe", 2, "safe"),
+        ("copy", 1, "copy")]
 
 
 def main():
     g = torch.Generator(device="cuda").manual_seed(0)
-    out = {}
-    for shape in [(18432, 7168), (2048, 7168), (256, 256), (1024, 2048), (200, 328), (130, 260), (7168, 1536)]:
-        w = torch.randn(*shape, device="cuda", generator=g) * 0.02
-        ref = fp8.TorchKernels.quantize_weight_dual(w)
-        rq, rs, rqt = ref[0].data, ref[0].scale, ref[1].data
-        res = {}
-        for v in ("fast", "safe"):
-            with ft.sentinel_outputs():
-                a, at = ft.quantize_weight_dual(w, variant=v)
-                a1, _ = ft.quantize_weight_dual(w, transposed=False, variant=v)
-            res[f"product {v}"] = {"q": diff(rq, a.data), "s": diff(rs, a.scale), "qt": diff(rqt, at.data),
-                                   "q (no T)": diff(rq, a1.data), "s (no T)": diff(rs, a1.scale)}
-        for mode in (0, 1):
-            for write_t in (False, True):
-                for nw in (4, 8):
-                    q, qt, s = run_variant(w, mode, write_t, nw)
-                    r = {"q": diff(rq, q), "s": diff(rs, s)}
-                    if write_t:
-                        r["qt"] = diff(rqt, qt)
-                    res[f"mode{mode} T={int(write_t)} warps{nw}"] = r
-        out[str(shape)] = res
-        ok = {k: all(x == 0 for x in v.values()) for k, v in res.items()}
-        print(shape, json.dumps(ok))
-    print(json.dumps(out))
+    res, default = {"exact": {}, "ms": {}}, ft.WEIGHT_LAUNCH["T_MODE"]
+    cases = [[(18432, 7168)], [(2048, 7168)], [(256, 256)], [(1024, 2048)], [(200, 328)], [(130, 260)],
+             [(7168, 1536)], [(8, 2048, 7168)], [(3, 130, 260)], [(2048, 7168), (2048, 7168)],
+             [(8, 2048, 7168), (8, 2048, 7168)], [(256, 328), (200, 328)], [(4, 128, 260), (4, 130, 260)]]
+    for shapes in cases:
+        ws = [torch.randn(*sh, device="cuda", generator=g) * 0.02 for sh in shapes]
+        for pow2 in (False, True):
+            ref = fp8.TORCH_KERNELS.quantize_weight_dual(ws, pow2)
+            row = {}
+            for name, mode, variant in WAYS:
+                ft.WEIGHT_LAUNCH["T_MODE"] = mode
+                with ft.sentinel_outputs():
+                    try:
+                        row[name] = same(ft.quantize_weight_dual(ws, pow2, variant=variant), ref)
+                    except Exception as e:  # noqa: BLE001
+                        row[name] = f"error {str(e)[:150]}"
+            res["exact"][f"{shapes} pow2={pow2}"] = row
+            print(shapes, f"pow2={pow2}", json.dumps(row), flush=True)
+    for shapes in ([(18432, 7168)], [(7168, 18432)], [(8, 2048, 7168), (8, 2048, 7168)], [(8, 7168, 2048)]):
+        ws = [torch.randn(*sh, device="cuda", generator=g) * 0.02 for sh in shapes]
+        n = sum(w.numel() for w in ws)
+        row = {"torch ref": timed(lambda: fp8.TORCH_KERNELS.quantize_weight_dual(ws)) * 1e3}
+        for name, mode, variant in WAYS:
+            ft.WEIGHT_LAUNCH["T_MODE"] = mode
+            row[name] = timed(lambda: ft.quantize_weight_dual(ws, variant=variant)) * 1e3
+        res["ms"][str(shapes)] = row
+        print(shapes, " ".join(f"{k} {v:.3f} ms ({n * 6 / v / 1e6:.0f} GB/s)" for k, v in row.items()), flush=True)
+    ft.WEIGHT_LAUNCH["T_MODE"] = default
+    print(json.dumps(res))
 
 
 if __name__ == "__main__":

@@ -270,10 +270,13 @@ class TorchKernels:
         return row, col
 
     @staticmethod
-    def quantize_weight_dual(w: torch.Tensor, pow2: bool = False, transposed: bool = True
-                             ) -> tuple[Fp8Tensor, Fp8Tensor | None]:
-        """W [..., N, K] -> (128x128 quantization, that of W^T: the same blocks transposed)."""
-        wq = quantize(w, WEIGHT, pow2)
+    def quantize_weight_dual(w, pow2: bool = False, transposed: bool = True) -> tuple[Fp8Tensor, Fp8Tensor | None]:
+        """W [..., N, K], or a list of weights stacked along N (`stackable`) -> (128x128
+        quantization of W (each stacked weight quantized alone), that of W^T: the same blocks
+        transposed)."""
+        parts = [quantize(wi, WEIGHT, pow2) for wi in ([w] if isinstance(w, torch.Tensor) else w)]
+        wq = parts[0] if len(parts) == 1 else Fp8Tensor(torch.cat([q.data for q in parts], -2),
+                                                          torch.cat([q.scale for q in parts], -2), WEIGHT)
         return wq, (wq.t() if transposed else None)
 
     @staticmethod
@@ -284,8 +287,8 @@ class TorchKernels:
         start = 0
         for e, n in enumerate(tm.sizes):
             if n:
-                out[start:start + n] = fp8_gemm(a.rows(start, start + n), Fp8Tensor(b.data[e], b.scale[e], b.tile),
-                                                out_dtype, backend)
+                fp8_gemm(a.rows(start, start + n), Fp8Tensor(b.data[e], b.scale[e], b.tile), out_dtype, backend,
+                         out=out[start:start + n])
             start += n
         return out
 
@@ -295,7 +298,7 @@ class TorchKernels:
         out = torch.zeros(len(tm.sizes), a.C, b.C, dtype=torch.float32, device=a.scale.device)
         for e, n in enumerate(tm.sizes):
             if n:
-                out[e] = fp8_gemm(a.segment(tm, e), b.segment(tm, e), torch.float32, backend)
+                fp8_gemm(a.segment(tm, e), b.segment(tm, e), torch.float32, backend, out=out[e])
         return out
 
 
@@ -352,7 +355,8 @@ class _CheckedKernels:
     """The Triton kernels behind a first-use check: each quantizer call whose specialization
     (dtype, sizes and strides divisible by 16 or not, flags) is new is compared bit for bit with
     `TorchKernels` on the same input; the first variant that agrees ("fast", then "safe": the same
-    kernel compiled without size specialization) is used for that specialization from then on, and
+    kernel compiled without size specialization, then for the weights "copy": W^T transposed by
+    PyTorch instead of in the kernel) is used for that specialization from then on, and
     when none agrees the PyTorch reference is (with a warning). So a kernel that miscompiles or
     misbehaves on some shapes can cost time, never correctness. The grouped GEMMs are checked in
     `_grouped_checked`."""
@@ -361,7 +365,7 @@ class _CheckedKernels:
     def __init__(self, kern):
         self.kern = kern
 
-    def _choose(self, key: tuple, run, ref, same):
+    def _choose(self, key: tuple, run, ref, same, variants=("fast", "safe")):
         choice = _QUANT_CHOICE.get(key)
         if choice == "torch":
             return ref()
@@ -375,7 +379,7 @@ class _CheckedKernels:
             return expect
         expect = ref()
         why = []
-        for variant in ("fast", "safe"):
+        for variant in variants:
             try:
                 got = run(variant)
             except Exception as e:  # noqa: BLE001  (a compile or launch failure: try the next)
@@ -385,8 +389,8 @@ class _CheckedKernels:
                 _QUANT_CHOICE[key] = variant
                 if why:
                     _QUANT_BROKEN[key] = "; ".join(why)
-                    warnings.warn(f"fp8: Triton {key[0]} {why[0]}; the unspecialized kernel agrees and is used "
-                                  f"for this specialization ({key})")
+                    warnings.warn(f"fp8: Triton {key[0]} {'; '.join(why)}; the {variant!r} variant agrees and is "
+                                  f"used for this specialization ({key})")
                 return got
             why.append(f"{variant}: differs from the PyTorch reference")
         _QUANT_CHOICE[key] = "torch"
@@ -407,18 +411,21 @@ class _CheckedKernels:
         return self._choose(key, lambda v: self.kern.quantize_act_dual(x, tm, pow2, rows, cols, variant=v),
                             lambda: TORCH_KERNELS.quantize_act_dual(x, tm, pow2, rows, cols), same)
 
-    def quantize_weight_dual(self, w: torch.Tensor, pow2: bool = False, transposed: bool = True):
-        if w.stride(-1) != 1:
-            w = w.contiguous()
-        N, K = w.shape[-2:]
-        key = ("quantize_weight_dual", w.dtype, w.dim(), _div16(N, K, w.stride(0) if w.dim() == 3 else N * K, w.stride(-2),
-                                                                 math.ceil(N / BLOCK), math.ceil(K / BLOCK)),
-               w.data_ptr() % 16 == 0, bool(pow2), bool(transposed))
+    def quantize_weight_dual(self, w, pow2: bool = False, transposed: bool = True):
+        ws = [wi if wi.stride(-1) == 1 else wi.contiguous() for wi in ([w] if isinstance(w, torch.Tensor) else w)]
+        K, NT = ws[0].shape[-1], sum(wi.shape[-2] for wi in ws)
+        key = ("quantize_weight_dual", ws[0].dtype, ws[0].dim(), len(ws),
+               _div16(*[wi.shape[-2] for wi in ws], K, NT, *[wi.stride(0) if wi.dim() == 3 else wi[0].numel() for wi in ws],
+                      *[wi.stride(-2) for wi in ws], math.ceil(NT / BLOCK), math.ceil(K / BLOCK)),
+               tuple(wi.data_ptr() % 16 == 0 for wi in ws), bool(pow2), bool(transposed))
 
         def same(a, b):
             return _same_fp8(a[0], b[0]) and _same_fp8(a[1], b[1])
-        return self._choose(key, lambda v: self.kern.quantize_weight_dual(w, pow2, transposed, variant=v),
-                            lambda: TORCH_KERNELS.quantize_weight_dual(w, pow2, transposed), same)
+        # "copy": W^T by a transpose of W's bytes, the last Triton resort (the kernel's own
+        # transposed store was once miscompiled: RESULTS.md, third H200 run)
+        return self._choose(key, lambda v: self.kern.quantize_weight_dual(ws, pow2, transposed, variant=v),
+                            lambda: TORCH_KERNELS.quantize_weight_dual(ws, pow2, transposed), same,
+                            variants=("fast", "safe", "copy") if transposed else ("fast", "safe"))
 
     def grouped_gemm(self, *args, **kw):
         return self.kern.grouped_gemm(*args, **kw)
@@ -553,13 +560,15 @@ def _pad_k(t: Fp8Tensor, K: int) -> Fp8Tensor:
     return Fp8Tensor(data, scale, t.tile)
 
 
-def _scaled_mm_blockwise(a: Fp8Tensor, b: Fp8Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+def _scaled_mm_blockwise(a: Fp8Tensor, b: Fp8Tensor, out_dtype: torch.dtype,
+                         out: torch.Tensor | None = None) -> torch.Tensor:
     """out[M, N] = deq(a) @ deq(b)^T on SM90 through cuBLASLt's DeepSeek-style block scaling.
     a: [M, K] with 1x128 (or 128x128) tiles, b: [N, K] with 128x128 (or 1x128) tiles.
     Layouts (ScaledBlas.cpp): 1x128 scale [M, L] with strides (1, M); 128x128 scale of B^T given
     as [L, N/128] with strides (1, L). Operands are zero-padded (exact) to M, N multiples of 16 and
     K to a multiple of 128, or of 512 with a 128x128 operand: torch 2.11 rejects a 128x128 scale
-    whose L = K/128 is not a multiple of 4 (and older cuBLAS paths were silently wrong there)."""
+    whose L = K/128 is not a multiple of 4 (and older cuBLAS paths were silently wrong there).
+    `out`: a contiguous [M, N] tensor to write into (straight from the GEMM when no padding)."""
     M, K = a.data.shape
     N = b.data.shape[0]
     kmul = 4 * BLOCK if WEIGHT in (a.tile, b.tile) else BLOCK
@@ -578,15 +587,32 @@ def _scaled_mm_blockwise(a: Fp8Tensor, b: Fp8Tensor, out_dtype: torch.dtype) -> 
         sb = buf[:, :L].t()  # [L, N/128], strides (1, L4)
     else:  # 1x128 on B: B^T's scale [Np, L] with strides (1, Np) -> scale_b [L, Np] row-major
         sb = b.scale.t().contiguous()
-    out = torch._scaled_mm(a.data, b.data.t(), scale_a=sa, scale_b=sb, out_dtype=out_dtype, use_fast_accum=False)
-    return out[:M, :N]
+    if out is not None and (Mp, Np) == (M, N) and out.is_contiguous() and out.dtype == out_dtype:
+        return torch._scaled_mm(a.data, b.data.t(), scale_a=sa, scale_b=sb, out_dtype=out_dtype,
+                                use_fast_accum=False, out=out)
+    res = torch._scaled_mm(a.data, b.data.t(), scale_a=sa, scale_b=sb, out_dtype=out_dtype, use_fast_accum=False)
+    return res[:M, :N] if out is None else out.copy_(res[:M, :N])
 
 
 def fp8_gemm(a: Fp8Tensor, b: Fp8Tensor, out_dtype: torch.dtype = torch.float32,
-             backend: str = "auto") -> torch.Tensor:
+             backend: str = "auto", out: torch.Tensor | None = None) -> torch.Tensor:
     """out[M, N] = deq(a)[M, K] @ deq(b)[N, K]^T with fp32 accumulation (the "NT" GEMM: both
     operands quantized along K). Backends: "scaled_mm" (SM90), "emulate" (dequantize to fp32,
-    fp32 matmul: the exact CPU emulation), "dequant" (dequantize to bf16, bf16 GEMM)."""
+    fp32 matmul: the exact CPU emulation), "dequant" (dequantize to bf16, bf16 GEMM). `out`: an
+    [M, N] tensor of out_dtype to write the result into (a slice of a per-expert output: no copy
+    on the scaled_mm path)."""
+    if out is not None:
+        if out.shape != (a.data.shape[0], b.data.shape[0]) or out.dtype != out_dtype:
+            raise ValueError(f"fp8_gemm: out {tuple(out.shape)} {out.dtype}, expected "
+                             f"{(a.data.shape[0], b.data.shape[0])} {out_dtype}")
+        if not (backend in ("auto", "scaled_mm") and _cuda_blockwise_ok(a.data.device)
+                and (a.tile, b.tile) in _SCALED_MM_CHECKED and (a.tile, b.tile) not in _SCALED_MM_BROKEN):
+            return out.copy_(fp8_gemm(a, b, out_dtype, backend))
+        try:
+            with torch.autocast(a.data.device.type, enabled=False):
+                return _scaled_mm_blockwise(a, b, out_dtype, out)
+        except RuntimeError:  # refused: the checked path below (with its fallbacks), then a copy
+            return out.copy_(fp8_gemm(a, b, out_dtype, backend))
     dev = a.data.device
     if backend == "auto":
         backend = "scaled_mm" if _cuda_blockwise_ok(dev) else ("emulate" if dev.type == "cpu" else "dequant")
@@ -631,17 +657,11 @@ def stackable(weights) -> bool:
 
 def _quantize_weights(weights, kern, pow2: bool) -> tuple[Fp8Tensor, Fp8Tensor | None]:
     """Each weight's 128x128 quantization stacked along N, and with fused kernels that of the
-    stack's transpose: (W [..., sum N_i, K], W^T [..., K, sum N_i] or None). W^T is the same
-    blocks transposed, so it is made once from the stack (no per-weight transposes to join)."""
-    if kern is not None and len(weights) == 1:  # the kernel writes W and W^T in one call
-        return kern.quantize_weight_dual(weights[0], pow2, transposed=True)
-    parts = [quantize(w, WEIGHT, pow2) if kern is None else kern.quantize_weight_dual(w, pow2, transposed=False)[0]
-             for w in weights]
-    wq = parts[0] if len(parts) == 1 else Fp8Tensor(torch.cat([q.data for q in parts], -2),
-                                                      torch.cat([q.scale for q in parts], -2), WEIGHT)
-    if kern is None:
-        return wq, None
-    return wq, Fp8Tensor(wq.data.transpose(-2, -1).contiguous(), wq.scale.transpose(-2, -1), WEIGHT)
+    stack's transpose: (W [..., sum N_i, K], W^T [..., K, sum N_i] or None), written by one
+    kernel per weight straight into the stacks."""
+    if kern is not None:
+        return kern.quantize_weight_dual(list(weights), pow2, transposed=True)
+    return TORCH_KERNELS.quantize_weight_dual(list(weights), pow2, transposed=False)
 
 
 def _weight_grads(dw: torch.Tensor | None, ctx, first: int) -> tuple:

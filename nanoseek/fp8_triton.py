@@ -10,8 +10,9 @@ the first use of every shape specialization, falling back to the unspecialized c
   1x128 quantization (for Fprop / Dgrad) and its 128x1 quantization stored transposed, per token
   segment (for Wgrad): no transpose copy, no second pass. Segments are the experts' token ranges
   (tokens sorted by expert) or the whole tensor for a dense Linear; tiles never cross a segment.
-- `quantize_weight_dual`: 128x128 blocks of W [..., N, K], writing W's FP8 data and its transpose
-  (the Dgrad operand: same blocks and scales, only the layout changes) in one pass.
+- `quantize_weight_dual`: 128x128 blocks of W [..., N, K] (or of SwiGLU's gate and up, stacked along
+  N), writing W's FP8 data and its transpose (the Dgrad operand: same blocks and scales, only the
+  layout changes) in one pass.
 
 GEMMs (fp32 accumulation with the scales applied every 128 elements of the contraction, the
 DeepSeek promotion scheme: each `tl.dot` covers exactly one 128-wide scale group):
@@ -165,6 +166,9 @@ def _quant_dual_kernel(x_ptr, qr_ptr, sr_ptr, qc_ptr, sc_ptr, prog_ptr, T, C, P,
 # in-kernel transposed store of the weight blocks, wrong only in the fast build; see
 # quantize_weight_dual.)
 _DUAL_INT_ARGS = ["T", "C", "P", "stride_xm"]
+# 4 warps: 1.2x 8; neither transposing the 128x1 codes after the cast nor looping over channel
+# blocks in one program is faster (dev/bench_quant_dual.py, RESULTS.md)
+DUAL_LAUNCH = {"num_warps": 4}
 _quant_dual_fast = triton.jit(_quant_dual_kernel)
 _quant_dual_safe = triton.jit(_quant_dual_kernel, do_not_specialize=_DUAL_INT_ARGS)
 
@@ -194,13 +198,16 @@ def quantize_act_dual(x: torch.Tensor, tm: TileMap, pow2: bool = False, rows: bo
         kernel = {"fast": _quant_dual_fast, "safe": _quant_dual_safe}[variant]
         kernel[(P, L)](x, qr if rows else dummy, sr if rows else dummy, qc if cols else dummy,
                                    sc if cols else dummy, tm.prog, T, C, P, x.stride(0), EPS_C=EPS, POW2=pow2,
-                                   ROWS_OUT=rows, COLS_OUT=cols, num_warps=4)  # 4: 1.2x 8 (RESULTS.md)
+                                   ROWS_OUT=rows, COLS_OUT=cols, **DUAL_LAUNCH)
     return (Fp8Tensor(qr, sr.t(), ACT) if rows else None), (SegmentsT(qc, sc, C) if cols else None)
 
 
 # ----------------------------------------------------------------------------------- 128x128 weights
-def _quant_weight_kernel(w_ptr, q_ptr, s_ptr, N, K, stride_we, stride_wn, nN, nK,
-                         EPS_C: tl.constexpr, POW2: tl.constexpr):
+def _quant_weight_kernel(w_ptr, q_ptr, qt_ptr, s_ptr, N, K, stride_we, stride_wn, n0, NT, nNT, nK,
+                         EPS_C: tl.constexpr, POW2: tl.constexpr, T_MODE: tl.constexpr):
+    """One 128x128 block of W_i [E, N, K] into the stack [E, NT, K] at row n0 (a multiple of 128).
+    T_MODE: 0 W only; 1 also W^T [E, K, NT], the block's E4M3 codes transposed in registers; 2 also
+    W^T, the block loaded a second time transposed (no register transpose) and quantized alike."""
     nb = tl.program_id(0)
     kb = tl.program_id(1)
     e = tl.program_id(2).to(tl.int64)
@@ -208,37 +215,69 @@ def _quant_weight_kernel(w_ptr, q_ptr, s_ptr, N, K, stride_we, stride_wn, nN, nK
     c = kb * 128 + tl.arange(0, 128)
     mask = (r[:, None] < N) & (c[None, :] < K)
     r64 = r.to(tl.int64)  # int64 offsets: N * K may pass 2^31 (an output head, a big stacked W)
-    w = tl.load(w_ptr + e * stride_we + r64[:, None] * stride_wn + c[None, :], mask=mask, other=0.0).to(tl.float32)
+    w_base = w_ptr + e * stride_we
+    w = tl.load(w_base + r64[:, None] * stride_wn + c[None, :], mask=mask, other=0.0).to(tl.float32)
     amax = tl.max(tl.max(tl.abs(w), axis=1), axis=0, keep_dims=True)  # [1]
     s = _scale_from_amax(amax, EPS_C, POW2)  # [1]
-    tl.store(q_ptr + e * N * K + r64[:, None] * K + c[None, :], _to_e4m3(w, s[:, None]), mask=mask)
-    tl.store(s_ptr + e * nN * nK + nb * nK + kb + tl.arange(0, 1), s)
+    q = _to_e4m3(w, s[:, None])  # [128 n, 128 k]
+    rn = n0 + r64  # rows in the stack
+    tl.store(q_ptr + e * NT * K + rn[:, None] * K + c[None, :], q, mask=mask)
+    tl.store(s_ptr + e * nNT * nK + (n0 // 128 + nb) * nK + kb + tl.arange(0, 1), s)
+    mask_t = (c[:, None] < K) & (r[None, :] < N)
+    qt_ptrs = qt_ptr + e * K * NT + c[:, None].to(tl.int64) * NT + rn[None, :]  # [128 k, 128 n]
+    if T_MODE == 1:
+        tl.store(qt_ptrs, tl.trans(q.to(tl.uint8, bitcast=True)).to(tl.float8e4nv, bitcast=True), mask=mask_t)
+    if T_MODE == 2:
+        wt = tl.load(w_base + r64[None, :] * stride_wn + c[:, None], mask=mask_t, other=0.0).to(tl.float32)
+        tl.store(qt_ptrs, _to_e4m3(wt, s[:, None]), mask=mask_t)
 
 
-_WEIGHT_INT_ARGS = ["N", "K", "stride_we", "stride_wn", "nN", "nK"]
+_WEIGHT_INT_ARGS = ["N", "K", "stride_we", "stride_wn", "n0", "NT", "nNT", "nK"]
 _quant_weight_fast = triton.jit(_quant_weight_kernel)
 _quant_weight_safe = triton.jit(_quant_weight_kernel, do_not_specialize=_WEIGHT_INT_ARGS)
+# How the kernel writes W^T (T_MODE above), measured in dev/debug_fp8_weight.py on an H200 with
+# Triton 3.6 (RESULTS.md): the second, transposed load (2) is bit-exact in both compilations at
+# 2.5 TB/s; the register transpose (1) runs at 3.5 TB/s but its fast build writes wrong W^T bytes
+# at every size divisible by 16 (the safe build is right, at 1.3 TB/s). The "copy" variant writes
+# W alone and transposes its bytes with PyTorch (a separate pass, 0.8-0.9 TB/s in all).
+WEIGHT_LAUNCH = {"num_warps": 8, "T_MODE": 2}
 
 
-def quantize_weight_dual(w: torch.Tensor, pow2: bool = False, transposed: bool = True, variant: str = "fast"
+def quantize_weight_dual(w, pow2: bool = False, transposed: bool = True, variant: str = "fast"
                          ) -> tuple[Fp8Tensor, Fp8Tensor | None]:
-    """W [N, K] or stacked [E, N, K] (CUDA) -> (128x128 quantization of W, that of W^T [.., K, N]
-    (same values, transposed; scales a transposed view) or None). `variant`: "fast" or "safe"
-    (see `_quant_dual_safe`)."""
-    if not (_on_device(w) and w.dim() in (2, 3)):
-        raise ValueError(f"quantize_weight_dual: needs a 2-D or 3-D CUDA tensor, got {tuple(w.shape)} on {w.device}")
-    w3 = w if w.dim() == 3 else w.unsqueeze(0)
-    if w3.stride(2) != 1:
-        w3 = w3.contiguous()
-    E, N, K = w3.shape
-    nN, nK = triton.cdiv(N, BLOCK), triton.cdiv(K, BLOCK)
-    q = _empty(E, N, K, dtype=E4M3, device=w.device)
-    s = _empty(E, nN, nK, dtype=torch.float32, device=w.device)
-    if E * nN * nK:
-        kernel = {"fast": _quant_weight_fast, "safe": _quant_weight_safe}[variant]
-        kernel[(nN, nK, E)](w3, q, s, N, K, w3.stride(0), w3.stride(1), nN, nK, EPS_C=EPS, POW2=pow2, num_warps=8)
-    qt = q.transpose(1, 2).contiguous() if transposed else None  # [E, K, N]
-    return _weight_result(w, q, qt, s, transposed)
+    """W [N, K] or stacked [E, N, K] (CUDA), or a list of such weights W_i [.., N_i, K] stacked along
+    N (every N_i but the last a multiple of 128: `fp8.stackable`) -> (128x128 quantization of the
+    stack [.., sum N_i, K], that of its transpose [.., K, sum N_i] (same values and scales) or
+    None); each W_i is quantized exactly as alone. `variant`: "fast", "safe" (see
+    `_quant_dual_safe`) or "copy" (W^T by a PyTorch transpose of W's bytes)."""
+    weights = [w] if isinstance(w, torch.Tensor) else list(w)
+    w0 = weights[0]
+    if not all(_on_device(wi) and wi.dim() == w0.dim() and wi.dim() in (2, 3) for wi in weights):
+        raise ValueError(f"quantize_weight_dual: needs 2-D or 3-D CUDA tensors, got "
+                         f"{[(tuple(wi.shape), str(wi.device)) for wi in weights]}")
+    w3s = [(wi if wi.dim() == 3 else wi.unsqueeze(0)) for wi in weights]
+    w3s = [wi if wi.stride(2) == 1 else wi.contiguous() for wi in w3s]
+    E, K = w3s[0].shape[0], w3s[0].shape[2]
+    if any(wi.shape[0] != E or wi.shape[2] != K for wi in w3s) or any(wi.shape[1] % BLOCK for wi in w3s[:-1]):
+        raise ValueError(f"quantize_weight_dual: cannot stack {[tuple(wi.shape) for wi in weights]}")
+    NT = sum(wi.shape[1] for wi in w3s)
+    nNT, nK = triton.cdiv(NT, BLOCK), triton.cdiv(K, BLOCK)
+    t_mode = WEIGHT_LAUNCH["T_MODE"] if transposed and variant != "copy" else 0
+    q = _empty(E, NT, K, dtype=E4M3, device=w0.device)
+    s = _empty(E, nNT, nK, dtype=torch.float32, device=w0.device)
+    qt = _empty(E, K, NT, dtype=E4M3, device=w0.device) if t_mode else None
+    kernel = {"fast": _quant_weight_fast, "safe": _quant_weight_safe, "copy": _quant_weight_fast}[variant]
+    n0 = 0
+    for wi in w3s:
+        N = wi.shape[1]
+        if E * N * K:
+            kernel[(triton.cdiv(N, BLOCK), nK, E)](wi, q, q if qt is None else qt, s, N, K, wi.stride(0), wi.stride(1),
+                                                   n0, NT, nNT, nK, EPS_C=EPS, POW2=pow2, T_MODE=t_mode,
+                                                   num_warps=WEIGHT_LAUNCH["num_warps"])
+        n0 += N
+    if transposed and qt is None:
+        qt = q.transpose(1, 2).contiguous()  # [E, K, NT]
+    return _weight_result(w0, q, qt, s, transposed)
 
 
 def _weight_result(w, q, qt, s, transposed):

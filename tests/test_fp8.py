@@ -534,11 +534,14 @@ class _FakeTriton:
         return wq, wqt
 
 
-@pytest.mark.parametrize("bad, expect", [((), "fast"), (("fast",), "safe"), (("fast", "safe"), "torch")])
-def test_checked_quantizers_fall_back_per_specialization(monkeypatch, bad, expect):
+@pytest.mark.parametrize("bad, expect, expect_w", [((), "fast", "fast"), (("fast",), "safe", "safe"),
+                                                   (("fast", "safe"), "torch", "copy"),
+                                                   (("fast", "safe", "copy"), "torch", "torch")])
+def test_checked_quantizers_fall_back_per_specialization(monkeypatch, bad, expect, expect_w):
     """Every new quantizer specialization is compared bit for bit with the PyTorch reference on
-    first use: the fast kernel, else the unspecialized one, else the PyTorch quantizer (with a
-    warning) is used from then on; the result handed back is always the reference's values."""
+    first use: the fast kernel, else the unspecialized one, else (weights) the kernel without its
+    in-kernel transpose, else the PyTorch quantizer (with a warning) is used from then on; the
+    result handed back is always the reference's values."""
     monkeypatch.setattr(fp8, "_QUANT_CHOICE", {})
     monkeypatch.setattr(fp8, "_QUANT_BROKEN", {})
     fake = _FakeTriton(bad)
@@ -556,12 +559,13 @@ def test_checked_quantizers_fall_back_per_specialization(monkeypatch, bad, expec
             assert fp8._same_fp8(wq, ref_w) and fp8._same_fp8(wqt, ref_wt)
             r, c = kern.quantize_act_dual(x, tm)
             assert fp8._same_fp8(r, ref_r) and fp8._same_segments(c, ref_c)
-    assert sorted(set(fp8._QUANT_CHOICE.values())) == [expect]
+    assert {k[0]: v for k, v in fp8._QUANT_CHOICE.items()} == {"quantize_weight_dual": expect_w,
+                                                               "quantize_act_dual": expect}
     assert (len(rec) > 0) == bool(bad)
     # after the first call per specialization only the chosen variant runs (no reference)
     n = len(fake.calls)
     kern.quantize_weight_dual(w)
-    assert fake.calls[n:] == ([] if expect == "torch" else [("weight", expect)])
+    assert fake.calls[n:] == ([] if expect_w == "torch" else [("weight", expect_w)])
     # a new specialization (sizes not multiples of 16) is checked again
     with _w.catch_warnings():
         _w.simplefilter("ignore")
