@@ -80,6 +80,15 @@ def test_countdown_checking():
     assert not task.check(p, "<answer>" + "9*" * 300 + "9</answer>").correct
 
 
+def test_check_all_equals_checking_each_pair():
+    from nanoseek.tasks.base import check_all
+    task = Countdown(n_numbers=3, test_size=10)
+    probs = task.problems("test", 3)
+    texts = [probs[0].solution, probs[0].solution, "<answer>1</answer>", probs[1].solution, probs[0].solution, ""]
+    pairs = [probs[0], probs[0], probs[0], probs[1], probs[2], probs[2]]  # the same text for another problem differs
+    assert check_all(task, pairs, texts) == [task.check(p, t) for p, t in zip(pairs, texts)]
+
+
 def test_countdown_steps_must_use_the_pool():
     task = Countdown(n_numbers=3, test_size=10)
     p = task.problems("test", 1)[0]

@@ -112,20 +112,18 @@ def completion_logprobs(model, seqs: torch.Tensor, temperature: float, autocast,
 def build_batch(prompts: list[list[int]], completions, eos_id: int, pad_id: int, mask_truncated: bool):
     """Prompt + completion rows, right-padded: seqs [N, T], mask [N, T-1] (1 where the target is a
     completion token that counts: EOS included, padding and masked truncations excluded)."""
-    rows, spans, truncated = [], [], []
-    for p, c in zip(prompts, completions):
-        gen = list(c.token_ids) + ([eos_id] if c.finish_reason == "stop" else [])
-        rows.append(p + gen)
-        spans.append((len(p), len(p) + len(gen)))
-        truncated.append(c.finish_reason == "length")
+    rows = [list(p) + list(c.token_ids) + ([eos_id] if c.finish_reason == "stop" else [])
+            for p, c in zip(prompts, completions)]
     T = max(len(r) for r in rows)
-    seqs = torch.full((len(rows), T), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(rows), T - 1)
-    for i, (r, (a, b)) in enumerate(zip(rows, spans)):
-        seqs[i, :len(r)] = torch.tensor(r)
-        if not (mask_truncated and truncated[i]):
-            mask[i, a - 1:b - 1] = 1.0  # target position t predicts token t + 1
-    return seqs, mask, torch.tensor(truncated)
+    seqs = torch.tensor([r + [pad_id] * (T - len(r)) for r in rows], dtype=torch.long)  # one tensor, not one per row
+    start = torch.tensor([len(p) for p in prompts])[:, None]  # the first completion token
+    end = torch.tensor([len(r) for r in rows])[:, None]
+    truncated = torch.tensor([c.finish_reason == "length" for c in completions])
+    target = torch.arange(1, T)[None]  # target position t predicts token t + 1
+    mask = ((target >= start) & (target < end)).float()
+    if mask_truncated:
+        mask[truncated] = 0.0
+    return seqs, mask, truncated
 
 
 def sampler_logprobs(prompts: list[list[int]], completions, width: int) -> torch.Tensor:
@@ -164,7 +162,7 @@ def grpo(args: GRPOArgs, model=None, tokenizer=None) -> dict:
     from ..engine import Engine, SamplingParams
     from ..model import DeepSeekV3
     from ..tasks import Task, evaluate, get_task
-    from ..tasks.base import score_reward
+    from ..tasks.base import check_all, score_reward
     from ..tasks.evaluate import encode_prompts
     from ..tokenizer import Tokenizer
     from ..train import MetricsLog, _say, list_checkpoints, load_trainer_state, save_checkpoint
@@ -236,7 +234,7 @@ def grpo(args: GRPOArgs, model=None, tokenizer=None) -> dict:
         comps = engine.generate(rep, SamplingParams(max_tokens=a.max_new_tokens, temperature=a.temperature,
                                                      top_p=a.top_p, logprob_mode="sampled" if a.overlap else "raw"))
         gen_s = time.time() - t0
-        scores = [task.check(problems[i // a.group_size], c.text) for i, c in enumerate(comps)]
+        scores = check_all(task, [p for p in problems for _ in range(a.group_size)], [c.text for c in comps])
         rewards = torch.tensor([score_reward(s, a.reward, a.format_weight)
                                 for s in scores]).view(a.prompts_per_step, a.group_size)
         adv, informative = group_advantages(rewards, scale=a.scale_rewards)

@@ -80,6 +80,20 @@ class Task:
         return score_reward(self.check(problem, completion), mode, format_weight)
 
 
+def check_all(task: Task, problems: list[Problem], completions: list[str]) -> list[Score]:
+    """task.check of each (problem, completion) pair, each distinct pair checked once: the samples
+    of one prompt (GRPO's group, pass@k's k) often repeat a completion, and a check is a pure
+    function of the pair (repeats share one Score)."""
+    seen: dict[tuple[int, str], Score] = {}
+    out = []
+    for p, text in zip(problems, completions):
+        key = (id(p), text)
+        if key not in seen:
+            seen[key] = task.check(p, text)
+        out.append(seen[key])
+    return out
+
+
 def score_reward(s: Score, mode: str = "strict", format_weight: float = 0.0) -> float:
     """The reward of a checked completion: 1 when right (strict or lenient) + format_weight x format."""
     if mode not in ("strict", "lenient"):

@@ -9,7 +9,7 @@ from math import comb
 
 import torch
 
-from .base import Problem, Task
+from .base import Problem, Task, check_all
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -45,7 +45,8 @@ def evaluate(engine, task: Task, problems: list[Problem], k: int = 8, temperatur
         rep = [p for p in prompts for _ in range(k)]
         torch.manual_seed(seed)  # one stream for the batch (per-request seeds would sample row by row)
         samples = engine.generate(rep, SamplingParams(max_tokens=max_new_tokens, temperature=temperature))
-        correct = [task.check(problems[i // k], c.text).correct for i, c in enumerate(samples)]
+        sampled = check_all(task, [p for p in problems for _ in range(k)], [c.text for c in samples])
+        correct = [s.correct for s in sampled]
         per = [sum(correct[i * k:(i + 1) * k]) for i in range(len(problems))]
         out[f"pass_at_{k}"] = sum(pass_at_k(k, c, k) for c in per) / n
         out["pass_at_1_sampled"] = sum(per) / (n * k)
