@@ -14,17 +14,7 @@ import torch
 
 from nanoseek import fp8, fp8_triton as ft
 
-
-def timed(fn, reps=20):
-    fn()
-    torch.cuda.synchronize()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(reps):
-        fn()
-    b.record()
-    torch.cuda.synchronize()
-    return a.elapsed_time(b) / reps / 1e3
+from bench_quant_dual import timed  # this folder
 
 
 def same(out, ref) -> bool:

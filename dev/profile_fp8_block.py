@@ -5,7 +5,6 @@ for each launch setting given (fp8_triton.DUAL_LAUNCH / WEIGHT_LAUNCH overrides)
     PYTHONPATH=. python dev/profile_fp8_block.py [--variant '{"weight": {"T_MODE": 2}}' ...]
 """
 import argparse
-import collections
 import json
 import os
 import sys
@@ -14,7 +13,7 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from profile_fp8_step import family  # noqa: E402
+from profile_fp8_step import time_and_profile  # noqa: E402
 
 from nanoseek import fp8, fp8_triton  # noqa: E402
 from nanoseek.model import MLP, Experts  # noqa: E402
@@ -45,26 +44,7 @@ def profile(make, x_shape, args, cfg):
         with torch.autocast("cuda", dtype=torch.bfloat16):
             y = m(x, *args)
         y.float().sum().backward()
-    for _ in range(3):
-        step()
-    torch.cuda.synchronize()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(10):
-        step()
-    b.record()
-    torch.cuda.synchronize()
-    ms = a.elapsed_time(b) / 10
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(2):
-            step()
-        torch.cuda.synchronize()
-    fams, kernels = collections.Counter(), collections.Counter()
-    for ev in prof.key_averages():
-        t = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
-        if ev.device_type == torch.autograd.DeviceType.CUDA and t > 0:
-            fams[family(ev.key)] += t / 2 / 1e3
-            kernels[ev.key[:100]] += t / 2 / 1e3
+    ms, fams, kernels = time_and_profile(step, warmup=3, iters=10, width=100)
     return {"ms": ms, "gpu_ms": sum(fams.values()), "families_ms": dict(fams.most_common()),
             "top_kernels_ms": dict(kernels.most_common(14))}
 

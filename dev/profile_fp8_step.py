@@ -41,6 +41,32 @@ def family(name: str) -> str:
     return "other"
 
 
+def time_and_profile(step, warmup: int = 4, iters: int = 5, width: int = 90):
+    """Mean ms of `step` over `iters` calls (CUDA events, after `warmup`), then the GPU ms per call
+    by kernel family and by kernel (names cut to `width`) over two profiled calls."""
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        step()
+    end.record()
+    torch.cuda.synchronize()
+    ms = start.elapsed_time(end) / iters
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(2):
+            step()
+        torch.cuda.synchronize()
+    fams, kernels = collections.Counter(), collections.Counter()
+    for ev in prof.key_averages():
+        t = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
+        if ev.device_type == torch.autograd.DeviceType.CUDA and t > 0:
+            fams[family(ev.key)] += t / 2 / 1e3
+            kernels[ev.key[:width]] += t / 2 / 1e3
+    return ms, fams, kernels
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--batch", type=int, default=8)
@@ -68,26 +94,7 @@ def main():
             opt.step()
             opt.zero_grad(set_to_none=True)
 
-        for _ in range(4):
-            step()
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(5):
-            step()
-        end.record()
-        torch.cuda.synchronize()
-        step_ms = start.elapsed_time(end) / 5
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            for _ in range(2):
-                step()
-            torch.cuda.synchronize()
-        fams, kernels = collections.Counter(), collections.Counter()
-        for ev in prof.key_averages():
-            t = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
-            if ev.device_type == torch.autograd.DeviceType.CUDA and t > 0:
-                fams[family(ev.key)] += t / 2 / 1e3
-                kernels[ev.key[:90]] += t / 2 / 1e3
+        step_ms, fams, kernels = time_and_profile(step)
         res[prec] = {"step_ms": step_ms, "families_ms": dict(fams.most_common()),
                      "top_kernels_ms": dict(kernels.most_common(12))}
         print(f"\n== {prec}: {step_ms:.1f} ms per step ({a.batch} x {a.seq} tokens); GPU ms per step by family")
