@@ -415,7 +415,7 @@ class _CheckedKernels:
         ws = [wi if wi.stride(-1) == 1 else wi.contiguous() for wi in ([w] if isinstance(w, torch.Tensor) else w)]
         K, NT = ws[0].shape[-1], sum(wi.shape[-2] for wi in ws)
         key = ("quantize_weight_dual", ws[0].dtype, ws[0].dim(), len(ws),
-               _div16(*[wi.shape[-2] for wi in ws], K, NT, *[wi.stride(0) if wi.dim() == 3 else wi[0].numel() for wi in ws],
+               _div16(*[wi.shape[-2] for wi in ws], K, NT, *[wi.stride(0) if wi.dim() == 3 else wi.numel() for wi in ws],
                       *[wi.stride(-2) for wi in ws], math.ceil(NT / BLOCK), math.ceil(K / BLOCK)),
                tuple(wi.data_ptr() % 16 == 0 for wi in ws), bool(pow2), bool(transposed))
 
