@@ -151,6 +151,21 @@ def test_emulated_gemm_sqnr(M, N, K):
         assert sqnr_db(exact, out) > 120
 
 
+def test_gemm_into_out_rows():
+    """fp8_gemm(out=...) writes the result into a slice of a bigger output (the per-expert loop's
+    rows) and hands that slice back; a wrong shape or dtype is refused by name."""
+    qa, qb = fp8.quantize(torch.randn(70, 256), ACT), fp8.quantize(torch.randn(130, 256), WEIGHT)
+    full = torch.full((100, 130), float("nan"))
+    got = fp8.fp8_gemm(qa, qb, torch.float32, out=full[20:90])
+    assert got.data_ptr() == full[20:90].data_ptr()
+    assert torch.equal(full[20:90], fp8.fp8_gemm(qa, qb, torch.float32))
+    assert torch.isnan(full[:20]).all() and torch.isnan(full[90:]).all()
+    with pytest.raises(ValueError, match=r"fp8_gemm: out \(70, 129\)"):
+        fp8.fp8_gemm(qa, qb, torch.float32, out=torch.empty(70, 129))
+    with pytest.raises(ValueError, match="bfloat16"):
+        fp8.fp8_gemm(qa, qb, torch.float32, out=torch.empty(70, 130, dtype=torch.bfloat16))
+
+
 @pytest.mark.parametrize("M,N,K", [(200, 264, 328), (7, 130, 1408)])
 def test_scaled_mm_operand_padding_is_exact(M, N, K):
     """The CUDA path zero-pads operands (M, N to 16; K to 128, or 512 with a 128x128 operand, and
