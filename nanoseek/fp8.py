@@ -274,7 +274,7 @@ class TorchKernels:
         """W [..., N, K], or a list of weights stacked along N (`stackable`) -> (128x128
         quantization of W (each stacked weight quantized alone), that of W^T: the same blocks
         transposed)."""
-        parts = [quantize(wi, WEIGHT, pow2) for wi in ([w] if isinstance(w, torch.Tensor) else w)]
+        parts = [quantize(wi, WEIGHT, pow2) for wi in _as_weights(w)]
         wq = parts[0] if len(parts) == 1 else Fp8Tensor(torch.cat([q.data for q in parts], -2),
                                                           torch.cat([q.scale for q in parts], -2), WEIGHT)
         return wq, (wq.t() if transposed else None)
@@ -412,7 +412,7 @@ class _CheckedKernels:
                             lambda: TORCH_KERNELS.quantize_act_dual(x, tm, pow2, rows, cols), same)
 
     def quantize_weight_dual(self, w, pow2: bool = False, transposed: bool = True):
-        ws = [wi if wi.stride(-1) == 1 else wi.contiguous() for wi in ([w] if isinstance(w, torch.Tensor) else w)]
+        ws = [wi if wi.stride(-1) == 1 else wi.contiguous() for wi in _as_weights(w)]
         K, NT = ws[0].shape[-1], sum(wi.shape[-2] for wi in ws)
         key = ("quantize_weight_dual", ws[0].dtype, ws[0].dim(), len(ws),
                _div16(*[wi.shape[-2] for wi in ws], K, NT, *[wi.stride(0) if wi.dim() == 3 else wi.numel() for wi in ws],
@@ -568,7 +568,8 @@ def _scaled_mm_blockwise(a: Fp8Tensor, b: Fp8Tensor, out_dtype: torch.dtype,
     as [L, N/128] with strides (1, L). Operands are zero-padded (exact) to M, N multiples of 16 and
     K to a multiple of 128, or of 512 with a 128x128 operand: torch 2.11 rejects a 128x128 scale
     whose L = K/128 is not a multiple of 4 (and older cuBLAS paths were silently wrong there).
-    `out`: a contiguous [M, N] tensor to write into (straight from the GEMM when no padding)."""
+    `out`: an [M, N] tensor of out_dtype to write into (straight from the GEMM when contiguous and
+    no padding is needed)."""
     M, K = a.data.shape
     N = b.data.shape[0]
     kmul = 4 * BLOCK if WEIGHT in (a.tile, b.tile) else BLOCK
@@ -587,7 +588,7 @@ def _scaled_mm_blockwise(a: Fp8Tensor, b: Fp8Tensor, out_dtype: torch.dtype,
         sb = buf[:, :L].t()  # [L, N/128], strides (1, L4)
     else:  # 1x128 on B: B^T's scale [Np, L] with strides (1, Np) -> scale_b [L, Np] row-major
         sb = b.scale.t().contiguous()
-    if out is not None and (Mp, Np) == (M, N) and out.is_contiguous() and out.dtype == out_dtype:
+    if out is not None and (Mp, Np) == (M, N) and out.is_contiguous():
         return torch._scaled_mm(a.data, b.data.t(), scale_a=sa, scale_b=sb, out_dtype=out_dtype,
                                 use_fast_accum=False, out=out)
     res = torch._scaled_mm(a.data, b.data.t(), scale_a=sa, scale_b=sb, out_dtype=out_dtype, use_fast_accum=False)

@@ -230,7 +230,7 @@ def quickstart(out: str = "runs/quickstart", recipe: Recipe | None = None, contr
         proc = multiprocessing.get_context("spawn").Process(target=_control_process, args=(ctl_spec,), daemon=True)
         proc.start()
         torch.set_num_threads(threads - threads // 2)
-    overlap = bool(rc.overlap) and on_cpu and torch.get_num_threads() >= 2
+    overlap = rc.overlap and on_cpu and torch.get_num_threads() >= 2
     if not alongside:
         _log(f"GRPO for {_budget(rc.rl_steps, rc.rl_seconds)} (rule-based reward, no demonstrations"
              + ("; each step's rollouts sampled during the previous update)" if overlap else ")"))
