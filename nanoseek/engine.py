@@ -298,7 +298,8 @@ class Engine:
         return {k: c.rows(start, end) for k, c in self._cache.items()}
 
     def _admit(self):
-        """Move pending requests into free cache rows; prompts of equal length prefill together."""
+        """Move pending requests into free cache rows; prompts of equal length prefill together,
+        each distinct prompt once."""
         new: list[_Request] = []
         while len(self._active) + len(new) < self.max_batch:
             try:
@@ -317,8 +318,23 @@ class Engine:
         for length, group in by_len.items():
             t0 = time.perf_counter()
             first = len(self._active)
-            ids = torch.tensor([r.prompt for r in group], device=self.device)  # [g, length]
-            logits = self.model(ids, cache=self._cache_rows(first, first + len(group)))[:, -1]
+            # identical prompts (n samples of one prompt: RL groups, pass@k) prefill once: the
+            # distinct ones take the group's first rows, each repeat copies its source's cache row
+            source: dict[tuple, int] = {}
+            firsts, repeats = [], []
+            for r in group:
+                key = tuple(r.prompt)
+                (repeats if key in source else firsts).append(r)
+                source.setdefault(key, len(source))
+            group = firsts + repeats
+            d = len(firsts)
+            ids = torch.tensor([r.prompt for r in firsts], device=self.device)  # [d, length]
+            logits = self.model(ids, cache=self._cache_rows(first, first + d))[:, -1]  # [d, V]
+            if repeats:
+                src = torch.tensor([source[tuple(r.prompt)] for r in repeats], device=self.device)
+                for c in self._cache.values():
+                    c.copy_rows(first + src, first + d, length)
+                logits = torch.cat([logits, logits[src]])  # [len(group), V]
             now = time.perf_counter()
             for k, req in enumerate(group):
                 req.row, req.pos = first + k, length

@@ -115,6 +115,11 @@ class SequenceCache:
         for t in self.tensors:
             t[dst, :length] = t[src, :length]
 
+    def copy_rows(self, src: torch.Tensor, dst: int, length: int) -> None:
+        """Rows dst, dst+1, ... take the first `length` positions of rows src [n] (shared prefixes)."""
+        for t in self.tensors:
+            t[dst:dst + len(src), :length] = t[src, :length]
+
     def update(self, *new: torch.Tensor, start_pos, kv_len: int | None = None):
         """Write new [B, T, ...] at start_pos (an int, or a LongTensor [B] of per-sequence positions)
         and return the cache up to start_pos + T (or up to `kv_len` for per-sequence positions)."""

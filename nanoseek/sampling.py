@@ -24,6 +24,20 @@ def sampling_logits(logits: torch.Tensor, temperature: float, top_p: float = 1.0
     return logits
 
 
+def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token per row of probs [B, V] by inverting the cumulative distribution with a single
+    uniform number per row [B] (`torch.multinomial` draws V exponentials per row: ~18x slower for a
+    batch of 256 on a CPU). The sums are in float64 and u < total, so a zero-probability token (top-k,
+    top-p) is never chosen: the first index whose cumulative mass exceeds u has positive mass."""
+    cdf = probs.double().cumsum(dim=-1)  # [B, V]
+    total = cdf[:, -1]
+    bad = ~(torch.isfinite(total) & (total > 0))
+    if bad.any():
+        raise ValueError(f"sampling: the probabilities of row {int(bad.nonzero()[0, 0])} are NaN, inf or all zero")
+    u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device).double() * cdf[:, -1:]  # [B, 1]
+    return torch.searchsorted(cdf, u, right=True)[:, 0].clamp_(max=probs.shape[-1] - 1)
+
+
 def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
                 generator: torch.Generator | None = None, with_logprobs: bool = False):
     """logits [B, V] -> token ids [B]; temperature 0 is greedy (argmax). With `with_logprobs`, also
@@ -32,8 +46,7 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1
         tokens = logits.argmax(dim=-1)
         return (tokens, torch.zeros(tokens.shape, device=logits.device)) if with_logprobs else tokens
     logits = sampling_logits(logits, temperature, top_p, top_k)
-    probs = logits.softmax(dim=-1)
-    tokens = torch.multinomial(probs, 1, generator=generator)[:, 0]
+    tokens = draw(logits.softmax(dim=-1), generator)
     if not with_logprobs:
         return tokens
     return tokens, torch.log_softmax(logits, dim=-1).gather(1, tokens[:, None])[:, 0]

@@ -61,7 +61,7 @@ class GRPOArgs:
     reward: str = "strict"  # strict | lenient
     format_weight: float = 0.0
     mask_truncated: bool = True
-    micro_batch: int = 128  # sequences per forward/backward
+    micro_batch: int = 256  # at most this many sequences per forward/backward (equal chunks)
     eval_every: int = 0
     eval_problems: int = 500
     chat: bool = False  # wrap prompts in the chat template
@@ -254,13 +254,16 @@ def grpo(args: GRPOArgs, model=None, tokenizer=None) -> dict:
             g["lr"] = lr
         stats = {"clip_fraction": 0.0, "kl": 0.0, "entropy": float("nan"), "loss": 0.0}
         grad_norm = float("nan")
-        rows = ro.rows
+        counts = ro.mask.any(1).tolist()
+        rows = [r for r in ro.rows if counts[r]]  # (a masked truncation carries no gradient)
         if not rows:
             totals["skipped_steps"] += 1
             return stats, grad_norm, lr
         seqs_d, mask_d, w_d, adv_d = (ro.seqs[rows].to(device), ro.mask[rows].to(device),
                                       ro.weights[rows].to(device), ro.adv[rows].to(device))
-        chunks = [slice(i, i + a.micro_batch) for i in range(0, len(rows), a.micro_batch)]
+        n_chunks = -(-len(rows) // a.micro_batch)  # equal chunks: no small tail pass paying full per-op costs
+        bounds = [len(rows) * j // n_chunks for j in range(n_chunks + 1)]
+        chunks = [slice(lo, hi) for lo, hi in zip(bounds, bounds[1:])]
         with torch.no_grad():
             if ro.old is not None:  # off-policy: pi_old is the sampler that drew the tokens
                 old = [ro.old[rows][c].to(device) for c in chunks]
