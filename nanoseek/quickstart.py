@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -173,6 +174,12 @@ def quickstart(out: str = "runs/quickstart", recipe: Recipe | None = None, contr
     torch.manual_seed(seed)
     t_all = time.time()
     os.makedirs(out, exist_ok=True)
+    stale = [d for d in ("pretrain", "grpo", "control", "grpo.pace") if os.path.exists(os.path.join(out, d))]
+    if stale:  # each stage starts from nothing: no earlier checkpoint, pace or result may leak into this run
+        _log(f"starting over in {out}: removing the previous run's {', '.join(stale)}")
+        for d in stale:
+            path = os.path.join(out, d)
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
     rc = recipe or Recipe()
     task = Countdown(n_numbers=rc.n_numbers, test_size=eval_problems)
     test = task.problems("test")
@@ -220,9 +227,6 @@ def quickstart(out: str = "runs/quickstart", recipe: Recipe | None = None, contr
                     pace_file=os.path.join(out, "grpo.pace") if alongside else None)
     proc = None
     if alongside:
-        for stale in (ctl_spec["pace_file"], os.path.join(ctl_dir, "result.json"), os.path.join(ctl_dir, "log.txt")):
-            if os.path.exists(stale):
-                os.remove(stale)
         _log(f"GRPO for {_budget(rc.rl_steps, rc.rl_seconds)} on {threads - threads // 2} thread(s) (rule-based "
              f"reward, no demonstrations); the control alongside on {threads // 2}: more supervised training "
              f"for the same time")

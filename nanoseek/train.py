@@ -322,7 +322,11 @@ def train(args: TrainArgs, finetune=None) -> dict:
     final_json = os.path.join(a.out, "final.json")
 
     # --- resume point
-    ckpts = list_checkpoints(a.out) if a.resume else []
+    earlier = list_checkpoints(a.out)
+    if earlier and not a.resume:  # a fresh run's checkpoints would interleave with (and be pruned for) these
+        raise CheckpointError(f"{a.out}/checkpoints holds an earlier run's checkpoints (newest: step {earlier[-1][0]}): "
+                              f"pass --resume to continue it, or train into another --out (or remove them)")
+    ckpts = earlier if a.resume else []
     resume_dir = ckpts[-1][1] if ckpts else None
     if a.resume and resume_dir is None and main:
         _say(f"--resume: no complete checkpoint in {a.out}/checkpoints, starting fresh")

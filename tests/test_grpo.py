@@ -5,6 +5,7 @@ and GRPO raising the reward on a toy task."""
 
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -137,7 +138,10 @@ def test_quickstart_toy_budget_end_to_end(tmp_path, monkeypatch, alongside, over
     rc = Recipe(n_numbers=2, train_problems=3000, pretrain_steps=40, seq_len=64, rl_steps=4, prompts_per_step=8,
                 group_size=4, max_new_tokens=24, overlap=overlap)
     threads = torch.get_num_threads()
+    stale = tmp_path / "qs" / "control" / "checkpoints" / "step-999999"
+    stale.mkdir(parents=True)  # an earlier run's: must not become this run's control model
     r = quickstart(out=str(tmp_path / "qs"), recipe=rc, eval_problems=40, progress=False, alongside=alongside)
+    assert os.listdir(tmp_path / "qs" / "control" / "checkpoints") == [f"step-{r['control_steps']:06d}"]
     assert torch.get_num_threads() == threads  # restored after GRPO ran on its share
     for key in ("accuracy_before_rl", "accuracy_after_rl", "accuracy_control", "pass_at_8_before_rl",
                 "pass_at_8_after_rl", "seconds"):

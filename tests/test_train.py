@@ -57,6 +57,10 @@ def test_train_json_contract_and_load(tmp_path, text_file):
     again = last_json(cli("train", "--preset", "nano", "--data", text_file, "--max-steps", "4",
                           "--out", str(tmp_path), "--json", "--resume", *TINY))
     assert again == out
+    # a fresh run into the same folder would mix its checkpoints with these (and prune its own)
+    from nanoseek.checkpoint import CheckpointError
+    with pytest.raises(CheckpointError, match=r"earlier run's checkpoints \(newest: step 4\).*--resume"):
+        train(TrainArgs(data=[text_file], out=str(tmp_path), preset="nano", max_steps=4, progress=False))
 
 
 def test_resume_after_kill_equals_uninterrupted(tmp_path, text_file):
