@@ -1,4 +1,4 @@
-"""`nanoseek quickstart`: the whole DeepSeek-R1 story on a laptop CPU (about 14 minutes on 2 cores).
+"""`nanoseek quickstart`: the whole DeepSeek-R1 story on a laptop CPU (about 12 minutes on 2 cores).
 
 1. generate Countdown problems (a held-out test set of 500 that training never sees);
 2. train a byte-level BPE tokenizer (digits kept apart) on the worked solutions;
@@ -11,7 +11,7 @@
    GRPO ran, measured the same way (`--no-control` skips it; `--json` always runs it). With 4+
    threads (or `--control-alongside`) it runs next to GRPO on the other half of them, following
    GRPO's progress through a pace file (same wall time, same share of the machine): on 2 cores
-   that saves ~210 s but runs GRPO on one thread (see `quickstart`);
+   that saves ~140 s but runs GRPO on one thread (see `quickstart`);
 7. put the RL model into the local model store and say how to chat with it and serve it.
 """
 
@@ -51,6 +51,7 @@ class Recipe:
     rl_steps: int = 200  # seed 0 on 2 CPU cores, torch 2.13: +14.0 points at 150 steps, +15.6 at 200 (RESULTS.md)
     rl_lr: float = 5e-5  # far below the pretraining lr: binary rewards make noisy gradients
     rl_warmup: int = 10
+    rl_mu: int = 1  # optimizer steps per batch of rollouts (2, at 120 steps for the same time: -2.5 points, LOG)
     prompts_per_step: int = 32
     group_size: int = 8
     temperature: float = 0.7
@@ -162,7 +163,8 @@ def quickstart(out: str = "runs/quickstart", recipe: Recipe | None = None, contr
     """The whole quickstart (module docstring). `alongside`: run the control next to GRPO, each on
     half of torch's threads (default: when there are at least 4, so that each job keeps 2; on 2
     cores GRPO and then the control each use both, which keeps GRPO's numerics those of the recorded
-    runs: with one thread its held-out gain at seed 0 was +14.0 instead of +15.6, dev/LOG.md)."""
+    runs: one-thread GRPO gains as much on average over 7 seeds, but at seed 0 on a 2-core machine
+    it gained +13.8 instead of +15.6, dev/LOG.md)."""
     import torch
 
     from .pace import write_pace
@@ -242,7 +244,7 @@ def quickstart(out: str = "runs/quickstart", recipe: Recipe | None = None, contr
         rl = grpo(GRPOArgs(model=pre_dir, task=f"countdown:n_numbers={rc.n_numbers},test_size={eval_problems}",
                            out=rl_dir, max_steps=rc.rl_steps, prompts_per_step=rc.prompts_per_step,
                            group_size=rc.group_size, temperature=rc.temperature, max_new_tokens=max_new, lr=rc.rl_lr,
-                           warmup_steps=rc.rl_warmup, loss=rc.loss, beta=0.0, reward=rc.reward,
+                           warmup_steps=rc.rl_warmup, mu=rc.rl_mu, loss=rc.loss, beta=0.0, reward=rc.reward,
                            max_seconds=rc.rl_seconds, seed=seed, progress=progress, device=device,
                            pace_file=ctl_spec["pace_file"], overlap=overlap, eval_every=rc.rl_eval_every,
                            eval_problems=eval_problems))
@@ -330,7 +332,7 @@ def cmd_quickstart(args) -> int:
 
 
 def add_quickstart_command(sub) -> None:
-    s = sub.add_parser("quickstart", help="pretrain a nano DeepSeek-V3 on Countdown, then GRPO; ~14 min on 2 CPU cores")
+    s = sub.add_parser("quickstart", help="pretrain a nano DeepSeek-V3 on Countdown, then GRPO; ~12 min on 2 CPU cores")
     s.add_argument("--out", default="runs/quickstart")
     s.add_argument("--pretrain-steps", type=int, help=f"default {Recipe.pretrain_steps}")
     s.add_argument("--rl-steps", type=int, help=f"default {Recipe.rl_steps}")

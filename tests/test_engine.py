@@ -56,6 +56,24 @@ def test_continuous_batching_equals_one_at_a_time(small_model, tok):
         eng.close()
 
 
+def test_repeated_prompts_share_one_prefill(small_model, tok):
+    """Identical prompts admitted together prefill once and copy the cache row: each repeat decodes
+    exactly what the prompt alone does (greedy tokens, log-probs), in any order and beside others."""
+    p1, p2, p3 = [5, 6, 7, 8], [9, 10, 11, 12], [20, 21]
+    prompts = [p1, p2, p1, p3, p1, p2, p3]
+    eng = Engine(small_model, tok, max_context=64, max_batch=8)
+    try:
+        params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+        outs = eng.generate(prompts, params)
+        for p, o in zip(prompts, outs):
+            ref = eng.generate([p], params)[0]
+            assert o.token_ids == ref.token_ids
+            assert o.logprobs == pytest.approx(ref.logprobs, abs=1e-5)
+            assert o.token_ids == small_model.generate(torch.tensor([p]), max_new_tokens=10)[0, len(p):].tolist()
+    finally:
+        eng.close()
+
+
 def test_batch_generate_equals_the_streamed_path(small_model, tok):
     """Batch `generate` keeps no per-token events and decodes each text once at the end; with a stop
     string (never matched) it goes through the streamed path. Same seed: the same tokens, text,
