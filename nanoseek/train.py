@@ -125,6 +125,19 @@ def list_checkpoints(out: str) -> list[tuple[int, str]]:
     return sorted(found)
 
 
+def resume_point(out: str, resume: bool, quiet: bool = False) -> str | None:
+    """The newest complete checkpoint in out/checkpoints to continue from (None: start fresh). A fresh
+    run into a folder that holds an earlier run's checkpoints is refused: its checkpoints would mix
+    with those (and `keep_last` prune its own in their favour)."""
+    ckpts = list_checkpoints(out)
+    if ckpts and not resume:
+        raise CheckpointError(f"{out}/checkpoints holds an earlier run's checkpoints (newest: step {ckpts[-1][0]}): "
+                              f"pass --resume to continue it, or use another --out (or remove them)")
+    if resume and not ckpts:
+        _say(f"--resume: no complete checkpoint in {out}/checkpoints, starting fresh", quiet=quiet)
+    return ckpts[-1][1] if ckpts else None
+
+
 def checkpoint_tmp_dir(out: str, step: int) -> str:
     return os.path.join(out, "checkpoints", f".tmp-step-{step:06d}")
 
@@ -322,14 +335,7 @@ def train(args: TrainArgs, finetune=None) -> dict:
     final_json = os.path.join(a.out, "final.json")
 
     # --- resume point
-    earlier = list_checkpoints(a.out)
-    if earlier and not a.resume:  # a fresh run's checkpoints would interleave with (and be pruned for) these
-        raise CheckpointError(f"{a.out}/checkpoints holds an earlier run's checkpoints (newest: step {earlier[-1][0]}): "
-                              f"pass --resume to continue it, or train into another --out (or remove them)")
-    ckpts = earlier if a.resume else []
-    resume_dir = ckpts[-1][1] if ckpts else None
-    if a.resume and resume_dir is None and main:
-        _say(f"--resume: no complete checkpoint in {a.out}/checkpoints, starting fresh")
+    resume_dir = resume_point(a.out, a.resume, quiet=not main)
     trainer_state = load_trainer_state(resume_dir) if resume_dir else None
     start_step = trainer_state["step"] if trainer_state else 0
     if trainer_state and start_step >= a.max_steps and os.path.exists(final_json):

@@ -307,3 +307,6 @@ def test_grpo_resume_is_exact(tmp_path, tiny_cfg):
     assert [r["step"] for r in b] == list(range(1, 7))
     assert [r["reward_mean"] for r in a] == [r["reward_mean"] for r in b]
     assert (tmp_path / "split" / "checkpoints" / "step-000006" / "trainer.pt").exists()
+    from nanoseek.checkpoint import CheckpointError  # a fresh run there would mix with those checkpoints
+    with pytest.raises(CheckpointError, match=r"earlier run's checkpoints \(newest: step 6\).*--resume"):
+        grpo(GRPOArgs(out=str(tmp_path / "split"), max_steps=6, **common))

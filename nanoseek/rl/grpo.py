@@ -165,7 +165,7 @@ def grpo(args: GRPOArgs, model=None, tokenizer=None) -> dict:
     from ..tasks.base import check_all, score_reward
     from ..tasks.evaluate import encode_prompts
     from ..tokenizer import Tokenizer
-    from ..train import MetricsLog, _say, list_checkpoints, load_trainer_state, save_checkpoint
+    from ..train import MetricsLog, _say, load_trainer_state, resume_point, save_checkpoint
 
     a = args.validate()
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -176,10 +176,7 @@ def grpo(args: GRPOArgs, model=None, tokenizer=None) -> dict:
         raise ValueError(f"--overlap: for CPU runs in fp32 on 2+ threads (rollouts and updates on separate cores, "
                          f"the sampler's log-probs as pi_old); got {device.type}, {precision}, {threads} thread(s)")
     torch.manual_seed(a.seed)
-    ckpts = list_checkpoints(a.out) if a.resume else []
-    resume_dir = ckpts[-1][1] if ckpts else None
-    if a.resume and resume_dir is None:
-        _say(f"--resume: no complete checkpoint in {a.out}/checkpoints, starting fresh", quiet=not a.progress)
+    resume_dir = resume_point(a.out, a.resume, quiet=not a.progress)
     if model is None:
         model = DeepSeekV3.from_pretrained(a.model, dtype=torch.float32, device=device)
     tokenizer = tokenizer or Tokenizer.from_dir(a.model)
