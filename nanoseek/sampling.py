@@ -34,7 +34,7 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch
     bad = ~(torch.isfinite(total) & (total > 0))
     if bad.any():
         raise ValueError(f"sampling: the probabilities of row {int(bad.nonzero()[0, 0])} are NaN, inf or all zero")
-    u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device).double() * cdf[:, -1:]  # [B, 1]
+    u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device).double() * total[:, None]  # [B, 1]
     return torch.searchsorted(cdf, u, right=True)[:, 0].clamp_(max=probs.shape[-1] - 1)
 
 
