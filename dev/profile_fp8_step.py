@@ -17,6 +17,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
 
 from bench_fp8_train import WIDE  # noqa: E402
+from bench_quant_dual import timed  # noqa: E402  (this folder)
 
 from nanoseek import fp8  # noqa: E402
 from nanoseek.config import ModelConfig  # noqa: E402
@@ -44,16 +45,9 @@ def family(name: str) -> str:
 def time_and_profile(step, warmup: int = 4, iters: int = 5, width: int = 90):
     """Mean ms of `step` over `iters` calls (CUDA events, after `warmup`), then the GPU ms per call
     by kernel family and by kernel (names cut to `width`) over two profiled calls."""
-    for _ in range(warmup):
+    for _ in range(warmup - 1):  # (timed makes the last warm-up call)
         step()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        step()
-    end.record()
-    torch.cuda.synchronize()
-    ms = start.elapsed_time(end) / iters
+    ms = timed(step, reps=iters) * 1e3
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(2):
             step()

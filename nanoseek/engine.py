@@ -320,18 +320,22 @@ class Engine:
             first = len(self._active)
             # identical prompts (n samples of one prompt: RL groups, pass@k) prefill once: the
             # distinct ones take the group's first rows, each repeat copies its source's cache row
-            source: dict[tuple, int] = {}
-            firsts, repeats = [], []
+            source: dict[tuple, int] = {}  # prompt -> its row among the distinct ones
+            firsts, repeats, src = [], [], []
             for r in group:
                 key = tuple(r.prompt)
-                (repeats if key in source else firsts).append(r)
-                source.setdefault(key, len(source))
+                if key in source:
+                    repeats.append(r)
+                    src.append(source[key])
+                else:
+                    source[key] = len(firsts)
+                    firsts.append(r)
             group = firsts + repeats
             d = len(firsts)
             ids = torch.tensor([r.prompt for r in firsts], device=self.device)  # [d, length]
             logits = self.model(ids, cache=self._cache_rows(first, first + d))[:, -1]  # [d, V]
             if repeats:
-                src = torch.tensor([source[tuple(r.prompt)] for r in repeats], device=self.device)
+                src = torch.tensor(src, device=self.device)
                 for c in self._cache.values():
                     c.copy_rows(first + src, first + d, length)
                 logits = torch.cat([logits, logits[src]])  # [len(group), V]

@@ -35,7 +35,7 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch
     if bad.any():
         raise ValueError(f"sampling: the probabilities of row {int(bad.nonzero()[0, 0])} are NaN, inf or all zero")
     u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device).double() * total[:, None]  # [B, 1]
-    return torch.searchsorted(cdf, u, right=True)[:, 0].clamp_(max=probs.shape[-1] - 1)
+    return torch.searchsorted(cdf, u, right=True)[:, 0]
 
 
 def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,

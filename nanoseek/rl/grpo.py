@@ -152,7 +152,7 @@ class Rollouts:
     truncated: torch.Tensor  # [N]
     weights: torch.Tensor  # [N, T-1] the loss variant's token weights
     adv: torch.Tensor  # [N]
-    rows: list[int]  # the rows that enter the update
+    rows: list[int]  # the rows that enter the update (a masked truncation carries no gradient)
     old: torch.Tensor | None  # [N, T-1] the sampler's log-probs (overlap mode), else None
     gen_s: float
 
@@ -240,7 +240,7 @@ def grpo(args: GRPOArgs, model=None, tokenizer=None) -> dict:
         mask = mask * keep[:, None].float()
         return Rollouts(problems, comps, scores, rewards, informative, seqs, mask, truncated,
                         token_weights(mask, a.loss, max_len=a.max_new_tokens + 1), adv.reshape(-1),
-                        keep.nonzero()[:, 0].tolist(),
+                        mask.any(1).nonzero()[:, 0].tolist(),  # informative rows with a counted token
                         sampler_logprobs(rep, comps, mask.shape[1]) if a.overlap else None, gen_s)
 
     def update(ro: Rollouts, step: int) -> tuple[dict, float, float]:
@@ -251,8 +251,7 @@ def grpo(args: GRPOArgs, model=None, tokenizer=None) -> dict:
             g["lr"] = lr
         stats = {"clip_fraction": 0.0, "kl": 0.0, "entropy": float("nan"), "loss": 0.0}
         grad_norm = float("nan")
-        counts = ro.mask.any(1).tolist()
-        rows = [r for r in ro.rows if counts[r]]  # (a masked truncation carries no gradient)
+        rows = ro.rows
         if not rows:
             totals["skipped_steps"] += 1
             return stats, grad_norm, lr
