@@ -49,8 +49,11 @@ class Recipe:
     seq_len: int = 128
     pretrain_lr: float = 2e-3
     rl_steps: int = 200  # seed 0 on 2 CPU cores, torch 2.13: +14.0 points at 150 steps, +15.6 at 200 (RESULTS.md)
-    rl_lr: float = 5e-5  # far below the pretraining lr: binary rewards make noisy gradients
+    # far below the pretraining lr (binary rewards make noisy gradients), decayed to a tenth along a
+    # cosine: over 8 seeds +19.7 points against +18.5 at a constant 5e-5 (RESULTS.md, thirteenth sweep)
+    rl_lr: float = 8e-5
     rl_warmup: int = 10
+    rl_min_lr_ratio: float = 0.1  # after the warm-up: cosine decay to rl_lr * this (1: constant)
     rl_mu: int = 1  # optimizer steps per batch of rollouts (2, at 120 steps for the same time: -2.5 points, LOG)
     prompts_per_step: int = 32
     group_size: int = 8
@@ -122,6 +125,17 @@ def measure(model_dir: str, task, problems, k: int, max_new_tokens: int, device:
         engine.close()
 
 
+def rl_args(rc: Recipe, model_dir: str, out: str, seed: int, eval_problems: int, **extra):
+    """The quickstart's GRPO settings for `nanoseek.rl.grpo` (extra: GRPOArgs fields)."""
+    from .rl import GRPOArgs
+    return GRPOArgs(model=model_dir, task=f"countdown:n_numbers={rc.n_numbers},test_size={eval_problems}", out=out,
+                    max_steps=rc.rl_steps, prompts_per_step=rc.prompts_per_step, group_size=rc.group_size,
+                    temperature=rc.temperature, max_new_tokens=rc.max_new_tokens, lr=rc.rl_lr,
+                    warmup_steps=rc.rl_warmup, min_lr_ratio=rc.rl_min_lr_ratio, mu=rc.rl_mu, loss=rc.loss, beta=0.0,
+                    reward=rc.reward, max_seconds=rc.rl_seconds, seed=seed, eval_every=rc.rl_eval_every,
+                    eval_problems=eval_problems, **extra)
+
+
 def _control_job(spec: dict) -> dict:
     """The control: more supervised training from the pretrained checkpoint (for `max_seconds`,
     or for as long as the job behind `pace_file` runs), then the same evaluation as GRPO's."""
@@ -156,36 +170,19 @@ def _read_control(ctl_dir: str, exitcode: int | None) -> dict:
     return json.load(open(path))
 
 
-def quickstart(out: str = "runs/quickstart", recipe: Recipe | None = None, control: bool = True,
-               eval_problems: int = 500, k: int = 8, seed: int = 0, name: str = "quickstart",
-               register: bool = True, progress: bool = True, device: str | None = None,
-               alongside: bool | None = None) -> dict:
-    """The whole quickstart (module docstring). `alongside`: run the control next to GRPO, each on
-    half of torch's threads (default: when there are at least 4, so that each job keeps 2; on 2
-    cores GRPO and then the control each use both, which keeps GRPO's numerics those of the recorded
-    runs: one-thread GRPO gains as much on average over 7 seeds, but at seed 0 on a 2-core machine
-    it gained +13.8 instead of +15.6, dev/LOG.md)."""
+def pretrain_stage(out: str, rc: Recipe, eval_problems: int, seed: int, progress: bool = True,
+                   device: str | None = None) -> dict:
+    """Steps 1-3: the task data, the tokenizer and the pretrained model in out/ (pretrain/);
+    returns the task, its held-out problems, the pretraining summary and the shared train settings."""
     import torch
 
-    from .pace import write_pace
-    from .rl import GRPOArgs, grpo
     from .tasks import Countdown
     from .tokenizer import BOS, train_bpe
     from .train import TrainArgs, train
 
     torch.manual_seed(seed)
-    t_all = time.time()
-    os.makedirs(out, exist_ok=True)
-    stale = [d for d in ("pretrain", "grpo", "control", "grpo.pace") if os.path.exists(os.path.join(out, d))]
-    if stale:  # each stage starts from nothing: no earlier checkpoint, pace or result may leak into this run
-        _log(f"starting over in {out}: removing the previous run's {', '.join(stale)}")
-        for d in stale:
-            path = os.path.join(out, d)
-            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-    rc = recipe or Recipe()
     task = Countdown(n_numbers=rc.n_numbers, test_size=eval_problems)
     test = task.problems("test")
-    max_new = rc.max_new_tokens
 
     # 1-2: data and tokenizer
     data = os.path.join(out, "countdown_train.jsonl")
@@ -212,6 +209,36 @@ def quickstart(out: str = "runs/quickstart", recipe: Recipe | None = None, contr
     pre = train(TrainArgs(data=[data, *rc.text], out=pre_dir, overrides=overrides,
                           lr=rc.pretrain_lr, warmup_steps=100, min_lr_ratio=0.1, max_steps=rc.pretrain_steps,
                           max_seconds=rc.pretrain_seconds, seed=seed, **common))
+    return dict(task=task, test=test, pre_dir=pre_dir, pre=pre, common=common)
+
+
+def quickstart(out: str = "runs/quickstart", recipe: Recipe | None = None, control: bool = True,
+               eval_problems: int = 500, k: int = 8, seed: int = 0, name: str = "quickstart",
+               register: bool = True, progress: bool = True, device: str | None = None,
+               alongside: bool | None = None) -> dict:
+    """The whole quickstart (module docstring). `alongside`: run the control next to GRPO, each on
+    half of torch's threads (default: when there are at least 4, so that each job keeps 2; on 2
+    cores GRPO and then the control each use both, which keeps GRPO's numerics those of the recorded
+    runs: one-thread GRPO gains as much on average over 7 seeds, but at seed 0 on a 2-core machine
+    it gained +13.8 instead of +15.6, dev/LOG.md)."""
+    import torch
+
+    from .pace import write_pace
+    from .rl import grpo
+
+    torch.manual_seed(seed)
+    t_all = time.time()
+    os.makedirs(out, exist_ok=True)
+    stale = [d for d in ("pretrain", "grpo", "control", "grpo.pace") if os.path.exists(os.path.join(out, d))]
+    if stale:  # each stage starts from nothing: no earlier checkpoint, pace or result may leak into this run
+        _log(f"starting over in {out}: removing the previous run's {', '.join(stale)}")
+        for d in stale:
+            path = os.path.join(out, d)
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    rc = recipe or Recipe()
+    stage = pretrain_stage(out, rc, eval_problems, seed, progress, device)
+    task, test, pre_dir, pre, common = (stage[key] for key in ("task", "test", "pre_dir", "pre", "common"))
+    max_new = rc.max_new_tokens
     before = measure(pre_dir, task, test, k, max_new, device, rc.eval_context)
     _log(f"before RL: greedy accuracy {before['accuracy']:.3f} (strict {before['accuracy_strict']:.3f}), "
          f"pass@{k} {before[f'pass_at_{k}']:.3f}")
@@ -222,7 +249,7 @@ def quickstart(out: str = "runs/quickstart", recipe: Recipe | None = None, contr
     rl_dir, ctl_dir = os.path.join(out, "grpo"), os.path.join(out, "control")
     threads = torch.get_num_threads()
     on_cpu = (device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cpu"
-    alongside = control and threads >= 2 and (threads >= 4 and on_cpu if alongside is None else alongside)
+    alongside = control and threads >= 2 and (on_cpu if alongside is None else alongside)
     ctl_spec = dict(data=os.path.join(pre_dir, "data"), out=ctl_dir, model=pre_dir, lr=rc.control_lr, seed=seed + 1,
                     common={**common, "progress": progress and not alongside}, n_numbers=rc.n_numbers, eval_problems=eval_problems, k=k,
                     max_new=max_new, device=device, eval_context=rc.eval_context, threads=threads // 2,
@@ -241,13 +268,8 @@ def quickstart(out: str = "runs/quickstart", recipe: Recipe | None = None, contr
         _log(f"GRPO for {_budget(rc.rl_steps, rc.rl_seconds)} (rule-based reward, no demonstrations"
              + ("; each step's rollouts sampled during the previous update)" if overlap else ")"))
     try:
-        rl = grpo(GRPOArgs(model=pre_dir, task=f"countdown:n_numbers={rc.n_numbers},test_size={eval_problems}",
-                           out=rl_dir, max_steps=rc.rl_steps, prompts_per_step=rc.prompts_per_step,
-                           group_size=rc.group_size, temperature=rc.temperature, max_new_tokens=max_new, lr=rc.rl_lr,
-                           warmup_steps=rc.rl_warmup, mu=rc.rl_mu, loss=rc.loss, beta=0.0, reward=rc.reward,
-                           max_seconds=rc.rl_seconds, seed=seed, progress=progress, device=device,
-                           pace_file=ctl_spec["pace_file"], overlap=overlap, eval_every=rc.rl_eval_every,
-                           eval_problems=eval_problems))
+        rl = grpo(rl_args(rc, pre_dir, rl_dir, seed, eval_problems, progress=progress, device=device,
+                          pace_file=ctl_spec["pace_file"], overlap=overlap))
         if proc is not None:
             write_pace(ctl_spec["pace_file"], 1.0)  # the control stops at its next step
             if not proc.is_alive() and proc.exitcode != 0:  # say so now, not after GRPO's evaluation
@@ -339,7 +361,9 @@ def add_quickstart_command(sub) -> None:
     s.add_argument("--no-control", dest="control", action="store_false",
                    help="skip the control run (more supervised training for the same time)")
     s.add_argument("--control-alongside", dest="alongside", action="store_true", default=None,
-                   help="run the control next to GRPO on half of the threads each (default: with 4+ threads)")
+                   help="run the control next to GRPO on half of the CPU threads each (the default on a CPU)")
+    s.add_argument("--control-after", dest="alongside", action="store_false",
+                   help="run the control after GRPO, each on all threads (the default on a GPU)")
     s.add_argument("--overlap", action="store_true", default=None,
                    help="sample each GRPO step's rollouts during the previous update, half of the CPU threads "
                         "each (one step off-policy; ~0.8x the RL and control time, ~12 min on 2 cores)")

@@ -108,7 +108,12 @@ def lr_at(step: int, a: TrainArgs, elapsed: float = 0.0, paced: float = 0.0) -> 
     if a.max_seconds:
         progress = max(progress, elapsed / a.max_seconds)
     progress = max(progress, paced)
-    return a.lr * (a.min_lr_ratio + (1 - a.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+    return a.lr * cosine_factor(progress, a.min_lr_ratio)
+
+
+def cosine_factor(progress: float, min_ratio: float) -> float:
+    """The cosine schedule's lr multiplier: 1 at progress 0, min_ratio from progress 1 on."""
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
 # ------------------------------------------------------------------------------ checkpoints

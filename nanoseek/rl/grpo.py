@@ -48,6 +48,7 @@ class GRPOArgs:
     max_new_tokens: int = 64
     lr: float = 5e-5
     warmup_steps: int = 10
+    min_lr_ratio: float = 1.0  # after warm-up, cosine decay to lr * this at the end (1: constant lr)
     beta1: float = 0.9
     beta2: float = 0.99
     weight_decay: float = 0.0
@@ -89,6 +90,8 @@ class GRPOArgs:
                 raise ValueError(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(self, name)}")
         if self.reward not in ("strict", "lenient"):
             raise ValueError(f"--reward: strict or lenient, got {self.reward!r}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"--min-lr-ratio: between 0 and 1, got {self.min_lr_ratio}")
         if self.beta < 0:
             raise ValueError(f"--beta: must be >= 0, got {self.beta}")
         if self.overlap and self.top_p < 1.0:
@@ -165,7 +168,7 @@ def grpo(args: GRPOArgs, model=None, tokenizer=None) -> dict:
     from ..tasks.base import check_all, score_reward
     from ..tasks.evaluate import encode_prompts
     from ..tokenizer import Tokenizer
-    from ..train import MetricsLog, _say, load_trainer_state, resume_point, save_checkpoint
+    from ..train import MetricsLog, _say, cosine_factor, load_trainer_state, resume_point, save_checkpoint
 
     a = args.validate()
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -246,7 +249,12 @@ def grpo(args: GRPOArgs, model=None, tokenizer=None) -> dict:
     def update(ro: Rollouts, step: int) -> tuple[dict, float, float]:
         """The policy update(s) on one batch of rollouts -> (stats of the first pass, grad norm, lr)."""
         model.train()
-        lr = a.lr * min(1.0, (step + 1) / max(1, a.warmup_steps))  # linear warm-up, then constant
+        lr = a.lr * min(1.0, (step + 1) / max(1, a.warmup_steps))  # linear warm-up
+        if a.min_lr_ratio != 1.0 and step >= a.warmup_steps:  # then cosine decay over the rest of the run
+            progress = (step - a.warmup_steps) / max(1, a.max_steps - a.warmup_steps)
+            if a.max_seconds:
+                progress = max(progress, loop_s / a.max_seconds)
+            lr = a.lr * cosine_factor(progress, a.min_lr_ratio)
         for g in opt.param_groups:
             g["lr"] = lr
         stats = {"clip_fraction": 0.0, "kl": 0.0, "entropy": float("nan"), "loss": 0.0}

@@ -1,0 +1,117 @@
+"""GRPO recipe variants over many seeds on a many-core CPU host: pretrain each seed once (2 cores
+each, the quickstart's pretraining exactly), then run every (variant, seed) GRPO stage on one core
+(one thread, the arithmetic of `nanoseek quickstart --control-alongside` on 2 cores) and measure
+held-out greedy accuracy before and after.
+
+    python dev/sweep_rl.py --out /tmp/sw --seeds 0-7 -- base '' cos1e-4 'rl_lr=1e-4,rl_min_lr_ratio=0.1'
+
+Variants are Recipe overrides (k=v,...). Prints a table and a final JSON line."""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.bench_quickstart import parse_overrides  # noqa: E402
+
+PRETRAIN = r"""
+import json, sys, torch
+torch.set_num_threads(2)
+from nanoseek.quickstart import Recipe, measure, pretrain_stage
+out, seed = sys.argv[1], int(sys.argv[2])
+rc = Recipe(**json.loads(sys.argv[3]))
+st = pretrain_stage(out, rc, 500, seed, progress=False, device="cpu")
+r = measure(st["pre_dir"], st["task"], st["test"], 0, rc.max_new_tokens, "cpu", rc.eval_context)
+print("RESULT " + json.dumps({"accuracy": r["accuracy"], "accuracy_strict": r["accuracy_strict"],
+                              "seconds": st["pre"]["seconds"]}), flush=True)
+"""
+
+RL = r"""
+import json, sys, torch
+torch.set_num_threads(1)
+from nanoseek.quickstart import Recipe, measure, rl_args
+from nanoseek.rl import grpo
+from nanoseek.tasks import Countdown
+pre_dir, out, seed, spec = sys.argv[1], sys.argv[2], int(sys.argv[3]), json.loads(sys.argv[4])
+rc = Recipe(**spec)
+rl = grpo(rl_args(rc, pre_dir, out, seed, 500, progress=False, device="cpu"))
+task = Countdown(n_numbers=rc.n_numbers, test_size=500)
+r = measure(out, task, task.problems("test"), 0, rc.max_new_tokens, "cpu", rc.eval_context)
+print("RESULT " + json.dumps({"accuracy": r["accuracy"], "accuracy_strict": r["accuracy_strict"],
+                              "seconds": rl["seconds"]}), flush=True)
+"""
+
+
+def run(code: str, args: list[str], cores: list[int], log: str) -> dict:
+    cmd = ["taskset", "-c", ",".join(map(str, cores)), sys.executable, "-c", code, *args]
+    with open(log, "w") as f:  # the RESULT line goes to the log too, so a cut-off sweep keeps what finished
+        p = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, text=True)
+    lines = [ln for ln in open(log) if ln.startswith("RESULT ")]
+    if p.returncode or not lines:
+        return {"error": f"exit {p.returncode}, see {log}"}
+    return json.loads(lines[-1][7:])
+
+
+def seeds_of(text: str) -> list[int]:
+    lo, _, hi = text.partition("-")
+    return list(range(int(lo), int(hi or lo) + 1))
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("pairs", nargs="+", help="NAME OVERRIDES pairs (Recipe fields)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--seeds", default="0-7")
+    p.add_argument("--recipe", default="", help="overrides for every run, pretraining included (k=v,...)")
+    a = p.parse_args()
+    variants = dict(zip(a.pairs[::2], a.pairs[1::2]))
+    seeds = seeds_of(a.seeds)
+    base = parse_overrides(a.recipe)
+    cores = sorted(os.sched_getaffinity(0))
+    os.makedirs(a.out, exist_ok=True)
+    t0 = time.time()
+    with ThreadPoolExecutor(len(cores) // 2) as pool:  # pretraining: 2 cores per seed
+        futs = {s: pool.submit(run, PRETRAIN, [f"{a.out}/s{s}", str(s), json.dumps(base)], cores[2 * (i % (len(cores) // 2)):][:2],
+                               f"{a.out}/s{s}.pretrain.log") for i, s in enumerate(seeds)}
+        before = {s: f.result() for s, f in futs.items()}
+    print(f"pretraining done in {time.time() - t0:.0f} s: {before}", file=sys.stderr, flush=True)
+    jobs = [(v, s) for v in variants for s in seeds]
+    free = list(cores)
+    results = {}
+    with ThreadPoolExecutor(len(cores)) as pool:
+        def one(job, core):
+            v, s = job
+            r = run(RL, [f"{a.out}/s{s}/pretrain", f"{a.out}/s{s}/{v}", str(s), json.dumps({**base, **parse_overrides(variants[v])})],
+                    [core], f"{a.out}/s{s}.{v}.log")
+            return job, r
+        futs = [pool.submit(one, job, free[i % len(free)]) for i, job in enumerate(jobs)]
+        for f in futs:
+            job, r = f.result()
+            results[job] = r
+    print("\n| variant | " + " | ".join(f"seed {s}" for s in seeds) + " | mean gain |")
+    print("|---|" + "---|" * (len(seeds) + 1))
+    summary = {}
+    for v in variants:
+        gains = []
+        cells = []
+        for s in seeds:
+            r, b = results[(v, s)], before[s]
+            if "error" in r or "error" in b:
+                cells.append("error")
+                continue
+            g = 100 * (r["accuracy"] - b["accuracy"])
+            gains.append(g)
+            cells.append(f"{100 * b['accuracy']:.1f} -> {100 * r['accuracy']:.1f} ({g:+.1f}, {r['seconds']:.0f} s)")
+        mean = sum(gains) / max(len(gains), 1)
+        summary[v] = {"gains": gains, "mean": mean, "override": variants[v]}
+        print(f"| {v} | " + " | ".join(cells) + f" | {mean:+.1f} |")
+    print(json.dumps({"before": before, "variants": summary,
+                      "runs": {f"{v}/{s}": r for (v, s), r in results.items()}, "seconds": time.time() - t0}))
+
+
+if __name__ == "__main__":
+    main()
