@@ -46,6 +46,8 @@ def main():
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--pretrain-lr", type=float, default=1e-3)
     p.add_argument("--rl-lr", type=float, default=2e-5)
+    p.add_argument("--rl-min-lr-ratio", type=float, default=1.0,
+                   help="cosine decay of the RL lr to this fraction (1: constant, as in the recorded runs)")
     p.add_argument("--prompts", type=int, default=64)
     p.add_argument("--group", type=int, default=8)
     p.add_argument("--eval-problems", type=int, default=500)
@@ -68,6 +70,7 @@ def main():
                 text=(a.text,) if a.text else (), tokenizer_size=4096 if a.text else 300,
                 batch_size=a.batch_size, seq_len=a.seq_len, pretrain_lr=a.pretrain_lr, pretrain_steps=1_000_000,
                 pretrain_seconds=a.pretrain_seconds, rl_steps=1_000_000, rl_seconds=a.rl_seconds, rl_lr=a.rl_lr,
+                rl_min_lr_ratio=a.rl_min_lr_ratio,
                 prompts_per_step=a.prompts, group_size=a.group, eval_context=128)
     t0 = time.time()
     r = quickstart(out=a.out, recipe=rc, control=not a.no_control, eval_problems=a.eval_problems, register=False,

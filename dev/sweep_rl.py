@@ -1,6 +1,6 @@
 """GRPO recipe variants over many seeds on a many-core CPU host: pretrain each seed once (2 cores
 each, the quickstart's pretraining exactly), then run every (variant, seed) GRPO stage on one core
-(one thread, the arithmetic of `nanoseek quickstart --control-alongside` on 2 cores) and measure
+(one thread by default: the arithmetic of `nanoseek quickstart` on 2 cores, the control alongside) and measure
 held-out greedy accuracy before and after.
 
     python dev/sweep_rl.py --out /tmp/sw --seeds 0-7 -- base '' cos1e-4 'rl_lr=1e-4,rl_min_lr_ratio=0.1'
@@ -10,6 +10,7 @@ Variants are Recipe overrides (k=v,...). Prints a table and a final JSON line.""
 import argparse
 import json
 import os
+import queue
 import subprocess
 import sys
 import time
@@ -32,7 +33,7 @@ print("RESULT " + json.dumps({"accuracy": r["accuracy"], "accuracy_strict": r["a
 
 RL = r"""
 import json, sys, torch
-torch.set_num_threads(1)
+torch.set_num_threads(int(sys.argv[5]))
 from nanoseek.quickstart import Recipe, measure, rl_args
 from nanoseek.rl import grpo
 from nanoseek.tasks import Countdown
@@ -66,6 +67,7 @@ def main():
     p.add_argument("pairs", nargs="+", help="NAME OVERRIDES pairs (Recipe fields)")
     p.add_argument("--out", required=True)
     p.add_argument("--seeds", default="0-7")
+    p.add_argument("--rl-threads", type=int, default=1, help="threads (cores) per GRPO run")
     p.add_argument("--recipe", default="", help="overrides for every run, pretraining included (k=v,...)")
     a = p.parse_args()
     variants = dict(zip(a.pairs[::2], a.pairs[1::2]))
@@ -80,15 +82,25 @@ def main():
         before = {s: f.result() for s, f in futs.items()}
     print(f"pretraining done in {time.time() - t0:.0f} s: {before}", file=sys.stderr, flush=True)
     jobs = [(v, s) for v in variants for s in seeds]
-    free = list(cores)
+    n = a.rl_threads
+    slots = [cores[i:i + n] for i in range(0, len(cores) - n + 1, n)]
     results = {}
-    with ThreadPoolExecutor(len(cores)) as pool:
-        def one(job, core):
-            v, s = job
-            r = run(RL, [f"{a.out}/s{s}/pretrain", f"{a.out}/s{s}/{v}", str(s), json.dumps({**base, **parse_overrides(variants[v])})],
-                    [core], f"{a.out}/s{s}.{v}.log")
-            return job, r
-        futs = [pool.submit(one, job, free[i % len(free)]) for i, job in enumerate(jobs)]
+    free = queue.Queue()
+    for slot in slots:
+        free.put(slot)
+
+    def one(job):
+        v, s = job
+        spec = json.dumps({**base, **parse_overrides(variants[v])})
+        slot = free.get()  # a job holds its cores until it ends
+        try:
+            return job, run(RL, [f"{a.out}/s{s}/pretrain", f"{a.out}/s{s}/{v}", str(s), spec, str(n)], slot,
+                            f"{a.out}/s{s}.{v}.log")
+        finally:
+            free.put(slot)
+
+    with ThreadPoolExecutor(len(slots)) as pool:
+        futs = [pool.submit(one, job) for job in jobs]
         for f in futs:
             job, r = f.result()
             results[job] = r

@@ -1,4 +1,4 @@
-"""`nanoseek quickstart`: the whole DeepSeek-R1 story on a laptop CPU (about 12 minutes on 2 cores).
+"""`nanoseek quickstart`: the whole DeepSeek-R1 story on a laptop CPU (about 9 minutes on 2 cores).
 
 1. generate Countdown problems (a held-out test set of 500 that training never sees);
 2. train a byte-level BPE tokenizer (digits kept apart) on the worked solutions;
@@ -8,10 +8,11 @@
 5. GRPO with the rule-based verifier only (no demonstrations) for a fixed number of steps; measure
    again;
 6. the honest control: more supervised training from the same checkpoint for exactly as long as
-   GRPO ran, measured the same way (`--no-control` skips it; `--json` always runs it). With 4+
-   threads (or `--control-alongside`) it runs next to GRPO on the other half of them, following
-   GRPO's progress through a pace file (same wall time, same share of the machine): on 2 cores
-   that saves ~140 s but runs GRPO on one thread (see `quickstart`);
+   GRPO ran, measured the same way (`--no-control` skips it; `--json` always runs it). On a CPU
+   it runs next to GRPO on the other half of the threads, following GRPO's progress through a
+   pace file (same wall time, same share of the machine; on 2 cores GRPO and the control get one
+   core each, ~140 s faster than one after the other); on a GPU, or with `--control-after`, it
+   runs after GRPO on the same device;
 7. put the RL model into the local model store and say how to chat with it and serve it.
 """
 
@@ -48,9 +49,9 @@ class Recipe:
     batch_size: int = 16
     seq_len: int = 128
     pretrain_lr: float = 2e-3
-    rl_steps: int = 200  # seed 0 on 2 CPU cores, torch 2.13: +14.0 points at 150 steps, +15.6 at 200 (RESULTS.md)
+    rl_steps: int = 200  # at a constant 5e-5: +17.3 points at 150 steps (5 seeds), +17.6 at 200 (4 seeds); RESULTS.md
     # far below the pretraining lr (binary rewards make noisy gradients), decayed to a tenth along a
-    # cosine: over 8 seeds +19.7 points against +18.5 at a constant 5e-5 (RESULTS.md, thirteenth sweep)
+    # cosine: over 16 seeds +18.9 points against +17.2 at a constant 5e-5 (RESULTS.md, 13th-15th sweeps)
     rl_lr: float = 8e-5
     rl_warmup: int = 10
     rl_min_lr_ratio: float = 0.1  # after the warm-up: cosine decay to rl_lr * this (1: constant)
@@ -61,9 +62,9 @@ class Recipe:
     loss: str = "dapo"
     reward: str = "strict"  # the answer and every worked step checked (lenient: the answer alone)
     # CPU: sample each GRPO step's rollouts during the previous step's update, on half of the threads
-    # each (one step off-policy): 0.8x the RL time and, over 7 seeds on 2-core slices, the same gain
-    # (+18.1 vs +17.1 points), but +12.8 instead of +15.6 at seed 0 on a 2-core machine with
-    # torch 2.13 (RESULTS.md), so it is opt-in (`--overlap`)
+    # each (one step off-policy): 0.8x the RL time of sequential GRPO and, over 7 seeds on 2-core
+    # slices, the same gain (+18.1 vs +17.1 points, constant lr); the control then runs after GRPO,
+    # which makes the whole run longer than with the control alongside (RESULTS.md), so opt-in
     overlap: bool = False
     rl_eval_every: int = 0  # also measure held-out greedy accuracy every N GRPO steps (grpo/metrics.jsonl)
     control_lr: float = 1e-3
@@ -217,10 +218,10 @@ def quickstart(out: str = "runs/quickstart", recipe: Recipe | None = None, contr
                register: bool = True, progress: bool = True, device: str | None = None,
                alongside: bool | None = None) -> dict:
     """The whole quickstart (module docstring). `alongside`: run the control next to GRPO, each on
-    half of torch's threads (default: when there are at least 4, so that each job keeps 2; on 2
-    cores GRPO and then the control each use both, which keeps GRPO's numerics those of the recorded
-    runs: one-thread GRPO gains as much on average over 7 seeds, but at seed 0 on a 2-core machine
-    it gained +13.8 instead of +15.6, dev/LOG.md)."""
+    half of torch's threads (default: on a CPU with 2+ threads, unless the recipe overlaps GRPO's
+    rollouts with its updates; False: the control after GRPO, on all threads). On 2 cores GRPO then
+    runs on one thread, whose floating-point sums (and so rollouts) differ from two threads'; on
+    another host both gained alike (seeds 0-3: +19.9 and +19.6 points, RESULTS.md)."""
     import torch
 
     from .pace import write_pace
@@ -249,7 +250,10 @@ def quickstart(out: str = "runs/quickstart", recipe: Recipe | None = None, contr
     rl_dir, ctl_dir = os.path.join(out, "grpo"), os.path.join(out, "control")
     threads = torch.get_num_threads()
     on_cpu = (device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cpu"
-    alongside = control and threads >= 2 and (on_cpu if alongside is None else alongside)
+    if alongside and rc.overlap:
+        raise ValueError("quickstart: --overlap splits the threads between GRPO's rollouts and updates, so the control "
+                         "cannot run alongside; use --control-after (the default with --overlap)")
+    alongside = control and threads >= 2 and (on_cpu and not rc.overlap if alongside is None else alongside)
     ctl_spec = dict(data=os.path.join(pre_dir, "data"), out=ctl_dir, model=pre_dir, lr=rc.control_lr, seed=seed + 1,
                     common={**common, "progress": progress and not alongside}, n_numbers=rc.n_numbers, eval_problems=eval_problems, k=k,
                     max_new=max_new, device=device, eval_context=rc.eval_context, threads=threads // 2,
@@ -354,7 +358,7 @@ def cmd_quickstart(args) -> int:
 
 
 def add_quickstart_command(sub) -> None:
-    s = sub.add_parser("quickstart", help="pretrain a nano DeepSeek-V3 on Countdown, then GRPO; ~12 min on 2 CPU cores")
+    s = sub.add_parser("quickstart", help="pretrain a nano DeepSeek-V3 on Countdown, then GRPO; ~9 min on 2 CPU cores")
     s.add_argument("--out", default="runs/quickstart")
     s.add_argument("--pretrain-steps", type=int, help=f"default {Recipe.pretrain_steps}")
     s.add_argument("--rl-steps", type=int, help=f"default {Recipe.rl_steps}")
@@ -366,7 +370,7 @@ def add_quickstart_command(sub) -> None:
                    help="run the control after GRPO, each on all threads (the default on a GPU)")
     s.add_argument("--overlap", action="store_true", default=None,
                    help="sample each GRPO step's rollouts during the previous update, half of the CPU threads "
-                        "each (one step off-policy; ~0.8x the RL and control time, ~12 min on 2 cores)")
+                        "each (one step off-policy; the control then runs after GRPO)")
     s.add_argument("--eval-problems", type=int, default=500)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--name", default="quickstart", help="name in the local model store")

@@ -280,14 +280,16 @@ def test_overlap_is_refused_where_it_cannot_work(tmp_path):
 
 def test_grpo_resume_is_exact(tmp_path, tiny_cfg):
     """Stopped after 3 steps and resumed to 6 == 6 steps in one go: same rollouts, same weights,
-    same optimizer state, the metrics log without duplicates (mu 2 and a KL reference included).
+    same optimizer state, the same learning rates (warm-up, then cosine decay), the metrics log
+    without duplicates (mu 2 and a KL reference included).
     One thread: with two, CPU backward reductions may sum in a different order from run to run
     (gradient norms then differ in the 6th digit even between two uninterrupted runs)."""
     from nanoseek.model import DeepSeekV3
     from nanoseek.rl import GRPOArgs, grpo
     start, task = _pick_one_setup(tmp_path, tiny_cfg)
     common = dict(model=start, task=task, prompts_per_step=4, group_size=8, temperature=1.0, max_new_tokens=6,
-                  lr=2e-3, warmup_steps=2, mu=2, beta=0.05, reward="lenient", progress=False, save_every=3)
+                  lr=2e-3, warmup_steps=2, min_lr_ratio=0.1, mu=2, beta=0.05, reward="lenient", progress=False,
+                  save_every=3)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -306,6 +308,8 @@ def test_grpo_resume_is_exact(tmp_path, tiny_cfg):
     a, b = recs("whole"), recs("split")
     assert [r["step"] for r in b] == list(range(1, 7))
     assert [r["reward_mean"] for r in a] == [r["reward_mean"] for r in b]
+    cosine = [0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - 2) / 4)) for step in range(2, 6)]  # decays to 0.1x at step 6
+    assert [r["lr"] for r in b] == pytest.approx([1e-3, 2e-3] + [2e-3 * f for f in cosine])
     assert (tmp_path / "split" / "checkpoints" / "step-000006" / "trainer.pt").exists()
     from nanoseek.checkpoint import CheckpointError  # a fresh run there would mix with those checkpoints
     with pytest.raises(CheckpointError, match=r"earlier run's checkpoints \(newest: step 6\).*--resume"):
