@@ -1,15 +1,19 @@
-"""One GRPO variant of the quickstart's RL stage from a given pretrained checkpoint, then the
-quickstart's held-out evaluation: for comparing GRPO settings at one seed without re-pretraining.
+"""The quickstart's GRPO stage alone, from a given pretrained checkpoint, then its held-out greedy
+evaluation: for comparing GRPO settings at one seed without pretraining again.
 
-    taskset -c 0 python dev/rl_variant.py PRETRAIN_DIR OUT --threads 1 temperature=1.0 ...
+    taskset -c 0 python dev/rl_variant.py PRETRAIN_DIR OUT --threads 1 rl_lr=8e-5 rl_min_lr_ratio=0.1
 
-Overrides are GRPOArgs fields (k=v). Prints one JSON line."""
+Overrides are Recipe fields (k=v). Prints one JSON line."""
 
 import argparse
 import json
+import os
 import sys
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.bench_quickstart import parse_overrides  # noqa: E402
 
 
 def main():
@@ -18,23 +22,16 @@ def main():
     p.add_argument("out")
     p.add_argument("overrides", nargs="*")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--k", type=int, default=0, help="pass@k samples in the final evaluation (0: greedy only)")
+    p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
     torch.set_num_threads(a.threads)
-    sys.path.insert(0, ".")
-    from benchmarks.bench_quickstart import parse_overrides
-    from nanoseek.quickstart import Recipe, measure
-    from nanoseek.rl import GRPOArgs, grpo
+    from nanoseek.quickstart import Recipe, measure, rl_args
+    from nanoseek.rl import grpo
     from nanoseek.tasks import Countdown
-    rc = Recipe()
-    args = dict(model=a.model, task=f"countdown:n_numbers={rc.n_numbers},test_size=500", out=a.out,
-                max_steps=rc.rl_steps, prompts_per_step=rc.prompts_per_step, group_size=rc.group_size,
-                temperature=rc.temperature, max_new_tokens=rc.max_new_tokens, lr=rc.rl_lr, warmup_steps=rc.rl_warmup,
-                mu=rc.rl_mu, loss=rc.loss, beta=0.0, reward=rc.reward, seed=0, progress=False, device="cpu")
-    args.update(parse_overrides(",".join(a.overrides)))
-    rl = grpo(GRPOArgs(**args))
+    rc = Recipe(**parse_overrides(",".join(a.overrides)))
+    rl = grpo(rl_args(rc, a.model, a.out, a.seed, 500, progress=False, device="cpu"))
     task = Countdown(n_numbers=rc.n_numbers, test_size=500)
-    res = measure(a.out, task, task.problems("test"), a.k, rc.max_new_tokens, "cpu", rc.eval_context)
+    res = measure(a.out, task, task.problems("test"), 0, rc.max_new_tokens, "cpu", rc.eval_context)
     print(json.dumps({"overrides": a.overrides, "threads": a.threads, "rl_seconds": rl["seconds"], "steps": rl["steps"],
                       "accuracy": res["accuracy"], "accuracy_strict": res["accuracy_strict"]}), flush=True)
 

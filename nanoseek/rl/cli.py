@@ -10,8 +10,8 @@ HELP = {
     "model": "checkpoint directory (with its tokenizer) to start from", "task": "countdown, arithmetic, gsm8k, math, "
     "svamp; options as name:key=value (e.g. countdown:n_numbers=3)", "task_data": "folder of a file task's data",
     "out": "run directory: metrics.jsonl, grpo.png, the final model", "max_seconds": "stop after this much loop time",
-    "group_size": "completions per prompt (G)",
-    "min_lr_ratio": "after the warm-up, cosine decay of the lr to lr x this at the end (1: constant)", "mu": "optimizer steps per rollout batch",
+    "group_size": "completions per prompt (G)", "mu": "optimizer steps per rollout batch",
+    "min_lr_ratio": "after the warm-up, cosine decay of the lr to lr x this at the end (1: constant)",
     "eps_high": "upper clip (default 0.28 for dapo, else --eps)", "beta": "k3 KL penalty weight to the start model",
     "loss": "grpo (sequence mean), dr_grpo (constant normalizer) or dapo (token mean)",
     "scale_rewards": "divide advantages by the group std (turn off for Dr. GRPO)",
