@@ -227,6 +227,10 @@ def quickstart(out: str = "runs/quickstart", recipe: Recipe | None = None, contr
     from .pace import write_pace
     from .rl import grpo
 
+    rc = recipe or Recipe()
+    if alongside and rc.overlap:  # before any work
+        raise ValueError("quickstart: --overlap splits the threads between GRPO's rollouts and updates, so the control "
+                         "cannot run alongside; use --control-after (the default with --overlap)")
     torch.manual_seed(seed)
     t_all = time.time()
     os.makedirs(out, exist_ok=True)
@@ -236,7 +240,6 @@ def quickstart(out: str = "runs/quickstart", recipe: Recipe | None = None, contr
         for d in stale:
             path = os.path.join(out, d)
             shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-    rc = recipe or Recipe()
     stage = pretrain_stage(out, rc, eval_problems, seed, progress, device)
     task, test, pre_dir, pre, common = (stage[key] for key in ("task", "test", "pre_dir", "pre", "common"))
     max_new = rc.max_new_tokens
@@ -250,9 +253,6 @@ def quickstart(out: str = "runs/quickstart", recipe: Recipe | None = None, contr
     rl_dir, ctl_dir = os.path.join(out, "grpo"), os.path.join(out, "control")
     threads = torch.get_num_threads()
     on_cpu = (device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cpu"
-    if alongside and rc.overlap:
-        raise ValueError("quickstart: --overlap splits the threads between GRPO's rollouts and updates, so the control "
-                         "cannot run alongside; use --control-after (the default with --overlap)")
     alongside = control and threads >= 2 and (on_cpu and not rc.overlap if alongside is None else alongside)
     ctl_spec = dict(data=os.path.join(pre_dir, "data"), out=ctl_dir, model=pre_dir, lr=rc.control_lr, seed=seed + 1,
                     common={**common, "progress": progress and not alongside}, n_numbers=rc.n_numbers, eval_problems=eval_problems, k=k,
@@ -349,8 +349,12 @@ def report(r: dict, k: int = 8) -> str:
 
 def cmd_quickstart(args) -> int:
     rc = Recipe(**{k: getattr(args, k) for k in ("pretrain_steps", "rl_steps", "overlap") if getattr(args, k) is not None})
-    r = quickstart(out=args.out, recipe=rc, control=args.control or args.json, eval_problems=args.eval_problems, seed=args.seed,
-                   name=args.name, register=args.register, progress=not args.no_progress, alongside=args.alongside)
+    try:
+        r = quickstart(out=args.out, recipe=rc, control=args.control or args.json, eval_problems=args.eval_problems,
+                       seed=args.seed, name=args.name, register=args.register, progress=not args.no_progress,
+                       alongside=args.alongside)
+    except ValueError as e:
+        raise SystemExit(f"nanoseek {e}") from None
     print(report(r), flush=True)
     if args.json:
         print(json.dumps(r), flush=True)

@@ -161,6 +161,15 @@ def test_quickstart_toy_budget_end_to_end(tmp_path, monkeypatch, alongside, over
         assert (tmp_path / "qs" / "grpo.pace").read_text().strip() == "1.000000"
 
 
+def test_quickstart_refuses_overlap_with_the_control_alongside(tmp_path):
+    """--overlap needs both halves of the threads for GRPO: asked together with the control
+    alongside, the quickstart says so before any work (no folder written)."""
+    from nanoseek.quickstart import Recipe, quickstart
+    with pytest.raises(ValueError, match="--overlap.*--control-after"):
+        quickstart(out=str(tmp_path / "qs"), recipe=Recipe(overlap=True), alongside=True, progress=False)
+    assert not (tmp_path / "qs").exists()
+
+
 def _pick_one_setup(tmp_path, tiny_cfg):
     """A model that answers "1" or "2" half the time each (supervised on both), and a task that
     rewards "1"."""
