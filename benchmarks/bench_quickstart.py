@@ -23,11 +23,11 @@ from nanoseek.quickstart import Recipe, quickstart
 spec = json.loads(sys.argv[1])
 seed = spec.pop("seed", 0)
 control = spec.pop("control", False)
-alongside = spec.pop("alongside", None)  # 1: the control next to GRPO, one thread each
+alongside = bool(spec.pop("alongside", 0))  # 1: the control next to GRPO, one thread each; 0: after it
 evals = spec.pop("eval_problems", 500)
 r = quickstart(out=spec.pop("out"), recipe=Recipe(**spec), control=control or bool(alongside), eval_problems=evals,
                seed=seed, register=False, progress=False, device="cpu",
-               alongside=None if alongside is None else bool(alongside))
+               alongside=alongside)
 print("RESULT " + json.dumps(r), flush=True)
 """
 

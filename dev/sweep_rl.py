@@ -57,6 +57,28 @@ def run(code: str, args: list[str], cores: list[int], log: str) -> dict:
     return json.loads(lines[-1][7:])
 
 
+def slot_list(cores: list[int], width: int) -> list[list[int]]:
+    return [cores[i:i + width] for i in range(0, len(cores) - width + 1, width)]
+
+
+def on_slots(jobs: list, slots: list[list[int]], fn) -> list:
+    """fn(job, cores) for every job, as many at once as there are slots; a job holds its slot's
+    cores until it ends. Returns [(job, result)] in the jobs' order."""
+    free = queue.Queue()
+    for slot in slots:
+        free.put(slot)
+
+    def one(job):
+        slot = free.get()
+        try:
+            return job, fn(job, slot)
+        finally:
+            free.put(slot)
+
+    with ThreadPoolExecutor(len(slots)) as pool:
+        return list(pool.map(one, jobs))
+
+
 def seeds_of(text: str) -> list[int]:
     lo, _, hi = text.partition("-")
     return list(range(int(lo), int(hi or lo) + 1))
@@ -70,40 +92,23 @@ def main():
     p.add_argument("--rl-threads", type=int, default=1, help="threads (cores) per GRPO run")
     p.add_argument("--recipe", default="", help="overrides for every run, pretraining included (k=v,...)")
     a = p.parse_args()
+    if len(a.pairs) % 2:
+        raise SystemExit("sweep_rl: give NAME OVERRIDES pairs ('' for none)")
     variants = dict(zip(a.pairs[::2], a.pairs[1::2]))
     seeds = seeds_of(a.seeds)
     base = parse_overrides(a.recipe)
     cores = sorted(os.sched_getaffinity(0))
+    if a.rl_threads > len(cores) or len(cores) < 2:
+        raise SystemExit(f"sweep_rl: {len(cores)} core(s) here; pretraining needs 2 and each GRPO run {a.rl_threads}")
     os.makedirs(a.out, exist_ok=True)
     t0 = time.time()
-    with ThreadPoolExecutor(len(cores) // 2) as pool:  # pretraining: 2 cores per seed
-        futs = {s: pool.submit(run, PRETRAIN, [f"{a.out}/s{s}", str(s), json.dumps(base)], cores[2 * (i % (len(cores) // 2)):][:2],
-                               f"{a.out}/s{s}.pretrain.log") for i, s in enumerate(seeds)}
-        before = {s: f.result() for s, f in futs.items()}
+    before = dict(on_slots(seeds, slot_list(cores, 2), lambda s, slot: run(
+        PRETRAIN, [f"{a.out}/s{s}", str(s), json.dumps(base)], slot, f"{a.out}/s{s}.pretrain.log")))
     print(f"pretraining done in {time.time() - t0:.0f} s: {before}", file=sys.stderr, flush=True)
-    jobs = [(v, s) for v in variants for s in seeds]
     n = a.rl_threads
-    slots = [cores[i:i + n] for i in range(0, len(cores) - n + 1, n)]
-    results = {}
-    free = queue.Queue()
-    for slot in slots:
-        free.put(slot)
-
-    def one(job):
-        v, s = job
-        spec = json.dumps({**base, **parse_overrides(variants[v])})
-        slot = free.get()  # a job holds its cores until it ends
-        try:
-            return job, run(RL, [f"{a.out}/s{s}/pretrain", f"{a.out}/s{s}/{v}", str(s), spec, str(n)], slot,
-                            f"{a.out}/s{s}.{v}.log")
-        finally:
-            free.put(slot)
-
-    with ThreadPoolExecutor(len(slots)) as pool:
-        futs = [pool.submit(one, job) for job in jobs]
-        for f in futs:
-            job, r = f.result()
-            results[job] = r
+    results = dict(on_slots([(v, s) for v in variants for s in seeds], slot_list(cores, n), lambda job, slot: run(
+        RL, [f"{a.out}/s{job[1]}/pretrain", f"{a.out}/s{job[1]}/{job[0]}", str(job[1]),
+             json.dumps({**base, **parse_overrides(variants[job[0]])}), str(n)], slot, f"{a.out}/s{job[1]}.{job[0]}.log")))
     print("\n| variant | " + " | ".join(f"seed {s}" for s in seeds) + " | mean gain |")
     print("|---|" + "---|" * (len(seeds) + 1))
     summary = {}

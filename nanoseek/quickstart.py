@@ -40,9 +40,10 @@ CHAT_TEMPLATE = "{{ bos_token }}{{ (messages | selectattr('role', 'equalto', 'us
 @dataclass
 class Recipe:
     """The quickstart's fixed budgets (steps, so results do not depend on the machine's speed) and
-    the settings that won in our CPU sweeps (dev/LOG.md 2026-11-28): small pretraining batches (the
-    model needs steps more than tokens), an RL learning rate 40x below the pretraining one, and
-    Countdown with 3 numbers, where a few minutes of pretraining leave pass@8 far above pass@1."""
+    the settings that won in our CPU sweeps (dev/LOG.md): small pretraining batches (the model needs
+    steps more than tokens), an RL learning rate 25x below the pretraining one, decayed along a
+    cosine, and Countdown with 3 numbers, where a few minutes of pretraining leave pass@8 far above
+    pass@1."""
     n_numbers: int = 3
     train_problems: int = 80_000  # worked solutions written for pretraining (and the control)
     pretrain_steps: int = 800  # 800 beat 1000 for the RL gain (4 seeds each, RESULTS.md)
@@ -213,6 +214,14 @@ def pretrain_stage(out: str, rc: Recipe, eval_problems: int, seed: int, progress
     return dict(task=task, test=test, pre_dir=pre_dir, pre=pre, common=common)
 
 
+def check_layout(rc: Recipe, control: bool, alongside: bool | None) -> None:
+    """Refuse settings that cannot share the machine: `--overlap` gives half of the threads to
+    GRPO's rollouts and half to its updates, so no control can run alongside."""
+    if control and alongside and rc.overlap:
+        raise ValueError("quickstart: --overlap splits the threads between GRPO's rollouts and updates, so the control "
+                         "cannot run alongside; use --control-after (the default with --overlap)")
+
+
 def quickstart(out: str = "runs/quickstart", recipe: Recipe | None = None, control: bool = True,
                eval_problems: int = 500, k: int = 8, seed: int = 0, name: str = "quickstart",
                register: bool = True, progress: bool = True, device: str | None = None,
@@ -228,9 +237,7 @@ def quickstart(out: str = "runs/quickstart", recipe: Recipe | None = None, contr
     from .rl import grpo
 
     rc = recipe or Recipe()
-    if alongside and rc.overlap:  # before any work
-        raise ValueError("quickstart: --overlap splits the threads between GRPO's rollouts and updates, so the control "
-                         "cannot run alongside; use --control-after (the default with --overlap)")
+    check_layout(rc, control, alongside)  # before any work
     torch.manual_seed(seed)
     t_all = time.time()
     os.makedirs(out, exist_ok=True)
@@ -349,12 +356,13 @@ def report(r: dict, k: int = 8) -> str:
 
 def cmd_quickstart(args) -> int:
     rc = Recipe(**{k: getattr(args, k) for k in ("pretrain_steps", "rl_steps", "overlap") if getattr(args, k) is not None})
+    control = args.control or args.json
     try:
-        r = quickstart(out=args.out, recipe=rc, control=args.control or args.json, eval_problems=args.eval_problems,
-                       seed=args.seed, name=args.name, register=args.register, progress=not args.no_progress,
-                       alongside=args.alongside)
+        check_layout(rc, control, args.alongside)
     except ValueError as e:
         raise SystemExit(f"nanoseek {e}") from None
+    r = quickstart(out=args.out, recipe=rc, control=control, eval_problems=args.eval_problems, seed=args.seed,
+                   name=args.name, register=args.register, progress=not args.no_progress, alongside=args.alongside)
     print(report(r), flush=True)
     if args.json:
         print(json.dumps(r), flush=True)

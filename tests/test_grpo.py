@@ -168,6 +168,10 @@ def test_quickstart_refuses_overlap_with_the_control_alongside(tmp_path):
     with pytest.raises(ValueError, match="--overlap.*--control-after"):
         quickstart(out=str(tmp_path / "qs"), recipe=Recipe(overlap=True), alongside=True, progress=False)
     assert not (tmp_path / "qs").exists()
+    from nanoseek.cli import main
+    with pytest.raises(SystemExit, match="--overlap.*--control-after"):  # the command says it in one line
+        main(["quickstart", "--overlap", "--control-alongside", "--out", str(tmp_path / "qs")])
+    assert not (tmp_path / "qs").exists()
 
 
 def _pick_one_setup(tmp_path, tiny_cfg):
@@ -317,7 +321,7 @@ def test_grpo_resume_is_exact(tmp_path, tiny_cfg):
     a, b = recs("whole"), recs("split")
     assert [r["step"] for r in b] == list(range(1, 7))
     assert [r["reward_mean"] for r in a] == [r["reward_mean"] for r in b]
-    cosine = [0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - 2) / 4)) for step in range(2, 6)]  # decays to 0.1x at step 6
+    cosine = [0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - 2) / 4)) for step in range(2, 6)]  # 0.23x at step 6 (progress 3/4)
     assert [r["lr"] for r in b] == pytest.approx([1e-3, 2e-3] + [2e-3 * f for f in cosine])
     assert (tmp_path / "split" / "checkpoints" / "step-000006" / "trainer.pt").exists()
     from nanoseek.checkpoint import CheckpointError  # a fresh run there would mix with those checkpoints
