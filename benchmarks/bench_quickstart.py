@@ -25,7 +25,7 @@ seed = spec.pop("seed", 0)
 control = spec.pop("control", False)
 alongside = bool(spec.pop("alongside", 0))  # 1: the control next to GRPO, one thread each; 0: after it
 evals = spec.pop("eval_problems", 500)
-r = quickstart(out=spec.pop("out"), recipe=Recipe(**spec), control=control or bool(alongside), eval_problems=evals,
+r = quickstart(out=spec.pop("out"), recipe=Recipe(**spec), control=control or alongside, eval_problems=evals,
                seed=seed, register=False, progress=False, device="cpu",
                alongside=alongside)
 print("RESULT " + json.dumps(r), flush=True)

@@ -3,7 +3,7 @@ evaluation: for comparing GRPO settings at one seed without pretraining again.
 
     taskset -c 0 python dev/rl_variant.py PRETRAIN_DIR OUT --threads 1 rl_lr=8e-5 rl_min_lr_ratio=0.1
 
-Overrides are Recipe fields (k=v). Prints one JSON line."""
+Overrides are Recipe fields (k=v). Prints one RESULT line of JSON (dev/sweep_rl.py runs this per job)."""
 
 import argparse
 import json
@@ -32,8 +32,9 @@ def main():
     rl = grpo(rl_args(rc, a.model, a.out, a.seed, 500, progress=False, device="cpu"))
     task = Countdown(n_numbers=rc.n_numbers, test_size=500)
     res = measure(a.out, task, task.problems("test"), 0, rc.max_new_tokens, "cpu", rc.eval_context)
-    print(json.dumps({"overrides": a.overrides, "threads": a.threads, "rl_seconds": rl["seconds"], "steps": rl["steps"],
-                      "accuracy": res["accuracy"], "accuracy_strict": res["accuracy_strict"]}), flush=True)
+    print("RESULT " + json.dumps({"overrides": a.overrides, "threads": a.threads, "seconds": rl["seconds"],
+                                  "steps": rl["steps"], "accuracy": res["accuracy"],
+                                  "accuracy_strict": res["accuracy_strict"]}), flush=True)
 
 
 if __name__ == "__main__":

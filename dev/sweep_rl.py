@@ -31,24 +31,12 @@ print("RESULT " + json.dumps({"accuracy": r["accuracy"], "accuracy_strict": r["a
                               "seconds": st["pre"]["seconds"]}), flush=True)
 """
 
-RL = r"""
-import json, sys, torch
-torch.set_num_threads(int(sys.argv[5]))
-from nanoseek.quickstart import Recipe, measure, rl_args
-from nanoseek.rl import grpo
-from nanoseek.tasks import Countdown
-pre_dir, out, seed, spec = sys.argv[1], sys.argv[2], int(sys.argv[3]), json.loads(sys.argv[4])
-rc = Recipe(**spec)
-rl = grpo(rl_args(rc, pre_dir, out, seed, 500, progress=False, device="cpu"))
-task = Countdown(n_numbers=rc.n_numbers, test_size=500)
-r = measure(out, task, task.problems("test"), 0, rc.max_new_tokens, "cpu", rc.eval_context)
-print("RESULT " + json.dumps({"accuracy": r["accuracy"], "accuracy_strict": r["accuracy_strict"],
-                              "seconds": rl["seconds"]}), flush=True)
-"""
+RL_VARIANT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "rl_variant.py")  # one GRPO run, then greedy accuracy
 
 
-def run(code: str, args: list[str], cores: list[int], log: str) -> dict:
-    cmd = ["taskset", "-c", ",".join(map(str, cores)), sys.executable, "-c", code, *args]
+def run(args: list[str], cores: list[int], log: str) -> dict:
+    """`python ARGS` pinned to `cores`; its last RESULT line as a dict."""
+    cmd = ["taskset", "-c", ",".join(map(str, cores)), sys.executable, *args]
     with open(log, "w") as f:  # the RESULT line goes to the log too, so a cut-off sweep keeps what finished
         p = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, text=True)
     lines = [ln for ln in open(log) if ln.startswith("RESULT ")]
@@ -103,12 +91,17 @@ def main():
     os.makedirs(a.out, exist_ok=True)
     t0 = time.time()
     before = dict(on_slots(seeds, slot_list(cores, 2), lambda s, slot: run(
-        PRETRAIN, [f"{a.out}/s{s}", str(s), json.dumps(base)], slot, f"{a.out}/s{s}.pretrain.log")))
+        ["-c", PRETRAIN, f"{a.out}/s{s}", str(s), json.dumps(base)], slot, f"{a.out}/s{s}.pretrain.log")))
     print(f"pretraining done in {time.time() - t0:.0f} s: {before}", file=sys.stderr, flush=True)
     n = a.rl_threads
-    results = dict(on_slots([(v, s) for v in variants for s in seeds], slot_list(cores, n), lambda job, slot: run(
-        RL, [f"{a.out}/s{job[1]}/pretrain", f"{a.out}/s{job[1]}/{job[0]}", str(job[1]),
-             json.dumps({**base, **parse_overrides(variants[job[0]])}), str(n)], slot, f"{a.out}/s{job[1]}.{job[0]}.log")))
+
+    def rl_job(job, slot):
+        v, s = job
+        overrides = [f"{k}={x}" for k, x in {**base, **parse_overrides(variants[v])}.items()]
+        return run([RL_VARIANT, f"{a.out}/s{s}/pretrain", f"{a.out}/s{s}/{v}", *overrides, "--threads", str(n),
+                    "--seed", str(s)], slot, f"{a.out}/s{s}.{v}.log")
+
+    results = dict(on_slots([(v, s) for v in variants for s in seeds], slot_list(cores, n), rl_job))
     print("\n| variant | " + " | ".join(f"seed {s}" for s in seeds) + " | mean gain |")
     print("|---|" + "---|" * (len(seeds) + 1))
     summary = {}

@@ -249,7 +249,8 @@ def grpo(args: GRPOArgs, model=None, tokenizer=None) -> dict:
     def update(ro: Rollouts, step: int) -> tuple[dict, float, float]:
         """The policy update(s) on one batch of rollouts -> (stats of the first pass, grad norm, lr)."""
         model.train()
-        lr = a.lr * min(1.0, (step + 1) / max(1, a.warmup_steps))  # linear warm-up
+        # linear warm-up (its own arithmetic, not train.lr_at's: the recorded runs' lrs bit for bit)
+        lr = a.lr * min(1.0, (step + 1) / max(1, a.warmup_steps))
         if a.min_lr_ratio != 1.0 and step >= a.warmup_steps:  # then cosine decay over the rest of the run
             progress = (step - a.warmup_steps) / max(1, a.max_steps - a.warmup_steps)
             if a.max_seconds:
