@@ -81,6 +81,12 @@ class Recipe:
     eval_context: int = 96
 
 
+# `nanoseek quickstart --smoke`: every stage of the main job for a few steps (about a minute on 2
+# cores), to check an install or a change end to end; its accuracies mean nothing.
+SMOKE = dict(train_problems=2000, pretrain_steps=30, rl_steps=3, prompts_per_step=8, group_size=4, max_new_tokens=32)
+SMOKE_EVAL_PROBLEMS = 32
+
+
 def _log(msg: str) -> None:
     print(f"[quickstart] {msg}", file=sys.stderr, flush=True)
 
@@ -355,14 +361,18 @@ def report(r: dict, k: int = 8) -> str:
 
 
 def cmd_quickstart(args) -> int:
-    rc = Recipe(**{k: getattr(args, k) for k in ("pretrain_steps", "rl_steps", "overlap") if getattr(args, k) is not None})
+    given = {k: getattr(args, k) for k in ("pretrain_steps", "rl_steps", "overlap") if getattr(args, k) is not None}
+    rc = Recipe(**{**(SMOKE if args.smoke else {}), **given})
+    eval_problems = args.eval_problems or (SMOKE_EVAL_PROBLEMS if args.smoke else 500)
+    out = args.out or ("runs/quickstart-smoke" if args.smoke else "runs/quickstart")
+    name = args.name or ("quickstart-smoke" if args.smoke else "quickstart")
     control = args.control or args.json
     try:
         check_layout(rc, control, args.alongside)
     except ValueError as e:
         raise SystemExit(f"nanoseek {e}") from None
-    r = quickstart(out=args.out, recipe=rc, control=control, eval_problems=args.eval_problems, seed=args.seed,
-                   name=args.name, register=args.register, progress=not args.no_progress, alongside=args.alongside)
+    r = quickstart(out=out, recipe=rc, control=control, eval_problems=eval_problems, seed=args.seed,
+                   name=name, register=args.register, progress=not args.no_progress, alongside=args.alongside)
     print(report(r), flush=True)
     if args.json:
         print(json.dumps(r), flush=True)
@@ -371,7 +381,10 @@ def cmd_quickstart(args) -> int:
 
 def add_quickstart_command(sub) -> None:
     s = sub.add_parser("quickstart", help="pretrain a nano DeepSeek-V3 on Countdown, then GRPO; ~9 min on 2 CPU cores")
-    s.add_argument("--out", default="runs/quickstart")
+    s.add_argument("--out", help="run folder (default runs/quickstart, with --smoke runs/quickstart-smoke)")
+    s.add_argument("--smoke", action="store_true",
+                   help="every stage for a few steps (about a minute): checks the install end to end, "
+                        "its accuracies mean nothing")
     s.add_argument("--pretrain-steps", type=int, help=f"default {Recipe.pretrain_steps}")
     s.add_argument("--rl-steps", type=int, help=f"default {Recipe.rl_steps}")
     s.add_argument("--no-control", dest="control", action="store_false",
@@ -383,9 +396,9 @@ def add_quickstart_command(sub) -> None:
     s.add_argument("--overlap", action="store_true", default=None,
                    help="sample each GRPO step's rollouts during the previous update, half of the CPU threads "
                         "each (one step off-policy; the control then runs after GRPO)")
-    s.add_argument("--eval-problems", type=int, default=500)
+    s.add_argument("--eval-problems", type=int, help=f"held-out problems (default 500, with --smoke {SMOKE_EVAL_PROBLEMS})")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--name", default="quickstart", help="name in the local model store")
+    s.add_argument("--name", help="name in the local model store (default quickstart, with --smoke quickstart-smoke)")
     s.add_argument("--no-register", dest="register", action="store_false", help="do not add the model to the store")
     s.add_argument("--no-progress", action="store_true")
     s.add_argument("--json", action="store_true", help="also print the results as one JSON line (runs the control)")

@@ -175,8 +175,8 @@ def test_quickstart_refuses_overlap_with_the_control_alongside(tmp_path):
 
 
 def _pick_one_setup(tmp_path, tiny_cfg):
-    """A model that answers "1" or "2" half the time each (supervised on both), and a task that
-    rewards "1"."""
+    """A model that answers "1" or "2" half the time each (supervised on both, then its output rows
+    for the two tied so that the coin is exactly fair), and a task that rewards "1"."""
     from nanoseek.model import DeepSeekV3
     from nanoseek.tasks import Problem, Task
     from nanoseek.tokenizer import train_bpe
@@ -200,6 +200,15 @@ def _pick_one_setup(tmp_path, tiny_cfg):
         opt.zero_grad()
         loss.backward()
         opt.step()
+    one, two = tok.encode("1"), tok.encode("2")
+    assert len(one) == len(two) == 1, (one, two)
+    with torch.no_grad():  # tied output rows: "1" and "2" equally likely everywhere, by construction
+        model.lm_head.weight[two[0]] = model.lm_head.weight[one[0]]
+        prefix = torch.tensor([tok.encode("a|<answer>", add_bos=True)])
+        p = model(prefix)[0, -1].softmax(-1)
+    assert p[one[0]] == p[two[0]] and p[one[0]] + p[two[0]] > 0.9, (
+        f"the supervised start did not learn the answer format: P('1') + P('2') after '<answer>' is "
+        f"{(p[one[0]] + p[two[0]]).item():.3f}")
     model.save_pretrained(str(tmp_path / "sft"))
     tok.save(str(tmp_path / "sft"))
     return str(tmp_path / "sft"), PickOne()
@@ -238,16 +247,18 @@ def test_grpo_raises_reward_on_a_toy_task(tmp_path, tiny_cfg, overlap):
         pytest.skip("overlap needs 2+ threads")
     start, task = _pick_one_setup(tmp_path, tiny_cfg)
     out = tmp_path / "grpo"
-    summary = grpo(GRPOArgs(model=start, task=task, out=str(out), max_steps=20,
-                            prompts_per_step=4, group_size=8, temperature=1.0, max_new_tokens=6, lr=2e-3,
+    # lr 1e-3: at 2e-3 the overlapped run can collapse (dev/LOG.md, 2026-12-07)
+    summary = grpo(GRPOArgs(model=start, task=task, out=str(out), max_steps=30,
+                            prompts_per_step=4, group_size=8, temperature=1.0, max_new_tokens=6, lr=1e-3,
                             warmup_steps=1, reward="lenient", loss="grpo", progress=False, save=False,
                             overlap=overlap))
     recs = [json.loads(line) for line in open(out / "metrics.jsonl") if "reward_mean" in line]
     first = sum(r["reward_mean"] for r in recs[:4]) / 4
     last = sum(r["reward_mean"] for r in recs[-4:]) / 4
-    assert 0.2 < first < 0.8, first  # the start really is a coin flip
+    assert 0.2 < first < 0.8, first  # the start is a fair coin (tied rows), sampled 128 times
+    print(f"reward over the first 4 steps {first:.3f}, the last 4 {last:.3f}")
     assert last > first + 0.25 and last > 0.8, (first, last)
-    assert summary["steps"] == 20
+    assert summary["steps"] == 30
     if overlap:  # off-policy rows: the ratio differs from 1, so the clip acts on some tokens
         assert any(r["clip_fraction"] > 0 for r in recs)
 

@@ -5,6 +5,7 @@ import os
 
 import pytest
 import torch
+import transformers  # noqa: F401 - the [test] extra installs it: missing is a broken install, not a skip
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -12,7 +13,6 @@ from conftest import randomized_model
 from hf_util import V3_WIDE_KW, make_hf_v2, make_hf_v3
 from nanoseek import DeepSeekV3, ModelConfig
 
-pytest.importorskip("transformers")
 TOL = 1e-4
 
 

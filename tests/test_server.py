@@ -10,6 +10,8 @@ import threading
 import time
 
 import httpx
+import ollama  # the [test] extra installs both clients: a missing one is a broken install, not a skip
+import openai
 import pytest
 import torch
 
@@ -17,35 +19,22 @@ from nanoseek import DeepSeekV3
 from nanoseek.chat import render_chat, split_thinking
 from nanoseek.server import Handler, ThinkSplitter, make_server
 from nanoseek.store import Store
-from nanoseek.tokenizer import train_bpe
-from test_store import CORPUS, make_checkpoint, tiny_config
+from fixtures.make_fixtures import ANSWER, MEMORIZER, QUESTION, REPLY, THINKING
 
-openai = pytest.importorskip("openai")
-ollama = pytest.importorskip("ollama")
-
-QUESTION = "What is two plus two?"
-THINKING = "Two plus two is four."
-ANSWER = "Four."
-REPLY = f"<think>\n{THINKING}\n</think>\n\n{ANSWER}"
 CONTEXT = 256
 KEY = "sk-test-key"
 
 
-def memorizing_model(tok):
-    """A tiny model trained until its greedy reply to QUESTION is REPLY + EOS (R1-style thinking)."""
+def check_memorizer(path):
+    """The fixture's precondition, checked before any test leans on it: its greedy reply to QUESTION
+    is REPLY + EOS (tests/fixtures/make_fixtures.py made it with a wide logit margin)."""
+    from nanoseek.tokenizer import Tokenizer
+    model, tok = DeepSeekV3.from_pretrained(path), Tokenizer.from_dir(path)
     prompt = tok.encode(render_chat(tok, [{"role": "user", "content": QUESTION}]))
-    ids = torch.tensor([prompt + tok.encode(REPLY) + [tok.eos_id]])
-    P = len(prompt)
-    model = DeepSeekV3.from_config(tiny_config(), seed=0)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    for _ in range(300):
-        loss = torch.nn.functional.cross_entropy(model(ids[:, :-1])[0, P - 1:], ids[0, P:])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if loss.item() < 0.02:
-            break
-    return model.eval()
+    want = tok.encode(REPLY) + [tok.eos_id]
+    got = model.generate(torch.tensor([prompt]), max_new_tokens=len(want))[0, len(prompt):].tolist()
+    assert got == want, (f"the fixture model {path} did not reproduce its memorized reply: its greedy output "
+                         f"was {tok.decode(got)!r}, not {REPLY!r} + EOS")
 
 
 def start(store, **kw):
@@ -60,10 +49,9 @@ def home(tmp_path_factory):
     # threads) make multi-threaded kernels stall
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    tok = train_bpe(CORPUS, 512)
-    src = make_checkpoint(tmp_path_factory.mktemp("src"), memorizing_model(tok), tok)
+    check_memorizer(MEMORIZER)
     store = Store(str(tmp_path_factory.mktemp("home")))
-    store.create("tiny", src)
+    store.create("tiny", MEMORIZER)
     yield store
     torch.set_num_threads(threads)
 
@@ -401,7 +389,15 @@ def test_bad_input_through_clients(oa, ol):
         list(ol.chat(model="tiny", messages=[{"role": "user", "content": "word " * 400}], stream=True))
 
 
-def test_client_disconnect_mid_stream(server, url):
+def test_client_disconnect_mid_stream(server, url, monkeypatch):
+    from nanoseek.engine import Engine
+    decode_step = Engine._decode_step
+
+    def slow_step(self):  # 240 tokens take >= 1.2 s on any machine: the clients below leave mid-generation
+        time.sleep(0.005)
+        decode_step(self)
+
+    monkeypatch.setattr(Engine, "_decode_step", slow_step)
     port = server.server_address[1]
     body = json.dumps({"model": "tiny", "prompt": "hello", "max_tokens": 240, "stream": True,
                        "ignore_eos": True}).encode()

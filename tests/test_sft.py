@@ -279,17 +279,17 @@ def shift_setup(tmp_path):
 
 
 def test_distill_plumbing(tmp_path):
-    """A teacher that learned a fixed reply answers through the engine (thinking kept), the verifier
-    reports its pass rate, the student is fine-tuned on the kept replies; one command."""
-    tok, train_set, prompts, _ = shift_setup(tmp_path)
-    teacher0 = save_model(tmp_path / "t0", tok, seed=0)
-    fixed = [{"prompt": "shift " + " ".join(t), "completion": "<think>a b</think>b c"} for t in train_set[:40]]
-    run_sft(TrainArgs(data=[write_jsonl(tmp_path / "t.jsonl", fixed)], model=teacher0, out=str(tmp_path / "teacher"),
-                      max_steps=20, batch_size=4, seq_len=48, lr=1e-2, progress=False, eval_every=100), SFTOptions())
+    """A teacher that learned a fixed reply (a fixture: its greedy reply to every "shift x y z" is
+    TEACHER_REPLY) answers through the engine (thinking kept), the verifier reports its pass rate,
+    the student is fine-tuned on the kept replies; one command."""
+    from fixtures.make_fixtures import SHIFT_TEACHER, TEACHER_REPLY
+    assert TEACHER_REPLY == "<think>a b</think>b c"
+    _, _, prompts, _ = shift_setup(tmp_path)
+    tok = Tokenizer.from_dir(SHIFT_TEACHER)
     recs = [{"prompt": "shift " + " ".join(t), "answer": "b c" if i % 2 else "c d"} for i, t in enumerate(prompts[:12])]
     recs.append({"answer": "x"})  # a bad prompt record: reported, skipped
     student = save_model(tmp_path / "student", tok, seed=1)
-    p = subprocess.run([sys.executable, "-m", "nanoseek", "distill", "--teacher", str(tmp_path / "teacher"),
+    p = subprocess.run([sys.executable, "-m", "nanoseek", "distill", "--teacher", SHIFT_TEACHER,
                         "--student", student, "--prompts", write_jsonl(tmp_path / "p.jsonl", recs),
                         "--out", str(tmp_path / "out"), "--max-new-tokens", "16", "--max-steps", "2",
                         "--batch-size", "2", "--seq-len", "64", "--lora", "2", "--no-progress", "--json"],
@@ -298,7 +298,7 @@ def test_distill_plumbing(tmp_path):
     s = json.loads(p.stdout.strip().splitlines()[-1])
     d = s["distill"]
     assert d["prompts"] == 12 and d["bad_prompts"] == 1 and d["verifier"] == "exact" and d["verified"] == 12
-    assert d["pass_rate"] == d["passed"] / 12 and 0 < d["passed"] < 12  # the odd ones pass
+    assert d["passed"] == 6 and d["pass_rate"] == 0.5  # the odd ones, whose answer is the teacher's "b c"
     assert d["kept"] == d["passed"] and s["sft"]["mode"] == "lora-2" and "pass rate" in p.stdout
     kept = [json.loads(line) for line in open(tmp_path / "out" / "distill" / "train.jsonl")]
     assert all(k["messages"][-1]["content"].startswith("<think>") for k in kept)  # thinking kept

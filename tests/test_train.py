@@ -79,7 +79,7 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path, text_file):
     # a half-written checkpoint left by a crash is never picked up
     (run / "checkpoints" / ".tmp-step-000099-1").mkdir(parents=True)
     out = last_json(cli(*common, "--out", str(run), "--save-every", "2", "--resume"))
-    assert out["resumed_from_step"] >= 4
+    assert 4 <= out["resumed_from_step"] < 12  # killed mid-run, so it really resumed
     got = {r["step"]: r["loss"] for r in metrics(run) if "loss" in r}
     assert sorted(got) == list(range(1, 13))
     for s in range(1, 13):
