@@ -1,11 +1,18 @@
-"""GRPO recipe variants over many seeds on a many-core CPU host: pretrain each seed once (2 cores
-each, the quickstart's pretraining exactly), then run every (variant, seed) GRPO stage on one core
-(one thread by default: the arithmetic of `nanoseek quickstart` on 2 cores, the control alongside) and measure
-held-out greedy accuracy before and after.
+"""GRPO recipe variants over many seeds on a many-core CPU host, chosen on the validation set and
+reported once on the test set:
+
+1. pretrain each seed once (2 cores each, the quickstart's pretraining exactly);
+2. run every (variant, seed) GRPO stage on one core (one thread by default: the arithmetic of
+   `nanoseek quickstart` on 2 cores, the control alongside) and measure greedy accuracy on the
+   validation set only;
+3. pick the variant with the best mean validation gain (`--pick`; or `--fixed NAME`);
+4. for that variant alone: the control (more supervised training from the same checkpoint for
+   each seed's GRPO time, on as many threads), then the test set, before RL, after RL and for the
+   control.
 
     python dev/sweep_rl.py --out /tmp/sw --seeds 0-7 -- base '' cos1e-4 'rl_lr=1e-4,rl_min_lr_ratio=0.1'
 
-Variants are Recipe overrides (k=v,...). Prints a table and a final JSON line."""
+Variants are Recipe overrides (k=v,...). Prints the tables and a final JSON line."""
 
 import argparse
 import json
@@ -18,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.bench_quickstart import parse_overrides  # noqa: E402
+from nanoseek.quickstart import Recipe, train_common  # noqa: E402
 
 PRETRAIN = r"""
 import json, sys, torch
@@ -26,9 +34,35 @@ from nanoseek.quickstart import Recipe, measure, pretrain_stage
 out, seed = sys.argv[1], int(sys.argv[2])
 rc = Recipe(**json.loads(sys.argv[3]))
 st = pretrain_stage(out, rc, 500, seed, progress=False, device="cpu")
-r = measure(st["pre_dir"], st["task"], st["test"], 0, rc.max_new_tokens, "cpu", rc.eval_context)
-print("RESULT " + json.dumps({"accuracy": r["accuracy"], "accuracy_strict": r["accuracy_strict"],
+r = measure(st["pre_dir"], st["task"], st["task"].problems("val"), 0, rc.max_new_tokens, "cpu", rc.eval_context)
+print("RESULT " + json.dumps({"val": r["accuracy"], "val_strict": r["accuracy_strict"],
                               "seconds": st["pre"]["seconds"]}), flush=True)
+"""
+
+# the control for one seed: more supervised training from its pretrained model for its GRPO time
+CONTROL = r"""
+import json, sys, torch
+spec = json.loads(sys.argv[1])
+torch.set_num_threads(spec.pop("threads"))
+from nanoseek.quickstart import control_train
+r = control_train(spec)
+r = {"steps": r["step"], "seconds": r["seconds"]}
+print("RESULT " + json.dumps(r), flush=True)
+"""
+
+# greedy accuracy of checkpoints on one split
+EVALUATE = r"""
+import json, sys, torch
+torch.set_num_threads(1)
+from nanoseek.quickstart import Recipe, measure, task_spec
+from nanoseek.tasks import get_task
+rc, split, dirs = Recipe(**json.loads(sys.argv[1])), sys.argv[2], sys.argv[3:]
+task = get_task(task_spec(rc, 500))
+out = {}
+for d in dirs:
+    r = measure(d, task, task.problems(split), 0, rc.max_new_tokens, "cpu", rc.eval_context)
+    out[d] = {"accuracy": r["accuracy"], "accuracy_strict": r["accuracy_strict"]}
+print("RESULT " + json.dumps(out), flush=True)
 """
 
 RL_VARIANT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "rl_variant.py")  # one GRPO run, then greedy accuracy
@@ -79,6 +113,8 @@ def main():
     p.add_argument("--seeds", default="0-7")
     p.add_argument("--rl-threads", type=int, default=1, help="threads (cores) per GRPO run")
     p.add_argument("--recipe", default="", help="overrides for every run, pretraining included (k=v,...)")
+    p.add_argument("--fixed", help="report this variant on the test set (default: the best mean validation gain)")
+    p.add_argument("--no-control", action="store_true")
     a = p.parse_args()
     if len(a.pairs) % 2:
         raise SystemExit("sweep_rl: give NAME OVERRIDES pairs ('' for none)")
@@ -102,25 +138,81 @@ def main():
                     "--seed", str(s)], slot, f"{a.out}/s{s}.{v}.log")
 
     results = dict(on_slots([(v, s) for v in variants for s in seeds], slot_list(cores, n), rl_job))
-    print("\n| variant | " + " | ".join(f"seed {s}" for s in seeds) + " | mean gain |")
-    print("|---|" + "---|" * (len(seeds) + 1))
+    print(f"GRPO done at {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
+
+    def pct(x):
+        return f"{100 * x:.1f}"
+
+    print("\nValidation set (250 problems), greedy accuracy before -> after GRPO (gain):\n")
+    print("| variant | " + " | ".join(f"seed {s}" for s in seeds) + " | mean gain | min gain |")
+    print("|---|" + "---|" * (len(seeds) + 2))
     summary = {}
     for v in variants:
-        gains = []
-        cells = []
+        gains, cells = [], []
         for s in seeds:
             r, b = results[(v, s)], before[s]
             if "error" in r or "error" in b:
                 cells.append("error")
                 continue
-            g = 100 * (r["accuracy"] - b["accuracy"])
+            g = 100 * (r["val"] - b["val"])
             gains.append(g)
-            cells.append(f"{100 * b['accuracy']:.1f} -> {100 * r['accuracy']:.1f} ({g:+.1f}, {r['seconds']:.0f} s)")
+            cells.append(f"{pct(b['val'])} -> {pct(r['val'])} ({g:+.1f})")
         mean = sum(gains) / max(len(gains), 1)
-        summary[v] = {"gains": gains, "mean": mean, "override": variants[v]}
-        print(f"| {v} | " + " | ".join(cells) + f" | {mean:+.1f} |")
-    print(json.dumps({"before": before, "variants": summary,
-                      "runs": {f"{v}/{s}": r for (v, s), r in results.items()}, "seconds": time.time() - t0}))
+        summary[v] = {"val_gains": gains, "val_mean_gain": mean, "override": variants[v]}
+        print(f"| {v} | " + " | ".join(cells) + f" | {mean:+.1f} | {min(gains, default=float('nan')):+.1f} |")
+    chosen = a.fixed or max(variants, key=lambda v: (len(summary[v]["val_gains"]), summary[v]["val_mean_gain"]))
+    print(f"\nchosen on the validation set: {chosen} ({variants[chosen] or 'the Recipe defaults'})", flush=True)
+
+    controls = {}
+    if not a.no_control:
+        def control_job(s, slot):
+            rc = {**base, **parse_overrides(variants[chosen])}
+            spec = dict(data=f"{a.out}/s{s}/pretrain/data", out=f"{a.out}/s{s}/control", model=f"{a.out}/s{s}/pretrain",
+                        lr=rc.get("control_lr", 1e-3), seed=s + 1, max_seconds=results[(chosen, s)]["seconds"],
+                        pace_file=None, threads=n, common=train_common(Recipe(**rc), f"{a.out}/s{s}/tokenizer",
+                                                                      progress=False, device="cpu"))
+            return run(["-c", CONTROL, json.dumps(spec)], slot, f"{a.out}/s{s}.control.log")
+        controls = dict(on_slots(seeds, slot_list(cores, n), control_job))
+        print(f"controls done at {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
+
+    # the test set, once, for the chosen variant only
+    rc_chosen = {**base, **parse_overrides(variants[chosen])}
+    kinds = {"before": "pretrain", "grpo": chosen, **({} if a.no_control else {"control": "control"})}
+    test = dict(on_slots(seeds, slot_list(cores, 1), lambda s, slot: run(
+        ["-c", EVALUATE, json.dumps(rc_chosen), "test", *[f"{a.out}/s{s}/{d}" for d in kinds.values()]],
+        slot, f"{a.out}/s{s}.test.log")))
+    print(f"\nTest set (500 problems), {chosen}, greedy accuracy (lenient / strict):\n")
+    print("| seed | after pretraining | after GRPO | gain | control | GRPO - control | GRPO s | control steps |")
+    print("|---|---|---|---|---|---|---|---|")
+    rows = []
+    for s in seeds:
+        t = test[s]
+        if "error" in t:
+            print(f"| {s} | error | | | | | | |")
+            continue
+        acc = {k: t[f"{a.out}/s{s}/{d}"] for k, d in kinds.items()}
+        row = {"seed": s, **{f"{k}": acc[k]["accuracy"] for k in acc}, **{f"{k}_strict": acc[k]["accuracy_strict"] for k in acc},
+               "grpo_seconds": results[(chosen, s)]["seconds"], "control_steps": controls.get(s, {}).get("steps")}
+        rows.append(row)
+        ctl = acc.get("control", {"accuracy": float("nan"), "accuracy_strict": float("nan")})
+        print(f"| {s} | {pct(acc['before']['accuracy'])} / {pct(acc['before']['accuracy_strict'])} | "
+              f"{pct(acc['grpo']['accuracy'])} / {pct(acc['grpo']['accuracy_strict'])} | "
+              f"{100 * (acc['grpo']['accuracy'] - acc['before']['accuracy']):+.1f} | "
+              f"{pct(ctl['accuracy'])} / {pct(ctl['accuracy_strict'])} | "
+              f"{100 * (acc['grpo']['accuracy'] - ctl['accuracy']):+.1f} | {row['grpo_seconds']:.0f} | {row['control_steps']} |")
+    if rows:
+        import statistics
+        for key in ("before", "grpo", "control"):
+            vals = [100 * r[key] for r in rows if key in r]
+            if len(vals) > 1:
+                print(f"{key}: mean {statistics.mean(vals):.1f}%, sd {statistics.stdev(vals):.1f}, "
+                      f"range {min(vals):.1f}-{max(vals):.1f} over {len(vals)} seeds")
+        gains = [100 * (r["grpo"] - r["before"]) for r in rows]
+        print(f"gain from GRPO: mean {statistics.mean(gains):+.1f}, sd {statistics.stdev(gains) if len(gains) > 1 else 0:.1f}, "
+              f"range {min(gains):+.1f} to {max(gains):+.1f}")
+    print(json.dumps({"before_val": before, "variants": summary, "chosen": chosen, "test": rows,
+                      "runs": {f"{v}/{s}": r for (v, s), r in results.items()}, "controls": controls,
+                      "seconds": time.time() - t0}))
 
 
 if __name__ == "__main__":

@@ -40,22 +40,25 @@ CHAT_TEMPLATE = "{{ bos_token }}{{ (messages | selectattr('role', 'equalto', 'us
 @dataclass
 class Recipe:
     """The quickstart's fixed budgets (steps, so results do not depend on the machine's speed) and
-    the settings that won in our CPU sweeps (dev/LOG.md): small pretraining batches (the model needs
-    steps more than tokens), an RL learning rate 25x below the pretraining one, decayed along a
-    cosine, and Countdown with 3 numbers, where a few minutes of pretraining leave pass@8 far above
-    pass@1."""
+    the settings of our CPU sweeps (dev/LOG.md): small pretraining batches (the model needs steps
+    more than tokens), a constant RL learning rate 40x below the pretraining one, and Countdown with
+    3 numbers, where a few minutes of pretraining leave pass@8 far above pass@1. Settings are
+    compared on the validation set; the test set is only reported."""
     n_numbers: int = 3
+    # a validation set, disjoint from the test set and from training, on which recipes are compared
+    # (dev/sweep_rl.py); the test set is for the final report alone
+    val_problems: int = 250
     train_problems: int = 80_000  # worked solutions written for pretraining (and the control)
-    pretrain_steps: int = 800  # 800 beat 1000 for the RL gain (4 seeds each, RESULTS.md)
+    pretrain_steps: int = 800
     batch_size: int = 16
     seq_len: int = 128
     pretrain_lr: float = 2e-3
-    rl_steps: int = 200  # at a constant 5e-5: +17.3 points at 150 steps (5 seeds), +17.6 at 200 (4 seeds); RESULTS.md
-    # far below the pretraining lr (binary rewards make noisy gradients), decayed to a tenth along a
-    # cosine: over 16 seeds +18.9 points against +17.2 at a constant 5e-5 (RESULTS.md, 13th-15th sweeps)
-    rl_lr: float = 8e-5
+    rl_steps: int = 200
+    # far below the pretraining lr (binary rewards make noisy gradients), constant after the warm-up:
+    # chosen on the validation set over a cosine decay from 8e-5 (benchmarks/RESULTS.md, 2026-12-07)
+    rl_lr: float = 5e-5
     rl_warmup: int = 10
-    rl_min_lr_ratio: float = 0.1  # after the warm-up: cosine decay to rl_lr * this (1: constant)
+    rl_min_lr_ratio: float = 1.0  # after the warm-up: cosine decay to rl_lr * this (1: constant)
     rl_mu: int = 1  # optimizer steps per batch of rollouts (2, at 120 steps for the same time: -2.5 points, LOG)
     prompts_per_step: int = 32
     group_size: int = 8
@@ -133,10 +136,15 @@ def measure(model_dir: str, task, problems, k: int, max_new_tokens: int, device:
         engine.close()
 
 
+def task_spec(rc: Recipe, eval_problems: int) -> str:
+    """The quickstart's task: Countdown with a test set of `eval_problems` and the validation set."""
+    return f"countdown:n_numbers={rc.n_numbers},test_size={eval_problems},val_size={rc.val_problems}"
+
+
 def rl_args(rc: Recipe, model_dir: str, out: str, seed: int, eval_problems: int, **extra):
     """The quickstart's GRPO settings for `nanoseek.rl.grpo` (extra: GRPOArgs fields)."""
     from .rl import GRPOArgs
-    return GRPOArgs(model=model_dir, task=f"countdown:n_numbers={rc.n_numbers},test_size={eval_problems}", out=out,
+    return GRPOArgs(model=model_dir, task=task_spec(rc, eval_problems), out=out,
                     max_steps=rc.rl_steps, prompts_per_step=rc.prompts_per_step, group_size=rc.group_size,
                     temperature=rc.temperature, max_new_tokens=rc.max_new_tokens, lr=rc.rl_lr,
                     warmup_steps=rc.rl_warmup, min_lr_ratio=rc.rl_min_lr_ratio, mu=rc.rl_mu, loss=rc.loss, beta=0.0,
@@ -144,15 +152,20 @@ def rl_args(rc: Recipe, model_dir: str, out: str, seed: int, eval_problems: int,
                     eval_problems=eval_problems, **extra)
 
 
-def _control_job(spec: dict) -> dict:
-    """The control: more supervised training from the pretrained checkpoint (for `max_seconds`,
-    or for as long as the job behind `pace_file` runs), then the same evaluation as GRPO's."""
-    from .tasks import Countdown
+def control_train(spec: dict) -> dict:
+    """The control's training: more supervised training from the pretrained checkpoint (for
+    `max_seconds`, or for as long as the job behind `pace_file` runs)."""
     from .train import TrainArgs, train
-    ctl = train(TrainArgs(data=[spec["data"]], out=spec["out"], model=spec["model"], lr=spec["lr"], warmup_steps=50,
-                          min_lr_ratio=0.1, max_steps=100_000, max_seconds=spec.get("max_seconds"),
-                          pace_file=spec["pace_file"], seed=spec["seed"], **spec["common"]))
-    task = Countdown(n_numbers=spec["n_numbers"], test_size=spec["eval_problems"])
+    return train(TrainArgs(data=[spec["data"]], out=spec["out"], model=spec["model"], lr=spec["lr"], warmup_steps=50,
+                           min_lr_ratio=0.1, max_steps=100_000, max_seconds=spec.get("max_seconds"),
+                           pace_file=spec["pace_file"], seed=spec["seed"], **spec["common"]))
+
+
+def _control_job(spec: dict) -> dict:
+    """The control (`control_train`), then the same evaluation as GRPO's."""
+    from .tasks import get_task
+    ctl = control_train(spec)
+    task = get_task(spec["task"])
     c = measure(spec["out"], task, task.problems("test"), spec["k"], spec["max_new"], spec["device"], spec["eval_context"])
     return {**c, "seconds": ctl["seconds"], "steps": ctl["step"]}
 
@@ -178,18 +191,25 @@ def _read_control(ctl_dir: str, exitcode: int | None) -> dict:
     return json.load(open(path))
 
 
+def train_common(rc: Recipe, tok_dir: str, progress: bool = True, device: str | None = None) -> dict:
+    """The TrainArgs that pretraining and the control share."""
+    return dict(tokenizer=tok_dir, preset="nano", batch_size=rc.batch_size, seq_len=rc.seq_len, weight_decay=0.1,
+                eval_every=0, eval_batches=4, val_fraction=0.01, mtp_depth=0, keep_last=1, progress=progress,
+                json=False, device=device)
+
+
 def pretrain_stage(out: str, rc: Recipe, eval_problems: int, seed: int, progress: bool = True,
                    device: str | None = None) -> dict:
     """Steps 1-3: the task data, the tokenizer and the pretrained model in out/ (pretrain/);
     returns the task, its held-out problems, the pretraining summary and the shared train settings."""
     import torch
 
-    from .tasks import Countdown
+    from .tasks import get_task
     from .tokenizer import BOS, train_bpe
     from .train import TrainArgs, train
 
     torch.manual_seed(seed)
-    task = Countdown(n_numbers=rc.n_numbers, test_size=eval_problems)
+    task = get_task(task_spec(rc, eval_problems))
     test = task.problems("test")
 
     # 1-2: data and tokenizer
@@ -201,14 +221,12 @@ def pretrain_stage(out: str, rc: Recipe, eval_problems: int, seed: int, progress
     tokenizer = train_bpe(docs, rc.tokenizer_size, split_digits=True)
     tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.save(tok_dir)
-    _log(f"{rc.train_problems:,} Countdown problems with worked solutions -> {data}; held-out test: {len(test)} "
-         f"problems never trained on; tokenizer -> {tok_dir}")
+    _log(f"{rc.train_problems:,} Countdown problems with worked solutions -> {data}; held out, never trained on: "
+         f"{len(test)} test and {rc.val_problems} validation problems; tokenizer -> {tok_dir}")
 
     # 3: pretraining (supervised, on the worked solutions)
     vocab = tokenizer.vocab_size
-    common = dict(tokenizer=tok_dir, preset="nano", batch_size=rc.batch_size, seq_len=rc.seq_len,
-                  weight_decay=0.1, eval_every=0, eval_batches=4, val_fraction=0.01, mtp_depth=0,
-                  keep_last=1, progress=progress, json=False, device=device)
+    common = train_common(rc, tok_dir, progress, device)
     pre_dir = os.path.join(out, "pretrain")
     _log(f"pretraining a DeepSeek-V3 (MLA + DeepSeekMoE) for {_budget(rc.pretrain_steps, rc.pretrain_seconds)}")
     overrides = {**QUICKSTART_MODEL, **(rc.model or {}), "vocab_size": vocab}
@@ -268,7 +286,7 @@ def quickstart(out: str = "runs/quickstart", recipe: Recipe | None = None, contr
     on_cpu = (device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cpu"
     alongside = control and threads >= 2 and (on_cpu and not rc.overlap if alongside is None else alongside)
     ctl_spec = dict(data=os.path.join(pre_dir, "data"), out=ctl_dir, model=pre_dir, lr=rc.control_lr, seed=seed + 1,
-                    common={**common, "progress": progress and not alongside}, n_numbers=rc.n_numbers, eval_problems=eval_problems, k=k,
+                    common={**common, "progress": progress and not alongside}, task=task_spec(rc, eval_problems), k=k,
                     max_new=max_new, device=device, eval_context=rc.eval_context, threads=threads // 2,
                     pace_file=os.path.join(out, "grpo.pace") if alongside else None)
     proc = None

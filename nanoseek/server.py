@@ -46,6 +46,7 @@ import ipaddress
 import json
 import logging
 import math
+import os
 import queue
 import re
 import select
@@ -58,7 +59,13 @@ from dataclasses import dataclass, field
 
 log = logging.getLogger("nanoseek.server")
 
-MAX_BODY = 32 << 20
+MAX_BODY = 4 << 20  # a request body larger than this is refused unread (413)
+# Browser origins served without --allow-origin: pages on this machine and desktop-app webviews
+# (the same defaults as Ollama's OLLAMA_ORIGINS). A page from anywhere else gets a 403, so a site
+# that rebinds its DNS name to 127.0.0.1 cannot drive a loopback server from a browser.
+DEFAULT_ORIGINS = tuple(f"{scheme}://{host}{port}" for scheme in ("http", "https")
+                        for host in ("localhost", "127.0.0.1", "[::1]", "0.0.0.0") for port in ("", ":*")) + (
+    "app://*", "file://*", "tauri://*", "vscode-webview://*", "vscode-file://*")
 MAX_N = 8
 MAX_TOP_LOGPROBS = 20
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
@@ -494,12 +501,32 @@ class ChoiceState:
 
 
 # ============================================================================ HTTP
+def host_allowed(host_header: str | None, bind_host: str) -> bool:
+    """A loopback server answers only requests addressed to a loopback name (localhost, *.localhost,
+    127.x, ::1) or to its bind address: the DNS-rebinding defence. Other binds answer any Host."""
+    if not host_header or not _is_loopback(bind_host):
+        return True
+    name = host_header.strip().lower()
+    name = name[1:name.index("]")] if name.startswith("[") and "]" in name else name.rsplit(":", 1)[0]
+    return name in ("localhost", bind_host.lower()) or name.endswith(".localhost") or _is_loopback(name)
+
+
+def origin_allowed(origin: str | None, allowed: tuple[str, ...]) -> bool:
+    """No Origin header (curl, SDKs, servers) is always fine; a browser's Origin must match one of
+    `allowed` (fnmatch patterns: `*` for any, `http://localhost:*`, `https://app.example.com`)."""
+    import fnmatch
+    return origin is None or any(fnmatch.fnmatchcase(origin.lower(), a.lower()) for a in allowed)
+
+
 class App:
     def __init__(self, store=None, api_key: str | None = None, context_length: int = 4096, max_batch: int = 16,
-                 device: str | None = None, dtype=None):
+                 device: str | None = None, dtype=None, bind_host: str = "127.0.0.1",
+                 allow_origins: tuple[str, ...] = ()):
         from .store import Store
         self.store = store or Store()
         self.api_key = api_key or None
+        self.bind_host = bind_host
+        self.origins = DEFAULT_ORIGINS + tuple(allow_origins)
         self.models = ModelManager(self.store, context_length, max_batch, device, dtype)
         self.active_requests = 0
         self.cancelled_requests = 0
@@ -542,9 +569,12 @@ class Server(http.server.ThreadingHTTPServer):
 
 
 def make_server(host: str = "127.0.0.1", port: int = 11434, api_key: str | None = None, store=None,
-                context_length: int = 4096, max_batch: int = 16, device: str | None = None, dtype=None) -> Server:
-    """A ready server (call serve_forever(); port 0 picks a free port: server.server_address[1])."""
-    return Server((host, port), App(store, api_key, context_length, max_batch, device, dtype))
+                context_length: int = 4096, max_batch: int = 16, device: str | None = None, dtype=None,
+                allow_origins: tuple[str, ...] = ()) -> Server:
+    """A ready server (call serve_forever(); port 0 picks a free port: server.server_address[1]).
+    `allow_origins`: browser origins allowed beyond DEFAULT_ORIGINS (fnmatch patterns, `*` for any)."""
+    return Server((host, port), App(store, api_key, context_length, max_batch, device, dtype, host,
+                                    tuple(allow_origins)))
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
@@ -564,8 +594,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def _error_body(self, err: APIError) -> dict:
         if self._openai():
-            kind = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-                    413: "invalid_request_error"}.get(err.status, "api_error" if err.status < 500 else "server_error")
+            kind = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                    404: "not_found_error", 413: "invalid_request_error"}.get(err.status, "api_error" if err.status < 500 else "server_error")
             return {"error": {"message": err.message, "type": kind, "param": err.param,
                               "code": err.code or err.status}}
         return {"error": err.message}
@@ -679,11 +709,39 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def do_DELETE(self):
         self._dispatch("DELETE")
 
-    def do_OPTIONS(self):
+    def do_OPTIONS(self):  # a CORS preflight, or a plain OPTIONS
+        self._sent = self._streaming = False
+        try:
+            self._check_caller()
+        except APIError as e:
+            self.close_connection = True
+            return self._fail(e)
         self.send_response(204)
         self.send_header("Allow", "GET, HEAD, POST, DELETE, OPTIONS")
+        if self.headers.get("Origin"):
+            self.send_header("Access-Control-Allow-Methods", "GET, HEAD, POST, DELETE, OPTIONS")
+            self.send_header("Access-Control-Allow-Headers", "Authorization, Content-Type")
+            self.send_header("Access-Control-Max-Age", "600")
         self.send_header("Content-Length", "0")
         self.end_headers()
+
+    def end_headers(self):
+        origin = self.headers.get("Origin") if getattr(self, "headers", None) else None
+        if origin and origin_allowed(origin, self.app.origins):  # CORS: the browser may read the reply
+            self.send_header("Access-Control-Allow-Origin", origin)
+            self.send_header("Vary", "Origin")
+        super().end_headers()
+
+    def _check_caller(self):
+        """Before anything is read: the Host (DNS rebinding) and a browser's Origin."""
+        host = self.headers.get("Host")
+        if not host_allowed(host, self.app.bind_host):
+            raise APIError(403, f"Host {host!r} is not this server's: a loopback server answers only requests for "
+                                f"localhost, 127.0.0.1 or [::1]")
+        origin = self.headers.get("Origin")
+        if not origin_allowed(origin, self.app.origins):
+            raise APIError(403, f"origin {origin!r} is not allowed; start the server with --allow-origin "
+                                f"'{origin}' (or set NANOSEEK_ORIGINS) to let pages from it call this server")
 
     ROUTES = {
         ("GET", "/"): "root", ("HEAD", "/"): "root", ("GET", "/health"): "health",
@@ -701,10 +759,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if len(path) > 1:
             path = path.rstrip("/")
         try:
-            raw = self._read_body() if method in ("POST", "DELETE") else b""
-            if not self._authorized():
+            self._check_caller()
+            if not self._authorized():  # before the body is read: a stranger's upload is never taken in
                 self.close_connection = True
                 raise APIError(401, "unauthorized: send the header 'Authorization: Bearer <api key>'")
+            raw = self._read_body() if method in ("POST", "DELETE") else b""
             route = self.ROUTES.get((method, path))
             arg = None
             if route is None and method == "GET" and path.startswith("/v1/models/"):
@@ -1453,8 +1512,10 @@ def cmd_serve(args) -> int:
     logging.basicConfig(level=logging.INFO if not args.quiet else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     dtype = None if args.dtype == "auto" else args.dtype
+    origins = tuple(args.allow_origin or ()) + tuple(
+        o.strip() for o in os.environ.get("NANOSEEK_ORIGINS", "").split(",") if o.strip())
     server = make_server(args.host, args.port, args.api_key, None, args.context_length, args.max_batch,
-                         args.device, dtype)
+                         args.device, dtype, origins)
     host, port = server.server_address[:2]
     models = [m["name"] for m in server.app.store.list()]
     print(f"nanoseek serving {len(models)} model(s) from {server.app.store.models_dir} on http://{host}:{port} "
@@ -1475,7 +1536,6 @@ def cmd_serve(args) -> int:
 
 
 def add_serve_command(sub) -> None:
-    import os
     s = sub.add_parser("serve", help="Ollama- and OpenAI-compatible HTTP server for the models in the store")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     s.add_argument("--port", type=int, default=11434)
@@ -1486,5 +1546,9 @@ def add_serve_command(sub) -> None:
     s.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     s.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="load dtype (default: the checkpoint's own)")
+    s.add_argument("--allow-origin", action="append", metavar="ORIGIN",
+                   help="let browser pages from ORIGIN call the server (repeatable; fnmatch patterns such as "
+                        "'https://*.example.com', or '*' for any; also $NANOSEEK_ORIGINS, comma-separated). "
+                        "Pages on localhost and app webviews are always allowed")
     s.add_argument("--quiet", action="store_true", help="log warnings and errors only")
     s.set_defaults(func=cmd_serve)

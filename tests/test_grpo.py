@@ -135,7 +135,7 @@ def test_quickstart_toy_budget_end_to_end(tmp_path, monkeypatch, alongside, over
     monkeypatch.setenv("NANOSEEK_HOME", str(tmp_path / "home"))
     from nanoseek.quickstart import Recipe, quickstart
     from nanoseek.store import Store
-    rc = Recipe(n_numbers=2, train_problems=3000, pretrain_steps=40, seq_len=64, rl_steps=4, prompts_per_step=8,
+    rc = Recipe(n_numbers=2, val_problems=10, train_problems=3000, pretrain_steps=40, seq_len=64, rl_steps=4, prompts_per_step=8,
                 group_size=4, max_new_tokens=24, overlap=overlap)
     threads = torch.get_num_threads()
     stale = tmp_path / "qs" / "control" / "checkpoints" / "step-999999"

@@ -403,7 +403,7 @@ def test_client_disconnect_mid_stream(server, url, monkeypatch):
                        "ignore_eos": True}).encode()
     before = server.app.cancelled_requests
     sock = socket.create_connection(("127.0.0.1", port))
-    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                  b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
     got = b""
     while got.count(b"data: ") < 3:
@@ -417,7 +417,7 @@ def test_client_disconnect_mid_stream(server, url, monkeypatch):
     sock = socket.create_connection(("127.0.0.1", port))
     body = json.dumps({"model": "tiny", "prompt": "hi", "stream": False, "max_tokens": 240,
                        "ignore_eos": True}).encode()
-    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: " + str(len(body)).encode()
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: " + str(len(body)).encode()
                  + b"\r\n\r\n" + body)
     time.sleep(0.15)
     sock.close()
@@ -479,3 +479,85 @@ def test_think_splitter_matches_split_thinking(text, opened):
         ct.append(b)
         got = ("".join(th) if sp.seen else None, "".join(ct))
         assert got == want, (pieces, got, want)
+
+
+# ------------------------------------------------------------------------------------ who may call
+def _raw(port, head: bytes, body: bytes = b"") -> bytes:
+    """One raw HTTP exchange; the reply's bytes up to the server closing or 5 s."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+    try:
+        sock.sendall(head + body)
+        got = b""
+        while True:
+            try:
+                chunk = sock.recv(65536)
+            except (TimeoutError, ConnectionResetError):
+                break
+            if not chunk:
+                break
+            got += chunk
+            if b"\r\n\r\n" in got and b"Content-Length: " in got:
+                length = int(got.split(b"Content-Length: ")[1].split(b"\r\n")[0])
+                if len(got.split(b"\r\n\r\n", 1)[1]) >= length:
+                    break
+        return got
+    finally:
+        sock.close()
+
+
+def test_key_is_checked_before_the_body_is_read(home):
+    """Without the key a request is refused before its body is read: a 1 GiB Content-Length with
+    no body sent still gets its 401 at once. With the key, a body over the cap is a 413, unread."""
+    s = start(home, api_key=KEY)
+    port = s.server_address[1]
+    try:
+        t0 = time.perf_counter()
+        reply = _raw(port, b"POST /api/chat HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                           b"Content-Length: 1073741824\r\n\r\n")
+        assert reply.startswith(b"HTTP/1.1 401") and time.perf_counter() - t0 < 5, reply[:200]
+        from nanoseek.server import MAX_BODY
+        reply = _raw(port, b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer "
+                     + KEY.encode() + b"\r\nContent-Length: " + str(MAX_BODY + 1).encode() + b"\r\n\r\n")
+        assert reply.startswith(b"HTTP/1.1 413") and b"larger than the limit" in reply, reply[:300]
+        assert httpx.get(f"http://127.0.0.1:{port}/api/tags", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
+    finally:
+        s.shutdown_all()
+
+
+def test_dns_rebinding_and_foreign_origins_are_refused(url, home):
+    port = int(url.rsplit(":", 1)[1])
+    # a page on evil.example whose name now points at 127.0.0.1: its requests carry its Host
+    r = httpx.get(url + "/api/tags", headers={"Host": f"evil.example:{port}"})
+    assert r.status_code == 403 and "is not this server's" in r.json()["error"]
+    r = httpx.delete(url + "/api/delete", headers={"Host": "evil.example"}, timeout=10)
+    assert r.status_code == 403 and home.exists("tiny")
+    for host in (f"localhost:{port}", f"127.0.0.1:{port}", "app.localhost", "127.0.0.2"):
+        assert httpx.get(url + "/api/version", headers={"Host": host}).status_code == 200, host
+    # a browser page from another origin: refused (JSON error in each API's format), preflight too
+    r = httpx.post(url + "/v1/chat/completions", json={"model": "tiny", "messages": []},
+                   headers={"Origin": "https://evil.example"})
+    assert r.status_code == 403 and r.json()["error"]["type"] == "permission_error"
+    assert "--allow-origin" in r.json()["error"]["message"]
+    r = httpx.options(url + "/api/chat", headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"})
+    assert r.status_code == 403 and "access-control-allow-origin" not in r.headers
+    # pages on this machine may, and get the CORS headers that let the browser read the reply
+    r = httpx.get(url + "/api/tags", headers={"Origin": "http://localhost:3000"})
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://localhost:3000"
+    r = httpx.options(url + "/api/chat", headers={"Origin": "http://127.0.0.1:8080", "Access-Control-Request-Method": "POST"})
+    assert r.status_code == 204 and "Authorization" in r.headers["access-control-allow-headers"]
+    # requests without an Origin (SDKs, curl) carry no CORS headers
+    assert "access-control-allow-origin" not in httpx.get(url + "/api/tags").headers
+
+
+def test_allow_origin(home):
+    s = start(home, allow_origins=("https://*.example.com",))
+    base = f"http://127.0.0.1:{s.server_address[1]}"
+    try:
+        r = httpx.get(base + "/api/tags", headers={"Origin": "https://app.example.com"})
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "https://app.example.com"
+        assert httpx.get(base + "/api/tags", headers={"Origin": "https://example.org"}).status_code == 403
+    finally:
+        s.shutdown_all()
+    from nanoseek.cli import build_parser
+    args = build_parser().parse_args(["serve", "--allow-origin", "https://a.example", "--allow-origin", "*"])
+    assert args.allow_origin == ["https://a.example", "*"]

@@ -3,6 +3,7 @@ format reward, Countdown/arithmetic checking (strict and lenient), held-out disj
 file-backed datasets, and the pass@k estimator."""
 
 import os
+import re
 import warnings
 from fractions import Fraction
 
@@ -112,6 +113,51 @@ def test_countdown_held_out_is_disjoint_and_fixed():
         assert task.check(p, p.solution).strict
 
 
+def canonical(task, p):
+    """A problem up to its task's symmetries, computed here rather than by the task's own key:
+    Countdown's numbers in any order; arithmetic's `a+b` = `b+a` and `a*b` = `b*a`."""
+    m = p.meta
+    if isinstance(task, Countdown):
+        return tuple(sorted(m["numbers"])), m["target"]
+    a, b = (sorted((m["a"], m["b"])) if m["op"] in "+*" else (m["a"], m["b"]))
+    return m["op"], a, b
+
+
+@pytest.mark.parametrize("spec", [
+    "countdown:n_numbers=2,test_size=30,val_size=10", "countdown:n_numbers=3,val_size=250",
+    "countdown:n_numbers=4,test_size=300,val_size=100", "countdown:n_numbers=3,max_number=20,max_value=200",
+    "arithmetic:digits=1,test_size=40,val_size=20", "arithmetic:digits=2,val_size=200", "arithmetic:digits=3",
+    "arithmetic:digits=2,ops=*", "arithmetic:digits=2,ops=+-"])
+def test_held_out_sets_disjoint_up_to_symmetry(spec):
+    """Test, validation and training problems of every generated task share no problem, counting a
+    problem and its rearrangements (commuted operands, permuted numbers) as one."""
+    task = get_task(spec)
+    test = [canonical(task, p) for p in task.problems("test")]
+    val = [canonical(task, p) for p in task.problems("val")] if task.has_split("val") else []
+    assert len(test) == task.test_size == len(set(test)) and len(val) == task.val_size == len(set(val))
+    assert not set(test) & set(val)
+    for seed in range(3):
+        train = {canonical(task, p) for p in task.problems("train", 3000, seed=seed)}
+        assert not train & (set(test) | set(val)), spec
+    # the test set does not move when a validation set is added (it is drawn first)
+    plain = get_task(re.sub(r",val_size=\d+", "", spec))
+    assert [p.prompt for p in plain.problems("test")] == [p.prompt for p in task.problems("test")]
+
+
+@pytest.mark.parametrize("spec,why", [
+    ("countdown:n_numbers=2", "only 125 distinct problems were found"),  # fewer than the 500 held out
+    ("arithmetic:digits=1", "only 165 distinct problems were found"),
+    ("countdown:n_numbers=2,test_size=100", "would leave only 25 distinct problems for training"),
+    ("countdown:n_numbers=3,test_size=0", "test_size must be >= 1"),
+    ("countdown:n_numbers=3,max_number=0", "max_number and max_value must be >= 1"),
+])
+def test_impossible_task_settings_are_refused_when_built(spec, why):
+    with pytest.raises(ValueError, match=why):
+        get_task(spec)
+    with pytest.raises(ValueError, match="no validation set"):
+        Countdown(n_numbers=3).problems("val")
+
+
 def test_arithmetic():
     task = Arithmetic(digits=3, ops="*")
     p = task.problems("test", 1)[0]
@@ -122,6 +168,9 @@ def test_arithmetic():
     assert not {q.key for q in task.problems("test")} & {q.key for q in task.problems("train", 2000)}
     with pytest.raises(ValueError, match="digits"):
         Arithmetic(digits=0)
+    z = Arithmetic(digits=1, ops="*", test_size=10)  # b = 0 has a worked solution too
+    p = next(q for q in z.problems("train", 500) if q.meta["b"] == 0)
+    assert z.check(p, p.solution).strict
 
 
 def test_pass_at_k():

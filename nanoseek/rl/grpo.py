@@ -200,7 +200,8 @@ def grpo(args: GRPOArgs, model=None, tokenizer=None) -> dict:
     sampler = copy.deepcopy(model).eval().requires_grad_(False) if a.overlap else model
     engine = Engine(sampler, tokenizer, max_context=2 * longest + a.max_new_tokens + 8,
                     max_batch=a.prompts_per_step * a.group_size, device=device)
-    eval_set = task.problems("test", a.eval_problems) if a.eval_every else []
+    eval_split = "val" if task.has_split("val") else "test"  # settings are compared on val where there is one
+    eval_set = task.problems(eval_split, a.eval_problems) if a.eval_every else []
 
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=a.lr, betas=(a.beta1, a.beta2), weight_decay=a.weight_decay,
@@ -222,7 +223,8 @@ def grpo(args: GRPOArgs, model=None, tokenizer=None) -> dict:
     def run_eval(step: int) -> None:
         model.eval()
         res = evaluate(engine, task, eval_set, k=0, max_new_tokens=a.max_new_tokens, chat=a.chat)
-        log.write({"step": step, "eval_accuracy": res["accuracy"], "eval_accuracy_strict": res["accuracy_strict"]})
+        log.write({"step": step, "eval_split": eval_split, "eval_accuracy": res["accuracy"],
+                   "eval_accuracy_strict": res["accuracy_strict"]})
 
     def collect(step: int, problems: list) -> Rollouts:
         """Rollouts: P x G completions from the engine, scored, as a training batch."""
@@ -411,7 +413,7 @@ def plot_grpo(out: str) -> list[str]:
     ax.plot(steps, [r["reward_mean"] for r in tr], lw=1, label="reward (mean)")
     ax.plot(steps, [r["accuracy"] for r in tr], lw=1, label="rollout accuracy")
     if ev:
-        ax.plot([r["step"] for r in ev], [r["eval_accuracy"] for r in ev], "o-", label="held-out greedy accuracy")
+        ax.plot([r["step"] for r in ev], [r["eval_accuracy"] for r in ev], "o-", label=f"held-out ({ev[0].get('eval_split', 'test')}) greedy accuracy")
     ax.set_title("reward"), ax.legend(fontsize=7), ax.grid(alpha=0.3)
     axes[0][1].plot(steps, [r["completion_length"] for r in tr], lw=1)
     axes[0][1].set_title("completion length (tokens)"), axes[0][1].grid(alpha=0.3)

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import random
 import re
-from functools import lru_cache
 
-from .base import Problem, Task
+from .base import GeneratedTask, Problem
 from .extract import numbers_equal, parse_number
 
 STEP_RE = re.compile(r"(-?\d+)([+\-*])(-?\d+)=(-?\d+)")
@@ -27,6 +26,8 @@ def _worked_steps(a: int, op: str, b: int) -> list[str]:
             term = int(digit) * 10 ** place
             parts.append(a * term)
             steps.append(f"{a}*{term}={a * term}")
+    if not parts:  # b == 0
+        return [f"{a}*0=0"]
     total = parts[0]
     for p in parts[1:]:
         steps.append(f"{total}+{p}={total + p}")
@@ -34,16 +35,19 @@ def _worked_steps(a: int, op: str, b: int) -> list[str]:
     return steps
 
 
-class Arithmetic(Task):
+class Arithmetic(GeneratedTask):
     name = "arithmetic"
     description = "multi-digit addition, subtraction and multiplication"
 
-    def __init__(self, digits: int = 3, ops: str = "+-*", test_size: int = 500, test_seed: int = 4321):
+    def __init__(self, digits: int = 3, ops: str = "+-*", test_size: int = 500, test_seed: int = 4321,
+                 val_size: int = 0):
         if not 1 <= digits <= 12:
             raise ValueError(f"arithmetic: digits must be in 1..12, got {digits}")
         if not ops or set(ops) - set("+-*"):
             raise ValueError(f"arithmetic: ops must be made of + - *, got {ops!r}")
-        self.digits, self.ops, self.test_size, self.test_seed = digits, ops, test_size, test_seed
+        self.digits, self.ops = digits, ops
+        self.spec = f"arithmetic:digits={digits},ops={ops}"
+        super().__init__(test_size, val_size, test_seed)
 
     def _one(self, rng: random.Random) -> Problem:
         lo, hi = 10 ** (self.digits - 1) if self.digits > 1 else 0, 10 ** self.digits - 1
@@ -52,37 +56,13 @@ class Arithmetic(Task):
             a, b = b, a
         value = a + b if op == "+" else a - b if op == "-" else a * b
         prompt = f"{a}{op}{b}="
-        return Problem(prompt=prompt, answer=str(value), question=f"What is {a} {op} {b}?", key=prompt,
+        key = f"{min(a, b)}{op}{max(a, b)}" if op in "+*" else prompt  # a+b and b+a are one problem
+        return Problem(prompt=prompt, answer=str(value), question=f"What is {a} {op} {b}?", key=key,
                        solution=f"<think>{','.join(_worked_steps(a, op, b))}</think><answer>{value}</answer>",
                        meta={"a": a, "b": b, "op": op})
 
-    @lru_cache(maxsize=4)
-    def _test(self) -> tuple[Problem, ...]:
-        rng, out, seen = random.Random(self.test_seed), [], set()
-        for _ in range(self.test_size * 50):
-            p = self._one(rng)
-            if p.key not in seen:
-                seen.add(p.key)
-                out.append(p)
-            if len(out) == self.test_size:
-                break
-        return tuple(out)
-
-    def problems(self, split: str, n: int | None = None, seed: int = 0) -> list[Problem]:
-        if split == "test":
-            return list(self._test()[:n])
-        if split != "train":
-            raise ValueError(f"arithmetic: unknown split {split!r} (train or test)")
-        rng, held_out = random.Random(f"arithmetic-train-{seed}"), {p.key for p in self._test()}
-        out = []
-        while len(out) < (n or 4096):
-            p = self._one(rng)
-            if p.key not in held_out:
-                out.append(p)
-        return out
-
     def __hash__(self):
-        return hash((self.digits, self.ops, self.test_size, self.test_seed))
+        return hash((self.digits, self.ops, self.test_size, self.val_size, self.test_seed))
 
     def __eq__(self, other):
         return isinstance(other, Arithmetic) and hash(self) == hash(other)

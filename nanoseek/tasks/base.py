@@ -5,7 +5,9 @@ steps) and a scalar reward for reinforcement learning (DeepSeek-R1 report sectio
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Iterator
 
 from .extract import format_ok
@@ -19,7 +21,7 @@ class Problem:
     answer: str  # the gold final answer
     solution: str = ""  # a gold completion in the task's output format, when one is known
     question: str = ""  # the bare question, for chat templates
-    key: str = ""  # identity used to keep held-out problems out of training
+    key: str = ""  # identity up to the task's symmetries, used to keep held-out problems out of training
     meta: dict = field(default_factory=dict)
 
 
@@ -36,8 +38,12 @@ class Task:
 
     # -- problems
     def problems(self, split: str, n: int | None = None, seed: int = 0) -> list[Problem]:
-        """Held-out ("test") or training ("train") problems, deterministic for a seed."""
+        """Held-out ("test", and "val" where the task has one) or training ("train") problems,
+        deterministic for a seed."""
         raise NotImplementedError
+
+    def has_split(self, split: str) -> bool:
+        return split in ("train", "test")
 
     def stream(self, seed: int = 0) -> Iterator[Problem]:
         """An endless stream of training problems (never a held-out one)."""
@@ -78,6 +84,79 @@ class Task:
     def reward(self, problem: Problem, completion: str, mode: str = "strict", format_weight: float = 0.0) -> float:
         """Accuracy reward (strict or lenient checking) plus an optional format reward."""
         return score_reward(self.check(problem, completion), mode, format_weight)
+
+
+class GeneratedTask(Task):
+    """A task whose problems a generator draws (`_one(rng)`), with two fixed held-out sets: the
+    test set (the first `test_size` distinct keys drawn from `test_seed`), then the validation set
+    (the next `val_size`), for choosing settings without looking at the test set. Training draws
+    skip every held-out key. Settings whose problem space cannot hold both held-out sets and at
+    least as many training problems are refused when the task is built."""
+
+    spec = "task"  # the task's settings in `get_task` form, for error messages
+
+    def __init__(self, test_size: int, val_size: int, test_seed: int):
+        if test_size < 1 or val_size < 0:
+            raise ValueError(f"{self.name}: test_size must be >= 1 and val_size >= 0, got {test_size} and {val_size}")
+        self.test_size, self.val_size, self.test_seed = test_size, val_size, test_seed
+        self._held_out()  # refuse impossible settings now, not in a training loop
+
+    def _one(self, rng: random.Random) -> Problem | None:
+        raise NotImplementedError
+
+    def _train_rng(self, seed: int) -> random.Random:
+        return random.Random(f"{self.name}-train-{seed}")
+
+    def _distinct(self, rng: random.Random, n: int, exclude: frozenset, attempts: int) -> list[Problem]:
+        out, seen = [], set(exclude)
+        for _ in range(attempts):
+            p = self._one(rng)
+            if p is not None and p.key not in seen:
+                seen.add(p.key)
+                out.append(p)
+                if len(out) == n:
+                    break
+        return out
+
+    @lru_cache(maxsize=4)
+    def _held_out(self) -> tuple[tuple[Problem, ...], tuple[Problem, ...]]:
+        need = self.test_size + self.val_size
+        drawn = self._distinct(random.Random(self.test_seed), need, frozenset(), 200 * need + 20_000)
+        if len(drawn) < need:
+            raise ValueError(f"{self.spec}: only {len(drawn)} distinct problems were found in "
+                             f"{200 * need + 20_000:,} draws, fewer than test_size={self.test_size} + "
+                             f"val_size={self.val_size}; ask for smaller held-out sets or a harder setting")
+        keys = frozenset(p.key for p in drawn)
+        left = self._distinct(self._train_rng(0), need, keys, 200 * need + 20_000)
+        if len(left) < need:
+            raise ValueError(f"{self.spec}: the held-out sets (test_size={self.test_size} + val_size={self.val_size}) "
+                             f"would leave only {len(left)} distinct problems for training; ask for smaller held-out "
+                             f"sets or a harder setting")
+        return tuple(drawn[:self.test_size]), tuple(drawn[self.test_size:])
+
+    def held_out_keys(self) -> frozenset:
+        test, val = self._held_out()
+        return frozenset(p.key for p in test + val)
+
+    def test_keys(self) -> frozenset:
+        return frozenset(p.key for p in self._held_out()[0])
+
+    def has_split(self, split: str) -> bool:
+        return split in ("train", "test") or (split == "val" and self.val_size > 0)
+
+    def problems(self, split: str, n: int | None = None, seed: int = 0) -> list[Problem]:
+        if split in ("test", "val"):
+            if not self.has_split(split):
+                raise ValueError(f"{self.spec}: no validation set (val_size=0); build the task with val_size=N")
+            return list(self._held_out()[split == "val"][:n])
+        if split != "train":
+            raise ValueError(f"{self.name}: unknown split {split!r} (train, val or test)")
+        rng, held_out, out = self._train_rng(seed), self.held_out_keys(), []
+        while len(out) < (n or 4096):  # repeats allowed: training follows the generator's distribution
+            p = self._one(rng)
+            if p is not None and p.key not in held_out:
+                out.append(p)
+        return out
 
 
 def check_all(task: Task, problems: list[Problem], completions: list[str]) -> list[Score]:

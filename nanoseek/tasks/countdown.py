@@ -18,9 +18,8 @@ import ast
 import random
 import re
 from collections import Counter
-from functools import lru_cache
 
-from .base import Problem, Task
+from .base import GeneratedTask, Problem
 
 OPS = "+-*"
 STEP_RE = re.compile(r"(\d+)([+\-*])(\d+)=(\d+)")
@@ -68,16 +67,19 @@ def safe_eval(expr: str) -> tuple[int, list[int]] | None:
     return None if value is None else (value, nums)
 
 
-class Countdown(Task):
+class Countdown(GeneratedTask):
     name = "countdown"
     description = "reach the target with + - * using each given number once"
 
     def __init__(self, n_numbers: int = 4, max_number: int = 9, max_value: int = 99, test_size: int = 500,
-                 test_seed: int = 1234):
+                 test_seed: int = 1234, val_size: int = 0):
         if not 2 <= n_numbers <= 6:
             raise ValueError(f"countdown: n_numbers must be in 2..6, got {n_numbers}")
+        if max_number < 1 or max_value < 1:
+            raise ValueError(f"countdown: max_number and max_value must be >= 1, got {max_number} and {max_value}")
         self.n, self.max_number, self.max_value = n_numbers, max_number, max_value
-        self.test_size, self.test_seed = test_size, test_seed
+        self.spec = f"countdown:n_numbers={n_numbers},max_number={max_number},max_value={max_value}"
+        super().__init__(test_size, val_size, test_seed)
 
     # -- generation
     def _one(self, rng: random.Random) -> Problem | None:
@@ -101,37 +103,8 @@ class Countdown(Task):
                        solution=f"<think>{','.join(steps)}</think><answer>{expr}</answer>",
                        key=f"{sorted(nums)}>{target}", meta={"numbers": nums, "target": target, "expression": expr})
 
-    def _generate(self, rng: random.Random, n: int | None, exclude: frozenset) -> list[Problem]:
-        out: list[Problem] = []
-        seen: set[str] = set()
-        while n is None or len(out) < n:
-            p = self._one(rng)
-            if p is None or p.key in exclude or p.key in seen:
-                continue
-            if n is not None:
-                seen.add(p.key)  # the held-out set has unique keys
-            out.append(p)
-            if n is None and len(out) >= 4096:
-                break
-        return out
-
-    @lru_cache(maxsize=4)
-    def _test(self) -> tuple[Problem, ...]:
-        return tuple(self._generate(random.Random(self.test_seed), self.test_size, frozenset()))
-
-    def test_keys(self) -> frozenset:
-        return frozenset(p.key for p in self._test())
-
-    def problems(self, split: str, n: int | None = None, seed: int = 0) -> list[Problem]:
-        if split == "test":
-            return list(self._test()[:n])
-        if split == "train":
-            pool = self._generate(random.Random(f"countdown-train-{seed}"), None, self.test_keys())
-            return pool[:n] if n else pool
-        raise ValueError(f"countdown: unknown split {split!r} (train or test)")
-
     def __hash__(self):
-        return hash((self.n, self.max_number, self.max_value, self.test_size, self.test_seed))
+        return hash((self.n, self.max_number, self.max_value, self.test_size, self.val_size, self.test_seed))
 
     def __eq__(self, other):
         return isinstance(other, Countdown) and hash(self) == hash(other)
