@@ -233,8 +233,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("pipeline-sim", help="replay a pipeline schedule (1F1B, DualPipe, DualPipeV): bubble, timeline")
     s.add_argument("--schedule", choices=["1f1b", "dualpipe", "dualpipev"], required=True)
-    s.add_argument("--no-save", dest="save", action="store_false", default=None,
-                   help="write no checkpoints (benchmarks)")
     s.add_argument("--pp", type=int, required=True, help="pipeline ranks")
     s.add_argument("--chunks", type=int, help="micro-batches per step (default: the smallest valid, 2 x pp for DualPipe/V)")
     s.add_argument("--times", default="1,2,1", help="F,B,W per chunk: B is the whole backward, W its weight part")

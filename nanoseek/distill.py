@@ -297,6 +297,10 @@ def cmd_distill(args) -> int:
     from .interactive import resolve_model_dir
     from .sft import fail, options_from, train_args_from
     from .tokenizer import TokenizerError
+    for flag, value in (("--data", args.data), ("--model", args.model)):
+        if value:  # distill sets both itself: say so rather than drop the user's value
+            raise SystemExit(f"nanoseek distill: {flag} is not taken here (the data are the teacher's kept "
+                             f"completions, the model is --student)")
     teacher, student = resolve_model_dir(args.teacher), resolve_model_dir(args.student)
     try:
         summary = distill(teacher, student, args.prompts, args.out, train_args_from(args), options_from(args),
@@ -317,7 +321,8 @@ def add_distill_command(sub, add_train_arguments, add_sft_options) -> None:
     s.add_argument("--verifier", default="auto",
                    help="auto (default: number or exact when prompts carry answers), exact, number, contains, "
                         "task:NAME (a nanoseek task's checker: gsm8k, math, svamp, countdown, arithmetic), "
-                        "none, or module:function(completion, answer) -> bool")
+                        "none, or module:function(completion, answer) -> bool (imported and run on the teacher's "
+                        "output: name only code you trust)")
     s.add_argument("--samples", type=int, default=1, help="teacher completions per prompt (rejection sampling)")
     s.add_argument("--max-new-tokens", type=int, default=256)
     s.add_argument("--temperature", type=float, help="teacher sampling temperature (default 0, or 0.7 with --samples > 1)")
@@ -327,6 +332,6 @@ def add_distill_command(sub, add_train_arguments, add_sft_options) -> None:
     for action in s._actions:  # the data are the teacher's completions, the model is the student
         if action.dest in ("data", "model"):
             action.required = False
-            action.help = "(set by distill)"
+            action.help = "(refused: set by distill)"
     add_sft_options(s)
     s.set_defaults(func=cmd_distill)

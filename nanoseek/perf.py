@@ -1,5 +1,10 @@
 """The one definition of speed figures (DESIGN.md, "Measuring speed"): FLOPs per token, bytes
-per decoded token, the measured peaks, MFU and MBU. Every benchmark uses these."""
+per decoded token, the peaks, MFU and MBU. Every benchmark uses these.
+
+MFU (model FLOPs utilization, PaLM appendix B): model FLOPs per second over the GPU's dense bf16
+spec peak, `spec_peak_flops` (989 TFLOP/s for an H100 or H200 SXM). That is the headline figure in
+every table. The measured matmul peak (`measure_matmul_peak`, an 8192^3 bf16 GEMM) is printed
+beside it, with the share of it the model reached, as the attainable ceiling on that card."""
 
 from __future__ import annotations
 
@@ -62,7 +67,25 @@ def measure_copy_bandwidth(device="cuda", nbytes: int = 2 * 2**30, iters: int = 
     return 2 * nbytes * iters / (time.perf_counter() - t)
 
 
+# dense (no sparsity) bf16 tensor-core peaks from the vendors' data sheets, FLOP/s
+SPEC_BF16_DENSE = {"H100 SXM": 989.4e12, "H100 80GB HBM3": 989.4e12, "H200": 989.4e12, "H100 PCIe": 756.0e12,
+                   "H100 NVL": 835.0e12, "A100": 312.0e12}
+
+
+def spec_peak_flops(device="cuda") -> float | None:
+    """The dense bf16 spec peak of `device`'s GPU (None when its name is not in SPEC_BF16_DENSE)."""
+    if torch.device(device).type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key in sorted(SPEC_BF16_DENSE, key=len, reverse=True):  # most specific name first
+        if all(part in name for part in key.split()):
+            return SPEC_BF16_DENSE[key]
+    return None
+
+
 def mfu(tokens_per_s: float, flops_per_token: float, peak_flops: float) -> float:
+    """Model FLOPs per second over `peak_flops`: pass `spec_peak_flops()` for MFU as the tables
+    report it, the measured matmul peak for the share of the attainable."""
     return tokens_per_s * flops_per_token / peak_flops
 
 

@@ -432,6 +432,9 @@ def cmd_create(args) -> int:
 
 def _guard(fn):
     """Store errors become one clear line on stderr and exit status 1."""
+    import functools
+
+    @functools.wraps(fn)
     def run(args) -> int:
         try:
             return fn(args)

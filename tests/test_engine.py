@@ -173,6 +173,12 @@ def test_chat_template_and_thinking(tok):
     tok2 = Tokenizer(tok.tk, chat_template="{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% endfor %}"
                                           "{% if add_generation_prompt %}[assistant]{% endif %}")
     assert render_chat(tok2, [{"role": "user", "content": "yo"}]) == "[user]yo[assistant]"
+    # a hostile template from a downloaded checkpoint cannot reach Python's internals
+    from jinja2.exceptions import SecurityError
+    for evil in ("{{ ''.__class__.__mro__[1].__subclasses__() }}", "{{ messages.append(1) }}",
+                 "{{ cycler.__init__.__globals__.os.popen('id').read() }}"):
+        with pytest.raises((SecurityError, ValueError)):
+            render_chat(Tokenizer(tok.tk, chat_template=evil), [{"role": "user", "content": "yo"}])
 
 
 def test_generate_cli(tmp_path, small_model, tok):

@@ -52,7 +52,7 @@ def test_policy_loss_clipping_by_hand():
     loss, stats = policy_loss(logp, old, adv, w, eps_low=0.2, eps_high=0.2)
     assert loss.item() == pytest.approx((-1.2 + 0.8 - 1.1) / 3, abs=1e-6)
     assert stats["clip_fraction"] == pytest.approx(2 / 3)
-    # clip-higher: eps_high 0.28 lets token 0 reach 1.28... still clipped at 1.28 (ratio 1.5)
+    # clip-higher: with eps_high 0.6 token 0's ratio 1.5 is inside the clip, so it counts unclipped
     loss_hi, _ = policy_loss(logp, old, adv, w, eps_low=0.2, eps_high=0.6)
     assert loss_hi.item() == pytest.approx((-1.5 + 0.8 - 1.1) / 3, abs=1e-6)
 

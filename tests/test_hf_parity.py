@@ -34,9 +34,13 @@ def test_v3_load_hf_checkpoint(tmp_path, kw):
     with torch.no_grad():
         for impl in ("naive", "absorb"):
             assert (ours(ids, attn_impl=impl) - ref).abs().max().item() <= TOL, impl
-    # routing really is group-limited and biased: some token's choice changes without the bias
+    # routing really is biased: the bias is non-zero and the parity above would fail without it
     moe = next(iter(ours.moe_layers().values()))
     assert moe.gate.e_score_correction_bias.abs().sum() > 0
+    with torch.no_grad():
+        for m in ours.moe_layers().values():
+            m.gate.e_score_correction_bias.zero_()
+        assert (ours(ids) - ref).abs().max().item() > TOL  # some token's experts changed
 
 
 def test_v3_save_ours_load_in_hf(tmp_path):

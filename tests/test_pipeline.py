@@ -225,8 +225,9 @@ def test_executors_match_single_process_2_ranks():
               ("deepseek", "dualpipev", 6)])
 
 
-@pytest.mark.slow
 def test_executors_match_single_process_4_ranks():
+    """The only topology where DualPipe's two directions live on different ranks (at 2 ranks each
+    rank holds both ends): in the default suite (~30 s on 2 cores)."""
     spawn(4, [("deepseek", "1f1b", 4), ("deepseek", "dualpipe", 8), ("deepseek", "dualpipe", 10),
               ("deepseek", "dualpipev", 8, 1e-2, 8)])
 

@@ -236,7 +236,7 @@ def test_api_key(home):
 
 
 # ------------------------------------------------------------------------------------ concurrency
-@pytest.mark.slow  # timing over HTTP on 2 shared cores is noisy (2.9-3.3x measured); the engine-level bound runs in CI
+@pytest.mark.slow  # timing over HTTP on 2 shared cores is noisy (2.9-3.3x measured); so is the engine-level bound (test_engine), also slow-marked
 def test_16_concurrent_streams_batch(url):
     """Continuous batching: 16 concurrent streams take at most 3x the time of one. (A plain httpx
     client: this measures the server; the SDKs' streaming is tested above.)"""

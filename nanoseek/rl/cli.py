@@ -20,8 +20,8 @@ HELP = {
     "mask_truncated": "leave completions cut at --max-new-tokens out of the loss",
     "eval_every": "greedy held-out accuracy every N steps (0: never)",
     "save_every": "also write a resumable checkpoint every N steps (0: only the final model)",
-    "resume": "continue from the newest checkpoint in --out (the same rollouts as an uninterrupted run; not "
-    "with --overlap, whose first resumed batch is sampled from the current weights, so the run then differs)",
+    "resume": "continue from the newest checkpoint in --out (the same rollouts as an uninterrupted run; "
+    "refused with --overlap, whose batch sampled ahead is not in the checkpoint)",
     "chat": "wrap prompts in the chat template",
     "overlap": "CPU, fp32, 2+ threads: sample the next step's rollouts during this step's update, half of the "
     "threads each (one step off-policy, corrected by the importance ratio)",

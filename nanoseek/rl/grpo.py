@@ -94,6 +94,10 @@ class GRPOArgs:
             raise ValueError(f"--min-lr-ratio: between 0 and 1, got {self.min_lr_ratio}")
         if self.beta < 0:
             raise ValueError(f"--beta: must be >= 0, got {self.beta}")
+        if self.overlap and self.resume:
+            raise ValueError("--resume with --overlap: the batch sampled ahead during the last update is not in the "
+                             "checkpoint, so a resumed run would differ from an uninterrupted one; resume without "
+                             "--overlap, or start again")
         if self.overlap and self.top_p < 1.0:
             raise ValueError("--overlap: the importance ratio needs the sampler's full tempered distribution; "
                              f"use --top-p 1 (got {self.top_p})")
