@@ -22,9 +22,9 @@ import warnings
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from .config import ModelConfig
+from .io import _default_mode, atomic_save_safetensors, atomic_write_text  # noqa: F401 - re-exported
 
 FP8_BLOCK = 128
 FP8_MAX = 448.0
@@ -34,50 +34,6 @@ SINGLE_FILE = "model.safetensors"
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded as asked; the message names the file and key."""
-
-
-# ------------------------------------------------------------------------------ atomic writes
-def _default_mode() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    """Write UTF-8 text to a temp file beside `path`, fsync, then rename over it."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, _default_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str, metadata: dict | None = None) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".safetensors")
-    os.close(fd)
-    try:
-        # clone: expert slices and the MTP copies of embedding and head share storage in memory
-        save_file({k: v.detach().clone().contiguous() for k, v in tensors.items()}, tmp,
-                  metadata=metadata or {"format": "pt"})
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, _default_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 # ------------------------------------------------------------------------------ FP8 blocks
@@ -208,9 +164,9 @@ def _resolve_dtype(dtype, cfg: ModelConfig) -> torch.dtype:
 
 
 @torch.no_grad()
-def load_pretrained(path: str, dtype=None, device=None, strict: bool = True):
-    """Load a Hugging Face DeepSeek-V2/V3 checkpoint directory into a `DeepSeekV3`."""
-    from .model import DeepSeekV3
+def load_pretrained(path: str, dtype=None, device=None, strict: bool = True, *, model_cls):
+    """Load a Hugging Face DeepSeek-V2/V3 checkpoint directory into a `model_cls` (DeepSeekV3, which
+    calls this from `from_pretrained`: the model sits above its checkpoint format, not below)."""
 
     if not os.path.isdir(path):
         raise CheckpointError(f"{path}: not a checkpoint directory")
@@ -229,12 +185,7 @@ def load_pretrained(path: str, dtype=None, device=None, strict: bool = True):
             cfg = cfg.replace(num_nextn_predict_layers=0)
     dtype = _resolve_dtype(dtype, cfg)
     device = torch.device(device or "cpu")
-    with torch.device("meta"):
-        model = DeepSeekV3(cfg)
-    model.to(dtype)
-    keep_router_bias_fp32(model)
-    model.to_empty(device=device)
-    model.rotary.reset_parameters()
+    model = model_cls.empty(cfg, device=device, dtype=dtype)
 
     # expected hf key -> (our tensor, expert index)
     targets: dict[str, tuple[torch.Tensor, int | None]] = {}
@@ -284,14 +235,6 @@ def load_pretrained(path: str, dtype=None, device=None, strict: bool = True):
                 raise CheckpointError(f"{where}: key '{key}' has non-float dtype {src.dtype}")
             (dst[e] if e is not None else dst).copy_(src)
     return model
-
-
-def keep_router_bias_fp32(model) -> None:
-    """The balancing bias stays fp32 whatever the model dtype, as in the release."""
-    from .model import Router
-    for m in model.modules():
-        if isinstance(m, Router) and m.e_score_correction_bias is not None:
-            m.e_score_correction_bias = m.e_score_correction_bias.float()
 
 
 # ------------------------------------------------------------------------------ writing

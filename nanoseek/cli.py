@@ -215,8 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_arguments(s)
     s.set_defaults(func=cmd_train)
 
-    from .sft import add_finetune_commands
-    add_finetune_commands(sub, add_train_arguments)  # sft, distill
+    from .distill import add_distill_command
+    from .sft import add_sft_command, add_sft_options
+    add_sft_command(sub, add_train_arguments)
+    add_distill_command(sub, add_train_arguments, add_sft_options)
 
     from .interactive import add_sampling_arguments, cmd_chat, cmd_generate
     s = sub.add_parser("generate", help="generate a reply to one prompt (streaming)")

@@ -327,7 +327,7 @@ class ModelConfig:
         return cls.from_hf_dict(d, source=file)
 
     def save(self, directory: str, extra: dict | None = None) -> None:
-        from .checkpoint import atomic_write_text
+        from .io import atomic_write_text
         d = self.to_hf_dict()
         if extra:
             d.update(extra)

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .fp8 import ACT, BLOCK, E4M3, EPS, WEIGHT, Fp8Tensor, SegmentsT, TileMap
+from .fp8_blocks import ACT, BLOCK, E4M3, EPS, WEIGHT, Fp8Tensor, SegmentsT, TileMap
 
 if not hasattr(tl, "float8e4nv"):
     raise ImportError("this Triton has no float8e4nv (E4M3) type")

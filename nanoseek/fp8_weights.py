@@ -20,9 +20,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .checkpoint import _EXPERT_PROJ, CheckpointError, _ShardSet, fp8_dequantize, hf_keys_for, load_pretrained
+from .checkpoint import _EXPERT_PROJ, CheckpointError, _ShardSet, fp8_dequantize, hf_keys_for
 from .fp8 import WEIGHT, Fp8Tensor, _out_dtype, fp8_gemm, quantize_1x128
-from .model import Experts
+from .model import DeepSeekV3, Experts
 
 
 class FP8WeightLinear(nn.Module):
@@ -85,7 +85,7 @@ def load_fp8_weights(path: str, dtype=None, device=None, w8a8: bool = False) -> 
     the Linears' GEMMs in FP8 with 1x128-quantized inputs).
     Returns (model, report) where report has `fp8_modules`, `fp8_weight_bytes` and
     `dense_weight_bytes` (what the same weights take in `dtype`)."""
-    model = load_pretrained(path, dtype=dtype, device=device)
+    model = DeepSeekV3.from_pretrained(path, dtype=dtype, device=device)
     shards = _ShardSet(path)
     cfg = model.config
     dev = next(model.parameters()).device

@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import checkpoint
 from .config import ModelConfig
 
 
@@ -539,15 +540,25 @@ class DeepSeekV3(nn.Module):
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_config(cls, cfg: ModelConfig, device=None, dtype=None, seed: int | None = None) -> "DeepSeekV3":
-        """Build on the meta device, then materialize on `device` and initialize."""
-        from .checkpoint import keep_router_bias_fp32
+    def empty(cls, cfg: ModelConfig, device=None, dtype=None) -> "DeepSeekV3":
+        """Built on the meta device, then given uninitialized storage on `device` (the balancing
+        bias kept fp32 whatever `dtype`, as in the release) and its RoPE tables: load weights into
+        it, or `init_weights()`."""
         with torch.device("meta"):
             model = cls(cfg)
         if dtype is not None:
             model.to(dtype)
-            keep_router_bias_fp32(model)
+            for m in model.modules():
+                if isinstance(m, Router) and m.e_score_correction_bias is not None:
+                    m.e_score_correction_bias = m.e_score_correction_bias.float()
         model.to_empty(device=device or "cpu")
+        model.rotary.reset_parameters()
+        return model
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig, device=None, dtype=None, seed: int | None = None) -> "DeepSeekV3":
+        """Build on the meta device, then materialize on `device` and initialize."""
+        model = cls.empty(cfg, device=device, dtype=dtype)
         if seed is not None:
             torch.manual_seed(seed)
         model.init_weights()
@@ -575,11 +586,14 @@ class DeepSeekV3(nn.Module):
                 nn.init.normal_(module.down_proj, 0.0, out_std)
 
     # ------------------------------------------------------------------ forward
-    def make_cache(self, batch: int, max_len: int, dtype=None, device=None) -> dict[str, SequenceCache]:
-        dtype = dtype or self.lm_head.weight.dtype
-        device = device or self.lm_head.weight.device
+    def make_layer_cache(self, batch: int, max_len: int, dtype=None, device=None) -> SequenceCache:
+        """One layer's cache: the MLA latent (or, for the MHA comparison model, full K/V)."""
         kind = LatentCache if self.config.attention == "mla" else KVCache
-        return {i: kind(batch, max_len, self.config, dtype, device) for i in self.model.layers}
+        return kind(batch, max_len, self.config, dtype or self.lm_head.weight.dtype,
+                    device or self.lm_head.weight.device)
+
+    def make_cache(self, batch: int, max_len: int, dtype=None, device=None) -> dict[str, SequenceCache]:
+        return {i: self.make_layer_cache(batch, max_len, dtype, device) for i in self.model.layers}
 
     def positions_for(self, T: int, start_pos, device) -> torch.Tensor:
         if isinstance(start_pos, int):
@@ -647,12 +661,11 @@ class DeepSeekV3(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str, dtype=None, device=None, **kw) -> "DeepSeekV3":
-        from .checkpoint import load_pretrained
-        return load_pretrained(path, dtype=dtype, device=device, **kw)
+        """A Hugging Face DeepSeek-V2/V3 checkpoint directory (nanoseek.checkpoint)."""
+        return checkpoint.load_pretrained(path, dtype=dtype, device=device, model_cls=cls, **kw)
 
     def save_pretrained(self, path: str, **kw) -> None:
-        from .checkpoint import save_pretrained
-        save_pretrained(self, path, **kw)
+        checkpoint.save_pretrained(self, path, **kw)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 32, temperature: float = 0.0,

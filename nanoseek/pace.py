@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import os
 
+from .io import atomic_write_text
+
 
 def write_pace(path: str, fraction: float) -> None:
     """Record the leading job's progress (clamped to [0, 1])."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(f"{min(max(float(fraction), 0.0), 1.0):.6f}\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, f"{min(max(float(fraction), 0.0), 1.0):.6f}\n")
 
 
 def read_pace(path: str) -> float:

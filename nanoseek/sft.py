@@ -506,11 +506,9 @@ def cmd_sft(args) -> int:
     return 0
 
 
-def add_finetune_commands(sub, add_train_arguments) -> None:
-    """`nanoseek sft` and `nanoseek distill` (the run flags are `nanoseek train`'s)."""
+def add_sft_command(sub, add_train_arguments) -> None:
+    """`nanoseek sft` (the run flags are `nanoseek train`'s)."""
     s = sub.add_parser("sft", help="supervised fine-tuning (full or LoRA) on chat / instruction data")
     add_train_arguments(s)
     add_sft_options(s)
     s.set_defaults(func=cmd_sft)
-    from .distill import add_distill_command
-    add_distill_command(sub, add_train_arguments, add_sft_options)

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 import torch
 
-from .model import LatentCache
 
 
 @dataclass
@@ -43,7 +42,7 @@ def generate_speculative(model, input_ids: torch.Tensor, max_new_tokens: int,
     T = input_ids.shape[1]
     max_len = T + max_new_tokens + 2
     cache = model.make_cache(1, max_len)
-    mcache = LatentCache(1, max_len, model.config, model.lm_head.weight.dtype, input_ids.device)
+    mcache = model.make_layer_cache(1, max_len, device=input_ids.device)  # the MTP layer's own
     embed = model.model.embed_tokens
     stats = SpeculativeStats()
 

@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from typing import Iterable, Sequence
 
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+
+from .io import atomic_write_text
 
 BOS = "<｜begin▁of▁sentence｜>"
 EOS = "<｜end▁of▁sentence｜>"
@@ -34,24 +35,6 @@ DEFAULT_MODEL_MAX_LENGTH = 131072  # DeepSeek-V3's tokenizer_config.json
 
 class TokenizerError(ValueError):
     """A tokenizer file that cannot be used as asked; the message names the file and field."""
-
-
-def _atomic_write_utf8(path: str, text: str) -> None:
-    """Like `checkpoint.atomic_write_text`, but always UTF-8 (tokenizer files hold non-ASCII tokens
-    and must not depend on the locale's encoding)."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(text.encode("utf-8"))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _token_content(value) -> str | None:
@@ -144,7 +127,7 @@ class Tokenizer:
         # tell transformers what this file's post-processor does (trained ones prepend BOS, like DeepSeek)
         with_special = self.tk.encode("a", add_special_tokens=True).ids
         adds_bos = self.bos_id is not None and with_special[:1] == [self.bos_id]
-        _atomic_write_utf8(os.path.join(directory, TOKENIZER_FILE), self.tk.to_str(pretty=True))
+        atomic_write_text(os.path.join(directory, TOKENIZER_FILE), self.tk.to_str(pretty=True))
         cfg = {
             "tokenizer_class": "PreTrainedTokenizerFast",
             "bos_token": self.bos_token,
@@ -157,7 +140,7 @@ class Tokenizer:
         }
         if self.chat_template is not None:
             cfg["chat_template"] = self.chat_template
-        _atomic_write_utf8(os.path.join(directory, CONFIG_FILE),
+        atomic_write_text(os.path.join(directory, CONFIG_FILE),
                            json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
 
     @classmethod

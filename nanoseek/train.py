@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from .balance import max_violation, moe_modules, sequence_balance_loss, update_bias
-from .checkpoint import CheckpointError, atomic_write_text
+from .checkpoint import CheckpointError
+from .io import atomic_torch_save, atomic_write_text
 from .config import ModelConfig
 from .model import DeepSeekV3
 from .pace import read_pace
@@ -145,14 +146,6 @@ def resume_point(out: str, resume: bool, quiet: bool = False) -> str | None:
 
 def checkpoint_tmp_dir(out: str, step: int) -> str:
     return os.path.join(out, "checkpoints", f".tmp-step-{step:06d}")
-
-
-def atomic_torch_save(obj, path: str) -> None:
-    with open(path + ".tmp", "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(path + ".tmp", path)
 
 
 def save_checkpoint(out: str, step: int, model, optimizer, tokenizer, state: dict, keep_last: int,
