@@ -9,6 +9,19 @@ import os
 import sys
 import time
 
+from .config import PRESETS, ModelConfig
+from .distill import add_distill_command
+from .interactive import add_sampling_arguments, cmd_chat, cmd_generate
+from .model import DeepSeekV3
+from .parallel.schedules import ScheduleError, build_schedule, default_chunks
+from .parallel.simulator import plot_timeline, simulate
+from .quickstart import add_quickstart_command
+from .rl.cli import add_grpo_command
+from .server import add_serve_command
+from .sft import add_sft_command, add_sft_options
+from .store import add_store_commands
+from .train import TrainArgs, train
+
 
 def _emit_json(obj: dict) -> None:
     sys.stdout.flush()
@@ -17,7 +30,6 @@ def _emit_json(obj: dict) -> None:
 
 
 def _load_config(target: str):
-    from .config import PRESETS, ModelConfig
     if target in PRESETS:
         return ModelConfig.from_preset(target)
     if os.path.isdir(target) or target.endswith(".json"):
@@ -71,9 +83,6 @@ def cmd_demo(args) -> int:
     import torch
     from tqdm import tqdm
 
-    from .config import ModelConfig
-    from .model import DeepSeekV3
-
     torch.manual_seed(args.seed)
     t0 = time.time()
     cfg = ModelConfig.from_preset("nano")
@@ -112,8 +121,6 @@ def cmd_demo(args) -> int:
 
 
 def cmd_pipeline_sim(args) -> int:
-    from .parallel.schedules import ScheduleError, build_schedule, default_chunks
-    from .parallel.simulator import plot_timeline, simulate
     try:
         F, B, W = (float(x) for x in args.times.split(","))
     except ValueError:
@@ -144,7 +151,6 @@ def cmd_pipeline_sim(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from .train import TrainArgs, train
     fields = {f for f in TrainArgs.__dataclass_fields__}
     kw = {k: v for k, v in vars(args).items() if k in fields and v is not None}
     train(TrainArgs(**kw))
@@ -215,12 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_arguments(s)
     s.set_defaults(func=cmd_train)
 
-    from .distill import add_distill_command
-    from .sft import add_sft_command, add_sft_options
     add_sft_command(sub, add_train_arguments)
     add_distill_command(sub, add_train_arguments, add_sft_options)
 
-    from .interactive import add_sampling_arguments, cmd_chat, cmd_generate
     s = sub.add_parser("generate", help="generate a reply to one prompt (streaming)")
     add_sampling_arguments(s)
     s.add_argument("prompt")
@@ -245,12 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_pipeline_sim)
 
-    from .server import add_serve_command
-    from .store import add_store_commands
     add_store_commands(sub)  # list, show, rm, create
     add_serve_command(sub)
-    from .quickstart import add_quickstart_command
-    from .rl.cli import add_grpo_command
     add_grpo_command(sub)
     add_quickstart_command(sub)
 

@@ -17,6 +17,8 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
+from .io import atomic_write_text
+
 
 class ConfigError(ValueError):
     """A configuration value that nanoseek cannot honour; the message names the field."""
@@ -327,7 +329,6 @@ class ModelConfig:
         return cls.from_hf_dict(d, source=file)
 
     def save(self, directory: str, extra: dict | None = None) -> None:
-        from .io import atomic_write_text
         d = self.to_hf_dict()
         if extra:
             d.update(extra)
@@ -396,7 +397,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, n_group=4, topk_group=2,
         routed_scaling_factor=2.5, max_position_embeddings=1024, rope_scaling=None,
         num_nextn_predict_layers=1, torch_dtype="float32"),
-    # One-H200 size, fixed so that speed figures compare across time (DESIGN.md).
+    # One-GPU size, fixed so that speed figures compare across time (benchmarks/RESULTS.md).
     "small": dict(
         vocab_size=32000, hidden_size=1024, intermediate_size=2816, moe_intermediate_size=512,
         num_hidden_layers=12, first_k_dense_replace=1, num_attention_heads=16, q_lora_rank=384,

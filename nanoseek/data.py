@@ -38,6 +38,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
+from .checkpoint import atomic_write_text
 from .tokenizer import Tokenizer
 
 FORMAT = "nanoseek-tokens-v1"
@@ -357,7 +358,6 @@ def prepare(data, out_dir: str, tokenizer: Tokenizer, val_fraction: float = 0.05
                 os.unlink(os.path.join(out_dir, f))
         meta = _write_shards(out_dir, tokenizer, sources, dtype, float(val_fraction), text_field, int(seed))
         meta.update({"format": FORMAT, "fingerprint": fingerprint, "tokenizer_sha256": options["tokenizer"]})
-        from .checkpoint import atomic_write_text
         atomic_write_text(meta_path, json.dumps(meta, indent=2) + "\n")
         os.chmod(meta_path, _file_mode())
     return _with_paths(meta, out_dir, reused=False)

@@ -23,9 +23,17 @@ import time
 from dataclasses import dataclass
 
 from .chat import THINK_OPEN, render_chat, split_thinking
+from .checkpoint import CheckpointError, atomic_write_text
 from .data import DataError
-from .sft import BadRecord, DataReport, _check_messages, _text, iter_records
+from .engine import Engine, SamplingParams
+from .interactive import resolve_model_dir
+from .model import DeepSeekV3
+from .sft import (BadRecord, DataReport, SFTOptions, _check_messages, _text, fail, iter_records, options_from, run_sft,
+                  train_args_from)
+from .tasks import TASKS
 from .tasks.extract import ANSWER_RE
+from .tokenizer import Tokenizer, TokenizerError
+from .train import TrainArgs
 
 NUMBER_RE = re.compile(r"-?\d+(?:\.\d+)?")
 
@@ -160,7 +168,6 @@ def get_verifier(spec: str | None, records: list[PromptRecord]):
     if spec in VERIFIERS:
         return spec, VERIFIERS[spec]
     if spec.startswith("task:"):  # a task's own checker (nanoseek.tasks), e.g. task:gsm8k, task:countdown
-        from .tasks import TASKS
         name = spec[5:]
         if name not in TASKS:
             raise ValueError(f"--verifier {spec}: unknown task {name!r}; available: {', '.join(TASKS)}")
@@ -183,7 +190,6 @@ def generate(model, tokenizer, records: list[PromptRecord], max_new_tokens: int 
              top_p: float = 1.0, samples: int = 1, seed: int = 0, think: bool = False) -> list[list[tuple[str, str]]]:
     """For each record, `samples` (completion text, finish reason) from the engine. With `think`
     the prompt opens the reply inside <think>, and the text is given back with that opening."""
-    from .engine import Engine, SamplingParams
     ids = [prompt_ids(tokenizer, r, think) for r in records]
     max_ctx = max(len(i) for i in ids) + max_new_tokens + 1
     engine = Engine(model, tokenizer, max_context=max_ctx, max_batch=min(32, len(ids) * samples))
@@ -222,10 +228,6 @@ def distill(teacher: str, student: str, prompts: str, out: str, train_args=None,
 
     import torch
 
-    from .model import DeepSeekV3
-    from .sft import SFTOptions, run_sft
-    from .tokenizer import Tokenizer
-    from .train import TrainArgs
     for name, path in (("--teacher", teacher), ("--student", student)):
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise ValueError(f"{name} {path}: not a checkpoint directory (no config.json)")
@@ -286,17 +288,12 @@ def distill(teacher: str, student: str, prompts: str, out: str, train_args=None,
     a = dataclasses.replace(a, data=[data], out=out, model=student, tokenizer=a.tokenizer or student, json=False)
     summary = run_sft(a, sft_options or SFTOptions())
     summary["distill"] = stats
-    from .checkpoint import atomic_write_text
     atomic_write_text(os.path.join(out, "final.json"), json.dumps(summary) + "\n")
     return summary
 
 
 # ------------------------------------------------------------------------------ command line
 def cmd_distill(args) -> int:
-    from .checkpoint import CheckpointError
-    from .interactive import resolve_model_dir
-    from .sft import fail, options_from, train_args_from
-    from .tokenizer import TokenizerError
     for flag, value in (("--data", args.data), ("--model", args.model)):
         if value:  # distill sets both itself: say so rather than drop the user's value
             raise SystemExit(f"nanoseek distill: {flag} is not taken here (the data are the teacher's kept "

@@ -1,4 +1,4 @@
-"""FP8 training with the DeepSeek-V3 recipe (report section 3.3; spec: shared/docs/fp8.md).
+"""FP8 training with the DeepSeek-V3 recipe (DeepSeek-V3 report, arXiv 2412.19437, section 3.3).
 
 - E4M3 everywhere (forward and backward), online scales, one scale per tile:
   1x128 for activations and activation gradients (per token, along the GEMM's K),
@@ -36,6 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .fp8_blocks import (ACT, BLOCK, COL, E4M3, E4M3_MAX, EPS, Fp8Tensor, SegmentsT, TileMap, WEIGHT, _quant, dense_tile_map, dequantize, pow2_ceil, quantize, quantize_128x1, quantize_128x128, quantize_1x128, tile_map)  # noqa: F401 - re-exported
+from .model import MLA, MLP, Experts, RMSNorm, Router, expert_counts
 
 
 
@@ -727,7 +728,6 @@ def swiglu_hidden(linear, gate: torch.Tensor, up: torch.Tensor, stack_below: int
 
 
 def _experts_base():
-    from .model import Experts
     return Experts
 
 
@@ -740,7 +740,6 @@ class FP8Experts(_experts_base()):
     fp8_config: FP8Config = DEFAULT_CONFIG
 
     def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        from .model import expert_counts
         N, k = indices.shape
         order = indices.reshape(-1).argsort(stable=True)
         sizes = expert_counts(indices, self.n_experts).tolist()
@@ -758,7 +757,6 @@ class FP8Experts(_experts_base()):
 
 
 def _mlp_base():
-    from .model import MLP
     return MLP
 
 
@@ -797,7 +795,6 @@ def convert(model: nn.Module, config: FP8Config | None = None) -> tuple[list[str
     also work since parameters are untouched). Returns (converted module names, [(skipped
     module name, reason)]). Calling it again is harmless (already-converted modules are listed
     as converted)."""
-    from .model import MLA, MLP, Experts, RMSNorm, Router
     cfg = config or DEFAULT_CONFIG
     converted: list[str] = []
     skipped: list[tuple[str, str]] = []

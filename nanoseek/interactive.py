@@ -9,14 +9,18 @@ import sys
 import time
 
 from .chat import render_chat, split_thinking
+from .checkpoint import CheckpointError
 from .engine import Engine, SamplingParams
+from .fp8_weights import load_fp8_weights
+from .model import DeepSeekV3
+from .store import Store, StoreError
+from .tokenizer import Tokenizer
 
 
 def resolve_model_dir(name: str) -> str:
     """A checkpoint directory, or a model name in the local store (NANOSEEK_HOME)."""
     if os.path.isdir(name) and os.path.exists(os.path.join(name, "config.json")):
         return name
-    from .store import Store, StoreError
     try:
         return Store().path_of(name)
     except StoreError as e:
@@ -27,14 +31,10 @@ def load_engine(name: str, max_context: int = 4096, device: str | None = None, d
     """An engine on the model `name`; with `fp8_weights`, an FP8 checkpoint's weights stay in FP8."""
     import torch
 
-    from .model import DeepSeekV3
-    from .tokenizer import Tokenizer
     path = resolve_model_dir(name)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if fp8_weights:
-        from .checkpoint import CheckpointError
-        from .fp8_weights import load_fp8_weights
         try:
             model, _ = load_fp8_weights(path, dtype=dtype, device=device)
         except CheckpointError as e:

@@ -28,6 +28,8 @@ import torch
 import torch.nn as nn
 from torch.nn.utils import parametrize
 
+from .model import MLA, MLP, Experts
+
 ATTENTION = ("q_a_proj", "q_b_proj", "q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj", "k_proj", "v_proj")
 FFN = ("gate_proj", "up_proj", "down_proj")
 TARGET_GROUPS = ("attn", "mlp")
@@ -55,7 +57,6 @@ class LoRADelta(nn.Module):
 
 def _targets(model: nn.Module, groups) -> list[tuple[str, nn.Module, str]]:
     """(qualified weight name, owning module, attribute) of every weight LoRA adapts."""
-    from .model import MLA, MLP, Experts
     groups = set(groups)
     unknown = groups - set(TARGET_GROUPS)
     if unknown:

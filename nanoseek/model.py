@@ -29,6 +29,8 @@ import torch.nn.functional as F
 
 from . import checkpoint
 from .config import ModelConfig
+from .sampling import sample_next
+from .speculative import generate_speculative
 
 
 # --------------------------------------------------------------------------------------- norms
@@ -170,7 +172,7 @@ class KVCache(SequenceCache):
 
 def _sdpa_backends():
     """On GPU, prefer cuDNN attention: it accepts MLA's unequal q/k and v head dims and is the
-    fastest there; flash refuses them (DESIGN.md, performance anchors)."""
+    fastest there; flash refuses them (benchmarks/RESULTS.md, the model benchmark's profile)."""
     try:
         from torch.nn.attention import SDPBackend, sdpa_kernel
         return sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
@@ -676,12 +678,10 @@ class DeepSeekV3(nn.Module):
         `speculative` (greedy, batch 1) the MTP module drafts tokens that the model verifies; the
         output is the same, `self.speculative_stats` holds the acceptance rate."""
         if speculative:
-            from .speculative import generate_speculative
             if temperature > 0:
                 raise ValueError("speculative decoding is greedy here: use temperature=0")
             ids, self.speculative_stats = generate_speculative(self, input_ids, max_new_tokens, eos_token_id)
             return ids
-        from .sampling import sample_next
         B, T = input_ids.shape
         cache = self.make_cache(B, T + max_new_tokens)
         gen = torch.Generator(device=input_ids.device)

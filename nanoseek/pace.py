@@ -9,7 +9,6 @@ so a reader never sees half a number.
 
 from __future__ import annotations
 
-import os
 
 from .io import atomic_write_text
 

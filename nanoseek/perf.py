@@ -1,4 +1,4 @@
-"""The one definition of speed figures (DESIGN.md, "Measuring speed"): FLOPs per token, bytes
+"""The one definition of speed figures: FLOPs per token, bytes
 per decoded token, the peaks, MFU and MBU. Every benchmark uses these.
 
 MFU (model FLOPs utilization, PaLM appendix B): model FLOPs per second over the GPU's dense bf16

@@ -25,6 +25,17 @@ import sys
 import time
 from dataclasses import dataclass
 
+from .checkpoint import atomic_write_text
+from .data import resolve_sources
+from .engine import Engine
+from .model import DeepSeekV3
+from .pace import write_pace
+from .rl import GRPOArgs, grpo
+from .store import Store
+from .tasks import evaluate, get_task
+from .tokenizer import BOS, Tokenizer, train_bpe
+from .train import TrainArgs, train
+
 # The quickstart model: the nano preset made narrower so that it trains at ~10K tokens/s on 2 CPU
 # cores. Still the full architecture: MLA (latent KV), a dense first layer, then DeepSeekMoE with
 # sigmoid routing, a shared expert and the bias-based (auxiliary-loss-free) balancing.
@@ -96,7 +107,6 @@ def _log(msg: str) -> None:
 
 def write_task_data(task, path: str, n: int, bos: str) -> int:
     """n training problems as a jsonl of worked solutions (prompt + solution after BOS)."""
-    from .checkpoint import atomic_write_text
     rows, seed = [], 0
     while len(rows) < n:
         rows += [json.dumps({"text": bos + p.prompt + p.solution}) for p in task.problems("train", seed=seed)]
@@ -111,7 +121,6 @@ def _budget(steps: int, seconds: float | None) -> str:
 
 def _text_sample(sources, n_chars: int) -> list[str]:
     """Up to n_chars of the extra pretraining text, in 2,000-character pieces, for the tokenizer."""
-    from .data import resolve_sources
     pieces, left = [], n_chars
     for path in resolve_sources(list(sources)) if sources else []:
         text = open(path, encoding="utf-8", errors="replace").read(left)
@@ -124,10 +133,6 @@ def _text_sample(sources, n_chars: int) -> list[str]:
 
 def measure(model_dir: str, task, problems, k: int, max_new_tokens: int, device: str | None = None,
             max_context: int = 96) -> dict:
-    from .engine import Engine
-    from .model import DeepSeekV3
-    from .tasks import evaluate
-    from .tokenizer import Tokenizer
     model = DeepSeekV3.from_pretrained(model_dir, device=device)
     engine = Engine(model, Tokenizer.from_dir(model_dir), max_context=max_context, max_batch=512)
     try:
@@ -143,7 +148,6 @@ def task_spec(rc: Recipe, eval_problems: int) -> str:
 
 def rl_args(rc: Recipe, model_dir: str, out: str, seed: int, eval_problems: int, **extra):
     """The quickstart's GRPO settings for `nanoseek.rl.grpo` (extra: GRPOArgs fields)."""
-    from .rl import GRPOArgs
     return GRPOArgs(model=model_dir, task=task_spec(rc, eval_problems), out=out,
                     max_steps=rc.rl_steps, prompts_per_step=rc.prompts_per_step, group_size=rc.group_size,
                     temperature=rc.temperature, max_new_tokens=rc.max_new_tokens, lr=rc.rl_lr,
@@ -155,7 +159,6 @@ def rl_args(rc: Recipe, model_dir: str, out: str, seed: int, eval_problems: int,
 def control_train(spec: dict) -> dict:
     """The control's training: more supervised training from the pretrained checkpoint (for
     `max_seconds`, or for as long as the job behind `pace_file` runs)."""
-    from .train import TrainArgs, train
     return train(TrainArgs(data=[spec["data"]], out=spec["out"], model=spec["model"], lr=spec["lr"], warmup_steps=50,
                            min_lr_ratio=0.1, max_steps=100_000, max_seconds=spec.get("max_seconds"),
                            pace_file=spec["pace_file"], seed=spec["seed"], **spec["common"]))
@@ -163,7 +166,6 @@ def control_train(spec: dict) -> dict:
 
 def _control_job(spec: dict) -> dict:
     """The control (`control_train`), then the same evaluation as GRPO's."""
-    from .tasks import get_task
     ctl = control_train(spec)
     task = get_task(spec["task"])
     c = measure(spec["out"], task, task.problems("test"), spec["k"], spec["max_new"], spec["device"], spec["eval_context"])
@@ -177,7 +179,6 @@ def _control_process(spec: dict) -> None:
     os.makedirs(spec["out"], exist_ok=True)
     sys.stdout = sys.stderr = open(os.path.join(spec["out"], "log.txt"), "w", buffering=1)
     torch.set_num_threads(spec["threads"])
-    from .checkpoint import atomic_write_text
     result = _control_job(spec)
     atomic_write_text(os.path.join(spec["out"], "result.json"), json.dumps(result) + "\n")
 
@@ -203,10 +204,6 @@ def pretrain_stage(out: str, rc: Recipe, eval_problems: int, seed: int, progress
     """Steps 1-3: the task data, the tokenizer and the pretrained model in out/ (pretrain/);
     returns the task, its held-out problems, the pretraining summary and the shared train settings."""
     import torch
-
-    from .tasks import get_task
-    from .tokenizer import BOS, train_bpe
-    from .train import TrainArgs, train
 
     torch.manual_seed(seed)
     task = get_task(task_spec(rc, eval_problems))
@@ -256,9 +253,6 @@ def quickstart(out: str = "runs/quickstart", recipe: Recipe | None = None, contr
     runs on one thread, whose floating-point sums (and so rollouts) differ from two threads'; on
     another host both gained alike (seeds 0-3: +19.9 and +19.6 points, RESULTS.md)."""
     import torch
-
-    from .pace import write_pace
-    from .rl import grpo
 
     rc = recipe or Recipe()
     check_layout(rc, control, alongside)  # before any work
@@ -344,12 +338,10 @@ def quickstart(out: str = "runs/quickstart", recipe: Recipe | None = None, contr
 
     # 7: into the model store
     if register:
-        from .store import Store
         Store().create(name, rl_dir, force=True)
         result["model"] = name
     result["seconds"] = round(time.time() - t_all, 1)
     result["out"] = out
-    from .checkpoint import atomic_write_text
     atomic_write_text(os.path.join(out, "quickstart.json"), json.dumps(result, indent=2) + "\n")
     return result
 

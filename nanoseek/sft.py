@@ -38,7 +38,12 @@ import numpy as np
 import torch
 
 from .chat import ROLES, THINK_OPEN, render_chat, split_thinking
+from .checkpoint import CheckpointError
 from .data import Batches, DataError, resolve_sources
+from .interactive import resolve_model_dir
+from .lora import apply_lora, base_weights, has_lora, load_lora_state_dict, lora_state_dict, merge_lora
+from .tokenizer import TokenizerError
+from .train import TrainArgs, train
 
 IGNORE = -100  # label of tokens that do not count (F.cross_entropy's ignore_index)
 SHOW_PROBLEMS = 10  # bad records quoted in the report; the rest are counted
@@ -405,7 +410,6 @@ class SFTTask:
 
     def prepare_model(self, model, trainer_state: dict | None) -> None:
         if self.opts.lora:
-            from .lora import apply_lora, load_lora_state_dict
             apply_lora(model, self.opts.lora, self.opts.lora_alpha, self.opts.lora_targets)
             if trainer_state is not None:
                 if "lora" not in trainer_state:
@@ -414,15 +418,12 @@ class SFTTask:
         self.trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
     def saving(self, model):
-        from .lora import base_weights, has_lora
         return base_weights(model) if has_lora(model) else nullcontext()
 
     def state(self, model) -> dict:
-        from .lora import has_lora, lora_state_dict
         return {"lora": lora_state_dict(model)} if has_lora(model) else {}
 
     def export(self, model):
-        from .lora import has_lora, merge_lora
         return merge_lora(model) if has_lora(model) else model
 
     def summary(self) -> dict:
@@ -448,7 +449,6 @@ def sft_args(args, opts: SFTOptions):
 
 def run_sft(args, opts: SFTOptions | None = None) -> dict:
     """Fine-tune `args.model` (a checkpoint directory) on `args.data` with the training loop."""
-    from .train import train
     opts = opts or SFTOptions()
     if not args.model:
         raise ValueError("--model: give the checkpoint directory to fine-tune")
@@ -483,7 +483,6 @@ def options_from(args) -> SFTOptions:
 
 
 def train_args_from(args):
-    from .train import TrainArgs
     fields = set(TrainArgs.__dataclass_fields__)
     return TrainArgs(**{k: v for k, v in vars(args).items() if k in fields and v is not None})
 
@@ -493,9 +492,6 @@ def fail(command: str, e: Exception) -> SystemExit:
 
 
 def cmd_sft(args) -> int:
-    from .checkpoint import CheckpointError
-    from .interactive import resolve_model_dir
-    from .tokenizer import TokenizerError
     if not args.model:
         raise SystemExit("nanoseek sft: --model DIR (or a model name in the store) is required")
     args.model = resolve_model_dir(args.model)

@@ -28,6 +28,11 @@ import shutil
 import tempfile
 import time
 
+from .checkpoint import CheckpointError, _ShardSet, hf_keys_for
+from .config import ModelConfig
+from .model import DeepSeekV3
+from .tokenizer import Tokenizer, TokenizerError
+
 MANIFEST = "nanoseek-manifest.json"
 DEFAULT_TAG = "latest"
 MAX_PART = 64
@@ -140,11 +145,6 @@ def validate_checkpoint(src: str) -> dict:
     """Check that `src` is a loadable checkpoint with a tokenizer, reading only headers. Returns
     {"config": ModelConfig, "config_dict": dict, "tokenizer": Tokenizer}. Raises StoreError."""
     import torch
-
-    from .checkpoint import CheckpointError, _ShardSet, hf_keys_for
-    from .config import ModelConfig
-    from .model import DeepSeekV3
-    from .tokenizer import Tokenizer, TokenizerError
 
     if not os.path.isdir(src):
         raise StoreError(f"{src}: not a directory (expected a Hugging Face checkpoint folder)")
@@ -322,9 +322,6 @@ class Store:
 
     def show(self, name: str) -> dict:
         """Architecture, parameters, context length, quantization, template, and the manifest."""
-        from .config import ModelConfig
-        from .tokenizer import Tokenizer
-
         path = self.path_of(name)
         m = self.manifest(name)
         cfg = ModelConfig.from_pretrained(path)

@@ -26,11 +26,16 @@ import torch.nn.functional as F
 
 from .balance import max_violation, moe_modules, sequence_balance_loss, update_bias
 from .checkpoint import CheckpointError
-from .io import atomic_torch_save, atomic_write_text
 from .config import ModelConfig
+from .data import Batches, TokenShard, _iter_docs, bits_per_byte, prepare, resolve_sources
+from .fp8 import FP8Config, convert, format_report
+from .io import atomic_torch_save, atomic_write_text
 from .model import DeepSeekV3
 from .pace import read_pace
 from .parallel import DataParallel, all_reduce_sum, barrier, init_distributed
+from .parallel.ep_training import ExpertParallelTraining
+from .parallel.pipeline_train import PipelineTraining
+from .tokenizer import Tokenizer, train_bpe
 
 CKPT_RE = re.compile(r"step-(\d{6,})")
 
@@ -296,9 +301,6 @@ def train(args: TrainArgs, finetune=None) -> dict:
     `prepare_model(model, trainer_state)` before the optimizer (e.g. LoRA: only adapters train);
     `saving(model)` a context to save checkpoints in; `state(model)` extra trainer state;
     `export(model)` the model written at the run's root; `summary()` extra fields of final.json."""
-    from .data import Batches, TokenShard, bits_per_byte, prepare
-    from .tokenizer import Tokenizer, train_bpe
-
     a = args.resolved()
     dist_info = init_distributed(a.device)
     rank, world, device = dist_info.rank, dist_info.world, dist_info.device
@@ -306,7 +308,6 @@ def train(args: TrainArgs, finetune=None) -> dict:
     precision = a.precision or ("bf16" if device.type == "cuda" else "fp32")
     if precision not in ("fp32", "bf16", "fp8"):
         raise ValueError(f"--precision: unsupported value {precision!r} (fp32, bf16 or fp8)")
-    from .fp8 import FP8Config
     fp8_config = FP8Config(kernels=a.fp8_kernels, grouped=a.fp8_grouped)  # checks --fp8-kernels / --fp8-grouped
     if precision == "fp8" and a.fp8_grouped == "triton" and (a.fp8_kernels not in ("auto", "triton")
                                                               or device.type != "cuda"):
@@ -399,7 +400,6 @@ def train(args: TrainArgs, finetune=None) -> dict:
     if finetune is not None:
         finetune.prepare_model(model, trainer_state)
     if precision == "fp8":  # FP8 GEMMs (DeepSeek-V3 recipe), swapped in from outside; bf16 autocast for the rest
-        from .fp8 import convert, format_report
         fp8_converted, fp8_skipped = convert(model, fp8_config)
         if main:
             _say(format_report(fp8_converted, fp8_skipped))
@@ -407,13 +407,11 @@ def train(args: TrainArgs, finetune=None) -> dict:
     params_total = model.num_params(include_mtp=True)
     alpha = {"bias": a.seq_aux_alpha, "aux": a.aux_alpha, "none": 0.0}[a.balance]
     if a.pp > 1:  # keep only this rank's pipeline stages (applied from outside the model)
-        from .parallel.pipeline_train import PipelineTraining
         full_cfg = model.config
         pipe = PipelineTraining(model, a.pp, a.schedule, a.chunks, alpha, a.mtp_lambda, device)
         dp = DataParallel(model, dp_world, group=pipe.groups.dp_group, broadcast=False)
     else:
         if a.ep > 1:  # routed experts sharded over EP groups of ranks (applied from outside the model)
-            from .parallel.ep_training import ExpertParallelTraining
             full_cfg = model.config
             epar = dp = ExpertParallelTraining(model, a.ep, device)
         else:
@@ -650,7 +648,6 @@ def train(args: TrainArgs, finetune=None) -> dict:
 
 def _sample_texts(paths: list[str], max_bytes: int = 8 * 2**20):
     """Up to max_bytes of text from the inputs, for tokenizer training."""
-    from .data import _iter_docs, resolve_sources
     seen = 0
     for path in resolve_sources(paths):
         for doc in _iter_docs(path, "text"):

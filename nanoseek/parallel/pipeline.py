@@ -40,6 +40,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..balance import sequence_balance_loss
+from ..model import MoE
 from .schedules import Op, Schedule, ScheduleError
 
 OverlapFn = Callable[[Callable[[], None], Callable[[], None], nn.Module, nn.Module], None]
@@ -110,8 +112,6 @@ class DeepSeekStage(nn.Module):
         self.balance_sum = None
 
     def forward(self, x):
-        from ..balance import sequence_balance_loss
-        from ..model import MoE
         h = self.embed(x) if self.first else x
         cos, sin = self.rotary(torch.arange(h.shape[1], device=h.device))
         bal = None
@@ -137,8 +137,6 @@ def deepseek_criterion(local, mtp_lambda: float = 0.3, balance_alpha: float = 0.
     """Last-stage loss: CE + MTP loss (+ the balance loss of MTP MoEs). The target of a micro-batch
     is (input_ids, labels); `criterion.parts` keeps detached (ce, mtp, MTP balance) device tensors
     per call for reporting (read after the step: no host sync per micro-batch)."""
-    from ..balance import sequence_balance_loss
-    from ..model import MoE
 
     def criterion(out, target):
         logits, hidden = out

@@ -16,7 +16,7 @@ Vocabulary
   is deferred), ``W`` the deferred weight gradient of an earlier ``I`` (FIFO), ``FB`` an
   overlapped pair (``sub`` = (F op, B op)) whose two chunks have no data dependency.
 
-DualPipe/DualPipeV follow the 8 phases of the DeepSeek schedule (see shared/docs/dualpipe.md 1.4),
+DualPipe/DualPipeV follow the 8 phases of the DeepSeek schedule (DeepSeek-V3 report, arXiv 2412.19437, section 3.2.1 and figure 5),
 written from the phase table: with h the distance from the entry end (DualPipe: min(r, N-1-r),
 n = N/2, m = M/2; DualPipeV: h = r, n = N, m = M), each rank runs
   1. 2(n-h-1) x F0          2. (h+1) x [F0, F1]        3. (n-h-1) x [I1, W, F1]

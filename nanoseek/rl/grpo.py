@@ -29,7 +29,15 @@ from dataclasses import dataclass
 
 import torch
 
+from ..checkpoint import atomic_write_text
+from ..engine import Engine, SamplingParams
+from ..model import DeepSeekV3
 from ..pace import write_pace
+from ..tasks import Task, evaluate, get_task
+from ..tasks.base import check_all, score_reward
+from ..tasks.evaluate import encode_prompts
+from ..tokenizer import Tokenizer
+from ..train import MetricsLog, _say, cosine_factor, load_trainer_state, resume_point, save_checkpoint
 from .objective import LOSS_TYPES, group_advantages, policy_loss, token_weights
 
 
@@ -166,14 +174,6 @@ class Rollouts:
 
 def grpo(args: GRPOArgs, model=None, tokenizer=None) -> dict:
     """Run GRPO from args.model (or the given model/tokenizer); returns the final summary."""
-    from ..engine import Engine, SamplingParams
-    from ..model import DeepSeekV3
-    from ..tasks import Task, evaluate, get_task
-    from ..tasks.base import check_all, score_reward
-    from ..tasks.evaluate import encode_prompts
-    from ..tokenizer import Tokenizer
-    from ..train import MetricsLog, _say, cosine_factor, load_trainer_state, resume_point, save_checkpoint
-
     a = args.validate()
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     precision = a.precision or ("bf16" if device.type == "cuda" else "fp32")
@@ -391,7 +391,6 @@ def grpo(args: GRPOArgs, model=None, tokenizer=None) -> dict:
         model.save_pretrained(a.out)
         tokenizer.save(a.out)
     summary["plots"] = plot_grpo(a.out)
-    from ..checkpoint import atomic_write_text
     atomic_write_text(os.path.join(a.out, "final.json"), json.dumps(summary) + "\n")
     if a.json:
         print(json.dumps(summary), flush=True)

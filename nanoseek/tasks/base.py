@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Iterator
 
-from .extract import format_ok
+from .extract import FORMAT_RE, extract_answer, format_ok
 
 THINK = "<think>"
 
@@ -68,7 +68,6 @@ class Task:
         return True
 
     def check(self, problem: Problem, completion: str) -> Score:
-        from .extract import FORMAT_RE, extract_answer
         text = completion
         if problem.prompt.rstrip().endswith(THINK) and THINK not in completion:
             text = THINK + completion  # the prompt opened the thinking block (R1 style)

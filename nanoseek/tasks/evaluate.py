@@ -9,6 +9,8 @@ from math import comb
 
 import torch
 
+from ..chat import render_chat
+from ..engine import SamplingParams
 from .base import Problem, Task, check_all
 
 
@@ -23,7 +25,6 @@ def encode_prompts(tokenizer, problems: list[Problem], chat: bool = False) -> li
     """Token ids of each problem's prompt: raw text after BOS, or the question in the chat template."""
     if not chat:
         return [tokenizer.encode(p.prompt, add_bos=True) for p in problems]
-    from ..chat import render_chat
     return [tokenizer.encode(render_chat(tokenizer, [{"role": "user", "content": p.prompt}]), add_bos=False)
             for p in problems]
 
@@ -31,7 +32,6 @@ def encode_prompts(tokenizer, problems: list[Problem], chat: bool = False) -> li
 def evaluate(engine, task: Task, problems: list[Problem], k: int = 8, temperature: float = 1.0,
              max_new_tokens: int = 64, chat: bool = False, seed: int = 0) -> dict:
     """Greedy accuracy (lenient and strict) and, with k > 0, pass@k and mean accuracy over k samples."""
-    from ..engine import SamplingParams
     prompts = encode_prompts(engine.tokenizer, problems, chat)
     greedy = engine.generate(prompts, SamplingParams(max_tokens=max_new_tokens, temperature=0.0))
     scores = [task.check(p, c.text) for p, c in zip(problems, greedy)]
