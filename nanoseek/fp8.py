@@ -59,15 +59,13 @@ class FP8Config:
     reference the Triton kernels are checked against, and how the CPU tests run that path).
     `grouped`: the routed experts' GEMMs on the fused path: "auto" (the default: "triton" with the
     Triton kernels, else "loop"), "triton" (one Triton launch per GEMM for all experts; each use's
-    first call per shape is checked against the loop) or "loop" (one `fp8_gemm` per expert: 0.22x
-    bf16 for `small`'s 64 experts against 0.80x grouped; at 8 experts of width 2048 0.83-0.94x
-    against grouped's 0.93x in training, and faster per layer at V3 sizes: benchmarks/RESULTS.md).
+    first call per shape is checked against the loop) or "loop" (one `fp8_gemm` per expert: far
+    slower with many small experts, competitive with few wide ones; benchmarks/RESULTS.md, FP8).
     `stack_gate_up_below`: SwiGLU's gate and up projections narrower than this many outputs each
     run as one GEMM per pass over their stacked weights where the shapes allow (`stackable`): the
-    input is quantized once and its gradient is one GEMM. On an H200 that pays where the GEMMs are
-    narrow (V3 experts of width 2048: the stacked Fprop GEMM 772 vs 601 TFLOP/s, the expert block
-    1.05-1.06x) and costs ~3% for the dense MLP of width 18432, whose GEMMs are already at full
-    speed (benchmarks/RESULTS.md); 0 never stacks."""
+    input is quantized once and its gradient is one GEMM. That pays where the GEMMs are narrow (V3's
+    experts) and costs a little for a wide dense MLP whose GEMMs are already at full speed
+    (benchmarks/RESULTS.md, "Fifth H200 run"); 0 never stacks."""
     pow2_scales: bool = False
     cache_fp8: bool = True
     backend: str = "auto"

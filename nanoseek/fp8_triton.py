@@ -166,8 +166,8 @@ def _quant_dual_kernel(x_ptr, qr_ptr, sr_ptr, qc_ptr, sc_ptr, prog_ptr, T, C, P,
 # in-kernel transposed store of the weight blocks, wrong only in the fast build; see
 # quantize_weight_dual.)
 _DUAL_INT_ARGS = ["T", "C", "P", "stride_xm"]
-# 4 warps: 1.2x 8; neither transposing the 128x1 codes after the cast nor looping over channel
-# blocks in one program is faster (dev/bench_quant_dual.py, RESULTS.md)
+# 4 warps beat 8; neither transposing the 128x1 codes after the cast nor looping over channel
+# blocks in one program is faster (benchmarks/RESULTS.md, "Sixth H200 run")
 DUAL_LAUNCH = {"num_warps": 4}
 _quant_dual_fast = triton.jit(_quant_dual_kernel)
 _quant_dual_safe = triton.jit(_quant_dual_kernel, do_not_specialize=_DUAL_INT_ARGS)

@@ -70,16 +70,15 @@ class Recipe:
     rl_lr: float = 5e-5
     rl_warmup: int = 10
     rl_min_lr_ratio: float = 1.0  # after the warm-up: cosine decay to rl_lr * this (1: constant)
-    rl_mu: int = 1  # optimizer steps per batch of rollouts (2, at 120 steps for the same time: -2.5 points, LOG)
+    rl_mu: int = 1  # optimizer steps per batch of rollouts (2 for the same time lost: dev/LOG.md)
     prompts_per_step: int = 32
     group_size: int = 8
     temperature: float = 0.7
     loss: str = "dapo"
     reward: str = "strict"  # the answer and every worked step checked (lenient: the answer alone)
     # CPU: sample each GRPO step's rollouts during the previous step's update, on half of the threads
-    # each (one step off-policy): 0.8x the RL time of sequential GRPO and, over 7 seeds on 2-core
-    # slices, the same gain (+18.1 vs +17.1 points, constant lr); the control then runs after GRPO,
-    # which makes the whole run longer than with the control alongside (RESULTS.md), so opt-in
+    # each (one step off-policy); the control then runs after GRPO, which makes the whole run longer
+    # than with the control alongside, so opt-in (benchmarks/RESULTS.md, "--overlap")
     overlap: bool = False
     rl_eval_every: int = 0  # also measure held-out greedy accuracy every N GRPO steps (grpo/metrics.jsonl)
     control_lr: float = 1e-3
@@ -250,8 +249,8 @@ def quickstart(out: str = "runs/quickstart", recipe: Recipe | None = None, contr
     """The whole quickstart (module docstring). `alongside`: run the control next to GRPO, each on
     half of torch's threads (default: on a CPU with 2+ threads, unless the recipe overlaps GRPO's
     rollouts with its updates; False: the control after GRPO, on all threads). On 2 cores GRPO then
-    runs on one thread, whose floating-point sums (and so rollouts) differ from two threads'; on
-    another host both gained alike (seeds 0-3: +19.9 and +19.6 points, RESULTS.md)."""
+    runs on one thread, whose floating-point sums (and so rollouts) differ from two threads'
+    (both layouts measured in benchmarks/RESULTS.md)."""
     import torch
 
     rc = recipe or Recipe()

@@ -26,8 +26,8 @@ def sampling_logits(logits: torch.Tensor, temperature: float, top_p: float = 1.0
 
 def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """One token per row of probs [B, V] by inverting the cumulative distribution with a single
-    uniform number per row [B] (`torch.multinomial` draws V exponentials per row: ~18x slower for a
-    batch of 256 on a CPU). The sums are in float64 and u < total, so a zero-probability token (top-k,
+    uniform number per row [B] (`torch.multinomial` draws V exponentials per row, far slower on a
+    CPU: dev/LOG.md, session 8). The sums are in float64 and u < total, so a zero-probability token (top-k,
     top-p) is never chosen: the first index whose cumulative mass exceeds u has positive mass."""
     cdf = probs.double().cumsum(dim=-1)  # [B, V]
     total = cdf[:, -1]
