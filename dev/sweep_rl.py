@@ -5,7 +5,7 @@ reported once on the test set:
 2. run every (variant, seed) GRPO stage on one core (one thread by default: the arithmetic of
    `nanoseek quickstart` on 2 cores, the control alongside) and measure greedy accuracy on the
    validation set only;
-3. pick the variant with the best mean validation gain (`--pick`; or `--fixed NAME`);
+3. pick the variant with the best mean validation gain (or the one `--fixed NAME` names);
 4. for that variant alone: the control (more supervised training from the same checkpoint for
    each seed's GRPO time, on as many threads), then the test set, before RL, after RL and for the
    control.
@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import queue
+import statistics
 import subprocess
 import sys
 import time
@@ -143,7 +144,7 @@ def main():
     def pct(x):
         return f"{100 * x:.1f}"
 
-    print("\nValidation set (250 problems), greedy accuracy before -> after GRPO (gain):\n")
+    print(f"\nValidation set ({Recipe(**base).val_problems} problems), greedy accuracy before -> after GRPO (gain):\n")
     print("| variant | " + " | ".join(f"seed {s}" for s in seeds) + " | mean gain | min gain |")
     print("|---|" + "---|" * (len(seeds) + 2))
     summary = {}
@@ -163,20 +164,19 @@ def main():
     chosen = a.fixed or max(variants, key=lambda v: (len(summary[v]["val_gains"]), summary[v]["val_mean_gain"]))
     print(f"\nchosen on the validation set: {chosen} ({variants[chosen] or 'the Recipe defaults'})", flush=True)
 
+    rc_chosen = {**base, **parse_overrides(variants[chosen])}
     controls = {}
     if not a.no_control:
         def control_job(s, slot):
-            rc = {**base, **parse_overrides(variants[chosen])}
             spec = dict(data=f"{a.out}/s{s}/pretrain/data", out=f"{a.out}/s{s}/control", model=f"{a.out}/s{s}/pretrain",
-                        lr=rc.get("control_lr", 1e-3), seed=s + 1, max_seconds=results[(chosen, s)]["seconds"],
-                        pace_file=None, threads=n, common=train_common(Recipe(**rc), f"{a.out}/s{s}/tokenizer",
+                        lr=Recipe(**rc_chosen).control_lr, seed=s + 1, max_seconds=results[(chosen, s)]["seconds"],
+                        pace_file=None, threads=n, common=train_common(Recipe(**rc_chosen), f"{a.out}/s{s}/tokenizer",
                                                                       progress=False, device="cpu"))
             return run(["-c", CONTROL, json.dumps(spec)], slot, f"{a.out}/s{s}.control.log")
         controls = dict(on_slots(seeds, slot_list(cores, n), control_job))
         print(f"controls done at {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
 
     # the test set, once, for the chosen variant only
-    rc_chosen = {**base, **parse_overrides(variants[chosen])}
     kinds = {"before": "pretrain", "grpo": chosen, **({} if a.no_control else {"control": "control"})}
     test = dict(on_slots(seeds, slot_list(cores, 1), lambda s, slot: run(
         ["-c", EVALUATE, json.dumps(rc_chosen), "test", *[f"{a.out}/s{s}/{d}" for d in kinds.values()]],
@@ -191,7 +191,7 @@ def main():
             print(f"| {s} | error | | | | | | |")
             continue
         acc = {k: t[f"{a.out}/s{s}/{d}"] for k, d in kinds.items()}
-        row = {"seed": s, **{f"{k}": acc[k]["accuracy"] for k in acc}, **{f"{k}_strict": acc[k]["accuracy_strict"] for k in acc},
+        row = {"seed": s, **{k: acc[k]["accuracy"] for k in acc}, **{f"{k}_strict": acc[k]["accuracy_strict"] for k in acc},
                "grpo_seconds": results[(chosen, s)]["seconds"], "control_steps": controls.get(s, {}).get("steps")}
         rows.append(row)
         ctl = acc.get("control", {"accuracy": float("nan"), "accuracy_strict": float("nan")})
@@ -201,7 +201,6 @@ def main():
               f"{pct(ctl['accuracy'])} / {pct(ctl['accuracy_strict'])} | "
               f"{100 * (acc['grpo']['accuracy'] - ctl['accuracy']):+.1f} | {row['grpo_seconds']:.0f} | {row['control_steps']} |")
     if rows:
-        import statistics
         for key in ("before", "grpo", "control"):
             vals = [100 * r[key] for r in rows if key in r]
             if len(vals) > 1:

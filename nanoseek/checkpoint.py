@@ -24,7 +24,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .config import ModelConfig
-from .io import _default_mode, atomic_save_safetensors, atomic_write_text  # noqa: F401 - re-exported
+from .io import atomic_save_safetensors, atomic_write_text
 
 FP8_BLOCK = 128
 FP8_MAX = 448.0

@@ -38,7 +38,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from .checkpoint import atomic_write_text
+from .io import atomic_write_text
 from .tokenizer import Tokenizer
 
 FORMAT = "nanoseek-tokens-v1"

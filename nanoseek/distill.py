@@ -23,10 +23,11 @@ import time
 from dataclasses import dataclass
 
 from .chat import THINK_OPEN, render_chat, split_thinking
-from .checkpoint import CheckpointError, atomic_write_text
+from .checkpoint import CheckpointError
 from .data import DataError
 from .engine import Engine, SamplingParams
 from .interactive import resolve_model_dir
+from .io import atomic_write_text
 from .model import DeepSeekV3
 from .sft import (BadRecord, DataReport, SFTOptions, _check_messages, _text, fail, iter_records, options_from, run_sft,
                   train_args_from)

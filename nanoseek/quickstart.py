@@ -25,9 +25,9 @@ import sys
 import time
 from dataclasses import dataclass
 
-from .checkpoint import atomic_write_text
 from .data import resolve_sources
 from .engine import Engine
+from .io import atomic_write_text
 from .model import DeepSeekV3
 from .pace import write_pace
 from .rl import GRPOArgs, grpo

@@ -29,8 +29,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..checkpoint import atomic_write_text
 from ..engine import Engine, SamplingParams
+from ..io import atomic_write_text
 from ..model import DeepSeekV3
 from ..pace import write_pace
 from ..tasks import Task, evaluate, get_task

@@ -137,9 +137,6 @@ class GeneratedTask(Task):
         test, val = self._held_out()
         return frozenset(p.key for p in test + val)
 
-    def test_keys(self) -> frozenset:
-        return frozenset(p.key for p in self._held_out()[0])
-
     def has_split(self, split: str) -> bool:
         return split in ("train", "test") or (split == "val" and self.val_size > 0)
 
