@@ -1,40 +1,32 @@
-"""Decode speed (DESIGN.md decode protocol: prompt 128 tokens, 256 new tokens, EOS ignored, warm-up
-then median): the nanoseek engine (eager, and with CUDA-graph decode steps) against transformers'
-`generate` on the same checkpoint, at batch 1 and 32; time to first token, tokens/s and MBU
-(nanoseek/perf.py). Prints a table and a final JSON line.
+"""Decode speed through the engine (the decode protocol: prompt 128 tokens, 256 new tokens, EOS
+ignored, warm-up then median): the nanoseek engine (eager, and with CUDA-graph decode steps)
+against transformers' `generate` on the same checkpoint, at batch 1 and 32; time to first token,
+tokens/s and MBU (nanoseek/perf.py). Prints a table and a final JSON line.
 
-    python benchmarks/bench_decode.py --preset small            # GPU
-    python benchmarks/bench_decode.py --preset nano --device cpu --batches 1 4
+    python -m benchmarks.bench_decode --preset small            # GPU
+    python -m benchmarks.bench_decode --preset nano --device cpu --batches 1 4
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
-import sys
 import tempfile
+import threading
 import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from nanoseek import DeepSeekV3, ModelConfig
+from nanoseek.engine import Engine, SamplingParams
+from nanoseek.perf import decode_bytes_per_token, measure_copy_bandwidth
+from nanoseek.tokenizer import train_bpe
 
-from nanoseek import DeepSeekV3, ModelConfig  # noqa: E402
-from nanoseek.engine import Engine, SamplingParams  # noqa: E402
-from nanoseek.perf import decode_bytes_per_token, measure_copy_bandwidth, mbu  # noqa: E402
-from nanoseek.tokenizer import train_bpe  # noqa: E402
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+from .common import environment, mbu, print_json, sync
 
 
 def run_engine(engine, prompts, new_tokens):
     """Returns (time to first token of the batch, decode tokens/s over the batch)."""
-    import threading
     first, counts, ends = [None] * len(prompts), [0] * len(prompts), [0.0] * len(prompts)
 
     def consume(i, h):
@@ -92,7 +84,7 @@ def main():
     g = torch.Generator().manual_seed(0)
     bw = measure_copy_bandwidth(device) if device.type == "cuda" else None
     results = {"preset": a.preset, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-               "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "copy_bw": bw, "rows": []}
+               **environment(device), "copy_bw": bw, "rows": []}
     variants = [("nanoseek eager", False, False)]
     if device.type == "cuda":
         variants += [("nanoseek cuda graphs", True, False), ("nanoseek compile+graphs", True, True)]
@@ -156,7 +148,7 @@ def main():
     results["best_speedup_vs_transformers_best"] = {b: best_ours[b] / best_hf[b] for b in best_ours if best_hf.get(b)}
     print("eager vs eager (nanoseek / transformers dynamic cache):", results["eager_speedup_vs_transformers"])
     print("best vs best (each side's fastest row):", results["best_speedup_vs_transformers_best"])
-    print(json.dumps(results))
+    print_json(results)
 
 
 if __name__ == "__main__":

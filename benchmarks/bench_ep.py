@@ -11,19 +11,16 @@ step spent in the all-to-alls and in the gradient sync (measured in separate pro
 device sync around each collective), model-state memory (parameters, gradients, AdamW moments) and
 peak allocated memory per GPU. Prints a table and a final JSON line.
 
-  torchrun --nproc-per-node 2 benchmarks/bench_ep.py                      # CPU, gloo, `nano`
-  torchrun --nproc-per-node 2 benchmarks/bench_ep.py --preset small       # 2 GPUs, NCCL
+  torchrun --nproc-per-node 2 -m benchmarks.bench_ep                      # CPU, gloo, `nano`
+  torchrun --nproc-per-node 2 -m benchmarks.bench_ep --preset small       # 2 GPUs, NCCL
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
-import json
-import os
 import resource
 import statistics
-import sys
 import time
 from contextlib import nullcontext
 
@@ -31,17 +28,12 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from nanoseek import DeepSeekV3, ModelConfig
+from nanoseek.parallel import DataParallel, init_distributed
+from nanoseek.parallel import expert_parallel as xp
+from nanoseek.parallel.ep_training import ExpertParallelTraining
 
-from nanoseek import DeepSeekV3, ModelConfig  # noqa: E402
-from nanoseek.parallel import DataParallel, init_distributed  # noqa: E402
-from nanoseek.parallel import expert_parallel as xp  # noqa: E402
-from nanoseek.parallel.ep_training import ExpertParallelTraining  # noqa: E402
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from .common import environment, print_json, sync
 
 
 def run_mode(mode: str, cfg: ModelConfig, a, info) -> dict:
@@ -164,7 +156,7 @@ def main():
         print(f"| {name} | {r['tokens_per_s_per_gpu']:,.0f} | {r['step_ms']:.1f} | {100 * r['a2a_share']:.1f}% | "
               f"{100 * r['grad_sync_share']:.1f}% | {r['params_local'] / 1e6:.2f}M | {r['state_gib']:.3f} | {peak} | "
               f"{r['first_loss']:.4f} |")
-    summary = {"preset": a.preset, "world": info.world, "backend": backend, "device": where,
+    summary = {"preset": a.preset, "world": info.world, "backend": backend, "device": where, **environment(info.device),
                "batch_per_rank": a.batch, "seq": a.seq, "results": results,
                "peak_rss_gib_rank0": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
     by = {r["mode"]: r for r in results}
@@ -173,7 +165,7 @@ def main():
         summary["ep_over_dp_state_memory"] = by["ep"]["state_gib"] / by["dp"]["state_gib"]
         print(f"EP / DP: tokens/s per GPU {summary['ep_over_dp_tokens_per_s']:.2f}x, "
               f"model-state memory {summary['ep_over_dp_state_memory']:.2f}x")
-    print(json.dumps(summary), flush=True)
+    print_json(summary)
     dist.destroy_process_group()
 
 

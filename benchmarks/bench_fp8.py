@@ -17,7 +17,7 @@ layer: forward+backward of an FP8 Linear, a dense SwiGLU MLP and the routed expe
        pass and as two GEMMs (FP8Config.stack_gate_up_below: stacked below width 8192, so the
        experts stack and the dense MLP does not) and, as fused2 / grouped2, the other choice.
 
-    PYTHONPATH=. python benchmarks/bench_fp8.py [--quick] [--json-out FILE]
+    python -m benchmarks.bench_fp8 [--quick] [--json-out FILE]
 
 Prints tables and a final JSON line. TFLOP/s count 2*M*N*K per GEMM (3 GEMMs for fwd+bwd).
 """
@@ -26,19 +26,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import statistics
-import sys
 import time
 
 import torch
 import torch.nn as nn
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from nanoseek import fp8
+from nanoseek.fp8 import ACT, WEIGHT, FP8Config, sqnr_db
+from nanoseek.model import MLP, Experts
 
-from nanoseek import fp8  # noqa: E402
-from nanoseek.fp8 import ACT, WEIGHT, FP8Config, sqnr_db  # noqa: E402
-from nanoseek.model import MLP, Experts  # noqa: E402
+from .common import environment, median_cuda_ms, print_json
 
 # (name, M tokens, N out, K in)
 GEMM_SHAPES = [
@@ -52,22 +49,6 @@ GEMM_SHAPES = [
     ("small dense    16384x2816x1024", 16384, 2816, 1024),
     ("small expert   1536x512x1024", 1536, 512, 1024),
 ]
-
-
-def bench(fn, iters=10, warmup=3) -> float:
-    """Median milliseconds of fn() (CUDA events)."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
 
 
 def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -284,11 +265,11 @@ def part_gemm(out: dict, quick: bool) -> None:
         a = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
         b = torch.randn(N, K, device="cuda", dtype=torch.bfloat16)
         flops = 2 * M * N * K
-        t_bf = bench(lambda: a @ b.t())
+        t_bf = median_cuda_ms(lambda: a @ b.t())
         qa, qb = fp8.quantize(a, ACT), fp8.quantize(b, WEIGHT)
-        t_f8 = bench(lambda: fp8.fp8_gemm(qa, qb, torch.bfloat16))
-        t_q = bench(lambda: fp8.fp8_gemm(fp8.quantize(a, ACT), fp8.quantize(b, WEIGHT), torch.bfloat16))
-        t_t = bench(lambda: fp8.fp8_gemm(tri.quantize_rows(a), fp8.quantize(b, WEIGHT), torch.bfloat16)) if tri else float("nan")
+        t_f8 = median_cuda_ms(lambda: fp8.fp8_gemm(qa, qb, torch.bfloat16))
+        t_q = median_cuda_ms(lambda: fp8.fp8_gemm(fp8.quantize(a, ACT), fp8.quantize(b, WEIGHT), torch.bfloat16))
+        t_t = median_cuda_ms(lambda: fp8.fp8_gemm(tri.quantize_rows(a), fp8.quantize(b, WEIGHT), torch.bfloat16)) if tri else float("nan")
         r = {"shape": name, "M": M, "N": N, "K": K, "bf16_tflops": flops / t_bf / 1e9, "fp8_tflops": flops / t_f8 / 1e9,
              "fp8_quant_eager_tflops": flops / t_q / 1e9, "fp8_quant_triton_tflops": flops / t_t / 1e9}
         rows.append(r)
@@ -301,7 +282,7 @@ def part_gemm(out: dict, quick: bool) -> None:
     a = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(N, K, device="cuda", dtype=torch.bfloat16)
     qa, qb = fp8.quantize(a, ACT), fp8.quantize(b, ACT)
-    t_bf, t_f8 = bench(lambda: a @ b.t()), bench(lambda: fp8.fp8_gemm(qa, qb, torch.float32))
+    t_bf, t_f8 = median_cuda_ms(lambda: a @ b.t()), median_cuda_ms(lambda: fp8.fp8_gemm(qa, qb, torch.float32))
     wg = {"shape": "wgrad 1x128*1x128 2048x7168x4096", "bf16_tflops": 2 * M * N * K / t_bf / 1e9,
           "fp8_tflops": 2 * M * N * K / t_f8 / 1e9}
     print(f"{wg['shape']:34s} {wg['bf16_tflops']:7.0f} {wg['fp8_tflops']:7.0f} {t_bf / t_f8:5.2f}  (fp32 out)")
@@ -349,7 +330,7 @@ def part_layer(out: dict, quick: bool) -> None:
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
                 base = torch.cuda.memory_allocated()
-                t = bench(fn, iters=5, warmup=2)
+                t = median_cuda_ms(fn, iters=5, warmup=2)
                 res[variant + "_ms"] = t
                 res[variant + "_tflops"] = flops / t / 1e9
                 res[variant + "_peak_gib"] = (torch.cuda.max_memory_allocated() - base) / 2**30
@@ -410,8 +391,7 @@ def main():
     p.add_argument("--parts", default="check,gemm,layer")
     p.add_argument("--json-out")
     a = p.parse_args()
-    out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-           "date": time.strftime("%Y-%m-%d")}
+    out = {"device": torch.cuda.get_device_name(), **environment("cuda")}
     try:
         import triton
         out["triton"] = triton.__version__
@@ -431,7 +411,7 @@ def main():
         if a.json_out:
             with open(a.json_out, "w") as f:
                 json.dump(out, f, indent=1)
-    print(json.dumps(out))
+    print_json(out)
 
 
 if __name__ == "__main__":

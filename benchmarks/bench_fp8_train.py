@@ -10,8 +10,8 @@
     report claims a relative loss error below 0.25 % for its FP8 recipe. The validation set is
     the same sequential windows of the held-out shard for every run.
 
-    PYTHONPATH=. python benchmarks/bench_fp8_train.py [--data .carry/gutenberg] [--json-out FILE]
-    PYTHONPATH=. python benchmarks/bench_fp8_train.py --model nano --steps 5 --batch-size 2 \\
+    python -m benchmarks.bench_fp8_train [--data .carry/gutenberg] [--json-out FILE]
+    python -m benchmarks.bench_fp8_train --model nano --steps 5 --batch-size 2 \\
         --seq-len 64 --speed-steps 0 --eval-batches 2          # a tiny CPU run of the same script
 
 `--data` is a folder prepared by `nanoseek prepare` (meta.json, train.bin, val.bin,
@@ -26,15 +26,15 @@ import gc
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from nanoseek import fp8
+from nanoseek.train import TrainArgs, train
 
-from nanoseek.train import TrainArgs, train  # noqa: E402
+from .common import environment, print_json
 
 # The wide model: `small` with these fields changed (V3-like attention, 8 x 2048 experts, hidden 4096).
 WIDE = dict(hidden_size=4096, num_hidden_layers=4, first_k_dense_replace=1, intermediate_size=11008,
@@ -47,7 +47,6 @@ def run_one(a, tag: str, preset: str, overrides: dict | None, precision: str, se
             batch: int, seq: int, eval_batches: int, mtp_depth: int | None, work: str, kernels: str = "off") -> dict:
     """One training run in this process; returns its summary plus speed and peak memory."""
     out = os.path.join(work, tag)
-    from nanoseek import fp8
     fp8.reset_kernel_checks()  # each run makes its own first-use checks and reports only its own fallbacks
     cuda = torch.cuda.is_available()
     if cuda:
@@ -138,11 +137,10 @@ def main():
         p.error(f"--warmup: a fraction of the run between 0 and 1, got {a.warmup}")
     if not os.path.isfile(os.path.join(a.data, "meta.json")):
         print(f"bench_fp8_train: no prepared data at {a.data} (meta.json missing); nothing measured")
-        print(json.dumps({"skipped": f"no data at {a.data}"}))
+        print_json({"skipped": f"no data at {a.data}"})
         return
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    out = {"device": dev, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "data": a.data,
-           "args": vars(a)}
+    out = {"device": dev, **environment(), "data": a.data, "args": vars(a)}
     print({k: v for k, v in out.items() if k != "args"}, flush=True)
     preset, overrides, mtp = ((a.model, None, None) if a.model != "wide"
                               else ("small", {**WIDE, "vocab_size": 8192}, 0))
@@ -205,7 +203,7 @@ def main():
     out.update(runs=runs, quality=quality, speed=speed)
     if a.json_out:
         json.dump(out, open(a.json_out, "w"), indent=1)
-    print(json.dumps(out))
+    print_json(out)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@ checkpoint dequantized at load: model memory (parameters + buffers), decode toke
 engine at two batch sizes, whether the greedy tokens agree, and the logits' SQNR against the
 dequantized model's. Random-init preset model written with `save_pretrained(fp8=True)`.
 
-    python benchmarks/bench_fp8_weights.py [--preset nano] [--dtype fp32|bf16] [--new 32]
+    python -m benchmarks.bench_fp8_weights [--preset nano] [--dtype fp32|bf16] [--new 32]
 
 Prints a table and a final JSON line.
 """
@@ -11,15 +11,18 @@ Prints a table and a final JSON line.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import sys
 import tempfile
 import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from nanoseek import DeepSeekV3, ModelConfig
+from nanoseek.engine import Engine, SamplingParams
+from nanoseek.fp8 import sqnr_db
+from nanoseek.fp8_weights import load_fp8_weights
+from nanoseek.tokenizer import train_bpe
+
+from .common import environment, print_json, sync
 
 
 def model_bytes(model) -> int:
@@ -34,12 +37,6 @@ def main():
     p.add_argument("--batches", default="1,16")
     p.add_argument("--prompt-len", type=int, default=32)
     a = p.parse_args()
-    from nanoseek import DeepSeekV3, ModelConfig
-    from nanoseek.engine import Engine, SamplingParams
-    from nanoseek.fp8 import sqnr_db
-    from nanoseek.fp8_weights import load_fp8_weights
-    from nanoseek.tokenizer import train_bpe
-
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
     preset = a.preset or ("small" if cuda else "nano")
@@ -68,12 +65,10 @@ def main():
                             cuda_graphs=False)
             params = SamplingParams(max_tokens=a.new, temperature=0, ignore_eos=True)
             engine.generate(prompts[:1], SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))  # warm-up
-            if cuda:
-                torch.cuda.synchronize()
+            sync(device)
             t0 = time.perf_counter()
             comps = engine.generate(prompts, params)
-            if cuda:
-                torch.cuda.synchronize()
+            sync(device)
             dt = time.perf_counter() - t0
             engine.close()
             row[f"tok_s_b{b}"] = sum(c.completion_tokens for c in comps) / dt
@@ -94,9 +89,9 @@ def main():
     print(f"memory FP8 / dequantized: {ratio:.2f}x; greedy tokens identical (FP8 kept): {same}; "
           f"W8A8 greedy tokens equal to the dequantized model's: {agree_w8a8}; logits SQNR vs the "
           f"dequantized model (dB): {sqnr}")
-    print(json.dumps({"preset": preset, "device": hw, "dtype": str(dtype)[6:], "rows": rows, "memory_ratio": ratio,
-                      "greedy_identical": same, "w8a8_token_agreement": agree_w8a8, "logits_sqnr_db": sqnr,
-                      "fp8_modules": rep["fp8_modules"]}))
+    print_json({"preset": preset, "device": hw, **environment(device), "dtype": str(dtype)[6:], "rows": rows,
+                "memory_ratio": ratio, "greedy_identical": same, "w8a8_token_agreement": agree_w8a8,
+                "logits_sqnr_db": sqnr, "fp8_modules": rep["fp8_modules"]})
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 same checkpoint, the same task prompts (P prompts x G samples, temperature sampling, stop at EOS),
 in one run. Also times one full GRPO step (rollouts + policy update) with nanoseek.
 
-    python benchmarks/bench_grpo.py --model runs/quickstart/pretrain --task countdown:n_numbers=3
+    python -m benchmarks.bench_grpo --model runs/quickstart/pretrain --task countdown:n_numbers=3
 
 Prints a table and a final JSON line. Without --model, a random quickstart-shaped model is used
 (throughput only; its completions run to the token limit)."""
@@ -10,15 +10,20 @@ Prints a table and a final JSON line. Without --model, a random quickstart-shape
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import sys
 import tempfile
 import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from nanoseek.config import ModelConfig
+from nanoseek.engine import Engine, SamplingParams
+from nanoseek.model import DeepSeekV3
+from nanoseek.quickstart import QUICKSTART_MODEL
+from nanoseek.tasks import get_task
+from nanoseek.tasks.evaluate import encode_prompts
+from nanoseek.tokenizer import Tokenizer, train_bpe
+
+from .common import environment, print_json, sync
 
 
 def main():
@@ -34,12 +39,6 @@ def main():
     p.add_argument("--no-hf", action="store_true")
     p.add_argument("--dtype", choices=["fp32", "bf16"], help="weights of both (default: bf16 on GPU, fp32 on CPU)")
     a = p.parse_args()
-    from nanoseek.engine import Engine, SamplingParams
-    from nanoseek.model import DeepSeekV3
-    from nanoseek.tasks import get_task
-    from nanoseek.tasks.evaluate import encode_prompts
-    from nanoseek.tokenizer import Tokenizer, train_bpe
-
     device = torch.device(a.device)
     task = get_task(a.task)
     problems = task.problems("train", a.prompts, seed=7)
@@ -47,8 +46,6 @@ def main():
     if a.model:
         model_dir = a.model
     else:
-        from nanoseek.config import ModelConfig
-        from nanoseek.quickstart import QUICKSTART_MODEL
         tok = train_bpe([q.prompt + q.solution for q in task.problems("train", 2000)], 300, split_digits=True)
         cfg = ModelConfig.from_preset("nano", **QUICKSTART_MODEL, vocab_size=tok.vocab_size, num_nextn_predict_layers=0)
         DeepSeekV3.from_config(cfg, seed=0).save_pretrained(tmp)
@@ -60,17 +57,16 @@ def main():
     prompts = encode_prompts(tok, problems)
     rep = [q for q in prompts for _ in range(a.group)]
     rows, results = [], {"device": str(device), "prompts": a.prompts, "group": a.group, "max_new": a.new,
-                         "params": model.num_params(), "torch": torch.__version__}
+                         "params": model.num_params(), **environment(device)}
 
     def timed(fn):
+        """(tokens, seconds) of the fastest of `a.repeats` runs of fn() (which returns its tokens)."""
         best = None
         for _ in range(a.repeats):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            sync(device)
             t0 = time.perf_counter()
             n = fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            sync(device)
             dt = time.perf_counter() - t0
             best = (n, dt) if best is None or n / dt > best[0] / best[1] else best
         return best
@@ -114,7 +110,7 @@ def main():
         print(f"{r['impl']:<24} {r['tokens']:>8} {r['seconds']:>8.2f} {r['tokens_per_s']:>10.0f}")
     if "engine_vs_transformers" in results:
         print(f"engine / transformers: {results['engine_vs_transformers']:.2f}x")
-    print(json.dumps(results))
+    print_json(results)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ training). Held-out greedy accuracy (lenient / strict), pass@8, sampled accuracy
 length before and after; then rollout tokens/s of the nanoseek engine against transformers'
 `generate` on the pretrained checkpoint (benchmarks/bench_grpo.py, same prompts and settings).
 
-    python benchmarks/bench_grpo_scale.py --text .carry/text --out runs/grpo_scale \
+    python -m benchmarks.bench_grpo_scale --text .carry/text --out runs/grpo_scale \
         --pretrain-seconds 150 --rl-seconds 240
 
 Budgets are wall-clock seconds (pretraining, GRPO, control), so the run fits a fixed GPU slot.
@@ -21,9 +21,12 @@ import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+from nanoseek.quickstart import Recipe, quickstart
+
+from . import bench_grpo
+from .common import environment, print_json
 
 # ~168M parameters with a 4,096-token vocabulary: 8 layers (the first dense), width 768, MLA with a
 # 256-wide latent, 12 heads; 16 routed experts of width 512, top-2, one shared expert.
@@ -56,10 +59,6 @@ def main():
     p.add_argument("--device", default=None)
     p.add_argument("--tiny", action="store_true", help="a tiny model (to check the script on a CPU; give small --pretrain-seconds and --rl-seconds too)")
     a = p.parse_args()
-    import torch
-
-    from nanoseek.quickstart import Recipe, quickstart
-
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = dict(SCALE_MODEL)
     if a.tiny:
@@ -90,9 +89,9 @@ def main():
               f"{100 * r['accuracy_control']:>6.1f}% {100 * r['strict_accuracy_control']:>6.1f}% "
               f"{100 * r['pass_at_8_control']:>6.1f}% {100 * r['sampled_accuracy_control']:>7.1f}%")
     print(f"RL gain {100 * (r['accuracy_after_rl'] - r['accuracy_before_rl']):+.1f} points")
-    result = {"hardware": hw, "torch": torch.__version__, "quickstart": r}
+    result = {**environment(device), "hardware": hw, "quickstart": r}
     if not a.no_rollout_bench:
-        cmd = [sys.executable, os.path.join(HERE, "bench_grpo.py"), "--model", os.path.join(a.out, "pretrain"),
+        cmd = [sys.executable, "-m", bench_grpo.__name__, "--model", os.path.join(a.out, "pretrain"),
                "--task", f"countdown:n_numbers={a.n_numbers}", "--prompts", str(a.prompts), "--group", str(a.group),
                "--device", device]
         out = subprocess.run(cmd, capture_output=True, text=True)
@@ -100,7 +99,7 @@ def main():
         lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
         result["rollouts"] = json.loads(lines[-1]) if lines else {"error": out.stderr[-2000:]}
     result["wall_s"] = round(time.time() - t0, 1)
-    print(json.dumps(result))
+    print_json(result)
 
 
 if __name__ == "__main__":

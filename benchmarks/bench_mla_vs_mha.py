@@ -3,26 +3,22 @@
 Reports cache bytes per token (exact), the longest context and the largest batch that fit in the
 free GPU memory, and decode throughput at a large batch with a long prompt. Table + JSON line.
 
-    python benchmarks/bench_mla_vs_mha.py --batch 64 --context 4096 --new 64
+    python -m benchmarks.bench_mla_vs_mha --batch 64 --context 4096 --new 64
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-sys.path.insert(0, os.path.dirname(__file__))
+from nanoseek import DeepSeekV3, ModelConfig
+from nanoseek.engine import Engine
+from nanoseek.tokenizer import train_bpe
 
-from bench_decode import run_engine  # noqa: E402
-from nanoseek import DeepSeekV3, ModelConfig  # noqa: E402
-from nanoseek.engine import Engine  # noqa: E402
-from nanoseek.tokenizer import train_bpe  # noqa: E402
+from .bench_decode import run_engine
+from .common import environment, print_json
 
 
 def main():
@@ -65,9 +61,9 @@ def main():
         print(f"{r['attention']:<10}{r['kv_bytes_per_token']:>12,}{r['decode_tokens_per_s']:>14,.0f}{r['ttft_s']:>9.2f}")
     res = {"rows": rows, "cache_ratio": mha["kv_bytes_per_token"] / mla["kv_bytes_per_token"],
            "decode_speedup": mla["decode_tokens_per_s"] / mha["decode_tokens_per_s"],
-           "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "date": time.strftime("%Y-%m-%d")}
+           "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", **environment(device)}
     print(f"MHA cache / MLA cache: {res['cache_ratio']:.1f}x; MLA decode speed-up: {res['decode_speedup']:.2f}x")
-    print(json.dumps(res))
+    print_json(res)
 
 
 if __name__ == "__main__":

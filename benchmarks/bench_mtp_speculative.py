@@ -2,23 +2,21 @@
 checkpoint trained with MTP (DeepSeek-V3 report: 85-90% acceptance of the second token, 1.8x
 tokens/s). Prints a table and a final JSON line.
 
-    python benchmarks/bench_mtp_speculative.py --model RUN_DIR --prompts 8 --new 64
+    python -m benchmarks.bench_mtp_speculative --model RUN_DIR --prompts 8 --new 64
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from nanoseek import DeepSeekV3
+from nanoseek.data import Batches, TokenShard
 
-from nanoseek import DeepSeekV3  # noqa: E402
-from nanoseek.data import Batches, TokenShard  # noqa: E402
+from .common import environment, print_json
 
 
 def main():
@@ -50,7 +48,7 @@ def main():
         same &= torch.equal(ref, out)
         drafted += model.speculative_stats.drafted
         accepted += model.speculative_stats.accepted
-    res = {"model": a.model, "device": a.device, "prompts": a.prompts, "new_tokens": a.new,
+    res = {"model": a.model, "device": a.device, **environment(a.device), "prompts": a.prompts, "new_tokens": a.new,
            "acceptance_rate": accepted / max(drafted, 1), "plain_tokens_per_s": a.prompts * a.new / plain_t,
            "speculative_tokens_per_s": a.prompts * a.new / spec_t, "speedup": plain_t / spec_t,
            "identical_output": bool(same)}
@@ -58,7 +56,7 @@ def main():
     print(f"{'plain greedy':<14}{res['plain_tokens_per_s']:>10.1f}")
     print(f"{'MTP drafts':<14}{res['speculative_tokens_per_s']:>10.1f}   acceptance {100 * res['acceptance_rate']:.1f}%, "
           f"speed-up {res['speedup']:.2f}x, identical output: {res['identical_output']}")
-    print(json.dumps(res))
+    print_json(res)
 
 
 if __name__ == "__main__":

@@ -7,16 +7,14 @@ cores behave like 8 devices). The executors are nanoseek.parallel.pipeline's; th
 steps is measured (per-rank compute intervals, gathered to rank 0). Every stage costs the same in
 every schedule (so a DualPipeV rank, holding 2 stages, does twice a 1F1B rank's work).
 
-    python benchmarks/bench_pipeline.py [--times 0.02,0.04,0.02] [--pp 4] [--chunks 8]
+    python -m benchmarks.bench_pipeline [--times 0.02,0.04,0.02] [--pp 4] [--chunks 8]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import socket
-import sys
 import time
 from datetime import timedelta
 
@@ -25,10 +23,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from nanoseek.parallel.pipeline import PipelineExecutor  # noqa: E402
-from nanoseek.parallel.schedules import build_schedule  # noqa: E402
-from nanoseek.parallel.simulator import measured_metrics, simulate  # noqa: E402
+from nanoseek.parallel.pipeline import PipelineExecutor
+from nanoseek.parallel.schedules import build_schedule
+from nanoseek.parallel.simulator import measured_metrics, plot_timeline, simulate
+
+from .common import environment, print_json
 
 
 class _SleepInput(torch.autograd.Function):
@@ -125,7 +124,6 @@ def main():
                      "formula_bubble": d["formula_bubble"], "formula_exact": d["formula_exact"],
                      "comm_wait_max": max(m["comm_wait_per_rank"])})
         if a.png:
-            from nanoseek.parallel.simulator import plot_timeline
             os.makedirs(a.png, exist_ok=True)
             plot_timeline(timeline, os.path.join(a.png, f"measured_{name}.png"), f"measured {name} pp={pp}")
     print(f"sleep-cost stages F,B,W = {F},{B},{W} s, {a.chunks} micro-batches, gloo, second step measured")
@@ -135,13 +133,13 @@ def main():
         print(f"{r['schedule']:10s} {r['ranks']:5d} {r['step_time']:8.3f} {r['bubble']:8.3f} {r['bubble_ratio']:6.3f} | "
               f"{r['sim_step_time']:7.3f} {r['sim_bubble']:7.3f} {r['sim_bubble_ratio']:6.3f} | {r['formula_bubble']:7.3f}")
     by = {r["schedule"]: r for r in rows}
-    summary = {"rows": rows, "dualpipe_vs_1f1b_bubble": by["dualpipe"]["bubble"] / by["1f1b"]["bubble"]}
+    summary = {**environment("cpu"), "rows": rows, "dualpipe_vs_1f1b_bubble": by["dualpipe"]["bubble"] / by["1f1b"]["bubble"]}
     try:
         import torch.distributed.pipelining.schedules as S
         summary["torch_has_ScheduleDualPipeV"] = hasattr(S, "ScheduleDualPipeV")
     except ImportError:
         summary["torch_has_ScheduleDualPipeV"] = False
-    print(json.dumps(summary))
+    print_json(summary)
 
 
 if __name__ == "__main__":

@@ -15,8 +15,8 @@ drawn as a PNG (one row per rank). From that timeline: the measured bubble ratio
 the most idle rank), and the simulator's prediction for the same op lists from the measured mean
 F, B, W and F&B times (no latency).
 
-    torchrun --nproc-per-node 2 benchmarks/bench_pipeline_gpu.py --out results/pp   # GPUs, small
-    torchrun --nproc-per-node 2 benchmarks/bench_pipeline_gpu.py --preset nano --device cpu \\
+    torchrun --nproc-per-node 2 -m benchmarks.bench_pipeline_gpu --out results/pp   # GPUs, small
+    torchrun --nproc-per-node 2 -m benchmarks.bench_pipeline_gpu --preset nano --device cpu \\
         --batches 4 --seq-len 32 --chunks 4 --steps 2 --warmup 1                    # CPU, gloo
 """
 
@@ -27,18 +27,18 @@ import gc
 import json
 import os
 import statistics
-import sys
 import time
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from nanoseek import DeepSeekV3, ModelConfig  # noqa: E402
-from nanoseek.parallel.pipeline import PipelineExecutor, SharedGrads, split_deepseek  # noqa: E402
-from nanoseek.parallel.schedules import build_schedule  # noqa: E402
-from nanoseek.parallel.simulator import measured_metrics, simulate  # noqa: E402
+from nanoseek import DeepSeekV3, ModelConfig
+from nanoseek.parallel.pipeline import PipelineExecutor, SharedGrads, split_deepseek
+from nanoseek.parallel.schedules import build_schedule
+from nanoseek.parallel.simulator import measured_metrics, simulate
+
+from .common import environment, print_json, sync
 
 OURS = ("1f1b", "dualpipe", "dualpipev")
 TORCH = ("1f1b", "dualpipev")
@@ -66,8 +66,7 @@ class Bench:
 
     # ------------------------------------------------------------------ helpers
     def sync(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        sync(self.device)
 
     def model(self):
         return DeepSeekV3.from_config(self.cfg, device=self.device, seed=0).train()
@@ -311,7 +310,7 @@ def main():
     t_start = time.perf_counter()
     log(f"torch {torch.__version__}, {a.device} x2, preset {a.preset} ({bench.cfg.num_hidden_layers} layers), "
         f"seq {a.seq_len}, {a.chunks} micro-batches, {a.warmup} warm-up + {a.steps} timed steps per run")
-    summary = {"torch": torch.__version__, "device": (torch.cuda.get_device_name(0) if a.device == "cuda" else "cpu"),
+    summary = {**environment(bench.device), "device": (torch.cuda.get_device_name(0) if a.device == "cuda" else "cpu"),
                "preset": a.preset, "layers": bench.cfg.num_hidden_layers, "seq_len": a.seq_len, "chunks": a.chunks,
                "configs": []}
     def save():  # after every phase, so a run cut short still leaves its numbers
@@ -386,7 +385,7 @@ def main():
                       f"{r['step_time'] * 1e3:8.1f} {r['tokens_per_s'] / one:7.2f} {bub} {wait} {host} "
                       f"{r['peak_mem_gib']:7.1f}")
         save()
-        print(json.dumps(summary))
+        print_json(summary)
     dist.destroy_process_group()
 
 

@@ -2,7 +2,7 @@
 (pretrain, evaluate, GRPO, evaluate, optional control) in its own process pinned to 2 CPU cores,
 all at once, so a machine with many cores measures several recipes (or seeds) in one go.
 
-    python benchmarks/bench_quickstart.py --out runs/sweep \
+    python -m benchmarks.bench_quickstart --out runs/sweep \
         --control base -- base '' lr1e-4 'rl_lr=1e-4' seed1 'seed=1'
 
 Prints a table and a final JSON line with every variant's results."""
@@ -15,6 +15,8 @@ import os
 import subprocess
 import sys
 import time
+
+from .common import environment, print_json
 
 WORKER = r"""
 import json, sys, torch
@@ -87,7 +89,7 @@ def main():
               f"{100 * r['strict_accuracy_after_rl']:>9.1f} {100 * r['pass_at_8_before_rl']:>6.1f} "
               f"{100 * r['pass_at_8_after_rl']:>7.1f} {r['rl_seconds']:>6.0f} "
               f"{100 * r.get('accuracy_control', float('nan')):>6.1f} {r['seconds']:>8.0f}")
-    print(json.dumps({"wall_s": round(time.time() - t0, 1), "cores": ncpu, "variants": results}))
+    print_json({**environment("cpu"), "wall_s": round(time.time() - t0, 1), "cores": ncpu, "variants": results})
 
 
 if __name__ == "__main__":

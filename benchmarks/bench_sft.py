@@ -12,7 +12,7 @@ distill: DeepSeek-R1-style distillation on a toy verifiable task (shift each let
          fine-tuned on them; a control student is fine-tuned on the gold answers of the same
          prompts. Student accuracy on held-out prompts before and after, greedy decoding.
 
-    python benchmarks/bench_sft.py --out OUT [--preset small|nano] [--part speed|distill|all]
+    python -m benchmarks.bench_sft --out OUT [--preset small|nano] [--part speed|distill|all]
 
 Default preset: `small` on a GPU, `nano` on CPU. Prints tables and a final JSON line.
 """
@@ -31,12 +31,13 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from nanoseek import DeepSeekV3, ModelConfig
+from nanoseek.distill import PromptRecord, accuracy, distill, verify_exact
+from nanoseek.sft import SFTOptions, run_sft
+from nanoseek.tokenizer import Tokenizer, train_bpe
+from nanoseek.train import TrainArgs
 
-from nanoseek import DeepSeekV3, ModelConfig  # noqa: E402
-from nanoseek.sft import SFTOptions, run_sft  # noqa: E402
-from nanoseek.tokenizer import Tokenizer, train_bpe  # noqa: E402
-from nanoseek.train import TrainArgs  # noqa: E402
+from .common import environment, print_json
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 INSTRUCT = os.path.join(HERE, "..", "..", "shared", "data", "instruct_rasbt", "instruction-data.json")
@@ -92,7 +93,7 @@ def part_speed(a) -> dict:
     base = make_base(a.out, a.preset, a.data)
     rows = {}
     for arm in ("full", "lora"):
-        cmd = [sys.executable, os.path.abspath(__file__), "--arm", arm, "--base", base, "--out", a.out,
+        cmd = [sys.executable, "-m", __spec__.name, "--arm", arm, "--base", base, "--out", a.out,
                "--preset", a.preset, "--data", a.data, "--lora-rank", str(a.lora_rank)]
         for flag in ("steps", "batch_size", "seq_len", "precision"):
             if getattr(a, flag) is not None:
@@ -129,7 +130,6 @@ def shift_record(letters, think: bool) -> dict:
 
 
 def part_distill(a) -> dict:
-    from nanoseek.distill import PromptRecord, accuracy, distill, verify_exact
     d = os.path.join(a.out, "distill-toy")
     os.makedirs(d, exist_ok=True)
     g = random.Random(0)
@@ -210,12 +210,12 @@ def main() -> None:
         print(json.dumps(run_arm(a)), flush=True)
         return
     result = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-              "threads": torch.get_num_threads()}
+              **environment(), "threads": torch.get_num_threads()}
     if a.part in ("speed", "all"):
         result["speed"] = part_speed(a)
     if a.part in ("distill", "all"):
         result["distill"] = part_distill(a)
-    print(json.dumps(result), flush=True)
+    print_json(result)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ alflb: the auxiliary-loss-free balancing claim (DeepSeek-V3 report 2.1.2): the s
        tokens; validation loss and MaxVio curves, plus a second seed of the bias arm as the noise
        floor. Writes alflb.png.
 
-    python benchmarks/bench_train.py --data DIR_PREPARED --part all --out OUT [--quick]
+    python -m benchmarks.bench_train --data DIR_PREPARED --part all --out OUT [--quick]
 
 DIR_PREPARED is a folder filled by `nanoseek.data.prepare` (train.bin, val.bin, meta.json,
 tokenizer.json). Prints tables and a final JSON line.
@@ -20,16 +20,15 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from nanoseek import ModelConfig
+from nanoseek.perf import measure_matmul_peak, training_flops_per_token
+from nanoseek.train import TrainArgs, train
 
-from nanoseek import ModelConfig  # noqa: E402
-from nanoseek.perf import measure_matmul_peak, mfu, spec_peak_flops, training_flops_per_token  # noqa: E402
-from nanoseek.train import TrainArgs, train  # noqa: E402
+from .common import environment, mfu_pair, print_json, spec_peak_flops, sync
 
 # ~150M-parameter MoE for the balancing comparison (overrides on the `small` preset)
 MOE_150M = dict(vocab_size=8192, hidden_size=768, intermediate_size=2048, moe_intermediate_size=384,
@@ -51,11 +50,6 @@ def read_metrics(run_dir):
 def steady_tokens_per_s(run_dir, skip):
     recs = [r for r in read_metrics(run_dir) if "loss" in r][skip:]
     return statistics.median(r["tokens_per_s"] for r in recs)
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def hf_train_speed(cfg: ModelConfig, batch: int, seq: int, steps: int, device, compiled: bool = False) -> float:
@@ -122,7 +116,8 @@ def part_speed(a, results):
             continue
         mem = torch.cuda.max_memory_allocated() / 2**30
         torch.cuda.reset_peak_memory_stats()
-        rows.append((label, tps, mfu(tps, fpt, spec), mem, mfu(tps, fpt, peak)))
+        vs_spec, vs_measured = mfu_pair(tps, fpt, spec, peak)
+        rows.append((label, tps, vs_spec, mem, vs_measured))
         torch.cuda.empty_cache()
     for compiled in (False, True):
         if compiled and a.no_compile:
@@ -130,8 +125,9 @@ def part_speed(a, results):
         torch.cuda.reset_peak_memory_stats()
         hf = hf_train_speed(cfg, a.speed_batch, a.speed_seq, a.speed_steps, device, compiled)
         if hf:
-            rows.append(("transformers " + ("compiled" if compiled else "eager"), hf, mfu(hf, fpt, spec),
-                         torch.cuda.max_memory_allocated() / 2**30, mfu(hf, fpt, peak)))
+            vs_spec, vs_measured = mfu_pair(hf, fpt, spec, peak)
+            rows.append(("transformers " + ("compiled" if compiled else "eager"), hf, vs_spec,
+                         torch.cuda.max_memory_allocated() / 2**30, vs_measured))
     print(f"\nTraining step speed, `small` (MTP off), bf16 autocast + fp32 AdamW, batch {a.speed_batch} x {a.speed_seq}, "
           f"{torch.cuda.get_device_name()}; MFU against the dense bf16 spec peak {spec / 1e12:.0f} TFLOP/s, "
           f"beside it the share of the measured matmul peak {peak / 1e12:.0f} TFLOP/s")
@@ -222,13 +218,12 @@ def main():
     p.add_argument("--alflb-compile", action="store_true")
     a = p.parse_args()
     os.makedirs(a.out, exist_ok=True)
-    results = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-               "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
+    results = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", **environment()}
     if a.part in ("speed", "all") and torch.cuda.is_available():
         part_speed(a, results)
     if a.part in ("alflb", "all"):
         part_alflb(a, results)
-    print(json.dumps(results))
+    print_json(results)
 
 
 if __name__ == "__main__":
