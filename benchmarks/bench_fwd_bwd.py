@@ -1,19 +1,15 @@
-"""Model speed on one GPU, three parts in one run (benchmarks/RESULTS.md holds measured numbers):
+"""Training forward + backward on one GPU: cross entropy on the logits of the `small` preset in
+bf16, nanoseek's DeepSeekV3 (eager, and per-block torch.compile in a side process) against
+transformers' DeepseekV3ForCausalLM built from the same config with the same weights (logit
+parity checked first); tokens/s, MFU (spec peak and measured matmul peak, DeepSeek-V3 report
+section 3 for the model, PaLM appendix B for MFU), peak memory, and a profile of one eager step.
+Every row is timed with the machine to itself: the compile side process starts only after the
+eager and transformers rows. benchmarks/RESULTS.md holds measured numbers.
 
-1. training: forward + backward (cross entropy on the logits) of the `small` preset in bf16,
-   nanoseek's DeepSeekV3 (eager, and per-block torch.compile in a side process) vs transformers'
-   DeepseekV3ForCausalLM built from the same config and the same weights; tokens/s, MFU, peak memory.
-2. routed experts: `Experts` impl="segments" (per-expert loop) vs impl="grouped_mm", forward +
-   backward at the `small` shapes; agreement (max |diff|) and time.
-3. decode: naive vs absorbed MLA one token at a time over the latent cache, batch 1 and 32;
-   tokens/s, MBU, and whether the greedy tokens of the two paths agree.
+    python -m benchmarks.bench_fwd_bwd --json              # GPU
+    python -m benchmarks.bench_fwd_bwd --quick --json      # CPU smoke test, tiny config
 
-FLOPs, bytes, MFU and MBU come from nanoseek.perf (peaks measured in the same run).
-
-    python benchmarks/bench_model.py --json              # GPU, ~4-5 minutes on one H200
-    python benchmarks/bench_model.py --quick --json      # CPU smoke test, tiny config
-
-Prints a table per part and, with --json, one JSON line with every number last.
+Prints a table and, with --json, one JSON line with every number last.
 """
 
 from __future__ import annotations
@@ -26,59 +22,26 @@ import statistics
 import subprocess
 import sys
 import time
+import traceback
 
 import torch
 import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from nanoseek.perf import spec_peak_flops, training_flops_per_token
 
-from nanoseek import DeepSeekV3, ModelConfig  # noqa: E402
-from nanoseek.model import Experts, MoE  # noqa: E402
-from nanoseek.perf import (decode_bytes_per_token, mbu, measure_copy_bandwidth,  # noqa: E402
-                           measure_matmul_peak, mfu, spec_peak_flops, training_flops_per_token)
+from .bench_experts import pick_experts_impl
+from .common import (bench_config, build_model, dtype_of, environment, fmt, log, measured_peaks, mfu_pair,
+                     print_json, sync, table, timed)
 
 RESULTS: dict = {}
 WORKERS: list = []  # compile side processes we started (killed by handle if a part fails)
-
-
-def log(*a):
-    print(*a, flush=True)
-
-
-def sync(device):
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(fn, device, warmup: int, iters: int) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        sync(device)
-        t = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t)
-    return times
 
 
 def save_partial(args):
     if args.out:
         with open(os.path.join(args.out, "results.json"), "w") as f:
             json.dump(RESULTS, f, indent=1)
-
-
-def table(title, header, rows):
-    log(f"\n== {title}")
-    w = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
-    log("  ".join(str(h).rjust(n) for h, n in zip(header, w)))
-    for r in rows:
-        log("  ".join(str(x).rjust(n) for x, n in zip(r, w)))
-
-
-def fmt(x, spec=".1f"):
-    return "-" if x is None else format(x, spec)
 
 
 def mem_gib(device):
@@ -89,23 +52,6 @@ def reset_mem(device):
     if torch.device(device).type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-
-
-# ------------------------------------------------------------------------------------ setup
-def bench_config(args) -> ModelConfig:
-    if args.quick:  # tiny but the same structure (dense first layer, grouped routing, MTP)
-        return ModelConfig.from_preset("nano", torch_dtype="bfloat16")
-    return ModelConfig.from_preset("small")
-
-
-def build_ours(cfg, device, dtype, experts_impl):
-    model = DeepSeekV3.from_config(cfg, device=device, dtype=dtype, seed=0)
-    for moe in model.moe_layers().values():
-        moe.experts.impl = experts_impl
-    for layer in model.mtp.values():
-        if isinstance(layer.mlp, MoE):
-            layer.mlp.experts.impl = experts_impl
-    return model
 
 
 def build_hf(cfg, ours_sd, device, dtype, attn_impl, experts_impl):
@@ -151,70 +97,6 @@ def build_hf(cfg, ours_sd, device, dtype, attn_impl, experts_impl):
     return hf, info
 
 
-def peaks(args, device):
-    if torch.device(device).type != "cuda":
-        # CPU smoke test: small sizes, the numbers mean nothing
-        return measure_matmul_peak(device, n=512, dtype=torch.float32, iters=3), \
-            measure_copy_bandwidth(device, nbytes=64 * 2**20, iters=3)
-    return measure_matmul_peak(device), measure_copy_bandwidth(device)
-
-
-# ------------------------------------------------------------------------------------ part 2
-def bench_experts(args, device, dtype):
-    """Experts impl='segments' vs 'grouped_mm', forward + backward, same weights and routing."""
-    if args.quick:
-        E, h, inter, k, N = 8, 256, 128, 2, 512
-    else:
-        E, h, inter, k, N = 64, 1024, 512, 6, 16384
-    N = args.experts_tokens or N
-    torch.manual_seed(0)
-    ex = Experts(E, h, inter).to(device=device, dtype=dtype)
-    with torch.no_grad():
-        for p in ex.parameters():
-            p.normal_(0.0, h ** -0.5)
-    x = torch.randn(N, h, device=device, dtype=dtype, requires_grad=True)
-    idx = torch.rand(N, E, device=device).topk(k, dim=-1).indices  # k distinct experts per token
-    w = torch.rand(N, k, device=device) / k
-    gy = torch.randn(N, h, device=device, dtype=dtype)
-
-    def fwd_bwd():
-        x.grad = None
-        for p in ex.parameters():
-            p.grad = None
-        y = ex(x, idx, w)
-        y.backward(gy)
-        return y
-
-    out, res = {}, dict(shape=dict(experts=E, hidden=h, width=inter, top_k=k, tokens=N, dtype=str(dtype)))
-    flops = 3 * 2 * 3 * N * k * h * inter  # 3 GEMMs, 2 flop/MAC, fwd + 2x bwd
-    for impl in ("segments", "grouped_mm"):
-        ex.impl = impl
-        try:
-            y = fwd_bwd()
-            out[impl] = [y.detach().float(), x.grad.float()] + [p.grad.float() for p in ex.parameters()]
-            ts = timed(fwd_bwd, device, warmup=3, iters=args.iters_experts)
-            med = statistics.median(ts)
-            res[impl] = dict(ms=1e3 * med, min_ms=1e3 * min(ts), tflops=flops / med / 1e12, ok=True)
-        except Exception as e:  # report, don't hide: the caller falls back to segments
-            res[impl] = dict(ok=False, error=f"{type(e).__name__}: {str(e)[:400]}")
-            log(f"experts impl={impl} FAILED: {res[impl]['error']}")
-    if "segments" in out and "grouped_mm" in out:
-        names = ["out", "x.grad", "gate.grad", "up.grad", "down.grad"]
-        res["max_abs_diff"] = {n: (a - b).abs().max().item() for n, a, b in zip(names, out["segments"], out["grouped_mm"])}
-        res["rel_diff"] = {n: ((a - b).norm() / b.norm()).item() for n, a, b in zip(names, out["segments"], out["grouped_mm"])}
-        res["speedup_grouped_over_segments"] = res["segments"]["ms"] / res["grouped_mm"]["ms"]
-    rows = [[impl, f"{r['ms']:.2f}", f"{r['min_ms']:.2f}", f"{r['tflops']:.1f}"] if r.get("ok") else [impl, "FAIL", "-", "-"]
-            for impl, r in ((i, res[i]) for i in ("segments", "grouped_mm"))]
-    table(f"Part 2: routed experts fwd+bwd ({N} tokens, {E} experts, h={h}, w={inter}, top-{k}, {dtype})",
-          ["impl", "median ms", "min ms", "TFLOP/s"], rows)
-    if "max_abs_diff" in res:
-        log("  max |segments - grouped_mm|: " + ", ".join(f"{n} {v:.3g}" for n, v in res["max_abs_diff"].items()))
-        log("  relative (norm):             " + ", ".join(f"{n} {v:.3g}" for n, v in res["rel_diff"].items()))
-        log(f"  grouped_mm speed-up: {res['speedup_grouped_over_segments']:.2f}x")
-    return res
-
-
-# ------------------------------------------------------------------------------------ part 1
 def make_batch(cfg, B, T, device, seed=1):
     g = torch.Generator(device="cpu").manual_seed(seed)
     ids = torch.randint(0, cfg.vocab_size, (B, T + 1), generator=g).to(device)
@@ -233,7 +115,7 @@ def train_step_fn(model, ids, tgt, hf=False):
     return step
 
 
-def bench_train(name, model, ids, tgt, device, args, hf=False):
+def time_training(name, model, ids, tgt, device, args, hf=False):
     step = train_step_fn(model, ids, tgt, hf)
     reset_mem(device)
     base = torch.cuda.memory_allocated(device) / 2**30 if torch.device(device).type == "cuda" else None
@@ -267,7 +149,6 @@ def fit_batch(cfg, device, args, try_fn):
 
 def profile_step(model, ids, tgt, device, args):
     """One profiled eager step: where the GPU time goes, and how busy the GPU is."""
-    from torch.profiler import ProfilerActivity, profile
     step = train_step_fn(model, ids, tgt)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.device(device).type == "cuda" else [])
     step()
@@ -322,11 +203,11 @@ def profile_step(model, ids, tgt, device, args):
 def compile_worker(args):
     """Side process: build the model, torch.compile each decoder block, step until warm, say
     'ready', wait for 'go' (so its timed steps have the GPU alone), time, print one JSON line."""
-    device, dtype = args.device, (torch.bfloat16 if args.dtype == "bf16" else torch.float32)
-    cfg = bench_config(args)
+    device, dtype = args.device, dtype_of(args.dtype)
+    cfg = bench_config(args.quick)
     res = dict(mode="per-block torch.compile (default mode), eager head + loss")
     try:
-        model = build_ours(cfg, device, dtype, args.experts_impl)
+        model = build_model(cfg, device, dtype, args.experts_impl)
         for layer in model.model.layers.values():
             layer.compile()
         ids, tgt = make_batch(cfg, args.batch, args.seq, device)
@@ -345,7 +226,6 @@ def compile_worker(args):
                    tokens_per_s=args.batch * args.seq / med, peak_mem_gib=mem_gib(device),
                    loss=float(step().item()))
     except Exception as e:  # noqa: BLE001
-        import traceback
         traceback.print_exc()
         res.update(ok=False, error=f"{type(e).__name__}: {str(e)[:600]}")
         open(os.path.join(args.worker_dir, "ready"), "w").close()
@@ -358,7 +238,7 @@ def start_compile_worker(args, experts_impl, batch):
     for f in ("ready", "go"):
         if os.path.exists(os.path.join(wdir, f)):
             os.remove(os.path.join(wdir, f))
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", "compile", "--worker-dir", wdir,
+    cmd = [sys.executable, "-m", __spec__.name, "--worker", "compile", "--worker-dir", wdir,
            "--device", args.device, "--dtype", args.dtype, "--batch", str(batch), "--seq", str(args.seq),
            "--iters-train", str(args.iters_train), "--experts-impl", experts_impl] + (["--quick"] if args.quick else [])
     env = dict(os.environ, TORCHINDUCTOR_COMPILE_THREADS=str(max(1, (os.cpu_count() or 2) // 2)),
@@ -405,85 +285,18 @@ def finish_compile_worker(w, args):
     return res
 
 
-# ------------------------------------------------------------------------------------ part 3
-@torch.no_grad()
-def decode_run(model, prompt, new, impl, device, forced=None):
-    """Prefill the prompt (default naive path) into the cache, then `new` single-token steps with
-    attn_impl=impl. Returns (greedy tokens [B, new+1], seconds of the decode loop). With `forced`
-    [B, >=new], step i feeds forced[:, i] instead of its own previous choice (teacher forcing)."""
-    B, T = prompt.shape
-    cache = model.make_cache(B, T + new + 1)
-    tok = model(prompt, cache=cache)[:, -1].argmax(-1)
-    toks = [tok]
-    sync(device)
-    t = time.perf_counter()
-    for i in range(new):
-        inp = tok if forced is None else forced[:, i]
-        tok = model(inp[:, None], start_pos=T + i, cache=cache, attn_impl=impl)[:, -1].argmax(-1)
-        toks.append(tok)
-    sync(device)
-    return torch.stack(toks, 1), time.perf_counter() - t
-
-
-def bench_decode(model, cfg, device, args, bw):
-    res, rows = {}, []
-    g = torch.Generator(device="cpu").manual_seed(2)
-    for B in args.decode_batches:
-        prompt = torch.randint(0, cfg.vocab_size, (B, args.prompt), generator=g).to(device)
-        out = {}
-        for impl in ("naive", "absorb"):
-            decode_run(model, prompt, args.new_tokens, impl, device)  # warm-up
-            times, toks = [], None
-            for _ in range(args.decode_repeats):
-                toks, s = decode_run(model, prompt, args.new_tokens, impl, device)
-                times.append(s)
-            med = statistics.median(times)
-            tps = B * args.new_tokens / med
-            ctx = args.prompt + args.new_tokens / 2  # mean context over the decode
-            bpt = decode_bytes_per_token(cfg, int(ctx), batch=B)
-            out[impl] = dict(tokens=toks, r=dict(
-                tokens_per_s=tps, ms_per_step=1e3 * med / args.new_tokens, seconds=med,
-                mbu=mbu(tps, bpt, bw), bytes_per_token=bpt, mean_context=ctx))
-        n, a = out["naive"]["tokens"], out["absorb"]["tokens"]
-        same = (n == a)
-        first_div = [int((~row).nonzero()[0]) if (~row).any() else row.numel() for row in same]
-        # teacher-forced: absorbed path fed the naive path's tokens; does it choose the same next token?
-        forced, _ = decode_run(model, prompt, args.new_tokens, "absorb", device, forced=n)
-        r = dict(naive=out["naive"]["r"], absorb=out["absorb"]["r"],
-                 greedy_match_fraction=same.float().mean().item(),
-                 greedy_all_equal=bool(same.all()),
-                 mean_tokens_before_first_divergence=sum(first_div) / len(first_div),
-                 teacher_forced_match_fraction=(forced[:, 1:] == n[:, 1:]).float().mean().item(),
-                 absorb_over_naive=out["absorb"]["r"]["tokens_per_s"] / out["naive"]["r"]["tokens_per_s"])
-        res[f"batch{B}"] = r
-        for impl in ("naive", "absorb"):
-            x = r[impl]
-            rows.append([B, impl, f"{x['tokens_per_s']:.0f}", f"{x['ms_per_step']:.2f}", f"{100 * x['mbu']:.2f}%"])
-        rows.append([B, "absorb/naive", f"{r['absorb_over_naive']:.2f}x", "", ""])
-    table(f"Part 3: decode, prompt {args.prompt}, {args.new_tokens} new tokens, greedy "
-          f"(median of {args.decode_repeats} after 1 warm-up)",
-          ["batch", "attn", "tok/s", "ms/step", "MBU"], rows)
-    for B in args.decode_batches:
-        r = res[f"batch{B}"]
-        log(f"  batch {B}: greedy tokens equal naive vs absorb: {100 * r['greedy_match_fraction']:.1f}% of positions "
-            f"(all equal: {r['greedy_all_equal']}; mean {r['mean_tokens_before_first_divergence']:.1f} tokens before the "
-            f"first divergence); teacher-forced next-token agreement {100 * r['teacher_forced_match_fraction']:.1f}%")
-    return res
-
-
-# ------------------------------------------------------------------------------------ main
 def part_train(args, cfg, device, dtype, experts_impl, peak_flops, on_gpu, q):
-    """Part 1; returns (results, our model on the device)."""
-    log(f"\n-- Part 1: training fwd+bwd, {'nano (quick)' if q else 'small'} preset, {dtype}, experts={experts_impl}")
+    """Every row of the table; returns the results."""
+    log(f"\n-- training fwd+bwd, {'nano (quick)' if q else 'small'} preset, {dtype}, experts={experts_impl}")
     worker = None
     flops_tok = training_flops_per_token(cfg, args.seq)
     spec_flops = spec_peak_flops(device) or peak_flops  # MFU's denominator; the measured peak beside it
-    model = build_ours(cfg, device, dtype, experts_impl)
+    model = build_model(cfg, device, dtype, experts_impl)
     ids, tgt = make_batch(cfg, args.batch, args.seq, device)
 
     def try_ours(B):
         i, t = make_batch(cfg, B, args.seq, device)
-        return bench_train("nanoseek eager", model, i, t, device, args)
+        return time_training("nanoseek eager", model, i, t, device, args)
     B, ours = fit_batch(cfg, device, args, try_ours)
     args.batch = B
     ids, tgt = make_batch(cfg, B, args.seq, device)
@@ -518,17 +331,15 @@ def part_train(args, cfg, device, dtype, experts_impl, peak_flops, on_gpu, q):
                 f"{hinfo['parity_max_abs_logit_diff']:.3g}, rel {hinfo['parity_rel_logit_diff']:.3g}, "
                 f"argmax agree {100 * hinfo['parity_argmax_agreement']:.1f}%")
             try:
-                train["transformers"] = {**hinfo, **bench_train("transformers", hf, ids, tgt, device, args, hf=True)}
+                train["transformers"] = {**hinfo, **time_training("transformers", hf, ids, tgt, device, args, hf=True)}
             except torch.OutOfMemoryError:
                 train["transformers"] = {**hinfo, "error": f"OOM at batch {B}"}
             del hf
         except Exception as e:  # noqa: BLE001
-            import traceback
             traceback.print_exc()
             train["transformers"] = dict(error=f"{type(e).__name__}: {str(e)[:400]}")
         reset_mem(device)
-    model = sd_cpu_model.to(device)
-    del sd_cpu_model
+    del model, sd_cpu_model
     # the compiled run in its own process, started only now: every row is timed with the machine to
     # itself (the compile's CPU threads and its GPU memory were beside the transformers row before)
     if not args.skip_compile:
@@ -546,15 +357,14 @@ def part_train(args, cfg, device, dtype, experts_impl, peak_flops, on_gpu, q):
         if not r or "tokens_per_s" not in r:
             rows.append([label, "FAIL", "-", "-", "-", "-", (r or {}).get("error", "not run")[:70]])
             continue
-        r["mfu"] = mfu(r["tokens_per_s"], flops_tok, spec_flops)  # against the spec peak
-        r["mfu_of_measured_peak"] = mfu(r["tokens_per_s"], flops_tok, peak_flops)
+        r["mfu"], r["mfu_of_measured_peak"] = mfu_pair(r["tokens_per_s"], flops_tok, spec_flops, peak_flops)
         rows.append([label, f"{r['step_ms']:.1f}", f"{r['tokens_per_s']:.0f}", f"{100 * r['mfu']:.1f}%",
                      f"{100 * r['mfu_of_measured_peak']:.1f}%", fmt(r.get("peak_mem_gib")), ""])
     hf_tps = train.get("transformers", {}).get("tokens_per_s")
     for key in ("nanoseek_eager", "nanoseek_compiled"):
         if hf_tps and "tokens_per_s" in train.get(key, {}):
             train[f"ratio_{key}_over_transformers"] = train[key]["tokens_per_s"] / hf_tps
-    table(f"Part 1: training fwd+bwd, batch {B} x seq {args.seq}, {dtype} "
+    table(f"Training fwd+bwd, batch {B} x seq {args.seq}, {dtype} "
           f"({flops_tok / 1e9:.3f} GFLOP/token, median of {args.iters_train})",
           ["model", "ms/step", "tok/s", f"MFU (spec {spec_flops / 1e12:.0f})", "of measured peak", "peak GiB", "note"],
           rows)
@@ -567,8 +377,9 @@ def part_train(args, cfg, device, dtype, experts_impl, peak_flops, on_gpu, q):
             f"process started after the eager and transformers rows were timed (every row had the GPU to itself)")
     RESULTS["train"] = train
     save_partial(args)
+    return train
 
-    return train, model
+
 
 
 def main():
@@ -581,12 +392,8 @@ def main():
     ap.add_argument("--seq", type=int, default=None)
     ap.add_argument("--iters-train", type=int, default=None)
     ap.add_argument("--warmup-train", type=int, default=3)
-    ap.add_argument("--iters-experts", type=int, default=None)
-    ap.add_argument("--experts-tokens", type=int, default=None)
-    ap.add_argument("--prompt", type=int, default=None)
-    ap.add_argument("--new-tokens", type=int, default=None)
-    ap.add_argument("--decode-batches", type=int, nargs="+", default=None)
-    ap.add_argument("--decode-repeats", type=int, default=None)
+    ap.add_argument("--experts-impl", default="auto", choices=["auto", "grouped_mm", "segments"],
+                    help="routed experts of the model (auto: grouped_mm where it runs, else segments)")
     ap.add_argument("--hf-attn", default="sdpa")
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--skip-compile", action="store_true")
@@ -595,17 +402,13 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT"), help="folder for results.json, logs, profile")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--worker-dir", default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--experts-impl", default="grouped_mm", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
-    cuda = torch.cuda.is_available()
-    args.device = args.device or ("cuda" if cuda else "cpu")
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     on_gpu = torch.device(args.device).type == "cuda"
     args.dtype = args.dtype or ("bf16" if on_gpu else "fp32")
     q = args.quick
-    d = dict(batch=2 if q else 8, seq=64 if q else 2048, iters_train=3 if q else 10, iters_experts=3 if q else 20,
-             prompt=16 if q else 128, new_tokens=8 if q else 256, decode_batches=[1, 4] if q else [1, 32],
-             decode_repeats=2 if q else 3, compile_timeout=600 if q else 200)
+    d = dict(batch=2 if q else 8, seq=64 if q else 2048, iters_train=3 if q else 10, compile_timeout=600 if q else 200)
     for k, v in d.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -614,56 +417,33 @@ def main():
     if args.out:
         os.makedirs(args.out, exist_ok=True)
 
-    device, dtype = args.device, (torch.bfloat16 if args.dtype == "bf16" else torch.float32)
+    device, dtype = args.device, dtype_of(args.dtype)
     t_start = time.perf_counter()
-    cfg = bench_config(args)
-    env = dict(torch=torch.__version__, device=args.device, dtype=str(dtype), quick=q,
-               gpu=torch.cuda.get_device_name(0) if on_gpu else None, python=sys.version.split()[0])
+    cfg = bench_config(q)
+    env = {**environment(device), "device": args.device, "dtype": str(dtype), "quick": q}
     RESULTS["env"] = env
-    log(f"bench_model: {env}")
+    log(f"bench_fwd_bwd: {env}")
 
-    # -------- peaks
-    peak_flops, bw = peaks(args, device)
+    peak_flops, bw = measured_peaks(device)
     RESULTS["peaks"] = dict(matmul_tflops=peak_flops / 1e12, copy_tb_s=bw / 1e12)
     log(f"measured peaks: matmul {peak_flops / 1e12:.0f} TFLOP/s ({'bf16 8192^3' if on_gpu else 'fp32 small'}), "
         f"copy {bw / 1e12:.2f} TB/s (read+write)")
-
-    # -------- part 2 first: it decides which experts path the model uses
-    RESULTS["experts"] = bench_experts(args, device, dtype)
-    experts_impl = "grouped_mm" if RESULTS["experts"].get("grouped_mm", {}).get("ok") else "segments"
-    RESULTS["experts"]["model_uses"] = experts_impl
-    save_partial(args)
-
-    # -------- part 1
-    model = None
+    experts_impl = pick_experts_impl(device, dtype) if args.experts_impl == "auto" else args.experts_impl
+    RESULTS["experts_impl"] = experts_impl
     try:
-        RESULTS["train"], model = part_train(args, cfg, device, dtype, experts_impl, peak_flops, on_gpu, q)
-    except Exception as e:  # noqa: BLE001  (record it; part 3 still runs)
-        import traceback
+        part_train(args, cfg, device, dtype, experts_impl, peak_flops, on_gpu, q)
+    except Exception as e:  # noqa: BLE001  (recorded in the JSON)
         traceback.print_exc()
         RESULTS["train"] = dict(error=f"{type(e).__name__}: {str(e)[:600]}")
         for proc in WORKERS:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
-    save_partial(args)
-
-    # -------- part 3
-    try:
-        if model is None:
-            torch.cuda.empty_cache() if on_gpu else None
-            model = build_ours(cfg, device, dtype, experts_impl)
-        model.eval()
-        RESULTS["decode"] = bench_decode(model, cfg, device, args, bw)
-    except Exception as e:  # noqa: BLE001
-        import traceback
-        traceback.print_exc()
-        RESULTS["decode"] = dict(error=f"{type(e).__name__}: {str(e)[:600]}")
     RESULTS["wall_s"] = time.perf_counter() - t_start
     save_partial(args)
     log(f"\ntotal wall time {RESULTS['wall_s']:.0f} s")
     if args.json:
-        print(json.dumps(RESULTS, default=float), flush=True)
+        print_json(RESULTS)
 
 
 if __name__ == "__main__":
