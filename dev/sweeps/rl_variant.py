@@ -2,19 +2,20 @@
 on the validation set (`--split test` for the test set): for comparing GRPO settings at one seed
 without pretraining again.
 
-    taskset -c 0 python dev/rl_variant.py PRETRAIN_DIR OUT --threads 1 rl_lr=8e-5 rl_min_lr_ratio=0.1
+    taskset -c 0 python -m dev.sweeps.rl_variant PRETRAIN_DIR OUT --threads 1 rl_lr=8e-5 rl_min_lr_ratio=0.1
 
-Overrides are Recipe fields (k=v). Prints one RESULT line of JSON (dev/sweep_rl.py runs this per job)."""
+Overrides are Recipe fields (k=v). Prints one RESULT line of JSON (dev/sweeps/sweep_rl.py runs this
+per job)."""
 
 import argparse
 import json
-import os
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.bench_quickstart import parse_overrides  # noqa: E402
+from benchmarks.bench_quickstart import parse_overrides
+from nanoseek.quickstart import Recipe, measure, rl_args, task_spec
+from nanoseek.rl import grpo
+from nanoseek.tasks import get_task
 
 
 def main():
@@ -27,9 +28,6 @@ def main():
     p.add_argument("--split", default="val", choices=["val", "test"], help="where to measure (settings are chosen on val)")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
-    from nanoseek.quickstart import Recipe, measure, rl_args, task_spec
-    from nanoseek.rl import grpo
-    from nanoseek.tasks import get_task
     rc = Recipe(**parse_overrides(",".join(a.overrides)))
     rl = grpo(rl_args(rc, a.model, a.out, a.seed, 500, progress=False, device="cpu"))
     task = get_task(task_spec(rc, 500))

@@ -10,7 +10,7 @@ reported once on the test set:
    each seed's GRPO time, on as many threads), then the test set, before RL, after RL and for the
    control.
 
-    python dev/sweep_rl.py --out /tmp/sw --seeds 0-7 -- base '' cos1e-4 'rl_lr=1e-4,rl_min_lr_ratio=0.1'
+    python -m dev.sweeps.sweep_rl --out /tmp/sw --seeds 0-7 -- base '' cos1e-4 'rl_lr=1e-4,rl_min_lr_ratio=0.1'
 
 Variants are Recipe overrides (k=v,...). Prints the tables and a final JSON line."""
 
@@ -24,49 +24,13 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.bench_quickstart import parse_overrides  # noqa: E402
-from nanoseek.quickstart import Recipe, train_common  # noqa: E402
+from benchmarks.bench_quickstart import parse_overrides
+from nanoseek.quickstart import Recipe, train_common
 
-PRETRAIN = r"""
-import json, sys, torch
-torch.set_num_threads(2)
-from nanoseek.quickstart import Recipe, measure, pretrain_stage
-out, seed = sys.argv[1], int(sys.argv[2])
-rc = Recipe(**json.loads(sys.argv[3]))
-st = pretrain_stage(out, rc, 500, seed, progress=False, device="cpu")
-r = measure(st["pre_dir"], st["task"], st["task"].problems("val"), 0, rc.max_new_tokens, "cpu", rc.eval_context)
-print("RESULT " + json.dumps({"val": r["accuracy"], "val_strict": r["accuracy_strict"],
-                              "seconds": st["pre"]["seconds"]}), flush=True)
-"""
+from . import jobs, rl_variant
 
-# the control for one seed: more supervised training from its pretrained model for its GRPO time
-CONTROL = r"""
-import json, sys, torch
-spec = json.loads(sys.argv[1])
-torch.set_num_threads(spec.pop("threads"))
-from nanoseek.quickstart import control_train
-r = control_train(spec)
-r = {"steps": r["step"], "seconds": r["seconds"]}
-print("RESULT " + json.dumps(r), flush=True)
-"""
-
-# greedy accuracy of checkpoints on one split
-EVALUATE = r"""
-import json, sys, torch
-torch.set_num_threads(1)
-from nanoseek.quickstart import Recipe, measure, task_spec
-from nanoseek.tasks import get_task
-rc, split, dirs = Recipe(**json.loads(sys.argv[1])), sys.argv[2], sys.argv[3:]
-task = get_task(task_spec(rc, 500))
-out = {}
-for d in dirs:
-    r = measure(d, task, task.problems(split), 0, rc.max_new_tokens, "cpu", rc.eval_context)
-    out[d] = {"accuracy": r["accuracy"], "accuracy_strict": r["accuracy_strict"]}
-print("RESULT " + json.dumps(out), flush=True)
-"""
-
-RL_VARIANT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "rl_variant.py")  # one GRPO run, then greedy accuracy
+JOBS = ["-m", jobs.__name__]  # pretrain / control / evaluate, each in its own pinned process
+RL_VARIANT = ["-m", rl_variant.__name__]  # one GRPO run, then greedy accuracy (run from the repository root)
 
 
 def run(args: list[str], cores: list[int], log: str) -> dict:
@@ -128,14 +92,14 @@ def main():
     os.makedirs(a.out, exist_ok=True)
     t0 = time.time()
     before = dict(on_slots(seeds, slot_list(cores, 2), lambda s, slot: run(
-        ["-c", PRETRAIN, f"{a.out}/s{s}", str(s), json.dumps(base)], slot, f"{a.out}/s{s}.pretrain.log")))
+        [*JOBS, "pretrain", f"{a.out}/s{s}", str(s), json.dumps(base)], slot, f"{a.out}/s{s}.pretrain.log")))
     print(f"pretraining done in {time.time() - t0:.0f} s: {before}", file=sys.stderr, flush=True)
     n = a.rl_threads
 
     def rl_job(job, slot):
         v, s = job
         overrides = [f"{k}={x}" for k, x in {**base, **parse_overrides(variants[v])}.items()]
-        return run([RL_VARIANT, f"{a.out}/s{s}/pretrain", f"{a.out}/s{s}/{v}", *overrides, "--threads", str(n),
+        return run([*RL_VARIANT, f"{a.out}/s{s}/pretrain", f"{a.out}/s{s}/{v}", *overrides, "--threads", str(n),
                     "--seed", str(s)], slot, f"{a.out}/s{s}.{v}.log")
 
     results = dict(on_slots([(v, s) for v in variants for s in seeds], slot_list(cores, n), rl_job))
@@ -172,14 +136,14 @@ def main():
                         lr=Recipe(**rc_chosen).control_lr, seed=s + 1, max_seconds=results[(chosen, s)]["seconds"],
                         pace_file=None, threads=n, common=train_common(Recipe(**rc_chosen), f"{a.out}/s{s}/tokenizer",
                                                                       progress=False, device="cpu"))
-            return run(["-c", CONTROL, json.dumps(spec)], slot, f"{a.out}/s{s}.control.log")
+            return run([*JOBS, "control", json.dumps(spec)], slot, f"{a.out}/s{s}.control.log")
         controls = dict(on_slots(seeds, slot_list(cores, n), control_job))
         print(f"controls done at {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
 
     # the test set, once, for the chosen variant only
     kinds = {"before": "pretrain", "grpo": chosen, **({} if a.no_control else {"control": "control"})}
     test = dict(on_slots(seeds, slot_list(cores, 1), lambda s, slot: run(
-        ["-c", EVALUATE, json.dumps(rc_chosen), "test", *[f"{a.out}/s{s}/{d}" for d in kinds.values()]],
+        [*JOBS, "evaluate", json.dumps(rc_chosen), "test", *[f"{a.out}/s{s}/{d}" for d in kinds.values()]],
         slot, f"{a.out}/s{s}.test.log")))
     print(f"\nTest set (500 problems), {chosen}, greedy accuracy (lenient / strict):\n")
     print("| seed | after pretraining | after GRPO | gain | control | GRPO - control | GRPO s | control steps |")
