@@ -20,9 +20,8 @@ import torch
 from nanoseek import DeepSeekV3, ModelConfig
 from nanoseek.engine import Engine, SamplingParams
 from nanoseek.perf import decode_bytes_per_token, measure_copy_bandwidth
-from nanoseek.tokenizer import train_bpe
 
-from .common import environment, mbu, print_json, sync
+from .common import environment, mbu, pangram_tokenizer, print_json, sync
 
 
 def run_engine(engine, prompts, new_tokens):
@@ -80,7 +79,7 @@ def main():
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     cfg = ModelConfig.from_preset(a.preset)
     model = DeepSeekV3.from_config(cfg, device=device, dtype=dtype, seed=0).eval()
-    tok = train_bpe(["the quick brown fox jumps over the lazy dog. " * 50], 300)
+    tok = pangram_tokenizer(300)
     g = torch.Generator().manual_seed(0)
     bw = measure_copy_bandwidth(device) if device.type == "cuda" else None
     results = {"preset": a.preset, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+import traceback
 
 import torch
 import torch.nn as nn
@@ -335,7 +336,6 @@ def part_layer(out: dict, quick: bool) -> None:
                 res[variant + "_tflops"] = flops / t / 1e9
                 res[variant + "_peak_gib"] = (torch.cuda.max_memory_allocated() - base) / 2**30
             except Exception as e:  # noqa: BLE001
-                import traceback
                 traceback.print_exc()
                 res[variant + "_error"] = repr(e)[:300]
             for p in m.parameters():
@@ -404,7 +404,6 @@ def main():
             {"check": lambda: part_check(out), "gemm": lambda: part_gemm(out, a.quick),
              "layer": lambda: part_layer(out, a.quick)}[part]()
         except Exception as e:  # noqa: BLE001
-            import traceback
             traceback.print_exc()
             out[part + "_error"] = repr(e)[:500]
         print(f"[{part} done at {time.time() - t0:.0f}s]", flush=True)

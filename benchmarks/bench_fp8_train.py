@@ -34,7 +34,7 @@ import torch
 from nanoseek import fp8
 from nanoseek.train import TrainArgs, train
 
-from .common import environment, print_json
+from .common import environment, print_json, read_metrics
 
 # The wide model: `small` with these fields changed (V3-like attention, 8 x 2048 experts, hidden 4096).
 WIDE = dict(hidden_size=4096, num_hidden_layers=4, first_k_dense_replace=1, intermediate_size=11008,
@@ -61,7 +61,7 @@ def run_one(a, tag: str, preset: str, overrides: dict | None, precision: str, se
                      fp8_grouped=(kernels.split(":") + ["auto"])[1])
     s = train(args)
     wall = time.time() - t0
-    recs = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    recs = read_metrics(out)
     steps_recs = [r for r in recs if "loss" in r and "tokens_per_s" in r]
     speeds = [r["tokens_per_s"] for r in steps_recs[2:]] or [r["tokens_per_s"] for r in steps_recs]
     losses = [r["loss"] for r in steps_recs]

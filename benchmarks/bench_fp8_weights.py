@@ -20,9 +20,8 @@ from nanoseek import DeepSeekV3, ModelConfig
 from nanoseek.engine import Engine, SamplingParams
 from nanoseek.fp8 import sqnr_db
 from nanoseek.fp8_weights import load_fp8_weights
-from nanoseek.tokenizer import train_bpe
 
-from .common import environment, print_json, sync
+from .common import environment, pangram_tokenizer, print_json, sync
 
 
 def model_bytes(model) -> int:
@@ -44,7 +43,7 @@ def main():
     cfg = ModelConfig.from_preset(preset, num_nextn_predict_layers=0)
     tmp = tempfile.mkdtemp(prefix="bench_fp8_weights_")
     DeepSeekV3.from_config(cfg, seed=0).save_pretrained(tmp, fp8=True)
-    tok = train_bpe(["the quick brown fox jumps over the lazy dog. " * 50], min(cfg.vocab_size, 512))
+    tok = pangram_tokenizer(min(cfg.vocab_size, 512))
     tok.save(tmp)
     g = torch.Generator().manual_seed(0)
     bs = list(map(int, a.batches.split(",")))

@@ -1,8 +1,9 @@
 """Training forward + backward on one GPU: cross entropy on the logits of the `small` preset in
 bf16, nanoseek's DeepSeekV3 (eager, and per-block torch.compile in a side process) against
 transformers' DeepseekV3ForCausalLM built from the same config with the same weights (logit
-parity checked first); tokens/s, MFU (spec peak and measured matmul peak, DeepSeek-V3 report
-section 3 for the model, PaLM appendix B for MFU), peak memory, and a profile of one eager step.
+parity checked first); tokens/s, MFU (PaLM appendix B: against the spec peak, the measured matmul
+peak beside it), peak memory, and a profile of one eager step. The model is DeepSeek-V3's
+architecture (report section 2: MLA, DeepSeekMoE, MTP).
 Every row is timed with the machine to itself: the compile side process starts only after the
 eager and transformers rows. benchmarks/RESULTS.md holds measured numbers.
 

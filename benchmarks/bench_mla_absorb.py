@@ -1,7 +1,7 @@
-"""MLA decode one token at a time over the latent cache (DeepSeek-V2 report section 2.1.3, the
-absorbed form DeepSeek-V3 serves with): attn_impl="naive" (keys and values re-expanded from the
-latent every step) vs "absorb" (the up-projections folded into the query and output), at batch 1
-and 32 of the `small` preset; tokens/s, MBU (nanoseek/perf.py, against the copy bandwidth measured
+"""MLA decode one token at a time over the latent cache (DeepSeek-V3 report section 2.1.1; the
+absorption is DeepSeek-V2's, arXiv 2405.04434 section 2.1.2): attn_impl="naive" (keys and values
+re-expanded from the latent every step) vs "absorb" (W_UK folded into the query, W_UV into the
+output), at batch 1 and 32 of the `small` preset; tokens/s, MBU (nanoseek/perf.py, against the copy bandwidth measured
 in the same run), and whether the greedy tokens of the two paths agree (free-running and teacher
 forced). benchmarks/RESULTS.md holds measured numbers.
 

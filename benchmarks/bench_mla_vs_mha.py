@@ -15,10 +15,9 @@ import torch
 
 from nanoseek import DeepSeekV3, ModelConfig
 from nanoseek.engine import Engine
-from nanoseek.tokenizer import train_bpe
 
 from .bench_decode import run_engine
-from .common import environment, print_json
+from .common import environment, pangram_tokenizer, print_json
 
 
 def main():
@@ -31,7 +30,7 @@ def main():
     a = p.parse_args()
     device = torch.device(a.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    tok = train_bpe(["the quick brown fox jumps over the lazy dog. " * 50], 300)
+    tok = pangram_tokenizer(300)
     rows = []
     for attention in ("mla", "mha"):
         cfg = ModelConfig.from_preset(a.preset, attention=attention)

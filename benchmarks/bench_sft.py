@@ -37,7 +37,7 @@ from nanoseek.sft import SFTOptions, run_sft
 from nanoseek.tokenizer import Tokenizer, train_bpe
 from nanoseek.train import TrainArgs
 
-from .common import environment, print_json
+from .common import environment, print_json, read_metrics
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 INSTRUCT = os.path.join(HERE, "..", "..", "shared", "data", "instruct_rasbt", "instruction-data.json")
@@ -76,7 +76,7 @@ def run_arm(a) -> dict:
                                 lr=r["lr_lora"] if lora else r["lr_full"], warmup_steps=5, eval_every=0,
                                 save=False, progress=False, precision=a.precision),
                       SFTOptions(lora=lora))
-    steps = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
+    steps = read_metrics(run)
     speeds = [s["tokens_per_s"] for s in steps if "loss" in s][3:]
     d = summary["sft"]["data"]
     return {"arm": a.arm, "tokens_per_s": statistics.median(speeds), "peak_memory_gib": round(peak_memory_gib(), 3),

@@ -17,7 +17,6 @@ tokenizer.json). Prints tables and a final JSON line.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
@@ -28,7 +27,7 @@ from nanoseek import ModelConfig
 from nanoseek.perf import measure_matmul_peak, training_flops_per_token
 from nanoseek.train import TrainArgs, train
 
-from .common import environment, mfu_pair, print_json, spec_peak_flops, sync
+from .common import environment, mfu_pair, print_json, read_metrics, spec_peak_flops, sync
 
 # ~150M-parameter MoE for the balancing comparison (overrides on the `small` preset)
 MOE_150M = dict(vocab_size=8192, hidden_size=768, intermediate_size=2048, moe_intermediate_size=384,
@@ -41,10 +40,6 @@ QUICK = dict(vocab_size=8192, hidden_size=128, intermediate_size=256, moe_interm
              kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=16,
              n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, n_group=1, topk_group=1,
              num_nextn_predict_layers=1)
-
-
-def read_metrics(run_dir):
-    return [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
 
 
 def steady_tokens_per_s(run_dir, skip):

@@ -1,7 +1,7 @@
 """What every benchmark repeats: device sync, timing with warm-up (median of repeats), the measured
 matmul and copy peaks beside the spec peak of nanoseek/perf.py, the one MFU/MBU definition, a
-plain-text table, the environment a run records, the JSON line printed last, and the model the
-one-GPU speed benchmarks build.
+plain-text table, the environment a run records, the JSON line printed last, the model the
+one-GPU speed benchmarks build, a throwaway tokenizer and the reader of a run's metrics.jsonl.
 
 MFU follows PaLM (appendix B) as nanoseek/perf.py defines it: model FLOPs per second over the dense
 bf16 spec peak, with the share of the matmul peak measured in the same run beside it. MBU divides
@@ -22,9 +22,11 @@ import torch
 from nanoseek import DeepSeekV3, ModelConfig
 from nanoseek.model import MoE
 from nanoseek.perf import mbu, measure_copy_bandwidth, measure_matmul_peak, mfu, spec_peak_flops
+from nanoseek.tokenizer import Tokenizer, train_bpe
 
-__all__ = ["bench_config", "build_model", "dtype_of", "environment", "fmt", "log", "mbu", "measured_peaks", "median_cuda_ms", "mfu", "mfu_pair",
-           "print_json", "spec_peak_flops", "sync", "table", "timed"]
+__all__ = ["bench_config", "build_model", "dtype_of", "environment", "fmt", "log", "mbu", "measured_peaks",
+           "median_cuda_ms", "mfu", "mfu_pair", "pangram_tokenizer", "print_json", "read_metrics", "spec_peak_flops",
+           "sync", "table", "timed"]
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -149,3 +151,15 @@ def build_model(cfg: ModelConfig, device, dtype, experts_impl: str) -> DeepSeekV
 
 def dtype_of(name: str) -> torch.dtype:
     return torch.bfloat16 if name == "bf16" else torch.float32
+
+
+def pangram_tokenizer(vocab_size: int = 300) -> Tokenizer:
+    """A byte-level BPE trained on one repeated sentence: enough for speed runs on random token ids,
+    where the engine needs a tokenizer but no text is read."""
+    return train_bpe(["the quick brown fox jumps over the lazy dog. " * 50], vocab_size)
+
+
+def read_metrics(run_dir: str) -> list[dict]:
+    """The records of a training run's metrics.jsonl (nanoseek.train writes one per step or eval)."""
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
