@@ -1,16 +1,20 @@
 """The dense R1-distill students (Llama 3, Qwen2, Qwen3): logit parity with transformers (fp32,
 <= 1e-4) including llama3 / linear / yarn RoPE, biases, tied embeddings and q/k norm; RoPE tables
 equal to transformers'; cached decode == full forward; greedy generate == transformers' generate;
-save -> transformers loads it back equal."""
+save -> transformers loads it back equal; `load_model` dispatch and its errors."""
 
 import json
+import os
 
 import pytest
 import torch
 import transformers
 from safetensors import safe_open
+from safetensors.torch import save_file
 
-from hf_util import DENSE_CASES, LLAMA3_ROPE, make_hf_dense
+from hf_util import DENSE_CASES, LLAMA3_ROPE, make_hf_dense, make_hf_v2, make_hf_v3
+from nanoseek import ConfigError, DeepSeekV3, load_model
+from nanoseek.checkpoint import CheckpointError
 from nanoseek.dense import DenseModel, GQACache, rope_inv_freq
 from nanoseek.dense_config import DenseConfig
 
@@ -31,7 +35,7 @@ def pair(request, tmp_path_factory):
     model_type, kw = DENSE_CASES[request.param]
     path = tmp_path_factory.mktemp(request.param)
     hf = make_hf_dense(model_type, path, **kw)
-    return request.param, hf, DenseModel.from_pretrained(str(path), dtype=torch.float32)
+    return request.param, hf, load_model(str(path), dtype=torch.float32)
 
 
 # ------------------------------------------------------------------------------ parity
@@ -141,7 +145,7 @@ def test_sharded_save_loads_back_identical(tmp_path):
     model.save_pretrained(str(tmp_path), max_shard_size=40_000)
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1 and not (tmp_path / "model.safetensors").exists()
-    back = DenseModel.from_pretrained(str(tmp_path))
+    back = load_model(str(tmp_path))
     assert back.lm_head.weight.dtype == torch.float32 and back.lm_head.weight is back.model.embed_tokens.weight
     ids = _ids()
     with torch.no_grad():
@@ -158,3 +162,94 @@ def test_config_round_trip():
                                       "intermediate_size": 8, "num_hidden_layers": 1, "num_attention_heads": 4,
                                       "num_key_value_heads": 2})
     assert qwen3.head_dim == 128 and qwen3.qk_norm  # transformers' Qwen3 default, not hidden / heads
+
+
+# ------------------------------------------------------------------------------ load_model
+def test_load_model_dispatches_on_model_type(tmp_path):
+    make_hf_v3(tmp_path / "v3")
+    make_hf_v2(tmp_path / "v2")
+    make_hf_dense("qwen3", tmp_path / "qwen3", head_dim=32)
+    v3, v2 = load_model(str(tmp_path / "v3"), dtype="float32"), load_model(tmp_path / "v2", dtype=torch.float32)
+    assert type(v3) is DeepSeekV3 and v3.config.model_type == "deepseek_v3"
+    assert type(v2) is DeepSeekV3 and v2.config.model_type == "deepseek_v2"
+    dense = load_model(str(tmp_path / "qwen3"), dtype=torch.bfloat16)
+    assert type(dense) is DenseModel and dense.lm_head.weight.dtype == torch.bfloat16
+    assert dense(_ids((1, 5))).shape == (1, 5, 256)
+    # without model_type, the architectures field decides
+    cfg_file = tmp_path / "qwen3" / "config.json"
+    d = json.loads(cfg_file.read_text())
+    del d["model_type"]
+    cfg_file.write_text(json.dumps(d))
+    again = load_model(str(tmp_path / "qwen3"), dtype=torch.bfloat16)
+    assert again.config == dense.config
+
+
+def _write_config(path, **changes):
+    file = os.path.join(path, "config.json")
+    with open(file) as f:
+        d = json.load(f)
+    for k, v in changes.items():
+        if v is None:
+            d.pop(k, None)
+        else:
+            d[k] = v
+    with open(file, "w") as f:
+        json.dump(d, f)
+
+
+@pytest.fixture
+def llama_dir(tmp_path):
+    make_hf_dense("llama", tmp_path / "llama", rope_parameters=LLAMA3_ROPE)
+    return str(tmp_path / "llama")
+
+
+@pytest.mark.parametrize("changes, field, value", [
+    (dict(model_type="mistral", architectures=["MistralForCausalLM"]), "'model_type'", "mistral"),
+    (dict(architectures=["LlamaForSequenceClassification"]), "'architectures'", "LlamaForSequenceClassification"),
+    (dict(model_type=None, architectures=["GPT2LMHeadModel"]), "'model_type' is missing", "GPT2LMHeadModel"),
+    (dict(rope_parameters=dict(rope_type="dynamic", rope_theta=10000.0, factor=2.0)),
+     "'rope_parameters.rope_type'", "dynamic"),
+    (dict(rope_parameters=None, rope_theta=10000.0, rope_scaling=dict(type="longrope", factor=2.0)),
+     "'rope_scaling.rope_type'", "longrope"),
+    (dict(rope_parameters=dict(rope_type="llama3", rope_theta=1e4, factor=8.0, low_freq_factor=1.0)),
+     "'rope_parameters.high_freq_factor'", "llama3"),
+    (dict(use_sliding_window=True, sliding_window=16), "'use_sliding_window'", "sliding-window"),
+    (dict(hidden_act="gelu"), "'hidden_act'", "gelu"),
+    (dict(num_key_value_heads=3), "'num_key_value_heads'", "multiple"),
+    (dict(quantization_config={"quant_method": "gptq"}), "'quantization_config'", "quantized"),
+])
+def test_load_model_refuses_what_it_does_not_support(llama_dir, changes, field, value):
+    _write_config(llama_dir, **changes)
+    with pytest.raises(ConfigError) as err:
+        load_model(llama_dir)
+    assert field in str(err.value) and value in str(err.value) and "config.json" in str(err.value)
+
+
+def test_load_model_checkpoint_errors(llama_dir, tmp_path):
+    weights = os.path.join(llama_dir, "model.safetensors")
+    with safe_open(weights, framework="pt") as f:
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    # a missing key, a wrong shape, a non-float tensor: named, before anything is loaded
+    save_file({k: v for k, v in state.items() if k != "model.layers.1.mlp.up_proj.weight"}, weights)
+    with pytest.raises(CheckpointError, match="missing key 'model.layers.1.mlp.up_proj.weight'"):
+        load_model(llama_dir)
+    save_file({**state, "model.norm.weight": torch.ones(3)}, weights)
+    with pytest.raises(CheckpointError, match=r"'model.norm.weight' has shape \(3,\), expected \(64,\)"):
+        load_model(llama_dir)
+    save_file({**state, "model.norm.weight": torch.ones(64, dtype=torch.int8)}, weights)
+    with pytest.raises(CheckpointError, match="'model.norm.weight' has dtype I8"):
+        load_model(llama_dir)
+    save_file({**state, "model.layers.0.self_attn.q_proj.bias": torch.zeros(64)}, weights)
+    with pytest.raises(CheckpointError, match="unexpected key 'model.layers.0.self_attn.q_proj.bias'"):
+        load_model(llama_dir)
+    # pickles are never read; GGUF is refused by name; no folder, no model
+    os.unlink(weights)
+    torch.save(state, os.path.join(llama_dir, "pytorch_model.bin"))
+    with pytest.raises(CheckpointError, match="pickle files are never loaded"):
+        load_model(llama_dir)
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF")
+    with pytest.raises(CheckpointError, match="GGUF"):
+        load_model(str(gguf))
+    with pytest.raises(CheckpointError, match="not a checkpoint directory"):
+        load_model(str(tmp_path / "nowhere"))
