@@ -1,7 +1,8 @@
 """The dense R1-distill students (Llama 3, Qwen2, Qwen3): logit parity with transformers (fp32,
 <= 1e-4) including llama3 / linear / yarn RoPE, biases, tied embeddings and q/k norm; RoPE tables
 equal to transformers'; cached decode == full forward; greedy generate == transformers' generate;
-save -> transformers loads it back equal; `load_model` dispatch and its errors."""
+save -> transformers loads it back equal; `load_model` dispatch and its errors; the engine serves
+the dense model exactly as its own generate does."""
 
 import json
 import os
@@ -17,6 +18,8 @@ from nanoseek import ConfigError, DeepSeekV3, load_model
 from nanoseek.checkpoint import CheckpointError
 from nanoseek.dense import DenseModel, GQACache, rope_inv_freq
 from nanoseek.dense_config import DenseConfig
+from nanoseek.engine import Engine, SamplingParams
+from nanoseek.tokenizer import train_bpe
 
 TOL = 1e-4
 
@@ -253,3 +256,26 @@ def test_load_model_checkpoint_errors(llama_dir, tmp_path):
         load_model(str(gguf))
     with pytest.raises(CheckpointError, match="not a checkpoint directory"):
         load_model(str(tmp_path / "nowhere"))
+
+
+# ------------------------------------------------------------------------------ engine
+def test_engine_serves_the_dense_model(tmp_path):
+    """The unchanged engine drives the dense model: continuous batching of prompts of different
+    lengths (and a repeated prompt) gives each one the model's own greedy generate."""
+    tok = train_bpe(["the quick brown fox jumps over the lazy dog. " * 20], 300)
+    cfg = DenseConfig(model_type="qwen2", vocab_size=300, hidden_size=64, intermediate_size=112,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                      tie_word_embeddings=True, torch_dtype="float32")
+    model = DenseModel.from_config(cfg, seed=0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(4)  # sharper logits than the init's, so greedy choices are not near-ties
+    prompts = [[5, 6, 7], [8, 9, 10, 11, 12, 13], [5, 6, 7], [20]]
+    eng = Engine(model, tok, max_context=64, max_batch=2)
+    try:
+        outs = eng.generate(prompts, SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True))
+    finally:
+        eng.close()
+    for p, o in zip(prompts, outs):
+        ref = model.generate(torch.tensor([p]), max_new_tokens=10)[0, len(p):].tolist()
+        assert o.token_ids == ref and o.finish_reason == "length"
