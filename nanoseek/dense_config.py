@@ -50,7 +50,7 @@ _METADATA_KEYS = {
     "chunk_size_feed_forward", "is_encoder_decoder", "problem_type", "use_cache", "pad_token_id",
     "attention_dropout", "pretraining_tp", "generation_config", "tokenizer_class", "hidden_act",
     "use_sliding_window", "sliding_window", "max_window_layers", "layer_types", "rope_parameters",
-    "rope_scaling", "partial_rotary_factor", "quantization_config",
+    "rope_scaling", "partial_rotary_factor", "quantization_config", "use_mrope",
 }
 
 
@@ -161,6 +161,8 @@ class DenseConfig:
             bad("quantization_config", "pre-quantized dense checkpoints are not supported; use unquantized weights")
         if d.get("pretraining_tp", 1) not in (None, 1):
             warnings.warn(f"{source}: pretraining_tp={d['pretraining_tp']} only splits matmuls; ignored", stacklevel=2)
+        if d.get("use_mrope"):
+            bad("use_mrope", "multimodal RoPE (vision-language Qwen2) is not supported")
         if d.get("use_sliding_window"):
             bad("use_sliding_window", "sliding-window attention is not supported (every layer attends to the "
                                       "whole context); set it to false")

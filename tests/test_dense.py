@@ -167,6 +167,54 @@ def test_config_round_trip():
     assert qwen3.head_dim == 128 and qwen3.qk_norm  # transformers' Qwen3 default, not hidden / heads
 
 
+# The config.json files of three released R1-distill students (DeepSeek-R1-Distill-Qwen-1.5B,
+# DeepSeek-R1-Distill-Llama-8B, DeepSeek-R1-0528-Qwen3-8B) and their published parameter counts.
+RELEASED_CONFIGS = {
+    "r1-distill-qwen-1.5b": (1_777_088_000, {
+        "architectures": ["Qwen2ForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 151643,
+        "eos_token_id": 151643, "hidden_act": "silu", "hidden_size": 1536, "initializer_range": 0.02,
+        "intermediate_size": 8960, "max_position_embeddings": 131072, "max_window_layers": 21,
+        "model_type": "qwen2", "num_attention_heads": 12, "num_hidden_layers": 28, "num_key_value_heads": 2,
+        "rms_norm_eps": 1e-06, "rope_theta": 10000, "sliding_window": 4096, "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16", "transformers_version": "4.44.0", "use_cache": True, "use_mrope": False,
+        "use_sliding_window": False, "vocab_size": 151936}),
+    "r1-distill-llama-8b": (8_030_261_248, {
+        "architectures": ["LlamaForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+        "bos_token_id": 128000, "eos_token_id": 128001, "hidden_act": "silu", "hidden_size": 4096,
+        "initializer_range": 0.02, "intermediate_size": 14336, "max_position_embeddings": 131072,
+        "mlp_bias": False, "model_type": "llama", "num_attention_heads": 32, "num_hidden_layers": 32,
+        "num_key_value_heads": 8, "pretraining_tp": 1, "rms_norm_eps": 1e-05,
+        "rope_scaling": {"factor": 8.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                         "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+        "rope_theta": 500000.0, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+        "transformers_version": "4.43.0.dev0", "use_cache": True, "vocab_size": 128256}),
+    "r1-0528-qwen3-8b": (8_190_735_360, {
+        "architectures": ["Qwen3ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+        "bos_token_id": 151643, "eos_token_id": 151645, "head_dim": 128, "hidden_act": "silu",
+        "hidden_size": 4096, "initializer_range": 0.02, "intermediate_size": 12288,
+        "max_position_embeddings": 131072, "max_window_layers": 36, "model_type": "qwen3",
+        "num_attention_heads": 32, "num_hidden_layers": 36, "num_key_value_heads": 8, "rms_norm_eps": 1e-06,
+        "rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768},
+        "rope_theta": 1000000, "sliding_window": None, "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16", "use_cache": True, "use_sliding_window": False, "vocab_size": 151936}),
+}
+
+
+@pytest.mark.parametrize("name", list(RELEASED_CONFIGS))
+def test_released_configs_read_without_complaint(name, recwarn):
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    n_params, d = RELEASED_CONFIGS[name]
+    cfg = DenseConfig.from_hf_dict(d)
+    assert not [w for w in recwarn if "nanoseek" in str(w.message) or "ignoring" in str(w.message)]
+    with torch.device("meta"):
+        assert DenseModel(cfg).num_params() == n_params
+    if cfg.rope_scaling:
+        hf_cfg = transformers.AutoConfig.for_model(**d)
+        ref_freq, ref_factor = ROPE_INIT_FUNCTIONS[cfg.rope_scaling["rope_type"]](hf_cfg)
+        inv_freq, factor = rope_inv_freq(cfg)
+        assert torch.allclose(inv_freq, ref_freq, rtol=1e-6, atol=0) and factor == pytest.approx(ref_factor)
+
+
 # ------------------------------------------------------------------------------ load_model
 def test_load_model_dispatches_on_model_type(tmp_path):
     make_hf_v3(tmp_path / "v3")
@@ -218,6 +266,7 @@ def llama_dir(tmp_path):
      "'rope_parameters.high_freq_factor'", "llama3"),
     (dict(use_sliding_window=True, sliding_window=16), "'use_sliding_window'", "sliding-window"),
     (dict(hidden_act="gelu"), "'hidden_act'", "gelu"),
+    (dict(use_mrope=True), "'use_mrope'", "multimodal"),
     (dict(num_key_value_heads=3), "'num_key_value_heads'", "multiple"),
     (dict(quantization_config={"quant_method": "gptq"}), "'quantization_config'", "quantized"),
 ])
