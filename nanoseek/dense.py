@@ -327,8 +327,9 @@ class DenseModel(nn.Module):
         return (logits, h) if return_hidden else logits
 
     # ------------------------------------------------------------------ utilities
-    def num_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())  # a tied head is counted once
+    def num_params(self, include_mtp: bool = False) -> int:
+        """Parameters, a tied head counted once (`include_mtp` as DeepSeekV3's: there is no MTP here)."""
+        return sum(p.numel() for p in self.parameters())
 
     @classmethod
     def from_pretrained(cls, path: str, dtype=None, device=None, **kw) -> "DenseModel":

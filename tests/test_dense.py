@@ -58,16 +58,20 @@ def test_parity_depends_on_what_it_tests(pair):
         ref = hf(ids).logits
         if ours.config.rope_scaling:
             saved = ours.rotary.inv_freq, ours.rotary.attention_factor
-            plain = ours.config.replace(rope_scaling=None)
-            ours.rotary.inv_freq, ours.rotary.attention_factor = rope_inv_freq(plain)
-            assert _max_diff(ours(ids), ref) > TOL, name
-            ours.rotary.inv_freq, ours.rotary.attention_factor = saved
+            try:
+                ours.rotary.inv_freq, ours.rotary.attention_factor = rope_inv_freq(
+                    ours.config.replace(rope_scaling=None))
+                assert _max_diff(ours(ids), ref) > TOL, name
+            finally:
+                ours.rotary.inv_freq, ours.rotary.attention_factor = saved
         if ours.config.qk_norm:
-            attn = ours.model.layers["0"].self_attn
-            weight = attn.k_norm.weight.clone()
-            attn.k_norm.weight.fill_(1.0)
-            assert _max_diff(ours(ids), ref) > TOL, name
-            attn.k_norm.weight.copy_(weight)
+            k_norm = ours.model.layers["0"].self_attn.k_norm
+            weight = k_norm.weight.clone()
+            try:
+                k_norm.weight.fill_(1.0)
+                assert _max_diff(ours(ids), ref) > TOL, name
+            finally:
+                k_norm.weight.copy_(weight)
         if ours.config.tie_word_embeddings:
             assert ours.lm_head.weight is ours.model.embed_tokens.weight
         assert _max_diff(ours(ids), ref) <= TOL
