@@ -2,6 +2,7 @@
 
 from .config import ConfigError, ModelConfig, PRESETS
 from .model import DeepSeekV3
+from .load import load_model
 
 __version__ = "0.1.0"
-__all__ = ["DeepSeekV3", "ModelConfig", "ConfigError", "PRESETS", "__version__"]
+__all__ = ["DeepSeekV3", "load_model", "ModelConfig", "ConfigError", "PRESETS", "__version__"]

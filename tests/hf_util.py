@@ -66,3 +66,50 @@ def make_hf_v2(path, seed: int = 0, **overrides):
     randomize_router(model, seed)
     model.save_pretrained(path)
     return model
+
+
+# Dense R1-distill students (Llama 3, Qwen2, Qwen3): GQA with 4 query heads on 2 K/V heads.
+DENSE_KW = dict(vocab_size=256, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                rms_norm_eps=1e-6, bos_token_id=0, eos_token_id=1, pad_token_id=0)
+# llama3 frequencies with an 8-token original context: a 16-wide head has high, blended and low bands
+LLAMA3_ROPE = dict(rope_type="llama3", rope_theta=10000.0, factor=8.0, low_freq_factor=1.0,
+                   high_freq_factor=4.0, original_max_position_embeddings=64)
+DENSE_CASES = {
+    "llama3": ("llama", dict(rope_parameters=LLAMA3_ROPE)),
+    "llama-linear-bias": ("llama", dict(rope_parameters=dict(rope_type="linear", rope_theta=10000.0, factor=4.0),
+                                        attention_bias=True, mlp_bias=True)),
+    "qwen2-tied": ("qwen2", dict(tie_word_embeddings=True, rope_parameters=dict(rope_type="default",
+                                                                                 rope_theta=1000000.0))),
+    "qwen3": ("qwen3", dict(head_dim=32, rope_parameters=dict(rope_type="default", rope_theta=1000000.0))),
+    "qwen3-yarn": ("qwen3", dict(head_dim=32, rope_parameters=dict(rope_type="yarn", rope_theta=1000000.0, factor=4.0,
+                                                                   original_max_position_embeddings=64))),
+}
+
+
+def randomize_dense(model, seed: int = 0) -> None:
+    """Weights larger than the default init, non-trivial norms and biases, so parity means something."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
+            elif name.endswith(".bias"):
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.08)
+
+
+def make_hf_dense(model_type: str, path=None, seed: int = 0, **overrides):
+    """A tiny random transformers Llama / Qwen2 / Qwen3 causal LM, saved to `path` when given."""
+    import transformers
+    config_cls, model_cls = {"llama": ("LlamaConfig", "LlamaForCausalLM"),
+                             "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+                             "qwen3": ("Qwen3Config", "Qwen3ForCausalLM")}[model_type]
+    torch.manual_seed(seed)
+    cfg = getattr(transformers, config_cls)(**{**DENSE_KW, **overrides})
+    model = getattr(transformers, model_cls)(cfg).eval()
+    randomize_dense(model, seed)
+    if path is not None:
+        model.save_pretrained(path)
+    return model

@@ -1,0 +1,70 @@
+"""One loader for every supported checkpoint: `load_model(path)` reads the folder's config.json and
+returns the model its `model_type` (or, without one, its `architectures`) names:
+
+- `deepseek_v3`, `deepseek_v2`: DeepSeekV3 (DeepSeek-V3 report, arXiv 2412.19437, section 2);
+- `llama`, `qwen2`, `qwen3`: DenseModel, the families DeepSeek-R1 was distilled into
+  (DeepSeek-R1 report, arXiv 2501.12948, section 2.4).
+
+Either way `model(input_ids)` gives logits [B, T, V]. Anything else is refused with an error that
+names the field and its value, before any weight is read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from .checkpoint import CheckpointError
+from .config import ConfigError
+from .dense import DenseModel
+from .model import DeepSeekV3
+
+MODEL_CLASSES = {"deepseek_v3": DeepSeekV3, "deepseek_v2": DeepSeekV3,
+                 "llama": DenseModel, "qwen2": DenseModel, "qwen3": DenseModel}
+CAUSAL_LM_ARCHITECTURES = {"DeepseekV3ForCausalLM": "deepseek_v3", "DeepseekV2ForCausalLM": "deepseek_v2",
+                           "LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
+
+
+def model_type_of(config: dict, source: str = "config.json") -> str:
+    """The supported model_type a config.json dict describes, or a ConfigError naming the field."""
+    model_type = config.get("model_type")
+    architectures = config.get("architectures") or []
+    if isinstance(architectures, str):
+        architectures = [architectures]
+    if model_type is None:
+        known = [CAUSAL_LM_ARCHITECTURES[a] for a in architectures if a in CAUSAL_LM_ARCHITECTURES]
+        if not known:
+            raise ConfigError(f"{source}: field 'model_type' is missing and field 'architectures' has "
+                              f"{architectures!r}, none of them supported (supported: "
+                              f"{', '.join(CAUSAL_LM_ARCHITECTURES)})")
+        model_type = known[0]
+    if model_type not in MODEL_CLASSES:
+        raise ConfigError(f"{source}: field 'model_type': unsupported value {model_type!r} "
+                          f"(supported: {', '.join(MODEL_CLASSES)})")
+    wrong = [a for a in architectures if CAUSAL_LM_ARCHITECTURES.get(a) != model_type]
+    if wrong:
+        expected = next(a for a, t in CAUSAL_LM_ARCHITECTURES.items() if t == model_type)
+        raise ConfigError(f"{source}: field 'architectures': unsupported value {wrong[0]!r} for model_type "
+                          f"{model_type!r} (expected {expected!r})")
+    return model_type
+
+
+def load_model(path: str, dtype=None, device=None):
+    """A DeepSeek-V2/V3 or dense Llama / Qwen2 / Qwen3 Hugging Face checkpoint folder -> its model
+    (DeepSeekV3 or DenseModel), weights in `dtype` (default: the checkpoint's) on `device`."""
+    path = os.fspath(path)
+    if os.path.isfile(path) and path.endswith(".gguf"):
+        raise CheckpointError(f"{path}: GGUF files are not supported yet; give a Hugging Face checkpoint folder")
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path}: not a checkpoint directory")
+    file = os.path.join(path, "config.json")
+    if not os.path.exists(file):
+        raise FileNotFoundError(f"{file}: no config.json found")
+    try:
+        with open(file) as f:
+            config = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"{file}: expected a JSON object, got {type(config).__name__}")
+    return MODEL_CLASSES[model_type_of(config, file)].from_pretrained(path, dtype=dtype, device=device)
