@@ -19,7 +19,7 @@ from nanoseek import cli
 from nanoseek.bpb import bits_per_byte, windows
 from nanoseek.evaluation import BARE_TASKS, EvalSettings, TaskRun, evaluate_task, load_model, pass_at_ks, run_eval
 from nanoseek.model import DeepSeekV3
-from nanoseek.quickstart import measure
+from nanoseek.quickstart import SMOKE, measure
 from nanoseek.store import Store
 from nanoseek.tasks import Countdown, get_task, pass_at_k
 from nanoseek.tasks.verify import math_verify_equal
@@ -228,7 +228,8 @@ def test_word_problems_from_shared_data(name, folder, tmp_path):
 @pytest.mark.parametrize("smoke", [True, False])
 def test_eval_reproduces_the_quickstart(smoke, tmp_path, monkeypatch, capsys):
     """`nanoseek eval quickstart --task countdown --json` gives the quickstart's held-out greedy
-    accuracy after RL, exactly (--smoke: its 32 problems; else the full run, about 10 minutes)."""
+    accuracy after RL, exactly (--smoke: its 32 problems; else the full run, about 10 minutes), on
+    as many threads as the quickstart measured with (half of them when the control ran alongside)."""
     monkeypatch.setenv("NANOSEEK_HOME", str(tmp_path / "home"))
     args = ["quickstart", "--out", str(tmp_path / "run"), "--no-progress", "--json"] + (["--smoke"] if smoke else [])
     assert cli.main(args) == 0
@@ -237,7 +238,9 @@ def test_eval_reproduces_the_quickstart(smoke, tmp_path, monkeypatch, capsys):
     after_rl_threads = threads - threads // 2 if q.get("control_alongside_grpo") else threads
     name = "quickstart-smoke" if smoke else "quickstart"
     argv = ["eval", name, "--task", "countdown", "--no-progress", "--json", "--out", str(tmp_path / "eval"),
-            "--threads", str(after_rl_threads)] + (["--limit", str(q["eval_problems"])] if smoke else [])
+            "--threads", str(after_rl_threads)]
+    if smoke:  # the smoke run's budgets: its 32 problems, its token budget
+        argv += ["--limit", str(q["eval_problems"]), "--max-new-tokens", str(SMOKE["max_new_tokens"])]
     try:
         assert cli.main(argv) == 0
     finally:
