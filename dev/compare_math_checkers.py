@@ -65,7 +65,7 @@ def _top_level_commas(s: str) -> list[str] | None:
             depth += 1
         elif ch in ")]}":
             depth -= 1
-        elif ch == "," and depth == 0:
+        elif ch == "," and depth == 0 and s[i - 1:i] != "\\":  # `\,` is a thin space, not a comma
             parts.append(s[start:i])
             start = i + 1
     parts.append(s[start:])
@@ -101,7 +101,8 @@ def rewritings(gold: str, other: str) -> list[tuple[str, str, bool]]:
     if g.startswith("(") and g.endswith(")") and "\\left" not in g:
         out.append(("\\left( \\right)", "\\left" + g[:-1] + "\\right)", True))
     parts = _top_level_commas(g)
-    if parts and len(set(parts)) == len(parts) and not g.startswith(("(", "[")):
+    thousands = re.search(r",(\\!)?\s*\d{3}(?!\d)", g)  # 15,\!000 is one number, not a list
+    if parts and len(set(parts)) == len(parts) and not g.startswith(("(", "[")) and not thousands:
         out.append(("comma list reordered", ", ".join(reversed(parts)), True))
     if other.strip() and other.strip() != g:
         out.append(("another problem's answer", other.strip(), False))
