@@ -1,5 +1,5 @@
 """`nanoseek eval MODEL --task TASK`: a model's benchmark numbers with the protocol of the
-DeepSeek-R1 report (section 3.1, "Evaluation Setup"): greedy accuracy, and pass@1 as the mean
+DeepSeek-R1 report (section 3, "Evaluation Setup"): greedy accuracy, and pass@1 as the mean
 correctness of k samples per problem at temperature 0.6 and top-p 0.95, with pass@k by the
 unbiased estimator of the Codex paper (Chen et al. 2021). Also the mean completion length, the
 fraction of completions cut off by the token budget, and one JSONL record per problem (prompt,
