@@ -36,7 +36,7 @@ from .model import DeepSeekV3
 from .quickstart import Recipe, task_spec
 from .tasks import GSM8K, MATH, SVAMP, ProblemFile, Task, get_task, pass_at_k
 from .tasks.base import Problem
-from .tasks.evaluate import Generations, generate_and_check
+from .tasks.evaluate import Generations, encode_prompts, generate_and_check
 from .tasks.extract import extract_answer
 from .tokenizer import Tokenizer, TokenizerError
 
@@ -161,9 +161,8 @@ def records(run: TaskRun, gen: Generations, think: bool) -> list[dict]:
 def evaluate_task(model, tokenizer, run: TaskRun, settings: EvalSettings, progress: bool = True,
                   context: int | None = None) -> tuple[dict, list[dict]]:
     """Generate and check one task on a fresh engine; returns (summary, per-problem records)."""
-    prompts_len = max(len(tokenizer.encode(p.prompt)) for p in run.problems) + 64  # + BOS, template, <think>
-    limit = model.config.max_position_embeddings
-    ctx = context or min(limit, prompts_len + run.max_new_tokens + 1)
+    longest = max(len(ids) for ids in encode_prompts(tokenizer, run.problems, run.chat, settings.think))
+    ctx = context or min(model.config.max_position_embeddings, longest + run.max_new_tokens + 2)  # + the last token
     engine = Engine(model, tokenizer, max_context=ctx, max_batch=settings.batch)
     t0 = time.time()
     bar = tqdm(total=len(run.problems) * (1 + settings.samples), desc=run.spec, unit="completion",
