@@ -11,6 +11,7 @@ import time
 
 from .config import PRESETS, ModelConfig
 from .distill import add_distill_command
+from .evaluation import add_eval_command
 from .interactive import add_sampling_arguments, cmd_chat, cmd_generate
 from .model import DeepSeekV3
 from .parallel.schedules import ScheduleError, build_schedule, default_chunks
@@ -252,6 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_command(sub)
     add_grpo_command(sub)
     add_quickstart_command(sub)
+    add_eval_command(sub)
 
     s = sub.add_parser("demo", help="a short CPU tour of the nano model")
     s.add_argument("--steps", type=int, default=30)
