@@ -383,19 +383,13 @@ class _Pump:
     def __init__(self, handles: list, gone, linger=lambda: 0.0):
         self.handles, self.gone, self.linger = handles, gone, linger
         self.finished = [False] * len(handles)
-        # One handle: read the engine's event queue directly (one thread hop less per token).
-        req = getattr(handles[0], "_request", None) if len(handles) == 1 else None
-        self.direct = isinstance(getattr(req, "events", None), queue.Queue)
-        if self.direct:
-            self.q = req.events
-            return
         self.q = queue.Queue()
         for i, h in enumerate(handles):
             threading.Thread(target=self._run, args=(i, h), daemon=True, name=f"nanoseek-pump-{i}").start()
 
     def _run(self, i, h):
         try:
-            for ev in h:
+            for ev in h.events():
                 self.q.put((i, ev, None))
         except BaseException as e:  # noqa: BLE001 - handed to the request thread
             self.q.put((i, None, e))
@@ -425,10 +419,6 @@ class _Pump:
                 if self.gone():
                     raise ClientGone()
                 last_check = time.monotonic()
-            if self.direct:
-                items = [(0, None, x) if isinstance(x, BaseException) else (0, x, None) for x in items]
-                if items[-1][1] is not None and items[-1][1].finish_reason is not None:
-                    items.append((0, None, self._END))
             groups: dict[int, list] = {}
             for i, ev, err in items:
                 if err is self._END:
@@ -442,13 +432,10 @@ class _Pump:
             yield from groups.items()
 
     def cancel(self):
-        from .engine import Event
+        """Cancel the unfinished handles; their event streams end at once (the pump threads exit)."""
         for i, h in enumerate(self.handles):
             if not self.finished[i]:
                 h.cancel()
-                req = getattr(h, "_request", None)  # unblock our pump thread (the engine sends nothing more)
-                if req is not None and hasattr(req, "events"):
-                    req.events.put(Event(None, "", finish_reason="cancelled"))
 
 
 @dataclass

@@ -270,3 +270,25 @@ def test_draw_follows_the_distribution():
     assert torch.equal(tokens[:100], draw(probs.float().expand(100, -1), torch.Generator().manual_seed(0)))
     with pytest.raises(ValueError, match="row 1"):
         draw(torch.tensor([[0.5, 0.5], [float("nan"), 1.0]]))
+
+
+def test_text_stream_cuts_at_stop_strings_and_holds_back_their_starts(tok):
+    """The deltas of a TextStream, fed token by token, join to the decoded text cut before the
+    earliest stop string; text that may start a stop string is held back until it is decided."""
+    from nanoseek.textstream import TextStream, partial_suffix
+    ids = tok.encode("the quick brown fox jumps over the lazy dog.")
+    full = tok.decode(ids)
+    for stop in (["fox"], ["lazy", "brown"], ["jumps over", "q"], ["@@never@@"]):
+        ts = TextStream(tok, stop)
+        deltas, stopped = [], False
+        for k, t in enumerate(ids):
+            d, stopped = ts.push(t, final=k == len(ids) - 1)
+            deltas.append(d)
+            if stopped:
+                break
+        cut = min([full.find(s) for s in stop if s in full], default=len(full))
+        assert "".join(deltas) == full[:cut] and stopped == (cut < len(full)), stop
+    ts = TextStream(tok, ["the lazy"])
+    out = "".join(ts.push(t)[0] for t in tok.encode("over the la"))
+    assert out == tok.decode(tok.encode("over "))  # "the la" may still become "the lazy"
+    assert partial_suffix("abc <th", "<think>") == 3 and partial_suffix("abc", "<think>") == 0
