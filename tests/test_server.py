@@ -16,8 +16,9 @@ import pytest
 import torch
 
 from nanoseek import DeepSeekV3
-from nanoseek.chat import render_chat, split_thinking
-from nanoseek.server import Handler, ThinkSplitter, make_server
+from nanoseek.chat import ThinkSplitter, render_chat, split_thinking
+from nanoseek.serve import ollama as ollama_api
+from nanoseek.serve.app import make_server
 from nanoseek.store import Store
 from fixtures.make_fixtures import ANSWER, MEMORIZER, QUESTION, REPLY, THINKING
 
@@ -433,7 +434,7 @@ def test_internal_fault_is_500_with_traceback(url, monkeypatch, caplog):
     def boom(self):
         raise RuntimeError("kaboom")
 
-    monkeypatch.setattr(Handler, "h_tags", boom)
+    monkeypatch.setattr(ollama_api, "list_tags", boom)
     with caplog.at_level(logging.ERROR, logger="nanoseek.server"):
         r = httpx.get(url + "/api/tags")
         time.sleep(0.05)
@@ -515,7 +516,7 @@ def test_key_is_checked_before_the_body_is_read(home):
         reply = _raw(port, b"POST /api/chat HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                            b"Content-Length: 1073741824\r\n\r\n")
         assert reply.startswith(b"HTTP/1.1 401") and time.perf_counter() - t0 < 5, reply[:200]
-        from nanoseek.server import MAX_BODY
+        from nanoseek.serve.protocol import MAX_BODY
         reply = _raw(port, b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer "
                      + KEY.encode() + b"\r\nContent-Length: " + str(MAX_BODY + 1).encode() + b"\r\n\r\n")
         assert reply.startswith(b"HTTP/1.1 413") and b"larger than the limit" in reply, reply[:300]
