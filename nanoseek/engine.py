@@ -9,7 +9,9 @@ section 2.1: only the compressed latent and the shared rope key are cached).
   `events()` yield token events (streaming) and whose `cancel()` ends it; new requests join the
   running batch between decode steps (continuous batching); a finished or cancelled sequence
   frees its row at once.
-- Sampling per request: temperature, top-p, top-k, seed; max tokens, EOS, logprobs.
+- Sampling per request: temperature, top-p, top-k, seed; max tokens, EOS, logprobs; and scoring:
+  the log-prob of every prompt token under the model (`prompt_logprobs`), from the prefill's own
+  logits, with `max_tokens=0` for scoring alone.
 - The scheduler works on token ids and log-probs only. Text (incremental detokenization, stop
   strings) is each request's `TextStream` (textstream.py); the scheduler calls it once per accepted
   token, so a stop string ends its request in the same step, exactly where EOS would.
@@ -43,13 +45,17 @@ class SamplingParams:
     # is the behaviour policy an RL trainer's importance ratio needs; top alternatives stay raw
     logprob_mode: str = "raw"
     ignore_eos: bool = False
+    # score the prompt: each prompt token's log-prob given the tokens before it, with this many top
+    # alternatives (None: no scoring); with it, max_tokens may be 0 (score without generating)
+    prompt_logprobs: int | None = None
 
     def validate(self) -> "SamplingParams":
         def bad(name, msg):
             raise ValueError(f"{name}: {msg}")
 
-        if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
-            bad("max_tokens", f"must be an integer >= 1, got {self.max_tokens!r}")
+        least = 0 if self.prompt_logprobs is not None else 1
+        if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < least:
+            bad("max_tokens", f"must be an integer >= {least}, got {self.max_tokens!r}")
         if not isinstance(self.temperature, (int, float)) or self.temperature < 0:
             bad("temperature", f"must be a number >= 0, got {self.temperature!r}")
         if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
@@ -65,6 +71,9 @@ class SamplingParams:
         self.stop = [s for s in self.stop if s]
         if not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= 20:
             bad("logprobs", f"must be an integer in [0, 20], got {self.logprobs!r}")
+        if self.prompt_logprobs is not None and (not isinstance(self.prompt_logprobs, int)
+                                                 or not 0 <= self.prompt_logprobs <= 20):
+            bad("prompt_logprobs", f"must be None or an integer in [0, 20], got {self.prompt_logprobs!r}")
         if self.logprob_mode not in ("raw", "sampled"):
             bad("logprob_mode", f"must be 'raw' or 'sampled', got {self.logprob_mode!r}")
         return self
@@ -84,6 +93,8 @@ class Event:
     completion_tokens: int = 0
     prefill_s: float = 0.0
     decode_s: float = 0.0
+    # on a scored request's first event: per prompt token (log-prob, top alternatives); the first None
+    prompt_logprobs: list[tuple[float | None, list[tuple[int, float]] | None]] | None = None
 
 
 @dataclass
@@ -95,6 +106,7 @@ class Completion:
     completion_tokens: int
     logprobs: list[float] = field(default_factory=list)  # one per token of token_ids
     stop_logprob: float | None = None  # the log-prob of the EOS that ended it (finish_reason "stop" by EOS)
+    prompt_logprobs: list | None = None  # SamplingParams.prompt_logprobs set: see Event.prompt_logprobs
 
 
 class Handle:
@@ -139,7 +151,8 @@ class Handle:
         last = events[-1]
         return Completion([e.token_id for e in events if e.token_id is not None], "".join(e.text for e in events),
                           last.finish_reason, last.prompt_tokens, last.completion_tokens,
-                          [e.logprob for e in events if e.logprob is not None], self._request.stop_logprob)
+                          [e.logprob for e in events if e.logprob is not None], self._request.stop_logprob,
+                          self._request.prompt_logprobs)
 
 
 @dataclass(eq=False)  # compared by identity (`list.index` in _retire), not field by field
@@ -151,6 +164,7 @@ class _Request:
     generated: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     stop_logprob: float | None = None
+    prompt_logprobs: list | None = None  # filled at prefill when params.prompt_logprobs is set
     text: TextStream | None = None  # per-token text and stop strings; None: batch `generate`, decoded once
     pos: int = 0  # tokens in the cache
     row: int = -1
@@ -273,8 +287,9 @@ class Engine:
             with torch.inference_mode():
                 while self._active or not self._pending.empty():
                     self._tick()
-            return [Completion(r.generated, r.text.emitted if r.text is not None else self.tokenizer.decode(r.generated),
-                               r.finish_reason, len(r.prompt), len(r.generated), r.logprobs, r.stop_logprob)
+            return [Completion(r.generated, self.tokenizer.decode(r.generated) if r.text is None else r.text.emitted,
+                               r.finish_reason, len(r.prompt), len(r.generated), r.logprobs, r.stop_logprob,
+                               r.prompt_logprobs)
                     for r in reqs]
         handles = [self.submit(p, sp) for p, sp in zip(prompts, per_prompt)]
         return [h.completion() for h in handles]
@@ -362,7 +377,12 @@ class Engine:
             group = firsts + repeats
             d = len(firsts)
             ids = torch.tensor([r.prompt for r in firsts], device=self.device)  # [d, length]
-            logits = self.model(ids, cache=self._cache_rows(first, first + d))[:, -1]  # [d, V]
+            all_logits = self.model(ids, cache=self._cache_rows(first, first + d))  # [d, length, V]
+            logits = all_logits[:, -1]  # [d, V]
+            for k, r in enumerate(group):  # scored prompts: each token's log-prob from the same prefill
+                if r.params.prompt_logprobs is not None:
+                    r.prompt_logprobs = self._score(r.prompt, all_logits[k if k < d else src[k - d]],
+                                                    r.params.prompt_logprobs)
             if repeats:
                 src = torch.tensor(src, device=self.device)
                 for c in self._cache.values():
@@ -373,7 +393,35 @@ class Engine:
                 req.row, req.pos = first + k, length
                 req.prefill_s, req.t_decode0 = now - t0, now
                 self._active.append(req)
-            self._emit(group, logits)
+            scored_only = [k for k, r in enumerate(group) if r.params.max_tokens == 0]
+            if scored_only:  # scoring alone: finished at prefill, nothing sampled for them
+                keep = [k for k in range(len(group)) if k not in scored_only]
+                for k in scored_only:
+                    self._finish_unsampled(group[k])
+                group, logits = [group[k] for k in keep], logits[keep]
+            if group:
+                self._emit(group, logits)
+
+    @staticmethod
+    def _score(prompt: list[int], logits: torch.Tensor, top: int) -> list:
+        """Per prompt token (log-prob given the tokens before it, top alternatives); logits [L, V]
+        predict the token after each position, so the first token has none."""
+        logp = torch.log_softmax(logits[:-1].float(), dim=-1)  # [L-1, V]
+        target = torch.tensor(prompt[1:], device=logp.device)
+        chosen = logp.gather(1, target[:, None])[:, 0].tolist()
+        tops = [None] * len(chosen)
+        if top:
+            v, idx = logp.topk(top, dim=-1)
+            tops = [list(zip(i, x)) for i, x in zip(idx.tolist(), v.tolist())]
+        return [(None, None)] + list(zip(chosen, tops))
+
+    def _finish_unsampled(self, req: _Request):
+        """A request with max_tokens=0 ends at its prefill: one final event, its row freed."""
+        req.finish_reason = "length"
+        if req.text is not None:
+            req.events.put(Event(None, "", finish_reason="length", prompt_tokens=len(req.prompt),
+                                 prefill_s=req.prefill_s, prompt_logprobs=req.prompt_logprobs))
+        self._retire(req)
 
     def _decode_step(self):
         A = len(self._active)
@@ -446,8 +494,10 @@ class Engine:
         delta, stopped = req.text.push(None if is_eos else token, final=is_eos or out_of_room)
         finish = "stop" if is_eos or stopped else "length" if out_of_room else None
         req.finish_reason = finish
+        first = req.prompt_logprobs if len(req.generated) + is_eos == 1 else None
         req.events.put(Event(None if is_eos else token, delta, None if is_eos else logprob, top, finish,
-                             len(req.prompt), len(req.generated), req.prefill_s, time.perf_counter() - req.t_decode0))
+                             len(req.prompt), len(req.generated), req.prefill_s, time.perf_counter() - req.t_decode0,
+                             first))
         if finish is not None:
             self._retire(req)
 

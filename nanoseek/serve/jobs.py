@@ -85,9 +85,12 @@ class ChoiceState:
     pending_lp: list = field(default_factory=list)  # the entries not sent yet (streaming)
     n_chars: int = 0
     last: Event | None = None  # the finishing event
+    prompt_logprobs: list | None = None  # a scored prompt's (log-prob, top) per token
 
     def add(self, ev: Event) -> tuple[str, str]:
         """Feed an event; returns (thinking delta, content delta)."""
+        if ev.prompt_logprobs is not None:
+            self.prompt_logprobs = ev.prompt_logprobs
         if ev.token_id is not None:
             self.token_ids.append(ev.token_id)
             if ev.logprob is not None:

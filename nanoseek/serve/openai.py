@@ -81,6 +81,7 @@ class ChatCompletionRequest(SamplingRequest):
 
 class CompletionRequest(SamplingRequest):
     prompt: Any = None
+    max_tokens: Int | None = Field(None, ge=0)  # 0: score the prompt (with echo) without generating
     logprobs: Int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     echo: Bool | None = None
     suffix: Any = None
@@ -224,6 +225,14 @@ def _chat_logprobs(lm, entries, top_lp) -> dict:
                         for t, lp, top, _ in entries]}
 
 
+def _prompt_entries(tok, prompt: str | list[int], ids: list[int], scores: list) -> list:
+    """A scored prompt as log-prob entries (token, log-prob, top, offset in the echoed text); the
+    first token has no log-prob. Offsets count from the echoed prompt, which lacks a BOS that the
+    server put in front of a string prompt."""
+    skip = len(tok.decode(ids[:1])) if isinstance(prompt, str) and len(ids) > 1 and ids[0] == tok.bos_id else 0
+    return [(t, lp, top, max(0, len(tok.decode(ids[:k])) - skip)) for k, (t, (lp, top)) in enumerate(zip(ids, scores))]
+
+
 def _legacy_logprobs(lm, entries, n_lp, base_offset=0) -> dict:
     """The legacy completions' log-probs: parallel lists of tokens, log-probs, top maps, offsets."""
     tok = lm.tokenizer
@@ -231,7 +240,8 @@ def _legacy_logprobs(lm, entries, n_lp, base_offset=0) -> dict:
     for t, lp, top, off in entries:
         out["tokens"].append(tok.decode([t]))
         out["token_logprobs"].append(lp)
-        out["top_logprobs"].append({tok.decode([a]): b for a, b in (top or [])[:n_lp]} if n_lp else None)
+        out["top_logprobs"].append({tok.decode([a]): b for a, b in (top or [])[:n_lp]} if n_lp and lp is not None
+                                   else None)
         out["text_offset"].append(base_offset + off)
     return out
 
@@ -407,6 +417,11 @@ async def completions(request: Request):
     if len(prompts) * n > MAX_PROMPTS:
         raise bad("n", f"prompts x n must be at most {MAX_PROMPTS}")
     n_lp, echo = body.logprobs, bool(body.echo)
+    if max_tokens == 0 and not echo:
+        raise bad("max_tokens", "must be >= 1 (0 only with echo: true, to score the prompt)")
+    if echo and (n_lp is not None or max_tokens == 0):  # echoed prompt tokens get their log-probs
+        kw["prompt_logprobs"] = n_lp or 0
+    score = echo and n_lp is not None
     check_unsupported(body, {"suffix": "suffix (fill-in-the-middle)"})
     lm, load_s = await run_in_threadpool(app.models.acquire, cname)
     release = lambda: app.models.release(lm)  # noqa: E731
@@ -426,11 +441,25 @@ async def completions(request: Request):
             c.usage = usage
         return sse_event(dump(c))
 
+    def prompt_logprobs(i: int) -> dict | None:
+        if not score:
+            return None
+        return _legacy_logprobs(lm, _prompt_entries(lm.tokenizer, prompts[i // n], id_prompts[i // n],
+                                                    job.states[i].prompt_logprobs), n_lp)
+
+    def echo_chunk(i: int) -> bytes:
+        return chunk([CompletionChoice(index=i, text=echo_text[i // n], logprobs=prompt_logprobs(i),
+                                       finish_reason=None)])
+
     async def chunks():
-        if echo:
+        echoed = [False] * len(job.prompts)
+        if echo and not score:
             for i in range(len(job.prompts)):
-                yield chunk([CompletionChoice(index=i, text=echo_text[i // n], logprobs=None, finish_reason=None)])
+                yield echo_chunk(i)
         async for i, ev, th, ct in job.steps(request.is_disconnected, app.counters):
+            if score and not echoed[i]:  # the prompt's log-probs came with the choice's first event
+                echoed[i] = True
+                yield echo_chunk(i)
             lps = job.states[i].take_logprobs() if n_lp is not None else []
             if ct or lps or ev.finish_reason is not None:
                 lp = _legacy_logprobs(lm, lps, n_lp, len(echo_text[i // n])) if lps else None
@@ -443,10 +472,13 @@ async def completions(request: Request):
         choices = []
         for i, st in enumerate(job.states):
             e = echo_text[i // n]
-            choices.append(CompletionChoice(
-                index=i, text=e + "".join(st.text),
-                logprobs=_legacy_logprobs(lm, st.logprobs, n_lp, len(e)) if n_lp is not None else None,
-                finish_reason=st.last.finish_reason))
+            lp = None
+            if n_lp is not None:
+                lp = _legacy_logprobs(lm, st.logprobs, n_lp, len(e))
+                if score:
+                    lp = {k: v + lp[k] for k, v in prompt_logprobs(i).items()}
+            choices.append(CompletionChoice(index=i, text=e + "".join(st.text), logprobs=lp,
+                                            finish_reason=st.last.finish_reason))
         return TextCompletion(id=cid, object="text_completion", created=created, model=name, choices=choices,
                               usage=Usage(**job.usage(n)))
 
