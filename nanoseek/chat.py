@@ -1,9 +1,12 @@
 """Chat prompts: the checkpoint's own Jinja `chat_template` when it has one, else the built-in
 DeepSeek-V3/R1 template (system, user and assistant turns with DeepSeek's special tokens), and
-R1-style thinking: the prompt may open inside `<think>`, and output splits into thinking and answer.
+R1-style thinking: the prompt may open inside `<think>`, and output splits into thinking and answer,
+on the whole text (`split_thinking`) or incrementally as it streams (`ThinkSplitter`).
 """
 
 from __future__ import annotations
+
+from .textstream import partial_suffix
 
 BOS = "<｜begin▁of▁sentence｜>"
 EOS = "<｜end▁of▁sentence｜>"
@@ -86,3 +89,68 @@ def split_thinking(text: str, opened: bool = False) -> tuple[str | None, str]:
     if end < 0:
         return text.strip(), ""
     return text[:end].strip(), text[end + len(THINK_CLOSE):].lstrip()
+
+
+def can_think(tokenizer) -> bool:
+    """Whether a model can think R1-style: `</think>` is a token of its vocabulary or appears in its
+    chat template."""
+    template = getattr(tokenizer, "chat_template", None) or ""
+    return tokenizer.token_to_id(THINK_CLOSE) is not None or THINK_CLOSE in template
+
+
+class ThinkSplitter:
+    """Incremental '<think>reasoning</think>answer' splitter, the streaming twin of `split_thinking`.
+    Starts inside the think block when the prompt opened it; otherwise a block only counts when the
+    output starts with <think> (after whitespace). Holds back partial tags and whitespace next to
+    the tags, so the concatenated deltas equal `split_thinking(text, opened)`."""
+
+    def __init__(self, opened: bool = False, enabled: bool = True):
+        self.state = "thinking" if opened else ("detect" if enabled else "content")
+        self.strip = opened
+        self.seen = opened
+        self.buf = ""
+
+    def feed(self, text: str) -> tuple[str, str]:
+        """More output text; returns (thinking delta, answer delta)."""
+        self.buf += text
+        th, ct = [], []
+        while True:
+            if self.state == "detect":
+                s = self.buf.lstrip()
+                if s.startswith(THINK_OPEN):
+                    self.buf, self.state, self.strip, self.seen = s[len(THINK_OPEN):], "thinking", True, True
+                    continue
+                if THINK_OPEN.startswith(s):  # undecided: empty, whitespace or a partial tag
+                    break
+                self.state = "content"
+                continue
+            if self.strip:
+                self.buf = self.buf.lstrip()
+                if not self.buf:
+                    break
+                self.strip = False
+            if self.state == "thinking":
+                k = self.buf.find(THINK_CLOSE)
+                if k >= 0:
+                    th.append(self.buf[:k].rstrip())
+                    self.buf, self.state, self.strip = self.buf[k + len(THINK_CLOSE):], "content", True
+                    continue
+                hold = partial_suffix(self.buf, THINK_CLOSE)
+                emit = self.buf[:len(self.buf) - hold]
+                kept = emit.rstrip()
+                th.append(kept)
+                self.buf = self.buf[len(kept):]
+                break
+            ct.append(self.buf)
+            self.buf = ""
+            break
+        return "".join(th), "".join(ct)
+
+    def flush(self) -> tuple[str, str]:
+        """The end of the output: whatever was held back."""
+        buf, self.buf = self.buf, ""
+        if self.state == "thinking":
+            return buf.strip(), ""
+        if self.state == "content" and self.strip:
+            return "", buf.lstrip()
+        return "", buf

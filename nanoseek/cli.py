@@ -18,7 +18,7 @@ from .parallel.schedules import ScheduleError, build_schedule, default_chunks
 from .parallel.simulator import plot_timeline, simulate
 from .quickstart import add_quickstart_command
 from .rl.cli import add_grpo_command
-from .server import add_serve_command
+from .serve.app import add_serve_command
 from .sft import add_sft_command, add_sft_options
 from .store import add_store_commands
 from .train import TrainArgs, train

@@ -197,19 +197,12 @@ def generate(model, tokenizer, records: list[PromptRecord], max_new_tokens: int 
     try:
         params = [SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                  seed=seed + 7919 * j if temperature > 0 else None) for j in range(samples)]
-        handles = [[engine.submit(i, params[j]) for j in range(samples)] for i in ids]
-        out = []
-        for hs in handles:
-            row = []
-            for h in hs:
-                events = list(h)
-                toks = [e.token_id for e in events if e.token_id is not None]
-                text = tokenizer.decode(toks)
-                row.append(((THINK_OPEN + "\n" if think else "") + text, events[-1].finish_reason))
-            out.append(row)
-        return out
+        comps = engine.generate([i for i in ids for _ in range(samples)], params * len(ids))
     finally:
         engine.close()
+    opening = THINK_OPEN + "\n" if think else ""
+    return [[(opening + c.text, c.finish_reason) for c in comps[k * samples:(k + 1) * samples]]
+            for k in range(len(ids))]
 
 
 def accuracy(model, tokenizer, records: list[PromptRecord], verifier, max_new_tokens: int = 64,

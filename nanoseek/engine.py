@@ -5,10 +5,16 @@ section 2.1: only the compressed latent and the shared rope key are cached).
 - Decode runs all active sequences together, one token each, through the absorbed path over a
   latent cache of exactly (kv_lora_rank + qk_rope_head_dim) values per token per layer; each
   sequence sits at its own position.
-- A background thread owns the model: `submit` queues a request and returns a handle whose
-  iterator yields token events (streaming); new requests join the running batch between decode
-  steps (continuous batching); a finished or cancelled sequence frees its row at once.
-- Sampling per request: temperature, top-p, top-k, seed; stop strings, max tokens, EOS, logprobs.
+- A background thread owns the model: `submit` queues a request and returns a `Handle` whose
+  `events()` yield token events (streaming) and whose `cancel()` ends it; new requests join the
+  running batch between decode steps (continuous batching); a finished or cancelled sequence
+  frees its row at once.
+- Sampling per request: temperature, top-p, top-k, seed; max tokens, EOS, logprobs; and scoring:
+  the log-prob of every prompt token under the model (`prompt_logprobs`), from the prefill's own
+  logits, with `max_tokens=0` for scoring alone.
+- The scheduler works on token ids and log-probs only. Text (incremental detokenization, stop
+  strings) is each request's `TextStream` (textstream.py); the scheduler calls it once per accepted
+  token, so a stop string ends its request in the same step, exactly where EOS would.
 """
 
 from __future__ import annotations
@@ -16,11 +22,13 @@ from __future__ import annotations
 import queue
 import threading
 import time
+import traceback
 from dataclasses import dataclass, field
 
 import torch
 
 from .sampling import sample_next
+from .textstream import TextStream
 
 
 @dataclass
@@ -37,13 +45,17 @@ class SamplingParams:
     # is the behaviour policy an RL trainer's importance ratio needs; top alternatives stay raw
     logprob_mode: str = "raw"
     ignore_eos: bool = False
+    # score the prompt: each prompt token's log-prob given the tokens before it, with this many top
+    # alternatives (None: no scoring); with it, max_tokens may be 0 (score without generating)
+    prompt_logprobs: int | None = None
 
     def validate(self) -> "SamplingParams":
         def bad(name, msg):
             raise ValueError(f"{name}: {msg}")
 
-        if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
-            bad("max_tokens", f"must be an integer >= 1, got {self.max_tokens!r}")
+        least = 0 if self.prompt_logprobs is not None else 1
+        if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < least:
+            bad("max_tokens", f"must be an integer >= {least}, got {self.max_tokens!r}")
         if not isinstance(self.temperature, (int, float)) or self.temperature < 0:
             bad("temperature", f"must be a number >= 0, got {self.temperature!r}")
         if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
@@ -59,6 +71,9 @@ class SamplingParams:
         self.stop = [s for s in self.stop if s]
         if not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= 20:
             bad("logprobs", f"must be an integer in [0, 20], got {self.logprobs!r}")
+        if self.prompt_logprobs is not None and (not isinstance(self.prompt_logprobs, int)
+                                                 or not 0 <= self.prompt_logprobs <= 20):
+            bad("prompt_logprobs", f"must be None or an integer in [0, 20], got {self.prompt_logprobs!r}")
         if self.logprob_mode not in ("raw", "sampled"):
             bad("logprob_mode", f"must be 'raw' or 'sampled', got {self.logprob_mode!r}")
         return self
@@ -66,6 +81,9 @@ class SamplingParams:
 
 @dataclass
 class Event:
+    """One step of a request: the token it accepted (None for the EOS that ends it, or a cancel),
+    its log-prob and top alternatives, the text that token made certain (requests with a
+    `TextStream` only), and, on the last event, why it finished."""
     token_id: int | None
     text: str
     logprob: float | None = None
@@ -75,6 +93,8 @@ class Event:
     completion_tokens: int = 0
     prefill_s: float = 0.0
     decode_s: float = 0.0
+    # on a scored request's first event: per prompt token (log-prob, top alternatives); the first None
+    prompt_logprobs: list[tuple[float | None, list[tuple[int, float]] | None]] | None = None
 
 
 @dataclass
@@ -86,27 +106,53 @@ class Completion:
     completion_tokens: int
     logprobs: list[float] = field(default_factory=list)  # one per token of token_ids
     stop_logprob: float | None = None  # the log-prob of the EOS that ended it (finish_reason "stop" by EOS)
+    prompt_logprobs: list | None = None  # SamplingParams.prompt_logprobs set: see Event.prompt_logprobs
 
 
 class Handle:
-    """A submitted request: iterate for events; `cancel()` stops it (e.g. on client disconnect)."""
+    """A submitted request: `events()` (or iterating) yields its events up to the finishing one;
+    `cancel()` stops it (e.g. on client disconnect); `completion()` waits for the whole result."""
 
     def __init__(self, engine: "Engine", request: "_Request"):
         self._engine, self._request = engine, request
+        self._finished = False
+
+    def events(self, timeout: float | None = None):
+        """The request's events, ending after the one with a finish_reason. With `timeout`, a None
+        is yielded whenever `timeout` seconds pass without an event (so the caller can look at its
+        client in between). An engine failure is raised here."""
+        while not self._finished:
+            try:
+                ev = self._request.events.get(timeout=timeout)
+            except queue.Empty:
+                yield None
+                continue
+            if isinstance(ev, BaseException):
+                self._finished = True
+                raise ev
+            if ev.finish_reason is not None:
+                self._finished = True
+            yield ev
 
     def __iter__(self):
-        while True:
-            ev = self._request.events.get()
-            if isinstance(ev, BaseException):
-                raise ev
-            yield ev
-            if ev.finish_reason is not None:
-                return
+        return self.events()
 
     def cancel(self) -> None:
-        """Stop generating; the engine frees the cache row and ends the event stream."""
-        self._request.cancelled = True
+        """Stop generating: the engine frees the cache row, and the event stream ends at once with
+        a "cancelled" event (a reader waiting in `events()` is released without waiting for it)."""
+        req = self._request
+        req.cancelled = True
         self._engine._wake()
+        req.events.put(Event(None, "", finish_reason="cancelled", prompt_tokens=len(req.prompt)))
+
+    def completion(self) -> Completion:
+        """Wait for the request to finish; its tokens, text, log-probs and counts."""
+        events = list(self.events())
+        last = events[-1]
+        return Completion([e.token_id for e in events if e.token_id is not None], "".join(e.text for e in events),
+                          last.finish_reason, last.prompt_tokens, last.completion_tokens,
+                          [e.logprob for e in events if e.logprob is not None], self._request.stop_logprob,
+                          self._request.prompt_logprobs)
 
 
 @dataclass(eq=False)  # compared by identity (`list.index` in _retire), not field by field
@@ -118,10 +164,8 @@ class _Request:
     generated: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     stop_logprob: float | None = None
-    emitted: str = ""
-    text: str = ""  # detokenized text of generated[:read_offset] (complete characters only)
-    prefix_offset: int = 0
-    read_offset: int = 0
+    prompt_logprobs: list | None = None  # filled at prefill when params.prompt_logprobs is set
+    text: TextStream | None = None  # per-token text and stop strings; None: batch `generate`, decoded once
     pos: int = 0  # tokens in the cache
     row: int = -1
     next_logits: torch.Tensor | None = None
@@ -129,7 +173,6 @@ class _Request:
     t_submit: float = 0.0
     prefill_s: float = 0.0
     t_decode0: float = 0.0
-    stream: bool = True  # per-token events; off for batch `generate` (text decoded once at the end)
     finish_reason: str | None = None
 
 
@@ -183,6 +226,11 @@ class GraphDecoder:
 
 
 class Engine:
+    """Continuous-batching generation over one model: requests (token ids and `SamplingParams`)
+    share a latent cache of `max_batch` rows of `max_context` tokens and decode together, one token
+    each per step. `submit` streams through a background thread; `generate` runs a batch to
+    completion (in the calling thread when nothing was submitted); `close` stops the thread."""
+
     def __init__(self, model, tokenizer, max_context: int = 4096, max_batch: int = 16, device=None,
                  cuda_graphs: bool | None = None, compile: bool = False):
         self.model = model.eval()
@@ -213,8 +261,8 @@ class Engine:
         if self._closed:
             raise RuntimeError("engine is closed")
         # stop strings need the incremental text, so such requests stream whatever the caller asked
-        req = _Request(list(map(int, prompt_ids)), params, t_submit=time.perf_counter(),
-                       stream=stream or bool(params.stop))
+        text = TextStream(self.tokenizer, params.stop) if stream or params.stop else None
+        req = _Request(list(map(int, prompt_ids)), params, t_submit=time.perf_counter(), text=text)
         self._pending.put(req)
         return req
 
@@ -224,30 +272,27 @@ class Engine:
         self._wake()
         return Handle(self, req)
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams | None = None) -> list[Completion]:
-        """All prompts to completion. Without a running background loop (nothing was `submit`ted,
-        e.g. RL rollouts and evaluation), the scheduler runs in the calling thread: a second thread
-        doing tensor work would make both share (and fight over) the CPU's math threads."""
+    def generate(self, prompts: list[list[int]],
+                 params: SamplingParams | list[SamplingParams] | None = None) -> list[Completion]:
+        """All prompts to completion (`params`: one for all, or one per prompt). Without a running
+        background loop (nothing was `submit`ted, e.g. RL rollouts and evaluation), the scheduler
+        runs in the calling thread: a second thread doing tensor work would make both share (and
+        fight over) the CPU's math threads."""
+        per_prompt = params if isinstance(params, list) else [params] * len(prompts)
+        if len(per_prompt) != len(prompts):
+            raise ValueError(f"params: {len(per_prompt)} given for {len(prompts)} prompts")
         if self._thread is None or not self._thread.is_alive():
-            # no per-token events or text: each request keeps its tokens and is decoded once at the end
-            reqs = [self._enqueue(p, params, stream=False) for p in prompts]
+            # no per-token events: a request without stop strings keeps its tokens, decoded once at the end
+            reqs = [self._enqueue(p, sp, stream=False) for p, sp in zip(prompts, per_prompt)]
             with torch.inference_mode():
                 while self._active or not self._pending.empty():
                     self._tick()
-            return [self._completion(Handle(self, r)) if r.stream else
-                    Completion(r.generated, r.emitted, r.finish_reason, len(r.prompt), len(r.generated), r.logprobs,
-                               r.stop_logprob)
+            return [Completion(r.generated, self.tokenizer.decode(r.generated) if r.text is None else r.text.emitted,
+                               r.finish_reason, len(r.prompt), len(r.generated), r.logprobs, r.stop_logprob,
+                               r.prompt_logprobs)
                     for r in reqs]
-        handles = [self.submit(p, params) for p in prompts]
-        return [self._completion(h) for h in handles]
-
-    @staticmethod
-    def _completion(handle: Handle) -> Completion:
-        events = list(handle)
-        last = events[-1]
-        return Completion([e.token_id for e in events if e.token_id is not None], "".join(e.text for e in events),
-                          last.finish_reason, last.prompt_tokens, last.completion_tokens,
-                          [e.logprob for e in events if e.logprob is not None], handle._request.stop_logprob)
+        handles = [self.submit(p, sp) for p, sp in zip(prompts, per_prompt)]
+        return [h.completion() for h in handles]
 
     def close(self) -> None:
         self._closed = True
@@ -272,7 +317,6 @@ class Engine:
                     if self._tick():
                         continue
             except Exception as e:  # noqa: BLE001 - report to every waiting request, keep serving
-                import traceback
                 traceback.print_exc()
                 for r in self._active:
                     r.events.put(RuntimeError(f"engine failure: {type(e).__name__}: {e}"))
@@ -333,7 +377,12 @@ class Engine:
             group = firsts + repeats
             d = len(firsts)
             ids = torch.tensor([r.prompt for r in firsts], device=self.device)  # [d, length]
-            logits = self.model(ids, cache=self._cache_rows(first, first + d))[:, -1]  # [d, V]
+            all_logits = self.model(ids, cache=self._cache_rows(first, first + d))  # [d, length, V]
+            logits = all_logits[:, -1]  # [d, V]
+            for k, r in enumerate(group):  # scored prompts: each token's log-prob from the same prefill
+                if r.params.prompt_logprobs is not None:
+                    r.prompt_logprobs = self._score(r.prompt, all_logits[k if k < d else src[k - d]],
+                                                    r.params.prompt_logprobs)
             if repeats:
                 src = torch.tensor(src, device=self.device)
                 for c in self._cache.values():
@@ -344,7 +393,35 @@ class Engine:
                 req.row, req.pos = first + k, length
                 req.prefill_s, req.t_decode0 = now - t0, now
                 self._active.append(req)
-            self._emit(group, logits)
+            scored_only = [k for k, r in enumerate(group) if r.params.max_tokens == 0]
+            if scored_only:  # scoring alone: finished at prefill, nothing sampled for them
+                keep = [k for k in range(len(group)) if k not in scored_only]
+                for k in scored_only:
+                    self._finish_unsampled(group[k])
+                group, logits = [group[k] for k in keep], logits[keep]
+            if group:
+                self._emit(group, logits)
+
+    @staticmethod
+    def _score(prompt: list[int], logits: torch.Tensor, top: int) -> list:
+        """Per prompt token (log-prob given the tokens before it, top alternatives); logits [L, V]
+        predict the token after each position, so the first token has none."""
+        logp = torch.log_softmax(logits[:-1].float(), dim=-1)  # [L-1, V]
+        target = torch.tensor(prompt[1:], device=logp.device)
+        chosen = logp.gather(1, target[:, None])[:, 0].tolist()
+        tops = [None] * len(chosen)
+        if top:
+            v, idx = logp.topk(top, dim=-1)
+            tops = [list(zip(i, x)) for i, x in zip(idx.tolist(), v.tolist())]
+        return [(None, None)] + list(zip(chosen, tops))
+
+    def _finish_unsampled(self, req: _Request):
+        """A request with max_tokens=0 ends at its prefill: one final event, its row freed."""
+        req.finish_reason = "length"
+        if req.text is not None:
+            req.events.put(Event(None, "", finish_reason="length", prompt_tokens=len(req.prompt),
+                                 prefill_s=req.prefill_s, prompt_logprobs=req.prompt_logprobs))
+        self._retire(req)
 
     def _decode_step(self):
         A = len(self._active)
@@ -399,9 +476,9 @@ class Engine:
             self._accept(r, token, lp, top)
 
     def _accept(self, req: _Request, token: int, logprob: float, top):
-        """Record one sampled token, send its event (text delta), retire the request when done."""
+        """Record one sampled token, send its event, retire the request when done (EOS, length, or
+        a stop string its TextStream found)."""
         p = req.params
-        finish = None
         is_eos = token == self.eos_id and not p.ignore_eos
         if not is_eos:
             req.generated.append(token)
@@ -409,47 +486,20 @@ class Engine:
         else:
             req.stop_logprob = logprob
         out_of_room = len(req.generated) >= p.max_tokens or req.pos + 1 >= self.max_context
-        if not req.stream:  # batch generate: the text once, at the end
+        if req.text is None:  # batch generate: no events; the text is decoded once, at the end
             req.finish_reason = "stop" if is_eos else "length" if out_of_room else None
             if req.finish_reason is not None:
-                req.emitted = self.tokenizer.decode(req.generated)
                 self._retire(req)
             return
-        text_all = self._detokenize(req, final=is_eos or out_of_room)
-        delta_end = len(text_all)
-        for s in p.stop:  # cut at the earliest stop string
-            k = text_all.find(s, max(0, len(req.emitted) - len(s)))
-            if k >= 0:
-                delta_end = min(delta_end, k)
-                finish = "stop"
-        if is_eos:
-            finish = "stop"
-        elif finish is None and out_of_room:
-            finish = "length"
-        if finish is None:  # hold back text that may be the start of a stop string
-            for s in p.stop:
-                for j in range(min(len(s) - 1, delta_end - len(req.emitted)), 0, -1):
-                    if text_all[:delta_end].endswith(s[:j]):
-                        delta_end -= j
-                        break
-        delta = text_all[len(req.emitted):delta_end] if delta_end > len(req.emitted) else ""
-        req.emitted += delta
-        ev = Event(None if is_eos else token, delta, None if is_eos else req.logprobs[-1], top, finish,
-                   len(req.prompt), len(req.generated), req.prefill_s, time.perf_counter() - req.t_decode0)
-        req.events.put(ev)
+        delta, stopped = req.text.push(None if is_eos else token, final=is_eos or out_of_room)
+        finish = "stop" if is_eos or stopped else "length" if out_of_room else None
+        req.finish_reason = finish
+        first = req.prompt_logprobs if len(req.generated) + is_eos == 1 else None
+        req.events.put(Event(None if is_eos else token, delta, None if is_eos else logprob, top, finish,
+                             len(req.prompt), len(req.generated), req.prefill_s, time.perf_counter() - req.t_decode0,
+                             first))
         if finish is not None:
             self._retire(req)
-
-    def _detokenize(self, req: _Request, final: bool) -> str:
-        """Incremental detokenization: decode only the newest tokens with a few tokens of context
-        (so the cost per token stays constant), and keep an incomplete UTF-8 character back."""
-        gen = req.generated
-        prefix = self.tokenizer.decode(gen[req.prefix_offset:req.read_offset])
-        new = self.tokenizer.decode(gen[req.prefix_offset:])
-        if len(new) > len(prefix) and (final or not new.endswith("\ufffd")):
-            req.text += new[len(prefix):]
-            req.prefix_offset, req.read_offset = max(req.read_offset - 4, 0), len(gen)
-        return req.text
 
     def _drop_cancelled(self):
         for r in [r for r in self._active if r.cancelled]:

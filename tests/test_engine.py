@@ -270,3 +270,50 @@ def test_draw_follows_the_distribution():
     assert torch.equal(tokens[:100], draw(probs.float().expand(100, -1), torch.Generator().manual_seed(0)))
     with pytest.raises(ValueError, match="row 1"):
         draw(torch.tensor([[0.5, 0.5], [float("nan"), 1.0]]))
+
+
+def test_text_stream_cuts_at_stop_strings_and_holds_back_their_starts(tok):
+    """The deltas of a TextStream, fed token by token, join to the decoded text cut before the
+    earliest stop string; text that may start a stop string is held back until it is decided."""
+    from nanoseek.textstream import TextStream, partial_suffix
+    ids = tok.encode("the quick brown fox jumps over the lazy dog.")
+    full = tok.decode(ids)
+    for stop in (["fox"], ["lazy", "brown"], ["jumps over", "q"], ["@@never@@"]):
+        ts = TextStream(tok, stop)
+        deltas, stopped = [], False
+        for k, t in enumerate(ids):
+            d, stopped = ts.push(t, final=k == len(ids) - 1)
+            deltas.append(d)
+            if stopped:
+                break
+        cut = min([full.find(s) for s in stop if s in full], default=len(full))
+        assert "".join(deltas) == full[:cut] and stopped == (cut < len(full)), stop
+    ts = TextStream(tok, ["the lazy"])
+    out = "".join(ts.push(t)[0] for t in tok.encode("over the la"))
+    assert out == tok.decode(tok.encode("over "))  # "the la" may still become "the lazy"
+    assert partial_suffix("abc <th", "<think>") == 3 and partial_suffix("abc", "<think>") == 0
+
+
+def test_prompt_logprobs_score_the_prompt(small_model, tok):
+    """prompt_logprobs: each prompt token's log-prob from the prefill, equal to the model's own
+    log-softmax; max_tokens=0 scores without generating; the generated tokens are unchanged."""
+    prompts = [[5, 6, 7, 8, 9], [5, 6, 7, 8, 9], [20, 21, 22]]
+    eng = Engine(small_model, tok, max_context=64, max_batch=4)
+    try:
+        plain = eng.generate(prompts, SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True))
+        scored = eng.generate(prompts, SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True,
+                                                      prompt_logprobs=2))
+        only = eng.generate(prompts, SamplingParams(max_tokens=0, prompt_logprobs=0))
+        for p, a, b, c in zip(prompts, plain, scored, only):
+            with torch.no_grad():
+                logp = torch.log_softmax(small_model(torch.tensor([p]))[0, :-1].float(), dim=-1)
+            want = logp.gather(1, torch.tensor(p[1:])[:, None])[:, 0].tolist()
+            assert b.token_ids == a.token_ids and b.prompt_logprobs[0] == (None, None)
+            assert [lp for lp, _ in b.prompt_logprobs[1:]] == pytest.approx(want, abs=1e-5)
+            assert [t for t, _ in b.prompt_logprobs[1][1]] == logp[0].topk(2).indices.tolist()
+            assert c.token_ids == [] and c.finish_reason == "length" and c.completion_tokens == 0
+            assert [lp for lp, _ in c.prompt_logprobs[1:]] == pytest.approx(want, abs=1e-5)
+        events = list(eng.submit(prompts[0], SamplingParams(max_tokens=0, prompt_logprobs=1)))
+        assert len(events) == 1 and events[0].finish_reason == "length" and len(events[0].prompt_logprobs) == 5
+    finally:
+        eng.close()

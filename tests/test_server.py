@@ -16,8 +16,9 @@ import pytest
 import torch
 
 from nanoseek import DeepSeekV3
-from nanoseek.chat import render_chat, split_thinking
-from nanoseek.server import Handler, ThinkSplitter, make_server
+from nanoseek.chat import ThinkSplitter, render_chat, split_thinking
+from nanoseek.serve import ollama as ollama_api
+from nanoseek.serve.app import make_server
 from nanoseek.store import Store
 from fixtures.make_fixtures import ANSWER, MEMORIZER, QUESTION, REPLY, THINKING
 
@@ -433,7 +434,7 @@ def test_internal_fault_is_500_with_traceback(url, monkeypatch, caplog):
     def boom(self):
         raise RuntimeError("kaboom")
 
-    monkeypatch.setattr(Handler, "h_tags", boom)
+    monkeypatch.setattr(ollama_api, "list_tags", boom)
     with caplog.at_level(logging.ERROR, logger="nanoseek.server"):
         r = httpx.get(url + "/api/tags")
         time.sleep(0.05)
@@ -515,7 +516,7 @@ def test_key_is_checked_before_the_body_is_read(home):
         reply = _raw(port, b"POST /api/chat HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                            b"Content-Length: 1073741824\r\n\r\n")
         assert reply.startswith(b"HTTP/1.1 401") and time.perf_counter() - t0 < 5, reply[:200]
-        from nanoseek.server import MAX_BODY
+        from nanoseek.serve.protocol import MAX_BODY
         reply = _raw(port, b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer "
                      + KEY.encode() + b"\r\nContent-Length: " + str(MAX_BODY + 1).encode() + b"\r\n\r\n")
         assert reply.startswith(b"HTTP/1.1 413") and b"larger than the limit" in reply, reply[:300]
@@ -561,3 +562,47 @@ def test_allow_origin(home):
     from nanoseek.cli import build_parser
     args = build_parser().parse_args(["serve", "--allow-origin", "https://a.example", "--allow-origin", "*"])
     assert args.allow_origin == ["https://a.example", "*"]
+
+
+# ------------------------------------------------------------------------------------ scoring
+def _prompt_logprobs(model, ids, top):
+    """The model's own log-softmax of a prompt: each token's log-prob given the ones before it."""
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([ids]))[0, :-1].float(), dim=-1)
+    return logp.gather(1, torch.tensor(ids[1:])[:, None])[:, 0].tolist(), logp.topk(top, dim=-1)
+
+
+def test_completions_echo_scores_the_prompt(oa, home):
+    """/v1/completions with echo and logprobs returns every prompt token's log-prob (the first
+    null) and its top alternatives, equal to the model's log-softmax of the prompt; max_tokens 0
+    scores without generating; token-id prompts and lists of prompts work."""
+    from nanoseek.tokenizer import Tokenizer
+    model = DeepSeekV3.from_pretrained(home.path_of("tiny")).eval()
+    tok = Tokenizer.from_dir(home.path_of("tiny"))
+    prompts = [tok.encode("hello world, hello"), tok.encode(QUESTION)]
+    r = oa.completions.create(model="tiny", prompt=prompts, max_tokens=0, echo=True, logprobs=3)
+    assert len(r.choices) == 2 and r.usage.completion_tokens == 0
+    for ids, c in zip(prompts, r.choices):
+        want, (top_v, top_i) = _prompt_logprobs(model, ids, 3)
+        lp = c.logprobs
+        assert c.text == tok.decode(ids) and c.finish_reason == "length"
+        assert lp.tokens == [tok.decode([t]) for t in ids]
+        assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+        assert lp.token_logprobs[1:] == pytest.approx(want, abs=1e-5)
+        for k, alts in enumerate(lp.top_logprobs[1:]):
+            assert list(alts) == [tok.decode([t]) for t in top_i[k].tolist()]
+            assert list(alts.values()) == pytest.approx(top_v[k].tolist(), abs=1e-5)
+    # a string prompt, scored and continued: prompt entries then the generated ones
+    r = oa.completions.create(model="tiny", prompt="hello world", max_tokens=2, echo=True, logprobs=1,
+                              temperature=0, extra_body={"ignore_eos": True})
+    c, ids = r.choices[0], [tok.bos_id] + tok.encode("hello world")
+    assert c.text.startswith("hello world") and len(c.logprobs.tokens) == len(ids) + 2 == r.usage.total_tokens
+    assert c.logprobs.token_logprobs[1:len(ids)] == pytest.approx(_prompt_logprobs(model, ids, 1)[0], abs=1e-5)
+    assert c.logprobs.text_offset[len(ids)] == len("hello world")
+    # streamed: the echo chunk carries the prompt's log-probs
+    chunks = [ch.choices[0] for ch in oa.completions.create(model="tiny", prompt=prompts[0], max_tokens=0, echo=True,
+                                                            logprobs=0, stream=True) if ch.choices]
+    assert chunks[0].text == tok.decode(prompts[0]) and chunks[-1].finish_reason == "length"
+    assert chunks[0].logprobs.token_logprobs[1:] == pytest.approx(_prompt_logprobs(model, prompts[0], 1)[0], abs=1e-5)
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):
+        oa.completions.create(model="tiny", prompt="hello", max_tokens=0)
