@@ -32,9 +32,7 @@ from .fp8 import FP8Config, convert, format_report
 from .io import atomic_torch_save, atomic_write_text
 from .model import DeepSeekV3
 from .pace import read_pace
-from .parallel import DataParallel, all_reduce_sum, barrier, init_distributed
-from .parallel.ep_training import ExpertParallelTraining
-from .parallel.pipeline_train import PipelineTraining
+from .parallel import ParallelDims, all_reduce_sum, barrier, batch_on_device, init_distributed, parallelize
 from .tokenizer import Tokenizer, train_bpe
 
 CKPT_RE = re.compile(r"step-(\d{6,})")
@@ -153,11 +151,26 @@ def checkpoint_tmp_dir(out: str, step: int) -> str:
     return os.path.join(out, "checkpoints", f".tmp-step-{step:06d}")
 
 
+def save_parallel_checkpoint(par, out: str, step: int, opt, tokenizer, state: dict, keep_last: int) -> str | None:
+    """Every rank's part of a checkpoint of the whole model (`par`: a nanoseek.parallel.Parallel),
+    then rank 0 writes it in the Hugging Face layout and renames it into place. Collective."""
+    tmp = checkpoint_tmp_dir(out, step)
+    if par.main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    opt_state = par.save_optimizer(opt, tmp)  # pipeline ranks write their own files into tmp
+    whole = par.full_model()
+    barrier()
+    final = save_checkpoint(out, step, whole, opt_state, tokenizer, state, keep_last, fresh=False) if par.main else None
+    barrier()
+    return final
+
+
 def save_checkpoint(out: str, step: int, model, optimizer, tokenizer, state: dict, keep_last: int,
-                    fresh: bool = True) -> str:
+                     fresh: bool = True) -> str:
     """Write into a hidden temp folder, then rename it into place: a kill at any moment leaves
-    either the previous set of checkpoints or the new one, never a half-written one. (Pipeline
-    ranks add their optimizer files to the temp folder first; then `fresh` is False.)"""
+    either the previous set of checkpoints or the new one, never a half-written one. (When other
+    ranks have added their files to the temp folder first, `fresh` is False.)"""
     root = os.path.join(out, "checkpoints")
     os.makedirs(root, exist_ok=True)
     final = os.path.join(root, f"step-{step:06d}")
@@ -255,15 +268,6 @@ def plot_run(out: str) -> list[str]:
 
 
 # ------------------------------------------------------------------------------ the loop
-def apply_activation_checkpointing(model: DeepSeekV3) -> None:
-    """Recompute each decoder block in the backward (applied from outside; names unchanged)."""
-    from torch.utils.checkpoint import checkpoint
-
-    for block in list(model.model.layers.values()) + list(model.mtp.values()):
-        fwd = block.forward
-        block.forward = lambda *a, _f=fwd, **k: checkpoint(_f, *a, use_reentrant=False, **k)
-
-
 def _say(msg: str, quiet: bool = False) -> None:
     if not quiet:
         print(msg, file=sys.stderr if quiet else sys.stdout, flush=True)
@@ -285,13 +289,28 @@ def mtp_targets(y: torch.Tensor, k: int, segment_ids: torch.Tensor | None) -> to
     return t
 
 
-def _on_device(batch, device) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """(x, y) or (x, y, positions, segment_ids) from a batch source -> x, y and forward kwargs."""
-    x, y = batch[0].to(device), batch[1].to(device)
-    extra = {}
-    if len(batch) > 2:  # packed rows: positions restart and attention stays inside each document
-        extra = {"positions": batch[2].to(device), "segment_ids": batch[3].to(device)}
-    return x, y, extra
+class TrainLoss:
+    """The loss of one micro-batch: next-token cross entropy + the MTP loss (report section 2.2,
+    weight lambda over the depths) + the balance loss of the MoE layers in `moes` (sequence-wise
+    in bias mode, section 2.1.2; the classic auxiliary loss in aux mode)."""
+
+    def __init__(self, moes: dict, balance_alpha: float, mtp_lambda: float):
+        self.moes, self.balance_alpha, self.mtp_lambda = moes, balance_alpha, mtp_lambda
+
+    def __call__(self, forward_model, model, x, y, extra) -> tuple[torch.Tensor, ...]:
+        """x, y [B, T] (+ packing kwargs) -> ce, mtp, balance, total (0-dim tensors)."""
+        logits, hidden = forward_model(x, return_hidden=True, **extra)
+        ce = token_cross_entropy(logits, y)
+        mtp = torch.zeros((), device=x.device)
+        if len(model.mtp) and self.mtp_lambda > 0:
+            mtp_logits = model.mtp_forward(hidden, x, **extra)
+            mtp = self.mtp_lambda / len(model.mtp) * sum(
+                token_cross_entropy(lg, mtp_targets(y, k, extra.get("segment_ids")))
+                for k, lg in enumerate(mtp_logits, start=1))
+        bal = torch.zeros((), device=x.device)
+        if self.balance_alpha > 0:
+            bal = sum(sequence_balance_loss(m, x.shape[0], self.balance_alpha) for m in self.moes.values())
+        return ce, mtp, bal, ce + mtp + bal
 
 
 def train(args: TrainArgs, finetune=None) -> dict:
@@ -313,21 +332,11 @@ def train(args: TrainArgs, finetune=None) -> dict:
                                                               or device.type != "cuda"):
         raise ValueError(f"--fp8-grouped triton needs the fused Triton kernels (--fp8-kernels auto or triton on "
                          f"CUDA), not --fp8-kernels {a.fp8_kernels} on {device.type}")
-    if a.pp < 1 or world % a.pp:
-        raise ValueError(f"--pp {a.pp} must divide the number of processes ({world})")
+    dims = ParallelDims(world=world, pp=a.pp, ep=a.ep)
     if a.pace_file and world > 1:
         raise ValueError("--pace-file: a followed schedule needs a single process (ranks could read different paces)")
-    if a.pp > 1 and (a.compile or a.activation_checkpointing or precision == "fp8" or a.grad_accum != 1):
-        raise ValueError("--pp > 1 does not combine with --compile, --activation-checkpointing, fp8 or --grad-accum yet")
-    dp_world = world // a.pp
-    if a.ep < 1 or dp_world % a.ep:
-        raise ValueError(f"--ep {a.ep} must divide the data-parallel ranks ({dp_world})")
-    if a.ep > 1 and (a.pp > 1 or a.compile or a.activation_checkpointing or precision == "fp8"):
-        raise ValueError("--ep > 1 does not combine with --pp, --compile, --activation-checkpointing or fp8 yet")
-    dp_rank = rank // a.pp
-    if a.batch_size % (a.grad_accum * dp_world):
-        raise ValueError(f"--batch-size {a.batch_size} must be divisible by grad_accum x data-parallel ranks = "
-                         f"{a.grad_accum * dp_world}")
+    dims.check(compile=a.compile, activation_checkpointing=a.activation_checkpointing, fp8=precision == "fp8",
+               grad_accum=a.grad_accum, batch_size=a.batch_size)
     if a.balance not in ("bias", "aux", "none"):
         raise ValueError(f"--balance: unsupported value {a.balance!r} (bias, aux or none)")
     os.makedirs(a.out, exist_ok=True)
@@ -403,24 +412,14 @@ def train(args: TrainArgs, finetune=None) -> dict:
         fp8_converted, fp8_skipped = convert(model, fp8_config)
         if main:
             _say(format_report(fp8_converted, fp8_skipped))
-    pipe = epar = None
     params_total = model.num_params(include_mtp=True)
     alpha = {"bias": a.seq_aux_alpha, "aux": a.aux_alpha, "none": 0.0}[a.balance]
-    if a.pp > 1:  # keep only this rank's pipeline stages (applied from outside the model)
-        full_cfg = model.config
-        pipe = PipelineTraining(model, a.pp, a.schedule, a.chunks, alpha, a.mtp_lambda, device)
-        dp = DataParallel(model, dp_world, group=pipe.groups.dp_group, broadcast=False)
-    else:
-        if a.ep > 1:  # routed experts sharded over EP groups of ranks (applied from outside the model)
-            full_cfg = model.config
-            epar = dp = ExpertParallelTraining(model, a.ep, device)
-        else:
-            dp = DataParallel(model, world)
-    if a.activation_checkpointing:
-        apply_activation_checkpointing(model)
-    fwd_model = torch.compile(model) if a.compile else model
+    par = parallelize(model, dims, rank, device, grad_accum=a.grad_accum, schedule=a.schedule, chunks=a.chunks,
+                      balance_alpha=alpha, mtp_lambda=a.mtp_lambda,
+                      activation_checkpointing=a.activation_checkpointing, compile=a.compile)
     moes = {n: m for n, m in moe_modules(model).items()  # MTP's experts run only with an MTP loss
             if a.mtp_lambda > 0 or not n.startswith("mtp.")}
+    loss_fn = TrainLoss(moes, alpha, a.mtp_lambda)
 
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # all, or e.g. LoRA adapters
     decay = [p for n, p in trainable if p.dim() >= 2 and "embed_tokens" not in n]
@@ -431,53 +430,32 @@ def train(args: TrainArgs, finetune=None) -> dict:
     if trainer_state:
         if trainer_state.get("pp", 1) != a.pp:
             raise CheckpointError(f"{resume_dir}: written with --pp {trainer_state.get('pp', 1)}; resume with the same --pp")
-        if rank == 0 or pipe is None:
-            opt.load_state_dict(epar.shard_optimizer_state(trainer_state["optimizer"], opt) if epar
-                                else trainer_state["optimizer"])
-        else:
-            opt.load_state_dict(torch.load(os.path.join(resume_dir, f"optim-rank{rank}.pt"), weights_only=True))
+        par.load_optimizer(opt, trainer_state["optimizer"], resume_dir)
         torch.set_rng_state(trainer_state["cpu_rng"])
     skipped_total = trainer_state.get("skipped_steps", 0) if trainer_state else 0
 
     log = MetricsLog(os.path.join(a.out, "metrics.jsonl"), main, start_step if trainer_state else 0)
     if main:
-        layout = f" (pp {a.pp} x dp {dp_world}, {a.schedule}, {pipe.chunks} micro-batches)" if pipe else ""
-        layout += f" (ep {a.ep}: {len(epar.swapped)} MoE layers sharded)" if epar else ""
-        _say(f"nanoseek train: {params_total / 1e6:.2f}M parameters, {world} process(es){layout} on {device}, {precision}, "
-             f"{data_desc}, batch {a.batch_size} x {a.seq_len}, "
-             f"balance={a.balance}, MTP depth {(full_cfg if pipe else model.config).num_nextn_predict_layers}"
+        _say(f"nanoseek train: {params_total / 1e6:.2f}M parameters, {world} process(es){par.describe()} on {device}, "
+             f"{precision}, {data_desc}, batch {a.batch_size} x {a.seq_len}, "
+             f"balance={a.balance}, MTP depth {par.full_config.num_nextn_predict_layers}"
              + (f", resuming from step {start_step}" if trainer_state else ""))
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision in ("bf16", "fp8") else nullcontext())
 
-    def full_model():
-        """The whole model on rank 0 (gathered from the pipeline stages), else None elsewhere."""
-        if pipe is None and epar is None:
-            return model
-        state = (pipe or epar).gather_full_state()
-        if not main:
-            return None
-        with torch.device("meta"):
-            whole = DeepSeekV3(full_cfg)
-        whole.to_empty(device=device)
-        whole.load_state_dict(state, strict=True)
-        whole.rotary.reset_parameters()
-        return whole
-
     def evaluate() -> tuple[float, float]:
-        net, ranks, me = (fwd_model, world, rank) if pipe is None else (full_model(), 1, 0)
+        net, me, ranks = par.eval_model()
         total = torch.zeros(2, device=device, dtype=torch.float64)
         if net is not None:
             net.eval()
             with torch.no_grad():
                 for batch in val_batches.eval_batches(micro_global // ranks, a.eval_batches, me, ranks):
-                    x, y, extra = _on_device(batch, device)
+                    x, y, extra = batch_on_device(batch, device)
                     with autocast:
                         logits = net(x, **extra)
                     total[0] += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").double()
                     total[1] += (y != -100).sum()
             net.train()
-        if pipe is None:
-            all_reduce_sum(total)
+        par.reduce_eval(total)
         val = (total[0] / total[1]).item() if total[1] > 0 else float("nan")
         return val, (bits_per_byte(val, len(val_shard), val_shard.n_bytes) if val_shard is not None else None)
 
@@ -500,50 +478,9 @@ def train(args: TrainArgs, finetune=None) -> dict:
         lr = lr_at(step, a, t0 - t_run, paced)
         for g in opt.param_groups:
             g["lr"] = lr
-        loads = {n: torch.zeros(m.experts.n_experts, device=device) for n, m in moes.items()}
-        sums = torch.zeros(4, device=device, dtype=torch.float64)  # ce, mtp, balance, total
-        for micro in range(a.grad_accum if pipe is None else 0):
-            x, y, extra = _on_device(batches.get(step * a.grad_accum + micro, rank, world), device)
-            with autocast:
-                logits, hidden = fwd_model(x, return_hidden=True, **extra)
-                ce = token_cross_entropy(logits, y)
-                mtp = torch.zeros((), device=device)
-                if len(model.mtp) and a.mtp_lambda > 0:
-                    mtp_logits = model.mtp_forward(hidden, x, **extra)
-                    mtp = a.mtp_lambda / len(model.mtp) * sum(
-                        token_cross_entropy(lg, mtp_targets(y, k, extra.get("segment_ids")))
-                        for k, lg in enumerate(mtp_logits, start=1))
-                bal = torch.zeros((), device=device)
-                if alpha > 0:
-                    bal = sum(sequence_balance_loss(m, x.shape[0], alpha) for m in moes.values())
-                loss = ce + mtp + bal
-            (loss / a.grad_accum).backward()
-            for n, m in moes.items():
-                loads[n] += m.tokens_per_expert.float()
-            sums += torch.stack([ce.detach(), mtp.detach(), bal.detach(), loss.detach()]).double() / a.grad_accum
-        if pipe is None:
-            dp.sync_grads()
-            all_reduce_sum(sums)
-            sums /= world
-            for v in loads.values():
-                all_reduce_sum(v)
-            grad_norm = (epar.clip_grad_norm_(a.grad_clip) if epar else
-                         torch.nn.utils.clip_grad_norm_(model.parameters(), a.grad_clip))
-        else:  # the schedule's op list over this replica's micro-batches
-            x, y = batches.get(step, dp_rank, dp_world)
-            with autocast:
-                sums = pipe.step(x.to(device), y.to(device)).to(device)
-            dp.sync_grads()
-            if dp_world > 1:
-                torch.distributed.all_reduce(sums, group=pipe.groups.dp_group)
-                sums /= dp_world
-            loads = pipe.take_loads()
-            grad_norm = pipe.local_sq_norm().sqrt().float()
-            coef = min(1.0, a.grad_clip / (float(grad_norm) + 1e-6))
-            if coef < 1.0 and bool(torch.isfinite(grad_norm)):
-                for p in model.parameters():
-                    if p.grad is not None:
-                        p.grad.mul_(coef)
+        sums, loads = par.forward_backward(batches, step, loss_fn, autocast)  # ce, mtp, balance, total
+        par.sync_grads()
+        grad_norm = par.clip_grad_norm_(a.grad_clip)
         ok = bool(torch.isfinite(sums).all()) and bool(torch.isfinite(grad_norm))
         if ok:
             opt.step()
@@ -582,27 +519,8 @@ def train(args: TrainArgs, finetune=None) -> dict:
             state = {"skipped_steps": skipped_total, "args": _jsonable(dataclasses.asdict(a)), "pp": a.pp}
             if finetune is not None:
                 state.update(finetune.state(model))
-            if pipe is None and epar is None:
-                if main:
-                    with finetune.saving(model) if finetune is not None else nullcontext():
-                        save_checkpoint(a.out, step + 1, model, opt, tokenizer, state, a.keep_last)
-            elif epar is not None:  # experts and their optimizer moments gathered on rank 0: the full layout
-                whole, full_opt = full_model(), epar.gather_optimizer_state(opt)
-                if main:
-                    save_checkpoint(a.out, step + 1, whole, full_opt, tokenizer, state, a.keep_last)
-            else:  # every rank adds its optimizer state, rank 0 the gathered model, then renames
-                tmp = checkpoint_tmp_dir(a.out, step + 1)
-                if main:
-                    shutil.rmtree(tmp, ignore_errors=True)
-                    os.makedirs(tmp)
-                barrier()
-                if not main:
-                    atomic_torch_save(opt.state_dict(), os.path.join(tmp, f"optim-rank{rank}.pt"))
-                whole = full_model()
-                barrier()
-                if main:
-                    save_checkpoint(a.out, step + 1, whole, opt, tokenizer, state, a.keep_last, fresh=False)
-            barrier()
+            with finetune.saving(model) if finetune is not None else nullcontext():
+                save_parallel_checkpoint(par, a.out, step + 1, opt, tokenizer, state, a.keep_last)
         if pbar is not None:
             pbar.update(1)
             pbar.set_postfix(loss=f"{rec['loss']:.3f}", maxvio=f"{rec['maxvio']:.2f}", tok_s=f"{rec['tokens_per_s']:.0f}")
