@@ -26,18 +26,20 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 from ..engine import Engine, SamplingParams
 from ..io import atomic_write_text
 from ..model import DeepSeekV3
-from ..pace import write_pace
 from ..tasks import Task, evaluate, get_task
 from ..tasks.base import check_all, score_reward
 from ..tasks.evaluate import encode_prompts
 from ..tokenizer import Tokenizer
-from ..train import MetricsLog, _say, cosine_factor, load_trainer_state, resume_point, save_checkpoint
+from ..train.checkpointing import load_trainer_state, resume_point, save_checkpoint
+from ..train.metrics import MetricsLog, plot_grpo, say as _say
+from ..train.schedule import grpo_lr
 from .objective import LOSS_TYPES, group_advantages, policy_loss, token_weights
 
 
@@ -81,7 +83,6 @@ class GRPOArgs:
     save_every: int = 0  # also checkpoint (model, optimizer, counters) every N steps; 0: only the final model
     keep_last: int = 2
     resume: bool = False  # continue from the newest checkpoint in out/checkpoints (exact: same rollouts)
-    pace_file: str | None = None  # write the run's progress here each step, for a job following it (nanoseek/pace.py)
     overlap: bool = False  # CPU: sample step t+1's rollouts during step t's update (one step off-policy)
     json: bool = False
     progress: bool = True
@@ -172,8 +173,10 @@ class Rollouts:
     gen_s: float
 
 
-def grpo(args: GRPOArgs, model=None, tokenizer=None) -> dict:
-    """Run GRPO from args.model (or the given model/tokenizer); returns the final summary."""
+def grpo(args: GRPOArgs, model=None, tokenizer=None, on_step: Callable[[float], None] | None = None) -> dict:
+    """Run GRPO from args.model (or the given model/tokenizer); returns the final summary.
+    `on_step(progress)` is called after every step with the share of the run done (e.g. for a job
+    that follows this one's clock)."""
     a = args.validate()
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     precision = a.precision or ("bf16" if device.type == "cuda" else "fp32")
@@ -255,13 +258,8 @@ def grpo(args: GRPOArgs, model=None, tokenizer=None) -> dict:
     def update(ro: Rollouts, step: int) -> tuple[dict, float, float]:
         """The policy update(s) on one batch of rollouts -> (stats of the first pass, grad norm, lr)."""
         model.train()
-        # linear warm-up (its own arithmetic, not train.lr_at's: the recorded runs' lrs bit for bit)
-        lr = a.lr * min(1.0, (step + 1) / max(1, a.warmup_steps))
-        if a.min_lr_ratio != 1.0 and step >= a.warmup_steps:  # then cosine decay over the rest of the run
-            progress = (step - a.warmup_steps) / max(1, a.max_steps - a.warmup_steps)
-            if a.max_seconds:
-                progress = max(progress, loop_s / a.max_seconds)
-            lr = a.lr * cosine_factor(progress, a.min_lr_ratio)
+        lr = grpo_lr(step, a.lr, a.warmup_steps, a.max_steps, a.min_lr_ratio,
+                     loop_s / a.max_seconds if a.max_seconds else None)
         for g in opt.param_groups:
             g["lr"] = lr
         stats = {"clip_fraction": 0.0, "kl": 0.0, "entropy": float("nan"), "loss": 0.0}
@@ -359,8 +357,8 @@ def grpo(args: GRPOArgs, model=None, tokenizer=None) -> dict:
                    "gen_s": ro.gen_s, "step_s": dt, "rollout_tokens_per_s": n_tokens / max(ro.gen_s, 1e-9),
                    "elapsed_s": loop_s}
             log.write(rec)
-            if a.pace_file:
-                write_pace(a.pace_file, max(step / a.max_steps, loop_s / a.max_seconds if a.max_seconds else 0.0))
+            if on_step is not None:
+                on_step(max(step / a.max_steps, loop_s / a.max_seconds if a.max_seconds else 0.0))
             if pbar is not None:
                 pbar.update(1)
                 pbar.set_postfix(reward=f"{rec['reward_mean']:.3f}", acc=f"{rec['accuracy']:.2f}",
@@ -395,39 +393,3 @@ def grpo(args: GRPOArgs, model=None, tokenizer=None) -> dict:
     if a.json:
         print(json.dumps(summary), flush=True)
     return summary
-
-
-def plot_grpo(out: str) -> list[str]:
-    """grpo.png: reward and accuracy, completion length, KL and clip fraction, entropy per step."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return []
-    recs = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl")) if line.strip()]
-    tr = [r for r in recs if "reward_mean" in r]
-    ev = [r for r in recs if "eval_accuracy" in r]
-    if not tr:
-        return []
-    steps = [r["step"] for r in tr]
-    fig, axes = plt.subplots(2, 2, figsize=(10, 6))
-    ax = axes[0][0]
-    ax.plot(steps, [r["reward_mean"] for r in tr], lw=1, label="reward (mean)")
-    ax.plot(steps, [r["accuracy"] for r in tr], lw=1, label="rollout accuracy")
-    if ev:
-        ax.plot([r["step"] for r in ev], [r["eval_accuracy"] for r in ev], "o-", label=f"held-out ({ev[0].get('eval_split', 'test')}) greedy accuracy")
-    ax.set_title("reward"), ax.legend(fontsize=7), ax.grid(alpha=0.3)
-    axes[0][1].plot(steps, [r["completion_length"] for r in tr], lw=1)
-    axes[0][1].set_title("completion length (tokens)"), axes[0][1].grid(alpha=0.3)
-    axes[1][0].plot(steps, [r["kl"] for r in tr], lw=1, label="KL (k3)")
-    axes[1][0].plot(steps, [r["clip_fraction"] for r in tr], lw=1, label="clip fraction")
-    axes[1][0].legend(fontsize=7), axes[1][0].grid(alpha=0.3), axes[1][0].set_xlabel("step")
-    axes[1][1].plot(steps, [r["entropy"] for r in tr], lw=1)
-    axes[1][1].set_title("entropy (nats/token)"), axes[1][1].grid(alpha=0.3), axes[1][1].set_xlabel("step")
-    fig.tight_layout()
-    path = os.path.join(out, "grpo.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path]
-
