@@ -46,6 +46,73 @@ def lr_at(step: int, a: TrainArgs, elapsed: float = 0.0, paced: float = 0.0) -> 
                        elapsed / a.max_seconds if a.max_seconds else None, paced)
 
 
+def load_data(a: TrainArgs, main: bool, resume_dir: str | None, finetune=None):
+    """The tokenizer (the checkpoint's, a given one, or one trained on the data) and the train and
+    validation batch sources (token shards prepared once, by rank 0, behind a barrier; or the
+    fine-tuning task's own) -> (tokenizer, batches, val_batches, val_shard or None, description)."""
+    if not a.data:
+        raise ValueError("--data: give at least one text file, folder or .jsonl")
+    # a folder that `prepare` already filled (meta.json + shards, and its tokenizer) is used as is
+    prepared = a.data[0] if len(a.data) == 1 and os.path.isfile(os.path.join(a.data[0], "meta.json")) else None
+    tok_dir = resume_dir or a.tokenizer or (a.out if os.path.exists(os.path.join(a.out, "tokenizer.json")) else None)
+    if tok_dir is None and prepared and os.path.exists(os.path.join(prepared, "tokenizer.json")):
+        tok_dir = prepared
+    if tok_dir is None:
+        if main:
+            cfg0 = ModelConfig.from_pretrained(a.model) if a.model else ModelConfig.from_preset(a.preset)
+            vocab = a.vocab_size or cfg0.vocab_size
+            say(f"training a byte-level BPE tokenizer ({vocab} tokens) on {', '.join(a.data)}")
+            train_bpe(_sample_texts(a.data), vocab).save(a.out)
+        barrier()
+        tok_dir = a.out
+    tokenizer = Tokenizer.from_dir(tok_dir)
+    micro_global = a.batch_size // a.grad_accum
+    if finetune is not None:  # fine-tuning brings its own batches (packed chat examples), no token shards
+        batches, val_batches, data_desc = finetune.batches(tokenizer, a, micro_global, main)
+        val_shard = None
+    elif prepared:
+        info = {"train": os.path.join(prepared, "train.bin"), "val": os.path.join(prepared, "val.bin")}
+    else:
+        data_dir = os.path.join(a.out, "data")
+        if main:
+            info = prepare(a.data, data_dir, tokenizer, val_fraction=a.val_fraction)
+        barrier()
+        if not main:
+            info = prepare(a.data, data_dir, tokenizer, val_fraction=a.val_fraction)
+    if finetune is None:
+        train_shard, val_shard = TokenShard(info["train"]), TokenShard(info["val"])
+        batches = Batches(train_shard, a.seq_len, micro_global, seed=a.seed)
+        val_batches = Batches(val_shard, a.seq_len, micro_global, seed=a.seed)
+        data_desc = f"{len(train_shard):,} train / {len(val_shard):,} val tokens"
+    return tokenizer, batches, val_batches, val_shard, data_desc
+
+
+def build_model(a: TrainArgs, tokenizer, resume_dir: str | None, device) -> DeepSeekV3:
+    """The checkpoint to resume, the model to start from, or a fresh preset (its vocabulary grown to
+    the tokenizer's), in fp32 master weights."""
+    if resume_dir:
+        return DeepSeekV3.from_pretrained(resume_dir, dtype=torch.float32, device=device)
+    if a.model:
+        return DeepSeekV3.from_pretrained(a.model, dtype=torch.float32, device=device)
+    overrides = {}
+    if a.mtp_depth is not None:
+        overrides["num_nextn_predict_layers"] = a.mtp_depth
+    cfg = ModelConfig.from_preset(a.preset, **{**(a.overrides or {}), **overrides})
+    if tokenizer.vocab_size > cfg.vocab_size:
+        cfg = cfg.replace(vocab_size=tokenizer.vocab_size)
+    return DeepSeekV3.from_config(cfg, device=device, seed=a.seed)
+
+
+def adamw(model, a: TrainArgs, device) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters; no weight decay on vectors and the embedding."""
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # all, or e.g. LoRA adapters
+    decay = [p for n, p in trainable if p.dim() >= 2 and "embed_tokens" not in n]
+    no_decay = [p for n, p in trainable if not (p.dim() >= 2 and "embed_tokens" not in n)]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": a.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}],
+                             lr=a.lr, betas=(a.beta1, a.beta2), fused=device.type == "cuda")
+
+
 def train(args: TrainArgs, finetune=None, follow: Callable[[], float] | None = None) -> dict:
     """Pretraining, or fine-tuning when `finetune` (e.g. `sft.SFTTask`) plugs into the same loop:
     `finetune.batches(tokenizer, args, micro_global, main)` -> (train, val, description) batch
@@ -90,55 +157,9 @@ def train(args: TrainArgs, finetune=None, follow: Callable[[], float] | None = N
                 print(json.dumps(summary), flush=True)
         return summary
 
-    # --- tokenizer and data (prepared once, by rank 0, behind a barrier)
-    if not a.data:
-        raise ValueError("--data: give at least one text file, folder or .jsonl")
-    # a folder that `prepare` already filled (meta.json + shards, and its tokenizer) is used as is
-    prepared = a.data[0] if len(a.data) == 1 and os.path.isfile(os.path.join(a.data[0], "meta.json")) else None
-    tok_dir = resume_dir or a.tokenizer or (a.out if os.path.exists(os.path.join(a.out, "tokenizer.json")) else None)
-    if tok_dir is None and prepared and os.path.exists(os.path.join(prepared, "tokenizer.json")):
-        tok_dir = prepared
-    if tok_dir is None:
-        if main:
-            cfg0 = ModelConfig.from_pretrained(a.model) if a.model else ModelConfig.from_preset(a.preset)
-            vocab = a.vocab_size or cfg0.vocab_size
-            say(f"training a byte-level BPE tokenizer ({vocab} tokens) on {', '.join(a.data)}")
-            train_bpe(_sample_texts(a.data), vocab).save(a.out)
-        barrier()
-        tok_dir = a.out
-    tokenizer = Tokenizer.from_dir(tok_dir)
+    tokenizer, batches, val_batches, val_shard, data_desc = load_data(a, main, resume_dir, finetune)
     micro_global = a.batch_size // a.grad_accum
-    if finetune is not None:  # fine-tuning brings its own batches (packed chat examples), no token shards
-        batches, val_batches, data_desc = finetune.batches(tokenizer, a, micro_global, main)
-        train_shard = val_shard = None
-    elif prepared:
-        info = {"train": os.path.join(prepared, "train.bin"), "val": os.path.join(prepared, "val.bin")}
-    else:
-        data_dir = os.path.join(a.out, "data")
-        if main:
-            info = prepare(a.data, data_dir, tokenizer, val_fraction=a.val_fraction)
-        barrier()
-        if not main:
-            info = prepare(a.data, data_dir, tokenizer, val_fraction=a.val_fraction)
-    if finetune is None:
-        train_shard, val_shard = TokenShard(info["train"]), TokenShard(info["val"])
-        batches = Batches(train_shard, a.seq_len, micro_global, seed=a.seed)
-        val_batches = Batches(val_shard, a.seq_len, micro_global, seed=a.seed)
-        data_desc = f"{len(train_shard):,} train / {len(val_shard):,} val tokens"
-
-    # --- model
-    if resume_dir:
-        model = DeepSeekV3.from_pretrained(resume_dir, dtype=torch.float32, device=device)
-    elif a.model:
-        model = DeepSeekV3.from_pretrained(a.model, dtype=torch.float32, device=device)
-    else:
-        overrides = {}
-        if a.mtp_depth is not None:
-            overrides["num_nextn_predict_layers"] = a.mtp_depth
-        cfg = ModelConfig.from_preset(a.preset, **{**(a.overrides or {}), **overrides})
-        if tokenizer.vocab_size > cfg.vocab_size:
-            cfg = cfg.replace(vocab_size=tokenizer.vocab_size)
-        model = DeepSeekV3.from_config(cfg, device=device, seed=a.seed)
+    model = build_model(a, tokenizer, resume_dir, device)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the model only {model.config.vocab_size}")
     model.train()
@@ -157,12 +178,7 @@ def train(args: TrainArgs, finetune=None, follow: Callable[[], float] | None = N
             if a.mtp_lambda > 0 or not n.startswith("mtp.")}
     loss_fn = TrainLoss(moes, alpha, a.mtp_lambda)
 
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # all, or e.g. LoRA adapters
-    decay = [p for n, p in trainable if p.dim() >= 2 and "embed_tokens" not in n]
-    no_decay = [p for n, p in trainable if not (p.dim() >= 2 and "embed_tokens" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": a.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}],
-                            lr=a.lr, betas=(a.beta1, a.beta2), fused=device.type == "cuda")
+    opt = adamw(model, a, device)
     if trainer_state:
         if trainer_state.get("pp", 1) != a.pp:
             raise CheckpointError(f"{resume_dir}: written with --pp {trainer_state.get('pp', 1)}; resume with the same --pp")
