@@ -1,14 +1,14 @@
 """Pace files: one job tells another how far along it is, so the second can run alongside it for
 the same time (the quickstart's control trains while GRPO runs, on the other CPU core).
 
-The leading job writes its progress, a fraction in [0, 1], after every step; the following job
-reads it before every step, uses it as the least progress of its learning-rate schedule (so its
-cosine decays with the leader's clock) and stops when it reaches 1. Written atomically (a rename),
-so a reader never sees half a number.
+The quickstart wires it: GRPO's `on_step` callback writes its progress, a fraction in [0, 1],
+after every step; the control's `train(follow=...)` reads it before every step, uses it as the
+least progress of its learning-rate schedule (so its cosine decays with the leader's clock) and
+stops when it reaches 1. The training loops know nothing of files or sibling processes. Written
+atomically (a rename), so a reader never sees half a number.
 """
 
 from __future__ import annotations
-
 
 from .io import atomic_write_text
 

@@ -29,7 +29,7 @@ from .data import resolve_sources
 from .engine import Engine
 from .io import atomic_write_text
 from .model import DeepSeekV3
-from .pace import write_pace
+from .pace import read_pace, write_pace
 from .rl import GRPOArgs, grpo
 from .store import Store
 from .tasks import evaluate, get_task
@@ -157,10 +157,13 @@ def rl_args(rc: Recipe, model_dir: str, out: str, seed: int, eval_problems: int,
 
 def control_train(spec: dict) -> dict:
     """The control's training: more supervised training from the pretrained checkpoint (for
-    `max_seconds`, or for as long as the job behind `pace_file` runs)."""
+    `max_seconds`, or for as long as the job writing `pace_file` runs: its lr schedule follows
+    that job's progress and it stops when that reaches 1, nanoseek/pace.py)."""
+    pace_file = spec["pace_file"]
     return train(TrainArgs(data=[spec["data"]], out=spec["out"], model=spec["model"], lr=spec["lr"], warmup_steps=50,
                            min_lr_ratio=0.1, max_steps=100_000, max_seconds=spec.get("max_seconds"),
-                           pace_file=spec["pace_file"], seed=spec["seed"], **spec["common"]))
+                           seed=spec["seed"], **spec["common"]),
+                 follow=(lambda: read_pace(pace_file)) if pace_file else None)
 
 
 def _control_job(spec: dict) -> dict:
@@ -296,8 +299,9 @@ def quickstart(out: str = "runs/quickstart", recipe: Recipe | None = None, contr
         _log(f"GRPO for {_budget(rc.rl_steps, rc.rl_seconds)} (rule-based reward, no demonstrations"
              + ("; each step's rollouts sampled during the previous update)" if overlap else ")"))
     try:
-        rl = grpo(rl_args(rc, pre_dir, rl_dir, seed, eval_problems, progress=progress, device=device,
-                          pace_file=ctl_spec["pace_file"], overlap=overlap))
+        pace_file = ctl_spec["pace_file"]  # GRPO's progress after every step, for the control to follow
+        rl = grpo(rl_args(rc, pre_dir, rl_dir, seed, eval_problems, progress=progress, device=device, overlap=overlap),
+                  on_step=(lambda progress: write_pace(pace_file, progress)) if pace_file else None)
         if proc is not None:
             write_pace(ctl_spec["pace_file"], 1.0)  # the control stops at its next step
             if not proc.is_alive() and proc.exitcode != 0:  # say so now, not after GRPO's evaluation

@@ -123,7 +123,7 @@ def test_bias_update_balances_skewed_router():
 
 
 def test_mtp_loss_trained_and_nan_guard(tmp_path, text_file, monkeypatch):
-    import nanoseek.train as tr
+    import nanoseek.train.loop as tr
     real = tr.F.cross_entropy
     calls = {"n": 0}
 
@@ -231,8 +231,35 @@ def test_pace_file_drives_the_schedule_and_stops_training(tmp_path, text_file):
     assert lr_at(0, a, 0.0, paced=0.5) == pytest.approx(1e-4 + 0.9e-3 * 0.5)
     write_pace(pace, 1.0)
     s = train(TrainArgs(data=[text_file], out=str(tmp_path / "run"), max_steps=1000, batch_size=2, seq_len=32,
-                        vocab_size=512, eval_batches=1, progress=False, pace_file=pace))
+                        vocab_size=512, eval_batches=1, progress=False), follow=lambda: read_pace(pace))
     assert s["step"] == 1  # the leader was done before the first step ended
     (tmp_path / "bad.pace").write_text("half\n")
     with pytest.raises(ValueError, match="bad.pace"):
         read_pace(str(tmp_path / "bad.pace"))
+
+
+def test_the_two_lr_schedules_are_pinned():
+    """Pretraining's and GRPO's warm-up + cosine formulas, each at its own steps, exactly: the same
+    function on paper, rounded differently in the last bit at some steps (both kept, so recorded
+    runs of each loop reproduce bit for bit)."""
+    import math
+    from nanoseek.train.schedule import cosine_factor, grpo_lr, pretrain_lr
+    lr, warm, total, ratio = 3e-3, 7, 20, 0.1
+    for step in range(total):
+        if step < warm:
+            want = lr * (step + 1) / warm
+        else:
+            want = lr * (ratio + (1 - ratio) * 0.5 * (1 + math.cos(math.pi * min((step - warm) / (total - warm), 1.0))))
+        assert pretrain_lr(step, lr, warm, total, ratio) == want, step
+        g = lr * min(1.0, (step + 1) / warm)
+        if step >= warm:
+            g = lr * cosine_factor((step - warm) / (total - warm), ratio)
+        assert grpo_lr(step, lr, warm, total, ratio) == g, step
+    differ = [s for s in range(warm) if pretrain_lr(s, lr, warm, total, ratio) != grpo_lr(s, lr, warm, total, ratio)]
+    assert differ  # the reason both formulas are kept
+    assert grpo_lr(3, lr, warm, total, 1.0) == lr * min(1.0, 4 / warm) and grpo_lr(15, lr, warm, total, 1.0) == lr
+    # the larger of step progress, the time budget's share and a followed job's progress
+    assert pretrain_lr(8, lr, warm, total, ratio, time_fraction=0.5) == lr * cosine_factor(0.5, ratio)
+    assert pretrain_lr(8, lr, warm, total, ratio, time_fraction=0.2, least_progress=0.7) == lr * cosine_factor(0.7, ratio)
+    assert grpo_lr(8, lr, warm, total, ratio, time_fraction=0.6) == lr * cosine_factor(0.6, ratio)
+    assert pretrain_lr(0, lr, 100, 1, ratio) == lr * cosine_factor(0.0, ratio)  # max_steps 1: no warm-up

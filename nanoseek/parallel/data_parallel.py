@@ -1,13 +1,17 @@
 """Data parallelism: every rank holds the whole model, sees its slice of the global batch, and
 gradients are averaged over ranks before the optimizer step. Equivalent to DDP's math, written
 as one bucketed all-reduce so that experts which received no tokens on some rank (and so have
-no gradient there) need no special casing."""
+no gradient there) need no special casing. `DataParallelTraining` is the training loop's view of
+it (nanoseek/parallel/interface.py)."""
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+
+from .dims import ParallelDims
+from .interface import SingleProcess
 
 
 class DataParallel:
@@ -43,3 +47,14 @@ class DataParallel:
                 n = p.numel()
                 p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
                 offset += n
+
+
+class DataParallelTraining(SingleProcess):
+    """W replicas of the whole model, each on its slice of the global batch; gradients averaged."""
+
+    def __init__(self, model, dims: ParallelDims, rank: int, device, grad_accum: int = 1):
+        super().__init__(model, dims, rank, device, grad_accum)
+        self.averager = DataParallel(model, dims.world)
+
+    def sync_grads(self) -> None:
+        self.averager.sync_grads()

@@ -21,13 +21,21 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from torch.distributed.device_mesh import init_device_mesh
+
+from .dims import ParallelDims
 from .expert_parallel import apply_expert_parallel, expert_parallel_modules
+from .interface import SingleProcess, model_from_state
 
 
-class ExpertParallelTraining:
-    def __init__(self, model: nn.Module, ep: int, device: torch.device):
-        from torch.distributed.device_mesh import init_device_mesh
+class ExpertParallelTraining(SingleProcess):
+    """The replicated micro-batch loop of `SingleProcess` over a model whose routed experts are
+    sharded; gradients, clipping and checkpoints as the module docstring says."""
+
+    def __init__(self, model: nn.Module, ep: int, device: torch.device, dims: ParallelDims | None = None,
+                 grad_accum: int = 1):
         world = dist.get_world_size()
+        super().__init__(model, dims or ParallelDims(world=world, ep=ep), dist.get_rank(), device, grad_accum)
         if ep < 1 or world % ep:
             raise ValueError(f"--ep {ep} must divide the number of data-parallel processes ({world})")
         self.model, self.ep, self.world = model, ep, world
@@ -136,6 +144,23 @@ class ExpertParallelTraining:
                     st[key] = v[m.first:m.first + m.n_local].clone()
             state[i] = st
         return {**sd, "state": state}
+
+    # ------------------------------------------------------------------ the Parallel interface
+    def describe(self) -> str:
+        return f" (ep {self.ep}: {len(self.swapped)} MoE layers sharded)"
+
+    def full_state(self) -> dict | None:
+        return self.gather_full_state()
+
+    def full_model(self) -> nn.Module | None:
+        return model_from_state(self.full_config, self.gather_full_state(), self.device)
+
+    def save_optimizer(self, opt: torch.optim.Optimizer, ckpt_dir: str) -> dict | None:
+        """Expert moments gathered: the full model's optimizer state (a run resumes at any EP size)."""
+        return self.gather_optimizer_state(opt)
+
+    def load_optimizer(self, opt: torch.optim.Optimizer, saved: dict, ckpt_dir: str) -> None:
+        opt.load_state_dict(self.shard_optimizer_state(saved, opt))
 
 
 def _all_reduce_flat(params: list[torch.Tensor], group, divisor: int) -> None:

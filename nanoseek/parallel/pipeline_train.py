@@ -13,7 +13,12 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from ..io import atomic_torch_save
 from ..model import MoE
+from .data_parallel import DataParallel
+from .dims import ParallelDims
+from .dist import barrier
+from .interface import Parallel, load_rank_optimizer, model_from_state, rank_optimizer_path
 from .pipeline import PipelineExecutor, SharedGrads, split_deepseek
 from .schedules import ScheduleError, build_schedule, default_chunks
 
@@ -46,13 +51,20 @@ def moe_names(cfg) -> list[str]:
     return names
 
 
-class PipelineTraining:
+class PipelineTraining(Parallel):
+    """This rank's stages of a pp x dp layout behind the Parallel interface: one step is the
+    schedule's op list, clipping uses the norm summed over the pipeline, validation and
+    checkpoints see the stages gathered into a whole model on rank 0, and every rank keeps its own
+    optimizer file (the stages' parameters differ)."""
+
     def __init__(self, model, pp: int, schedule: str, chunks: int | None, balance_alpha: float,
-                 mtp_lambda: float, device):
+                 mtp_lambda: float, device, dims: ParallelDims | None = None):
+        super().__init__(model, dims or ParallelDims(world=dist.get_world_size(), pp=pp), dist.get_rank(), device)
         self.cfg = model.config
         self.groups = PipelineGroups(pp)
         self.chunks = chunks or default_chunks(schedule, pp)
         self.schedule = build_schedule(schedule, pp, self.chunks)  # validates before any communication
+        self.schedule_name = schedule
         if self.schedule.num_model_stages > self.cfg.num_hidden_layers:
             raise ScheduleError(f"{self.schedule.num_model_stages} pipeline stages but only "
                                 f"{self.cfg.num_hidden_layers} layers")
@@ -71,6 +83,7 @@ class PipelineTraining:
         self.loads = {n: torch.zeros(self.cfg.n_routed_experts, device=device) for n in self.moe_names}
         self._hooks = [m.register_forward_hook(self._count(n)) for n, m in model.named_modules()
                        if isinstance(m, MoE)]
+        self.averager = DataParallel(model, self.groups.dp, group=self.groups.dp_group, broadcast=False)
 
     def _count(self, name):
         def hook(module, inputs, output):
@@ -138,3 +151,57 @@ class PipelineTraining:
         for part in everyone:
             full.update(part)
         return full
+
+    # ------------------------------------------------------------------ the Parallel interface
+    def describe(self) -> str:
+        return f" (pp {self.groups.pp} x dp {self.groups.dp}, {self.schedule_name}, {self.chunks} micro-batches)"
+
+    def forward_backward(self, batches, step, loss, autocast):
+        """The schedule over this replica's slice of the global batch (`loss` is unused: the last
+        stage's criterion computes the same objective)."""
+        x, y = batches.get(step, self.groups.dp_rank, self.groups.dp)
+        with autocast:
+            sums = self.step(x.to(self.device), y.to(self.device)).to(self.device)
+        if self.groups.dp > 1:
+            dist.all_reduce(sums, group=self.groups.dp_group)
+            sums /= self.groups.dp
+        return sums, self.take_loads()
+
+    def sync_grads(self) -> None:
+        self.averager.sync_grads()
+
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        grad_norm = self.local_sq_norm().sqrt().float()
+        coef = min(1.0, max_norm / (float(grad_norm) + 1e-6))
+        if coef < 1.0 and bool(torch.isfinite(grad_norm)):
+            for p in self.model.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(coef)
+        return grad_norm
+
+    def eval_model(self):
+        """The gathered whole model on rank 0 runs all of validation; the other ranks wait."""
+        return self.full_model(), 0, 1
+
+    def reduce_eval(self, total: torch.Tensor) -> None:
+        pass
+
+    def full_state(self) -> dict | None:
+        return self.gather_full_state()
+
+    def full_model(self):
+        return model_from_state(self.full_config, self.gather_full_state(), self.device)
+
+    def save_optimizer(self, opt, ckpt_dir: str) -> dict | None:
+        """Rank 0's state goes into trainer.pt, every other rank's into optim-rank{R}.pt beside it."""
+        barrier()  # rank 0 has created ckpt_dir
+        if not self.main:
+            atomic_torch_save(opt.state_dict(), rank_optimizer_path(ckpt_dir, self.rank))
+            return None
+        return opt.state_dict()
+
+    def load_optimizer(self, opt, saved: dict, ckpt_dir: str) -> None:
+        if self.main:
+            opt.load_state_dict(saved)
+        else:
+            load_rank_optimizer(opt, ckpt_dir, self.rank)

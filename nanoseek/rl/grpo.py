@@ -8,11 +8,13 @@ entropy, informative and zero-variance groups and truncations to metrics.jsonl, 
 grpo.png. `--max-seconds` bounds the loop's wall time (evaluations excluded), so a run can be
 compared with the same time spent another way.
 
-`--overlap` (CPU): the next step's rollouts are sampled on half of the threads while the policy
-update runs on the other half, from a copy of the weights one step old (one-step off-policy, as in
-asynchronous RL trainers); the importance ratio then uses the log-probs the sampler drew each token
-with (temperature applied) as pi_old, so the clipped objective corrects for the lag. A step costs
-about max(rollouts, update) instead of their sum.
+`GRPOTrainer` holds the run's state (policy, sampler, optimizer, problem stream, counters) and
+has one method per phase, TRL's shape: `rollout(step, problems)` samples and scores a batch,
+`update(batch, step)` is the policy update on it. nanoseek/rl/overlap.py schedules them: one
+after the other, or with `--overlap` (CPU) the next step's rollouts sampled during this step's
+update from a copy of the weights one step old (one-step off-policy); the importance ratio then
+uses the log-probs the sampler drew each token with (temperature applied) as pi_old, so the
+clipped objective corrects for the lag.
 """
 
 from __future__ import annotations
@@ -23,22 +25,24 @@ import math
 import os
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 from ..engine import Engine, SamplingParams
 from ..io import atomic_write_text
 from ..model import DeepSeekV3
-from ..pace import write_pace
 from ..tasks import Task, evaluate, get_task
 from ..tasks.base import check_all, score_reward
 from ..tasks.evaluate import encode_prompts
 from ..tokenizer import Tokenizer
-from ..train import MetricsLog, _say, cosine_factor, load_trainer_state, resume_point, save_checkpoint
+from ..train.checkpointing import load_trainer_state, resume_point, save_checkpoint
+from ..train.metrics import MetricsLog, plot_grpo, say
+from ..train.schedule import grpo_lr
 from .objective import LOSS_TYPES, group_advantages, policy_loss, token_weights
+from .overlap import run_steps
 
 
 @dataclass
@@ -81,7 +85,6 @@ class GRPOArgs:
     save_every: int = 0  # also checkpoint (model, optimizer, counters) every N steps; 0: only the final model
     keep_last: int = 2
     resume: bool = False  # continue from the newest checkpoint in out/checkpoints (exact: same rollouts)
-    pace_file: str | None = None  # write the run's progress here each step, for a job following it (nanoseek/pace.py)
     overlap: bool = False  # CPU: sample step t+1's rollouts during step t's update (one step off-policy)
     json: bool = False
     progress: bool = True
@@ -172,75 +175,76 @@ class Rollouts:
     gen_s: float
 
 
-def grpo(args: GRPOArgs, model=None, tokenizer=None) -> dict:
-    """Run GRPO from args.model (or the given model/tokenizer); returns the final summary."""
-    a = args.validate()
-    device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    precision = a.precision or ("bf16" if device.type == "cuda" else "fp32")
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
-    threads = torch.get_num_threads()
-    if a.overlap and (device.type != "cpu" or precision != "fp32" or threads < 2):
-        raise ValueError(f"--overlap: for CPU runs in fp32 on 2+ threads (rollouts and updates on separate cores, "
-                         f"the sampler's log-probs as pi_old); got {device.type}, {precision}, {threads} thread(s)")
-    torch.manual_seed(a.seed)
-    resume_dir = resume_point(a.out, a.resume, quiet=not a.progress)
-    if model is None:
-        model = DeepSeekV3.from_pretrained(a.model, dtype=torch.float32, device=device)
-    tokenizer = tokenizer or Tokenizer.from_dir(a.model)
-    task = a.task if isinstance(a.task, Task) else get_task(a.task, a.task_data)
-    eps_high = a.eps_high if a.eps_high is not None else (0.28 if a.loss == "dapo" else a.eps)
-    ref = copy.deepcopy(model).eval().requires_grad_(False) if a.beta > 0 else None  # the starting policy
-    state = load_trainer_state(resume_dir) if resume_dir else None
-    if resume_dir:
-        model.load_state_dict(DeepSeekV3.from_pretrained(resume_dir, dtype=torch.float32, device=device).state_dict())
-    os.makedirs(a.out, exist_ok=True)
+class GRPOTrainer:
+    """One GRPO run's state and its phases. Built from `args` (and optionally a model and tokenizer
+    already in memory); resumes from the newest checkpoint in args.out when args.resume."""
 
-    stream = task.stream(seed=a.seed)
-    for _ in range(state["step"] * a.prompts_per_step if state else 0):  # the problems already trained on
-        next(stream)
-    first = [next(stream) for _ in range(a.prompts_per_step)]
-    longest = max(len(p) for p in encode_prompts(tokenizer, first, a.chat))
-    # overlap: the sampler works on its own copy of the weights, refreshed after every update
-    sampler = copy.deepcopy(model).eval().requires_grad_(False) if a.overlap else model
-    engine = Engine(sampler, tokenizer, max_context=2 * longest + a.max_new_tokens + 8,
-                    max_batch=a.prompts_per_step * a.group_size, device=device)
-    eval_split = "val" if task.has_split("val") else "test"  # settings are compared on val where there is one
-    eval_set = task.problems(eval_split, a.eval_problems) if a.eval_every else []
+    def __init__(self, args: GRPOArgs, model=None, tokenizer=None):
+        a = self.args = args.validate()
+        device = self.device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        precision = a.precision or ("bf16" if device.type == "cuda" else "fp32")
+        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+        self.threads = torch.get_num_threads()
+        if a.overlap and (device.type != "cpu" or precision != "fp32" or self.threads < 2):
+            raise ValueError(f"--overlap: for CPU runs in fp32 on 2+ threads (rollouts and updates on separate cores, "
+                             f"the sampler's log-probs as pi_old); got {device.type}, {precision}, {self.threads} thread(s)")
+        torch.manual_seed(a.seed)
+        self.resume_dir = resume_point(a.out, a.resume, quiet=not a.progress)
+        if model is None:
+            model = DeepSeekV3.from_pretrained(a.model, dtype=torch.float32, device=device)
+        self.model = model
+        self.tokenizer = tokenizer = tokenizer or Tokenizer.from_dir(a.model)
+        self.task = a.task if isinstance(a.task, Task) else get_task(a.task, a.task_data)
+        self.eps_high = a.eps_high if a.eps_high is not None else (0.28 if a.loss == "dapo" else a.eps)
+        self.ref = copy.deepcopy(model).eval().requires_grad_(False) if a.beta > 0 else None  # the starting policy
+        state = self.resumed = load_trainer_state(self.resume_dir) if self.resume_dir else None
+        if self.resume_dir:
+            model.load_state_dict(DeepSeekV3.from_pretrained(self.resume_dir, dtype=torch.float32,
+                                                             device=device).state_dict())
+        os.makedirs(a.out, exist_ok=True)
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=a.lr, betas=(a.beta1, a.beta2), weight_decay=a.weight_decay,
-                            fused=device.type == "cuda")
-    if state:
-        opt.load_state_dict(state["optimizer"])
-    log = MetricsLog(os.path.join(a.out, "metrics.jsonl"), True, state["step"] if state else 0)
-    half = threads // 2  # overlap: the sampler's threads; the update keeps the rest
-    _say(f"nanoseek grpo: {model.num_params() / 1e6:.2f}M parameters on {device}, task {a.task}, "
-         f"{a.prompts_per_step} prompts x {a.group_size} samples, loss {a.loss}, lr {a.lr:g}, beta {a.beta:g}, "
-         f"T {a.temperature:g}, reward {a.reward}"
-         + (f"; rollouts overlapped with updates ({half} + {threads - half} threads)" if a.overlap else ""),
-         quiet=not a.progress)
-    pbar = None
-    if a.progress:
-        from tqdm import tqdm
-        pbar = tqdm(total=a.max_steps, desc="grpo", dynamic_ncols=True, file=sys.stderr, disable=None)
+        self.stream = self.task.stream(seed=a.seed)
+        for _ in range(state["step"] * a.prompts_per_step if state else 0):  # the problems already trained on
+            next(self.stream)
+        self.pending = [next(self.stream) for _ in range(a.prompts_per_step)]
+        longest = max(len(p) for p in encode_prompts(tokenizer, self.pending, a.chat))
+        # overlap: the sampler works on its own copy of the weights, refreshed after every update
+        self.sampler = copy.deepcopy(model).eval().requires_grad_(False) if a.overlap else model
+        self.engine = Engine(self.sampler, tokenizer, max_context=2 * longest + a.max_new_tokens + 8,
+                             max_batch=a.prompts_per_step * a.group_size, device=device)
+        self.eval_split = "val" if self.task.has_split("val") else "test"  # settings are compared on val where there is one
+        self.eval_set = self.task.problems(self.eval_split, a.eval_problems) if a.eval_every else []
 
-    def run_eval(step: int) -> None:
-        model.eval()
-        res = evaluate(engine, task, eval_set, k=0, max_new_tokens=a.max_new_tokens, chat=a.chat)
-        log.write({"step": step, "eval_split": eval_split, "eval_accuracy": res["accuracy"],
-                   "eval_accuracy_strict": res["accuracy_strict"]})
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(self.params, lr=a.lr, betas=(a.beta1, a.beta2), weight_decay=a.weight_decay,
+                                     fused=device.type == "cuda")
+        if state:
+            self.opt.load_state_dict(state["optimizer"])
+        self.log = MetricsLog(os.path.join(a.out, "metrics.jsonl"), True, state["step"] if state else 0)
+        self.step, self.loop_s = 0, 0.0
+        self.totals = {"zero_variance_groups": 0, "skipped_steps": 0, "rollout_tokens": 0, "gen_s": 0.0}
+        if state:
+            self.loop_s, self.step, self.totals = state["loop_s"], state["step"], dict(state["totals"])
 
-    def collect(step: int, problems: list) -> Rollouts:
-        """Rollouts: P x G completions from the engine, scored, as a training batch."""
+    # ------------------------------------------------------------------ phases
+    def next_problems(self) -> list:
+        """The next step's prompts from the task's stream (the first batch was drawn at start-up)."""
+        problems, self.pending = self.pending or [next(self.stream) for _ in range(self.args.prompts_per_step)], None
+        return problems
+
+    def rollout(self, step: int, problems: list) -> Rollouts:
+        """P x G completions from the engine, scored by the verifier, as a training batch."""
+        a, tokenizer = self.args, self.tokenizer
         t0 = time.time()
         prompts = encode_prompts(tokenizer, problems, a.chat)
-        sampler.eval()
+        self.sampler.eval()
         torch.manual_seed(a.seed * 1_000_003 + step)
         rep = [p for p in prompts for _ in range(a.group_size)]
-        comps = engine.generate(rep, SamplingParams(max_tokens=a.max_new_tokens, temperature=a.temperature,
-                                                     top_p=a.top_p, logprob_mode="sampled" if a.overlap else "raw"))
+        comps = self.engine.generate(rep, SamplingParams(max_tokens=a.max_new_tokens, temperature=a.temperature,
+                                                          top_p=a.top_p,
+                                                          logprob_mode="sampled" if a.overlap else "raw"))
         gen_s = time.time() - t0
-        scores = check_all(task, [p for p in problems for _ in range(a.group_size)], [c.text for c in comps])
+        scores = check_all(self.task, [p for p in problems for _ in range(a.group_size)], [c.text for c in comps])
         rewards = torch.tensor([score_reward(s, a.reward, a.format_weight)
                                 for s in scores]).view(a.prompts_per_step, a.group_size)
         adv, informative = group_advantages(rewards, scale=a.scale_rewards)
@@ -252,44 +256,44 @@ def grpo(args: GRPOArgs, model=None, tokenizer=None) -> dict:
                         mask.any(1).nonzero()[:, 0].tolist(),  # informative rows with a counted token
                         sampler_logprobs(rep, comps, mask.shape[1]) if a.overlap else None, gen_s)
 
-    def update(ro: Rollouts, step: int) -> tuple[dict, float, float]:
+    def lr(self, step: int) -> float:
+        a = self.args
+        return grpo_lr(step, a.lr, a.warmup_steps, a.max_steps, a.min_lr_ratio,
+                       self.loop_s / a.max_seconds if a.max_seconds else None)
+
+    def update(self, batch: Rollouts, step: int) -> tuple[dict, float, float]:
         """The policy update(s) on one batch of rollouts -> (stats of the first pass, grad norm, lr)."""
+        a, model, device, autocast = self.args, self.model, self.device, self.autocast
         model.train()
-        # linear warm-up (its own arithmetic, not train.lr_at's: the recorded runs' lrs bit for bit)
-        lr = a.lr * min(1.0, (step + 1) / max(1, a.warmup_steps))
-        if a.min_lr_ratio != 1.0 and step >= a.warmup_steps:  # then cosine decay over the rest of the run
-            progress = (step - a.warmup_steps) / max(1, a.max_steps - a.warmup_steps)
-            if a.max_seconds:
-                progress = max(progress, loop_s / a.max_seconds)
-            lr = a.lr * cosine_factor(progress, a.min_lr_ratio)
-        for g in opt.param_groups:
+        lr = self.lr(step)
+        for g in self.opt.param_groups:
             g["lr"] = lr
         stats = {"clip_fraction": 0.0, "kl": 0.0, "entropy": float("nan"), "loss": 0.0}
         grad_norm = float("nan")
-        rows = ro.rows
+        rows = batch.rows
         if not rows:
-            totals["skipped_steps"] += 1
+            self.totals["skipped_steps"] += 1
             return stats, grad_norm, lr
-        seqs_d, mask_d, w_d, adv_d = (ro.seqs[rows].to(device), ro.mask[rows].to(device),
-                                      ro.weights[rows].to(device), ro.adv[rows].to(device))
+        seqs_d, mask_d, w_d, adv_d = (batch.seqs[rows].to(device), batch.mask[rows].to(device),
+                                      batch.weights[rows].to(device), batch.adv[rows].to(device))
         n_chunks = -(-len(rows) // a.micro_batch)  # equal chunks: no small tail pass paying full per-op costs
         bounds = [len(rows) * j // n_chunks for j in range(n_chunks + 1)]
         chunks = [slice(lo, hi) for lo, hi in zip(bounds, bounds[1:])]
         with torch.no_grad():
-            if ro.old is not None:  # off-policy: pi_old is the sampler that drew the tokens
-                old = [ro.old[rows][c].to(device) for c in chunks]
+            if batch.old is not None:  # off-policy: pi_old is the sampler that drew the tokens
+                old = [batch.old[rows][c].to(device) for c in chunks]
             else:  # on-policy: pi_old is the policy before this batch's first optimizer step
                 old = ([completion_logprobs(model, seqs_d[c], a.temperature, autocast)[0] for c in chunks]
                        if a.mu > 1 else None)
-            refs = ([completion_logprobs(ref, seqs_d[c], a.temperature, autocast)[0] for c in chunks]
-                    if ref is not None else None)
+            refs = ([completion_logprobs(self.ref, seqs_d[c], a.temperature, autocast)[0] for c in chunks]
+                    if self.ref is not None else None)
         for it in range(a.mu):
             acc = {"clip_fraction": 0.0, "kl": 0.0, "entropy": 0.0, "loss": 0.0}
             wsum = float(w_d.sum())
             for j, c in enumerate(chunks):
                 logp, ent = completion_logprobs(model, seqs_d[c], a.temperature, autocast, entropy=it == 0)
                 old_lp = old[j] if old is not None else logp.detach()
-                loss, st = policy_loss(logp, old_lp, adv_d[c], w_d[c], a.eps, eps_high, a.beta,
+                loss, st = policy_loss(logp, old_lp, adv_d[c], w_d[c], a.eps, self.eps_high, a.beta,
                                        refs[j] if refs is not None else None)
                 loss.backward()
                 share = float(w_d[c].sum()) / max(wsum, 1e-12)
@@ -299,135 +303,123 @@ def grpo(args: GRPOArgs, model=None, tokenizer=None) -> dict:
                     acc["entropy"] += float((ent * mask_d[c]).sum())
                 acc["loss"] += loss.item()
             acc["entropy"] /= max(float(mask_d.sum()), 1.0)
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, a.grad_clip))
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, a.grad_clip))
             if math.isfinite(grad_norm):
-                opt.step()
-            opt.zero_grad(set_to_none=True)
+                self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
             if it == 0:
                 stats = acc
         return stats, grad_norm, lr
 
-    loop_s, step, totals = 0.0, 0, {"zero_variance_groups": 0, "skipped_steps": 0, "rollout_tokens": 0, "gen_s": 0.0}
-    if state:
-        loop_s, step, totals = state["loop_s"], state["step"], dict(state["totals"])
-        _say(f"resumed from {resume_dir} (step {step})", quiet=not a.progress)
+    @torch.no_grad()
+    def refresh_sampler(self) -> None:
+        """Overlap: the sampler moves to the updated weights (for the step after next)."""
+        for dst, src in zip(self.sampler.state_dict().values(), self.model.state_dict().values()):
+            dst.copy_(src)
+
+    # ------------------------------------------------------------------ bookkeeping
+    def record(self, batch: Rollouts, stats: dict, grad_norm: float, lr: float, dt: float) -> dict:
+        """Count the finished step and write its metrics line."""
+        self.loop_s += dt
+        self.step += 1
+        comps, scores, informative = batch.comps, batch.scores, batch.informative
+        n_tokens = sum(c.completion_tokens for c in comps)
+        self.totals["rollout_tokens"] += n_tokens
+        self.totals["gen_s"] += batch.gen_s
+        self.totals["zero_variance_groups"] += int((~informative).sum())
+        rec = {"step": self.step, "reward_mean": float(batch.rewards.mean()), "reward_std": float(batch.rewards.std()),
+               "accuracy": sum(s.correct for s in scores) / len(scores),
+               "accuracy_strict": sum(s.strict for s in scores) / len(scores),
+               "format": sum(s.format for s in scores) / len(scores),
+               "completion_length": n_tokens / len(comps), "truncated": float(batch.truncated.float().mean()),
+               "groups_informative": int(informative.sum()), "groups_zero_variance": int((~informative).sum()),
+               "kl": stats["kl"], "clip_fraction": stats["clip_fraction"], "entropy": stats["entropy"],
+               "loss": stats["loss"], "grad_norm": grad_norm, "lr": lr,
+               "gen_s": batch.gen_s, "step_s": dt, "rollout_tokens_per_s": n_tokens / max(batch.gen_s, 1e-9),
+               "elapsed_s": self.loop_s}
+        self.log.write(rec)
+        return rec
+
+    def progress(self) -> float:
+        """The share of the run done: of its steps, or of its time budget if that is further along."""
+        a = self.args
+        return max(self.step / a.max_steps, self.loop_s / a.max_seconds if a.max_seconds else 0.0)
+
+    def evaluate_held_out(self) -> None:
+        """Greedy held-out accuracy, logged at the current step."""
+        self.model.eval()
+        res = evaluate(self.engine, self.task, self.eval_set, k=0, max_new_tokens=self.args.max_new_tokens,
+                       chat=self.args.chat)
+        self.log.write({"step": self.step, "eval_split": self.eval_split, "eval_accuracy": res["accuracy"],
+                        "eval_accuracy_strict": res["accuracy_strict"]})
+
+    def save(self) -> None:
+        """A resumable checkpoint: model, optimizer, the clock and the counters."""
+        save_checkpoint(self.args.out, self.step, self.model, self.opt, self.tokenizer,
+                        {"loop_s": self.loop_s, "totals": self.totals}, self.args.keep_last)
+
+    def finish(self) -> dict:
+        """Close the engine and the log, save the final model and plot; the run's summary."""
+        a = self.args
+        self.engine.close()
+        self.model.eval()
+        self.log.close()
+        summary = {"steps": self.step, "seconds": round(self.loop_s, 2), "task": self.task.name, "loss_type": a.loss,
+                   "rollout_tokens_per_s": self.totals["rollout_tokens"] / max(self.totals["gen_s"], 1e-9),
+                   "zero_variance_groups": self.totals["zero_variance_groups"],
+                   "skipped_steps": self.totals["skipped_steps"],
+                   "resumed_from_step": self.resumed["step"] if self.resumed else 0,
+                   "out": a.out}
+        recs = [json.loads(line) for line in open(os.path.join(a.out, "metrics.jsonl")) if line.strip()]
+        last = [r for r in recs if "reward_mean" in r][-10:]
+        if last:
+            summary["reward_mean_last10"] = sum(r["reward_mean"] for r in last) / len(last)
+        if a.save:
+            self.model.save_pretrained(a.out)
+            self.tokenizer.save(a.out)
+        summary["plots"] = plot_grpo(a.out)
+        atomic_write_text(os.path.join(a.out, "final.json"), json.dumps(summary) + "\n")
+        if a.json:
+            print(json.dumps(summary), flush=True)
+        return summary
+
+
+def grpo(args: GRPOArgs, model=None, tokenizer=None, on_step: Callable[[float], None] | None = None) -> dict:
+    """Run GRPO from args.model (or the given model/tokenizer); returns the final summary.
+    `on_step(progress)` is called after every step with the share of the run done (e.g. for a job
+    that follows this one's clock)."""
+    trainer = GRPOTrainer(args, model, tokenizer)
+    a = trainer.args
+    half = trainer.threads // 2  # overlap: the sampler's threads; the update keeps the rest
+    say(f"nanoseek grpo: {trainer.model.num_params() / 1e6:.2f}M parameters on {trainer.device}, task {a.task}, "
+        f"{a.prompts_per_step} prompts x {a.group_size} samples, loss {a.loss}, lr {a.lr:g}, beta {a.beta:g}, "
+        f"T {a.temperature:g}, reward {a.reward}"
+        + (f"; rollouts overlapped with updates ({half} + {trainer.threads - half} threads)" if a.overlap else ""),
+        quiet=not a.progress)
+    pbar = None
+    if a.progress:
+        from tqdm import tqdm
+        pbar = tqdm(total=a.max_steps, desc="grpo", dynamic_ncols=True, file=sys.stderr, disable=None)
+    if trainer.resumed:
+        say(f"resumed from {trainer.resume_dir} (step {trainer.step})", quiet=not a.progress)
         if pbar is not None:
-            pbar.update(step)
-    pending = first
+            pbar.update(trainer.step)
 
-    def next_problems() -> list:
-        nonlocal pending
-        problems, pending = pending or [next(stream) for _ in range(a.prompts_per_step)], None
-        return problems
+    def after_step(rec: dict) -> None:
+        if on_step is not None:
+            on_step(trainer.progress())
+        if pbar is not None:
+            pbar.update(1)
+            pbar.set_postfix(reward=f"{rec['reward_mean']:.3f}", acc=f"{rec['accuracy']:.2f}",
+                             len=f"{rec['completion_length']:.0f}", kept=rec["groups_informative"])
+        if a.eval_every and trainer.step % a.eval_every == 0:
+            trainer.evaluate_held_out()
+        if a.save and a.save_every and trainer.step % a.save_every == 0:
+            trainer.save()
 
-    # overlap: one worker thread samples step t+1 on `half` threads while this one updates on step t
-    # with the rest. When the loop stops on --max-seconds, the batch sampled ahead goes unused (its
-    # time counts in the last step); on an error, shutdown waits for the batch in flight.
-    worker = ThreadPoolExecutor(1, initializer=torch.set_num_threads, initargs=(half,)) if a.overlap else None
-    if worker is not None:
-        torch.set_num_threads(threads - half)
-    ready: Rollouts | None = None
-    try:
-        while step < a.max_steps and (a.max_seconds is None or loop_s < a.max_seconds):
-            t0 = time.time()
-            ro = ready or collect(step, next_problems())
-            ahead = worker.submit(collect, step + 1, next_problems()) if worker and step + 1 < a.max_steps else None
-            stats, grad_norm, lr = update(ro, step)
-            ready = ahead.result() if ahead is not None else None
-            if worker is not None:  # the sampler moves to the updated weights for the step after next
-                with torch.no_grad():
-                    for dst, src in zip(sampler.state_dict().values(), model.state_dict().values()):
-                        dst.copy_(src)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            dt = time.time() - t0
-            loop_s += dt
-            step += 1
-            comps, scores, informative = ro.comps, ro.scores, ro.informative
-            n_tokens = sum(c.completion_tokens for c in comps)
-            totals["rollout_tokens"] += n_tokens
-            totals["gen_s"] += ro.gen_s
-            totals["zero_variance_groups"] += int((~informative).sum())
-            rec = {"step": step, "reward_mean": float(ro.rewards.mean()), "reward_std": float(ro.rewards.std()),
-                   "accuracy": sum(s.correct for s in scores) / len(scores),
-                   "accuracy_strict": sum(s.strict for s in scores) / len(scores),
-                   "format": sum(s.format for s in scores) / len(scores),
-                   "completion_length": n_tokens / len(comps), "truncated": float(ro.truncated.float().mean()),
-                   "groups_informative": int(informative.sum()), "groups_zero_variance": int((~informative).sum()),
-                   "kl": stats["kl"], "clip_fraction": stats["clip_fraction"], "entropy": stats["entropy"],
-                   "loss": stats["loss"], "grad_norm": grad_norm, "lr": lr,
-                   "gen_s": ro.gen_s, "step_s": dt, "rollout_tokens_per_s": n_tokens / max(ro.gen_s, 1e-9),
-                   "elapsed_s": loop_s}
-            log.write(rec)
-            if a.pace_file:
-                write_pace(a.pace_file, max(step / a.max_steps, loop_s / a.max_seconds if a.max_seconds else 0.0))
-            if pbar is not None:
-                pbar.update(1)
-                pbar.set_postfix(reward=f"{rec['reward_mean']:.3f}", acc=f"{rec['accuracy']:.2f}",
-                                 len=f"{rec['completion_length']:.0f}", kept=rec["groups_informative"])
-            if a.eval_every and step % a.eval_every == 0:
-                run_eval(step)
-            if a.save and a.save_every and step % a.save_every == 0:
-                save_checkpoint(a.out, step, model, opt, tokenizer, {"loop_s": loop_s, "totals": totals}, a.keep_last)
-    finally:
-        if worker is not None:
-            worker.shutdown(wait=True)
-            torch.set_num_threads(threads)
+    run_steps(trainer, after_step, rollout_threads=half if a.overlap else None)
     if pbar is not None:
         pbar.close()
-    engine.close()
-    model.eval()
-    log.close()
-    summary = {"steps": step, "seconds": round(loop_s, 2), "task": task.name, "loss_type": a.loss,
-               "rollout_tokens_per_s": totals["rollout_tokens"] / max(totals["gen_s"], 1e-9),
-               "zero_variance_groups": totals["zero_variance_groups"], "skipped_steps": totals["skipped_steps"],
-               "resumed_from_step": state["step"] if state else 0,
-               "out": a.out}
-    recs = [json.loads(line) for line in open(os.path.join(a.out, "metrics.jsonl")) if line.strip()]
-    last = [r for r in recs if "reward_mean" in r][-10:]
-    if last:
-        summary["reward_mean_last10"] = sum(r["reward_mean"] for r in last) / len(last)
-    if a.save:
-        model.save_pretrained(a.out)
-        tokenizer.save(a.out)
-    summary["plots"] = plot_grpo(a.out)
-    atomic_write_text(os.path.join(a.out, "final.json"), json.dumps(summary) + "\n")
-    if a.json:
-        print(json.dumps(summary), flush=True)
-    return summary
+    return trainer.finish()
 
-
-def plot_grpo(out: str) -> list[str]:
-    """grpo.png: reward and accuracy, completion length, KL and clip fraction, entropy per step."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return []
-    recs = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl")) if line.strip()]
-    tr = [r for r in recs if "reward_mean" in r]
-    ev = [r for r in recs if "eval_accuracy" in r]
-    if not tr:
-        return []
-    steps = [r["step"] for r in tr]
-    fig, axes = plt.subplots(2, 2, figsize=(10, 6))
-    ax = axes[0][0]
-    ax.plot(steps, [r["reward_mean"] for r in tr], lw=1, label="reward (mean)")
-    ax.plot(steps, [r["accuracy"] for r in tr], lw=1, label="rollout accuracy")
-    if ev:
-        ax.plot([r["step"] for r in ev], [r["eval_accuracy"] for r in ev], "o-", label=f"held-out ({ev[0].get('eval_split', 'test')}) greedy accuracy")
-    ax.set_title("reward"), ax.legend(fontsize=7), ax.grid(alpha=0.3)
-    axes[0][1].plot(steps, [r["completion_length"] for r in tr], lw=1)
-    axes[0][1].set_title("completion length (tokens)"), axes[0][1].grid(alpha=0.3)
-    axes[1][0].plot(steps, [r["kl"] for r in tr], lw=1, label="KL (k3)")
-    axes[1][0].plot(steps, [r["clip_fraction"] for r in tr], lw=1, label="clip fraction")
-    axes[1][0].legend(fontsize=7), axes[1][0].grid(alpha=0.3), axes[1][0].set_xlabel("step")
-    axes[1][1].plot(steps, [r["entropy"] for r in tr], lw=1)
-    axes[1][1].set_title("entropy (nats/token)"), axes[1][1].grid(alpha=0.3), axes[1][1].set_xlabel("step")
-    fig.tight_layout()
-    path = os.path.join(out, "grpo.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path]
 

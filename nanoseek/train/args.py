@@ -1,0 +1,70 @@
+"""The settings of a training run (`nanoseek train`'s flags; fine-tuning fills the same), with the
+per-preset defaults that any flag overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+# Default recipes per preset (any flag overrides them).
+RECIPES = {
+    "nano": dict(batch_size=16, seq_len=256, lr=3e-3, warmup_steps=10, eval_every=50, eval_batches=8),
+    "small": dict(batch_size=32, seq_len=2048, lr=6e-4, warmup_steps=200, eval_every=250, eval_batches=16),
+}
+DEFAULT_RECIPE = dict(batch_size=16, seq_len=1024, lr=3e-4, warmup_steps=100, eval_every=250, eval_batches=16)
+
+
+@dataclass
+class TrainArgs:
+    data: list[str] = field(default_factory=list)
+    out: str = "runs/nano"
+    preset: str = "nano"
+    model: str | None = None  # start from a checkpoint directory instead of a preset
+    tokenizer: str | None = None  # a directory with tokenizer.json; default: train one on the data
+    max_steps: int = 100
+    max_seconds: float | None = None  # also stop (and finish the schedule) when the loop has run this long
+    batch_size: int | None = None  # global, in sequences per optimizer step
+    seq_len: int | None = None
+    grad_accum: int = 1
+    lr: float | None = None
+    min_lr_ratio: float = 0.1
+    warmup_steps: int | None = None
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    precision: str | None = None  # fp32 | bf16 | fp8 (default: bf16 on GPU, fp32 on CPU)
+    fp8_kernels: str = "auto"  # fp8 quantizers: auto (fused Triton on CUDA) | off (per-op PyTorch) | triton | torch (nanoseek.fp8.FP8Config)
+    fp8_grouped: str = "auto"  # fp8 routed-expert GEMMs: auto (grouped Triton when the Triton kernels run, else loop) | triton | loop
+    device: str | None = None
+    compile: bool = False
+    activation_checkpointing: bool = False
+    balance: str = "bias"  # bias (auxiliary-loss-free) | aux (classic auxiliary loss) | none
+    bias_update_speed: float = 1e-3  # gamma
+    bias_freeze_step: int | None = None  # gamma -> 0 from this step on
+    seq_aux_alpha: float = 1e-4  # complementary sequence-wise loss (bias mode)
+    aux_alpha: float = 1e-3  # classic auxiliary loss weight (aux mode; the loss-free paper's baseline)
+    mtp_lambda: float = 0.3
+    mtp_depth: int | None = None  # override the preset's MTP depth (0 disables)
+    overrides: dict | None = None  # ModelConfig fields to change on the preset (e.g. for ablations)
+    eval_every: int | None = None
+    eval_batches: int | None = None
+    save_every: int | None = None
+    keep_last: int = 2
+    save: bool = True  # benchmarks may skip checkpoints; a normal run always saves at the last step
+    seed: int = 0
+    resume: bool = False
+    pp: int = 1  # pipeline ranks (world = pp x data-parallel ranks)
+    schedule: str = "1f1b"  # 1f1b | dualpipe | dualpipev
+    chunks: int | None = None  # micro-batches per step and replica (default: the schedule's smallest valid)
+    ep: int = 1  # expert-parallel ranks, borrowed from the data-parallel ones (--ep divides them)
+    json: bool = False
+    progress: bool = True
+    val_fraction: float = 0.05
+    eval_at_start: bool = False  # also measure validation loss before the first step (fine-tuning)
+    vocab_size: int | None = None  # tokenizer size to train (default: the preset's vocab)
+
+    def resolved(self) -> "TrainArgs":
+        recipe = RECIPES.get(self.preset, DEFAULT_RECIPE)
+        changes = {k: v for k, v in recipe.items() if getattr(self, k) is None}
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,100 @@
+"""Trainer checkpoints: out/checkpoints/step-NNNNNN/ holds the model in the Hugging Face layout,
+the tokenizer and trainer.pt (step, optimizer state, RNG states, loop counters). Written into a
+hidden temp folder and renamed into place (a kill never leaves half a checkpoint); the newest is
+the resume point; only the last `keep_last` are kept.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+
+import torch
+
+from ..checkpoint import CheckpointError
+from ..io import atomic_torch_save
+from ..parallel import barrier
+from .metrics import say
+
+CKPT_RE = re.compile(r"step-(\d{6,})")
+
+
+def list_checkpoints(out: str) -> list[tuple[int, str]]:
+    """Complete checkpoints (renamed into place, so never half-written), oldest first."""
+    root = os.path.join(out, "checkpoints")
+    if not os.path.isdir(root):
+        return []
+    found = []
+    for name in os.listdir(root):
+        m = CKPT_RE.fullmatch(name)
+        if m and os.path.exists(os.path.join(root, name, "trainer.pt")):
+            found.append((int(m.group(1)), os.path.join(root, name)))
+    return sorted(found)
+
+
+def resume_point(out: str, resume: bool, quiet: bool = False) -> str | None:
+    """The newest complete checkpoint in out/checkpoints to continue from (None: start fresh). A fresh
+    run into a folder that holds an earlier run's checkpoints is refused: its checkpoints would mix
+    with those (and `keep_last` prune its own in their favour)."""
+    ckpts = list_checkpoints(out)
+    if ckpts and not resume:
+        raise CheckpointError(f"{out}/checkpoints holds an earlier run's checkpoints (newest: step {ckpts[-1][0]}): "
+                              f"pass --resume to continue it, or use another --out (or remove them)")
+    if resume and not ckpts:
+        say(f"--resume: no complete checkpoint in {out}/checkpoints, starting fresh", quiet=quiet)
+    return ckpts[-1][1] if ckpts else None
+
+
+def checkpoint_tmp_dir(out: str, step: int) -> str:
+    return os.path.join(out, "checkpoints", f".tmp-step-{step:06d}")
+
+
+def save_parallel_checkpoint(par, out: str, step: int, opt, tokenizer, state: dict, keep_last: int) -> str | None:
+    """Every rank's part of a checkpoint of the whole model (`par`: a nanoseek.parallel.Parallel),
+    then rank 0 writes it in the Hugging Face layout and renames it into place. Collective."""
+    tmp = checkpoint_tmp_dir(out, step)
+    if par.main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    opt_state = par.save_optimizer(opt, tmp)  # pipeline ranks write their own files into tmp
+    whole = par.full_model()
+    barrier()
+    final = save_checkpoint(out, step, whole, opt_state, tokenizer, state, keep_last, fresh=False) if par.main else None
+    barrier()
+    return final
+
+
+def save_checkpoint(out: str, step: int, model, optimizer, tokenizer, state: dict, keep_last: int,
+                     fresh: bool = True) -> str:
+    """Write into a hidden temp folder, then rename it into place: a kill at any moment leaves
+    either the previous set of checkpoints or the new one, never a half-written one. (When other
+    ranks have added their files to the temp folder first, `fresh` is False.)"""
+    root = os.path.join(out, "checkpoints")
+    os.makedirs(root, exist_ok=True)
+    final = os.path.join(root, f"step-{step:06d}")
+    tmp = checkpoint_tmp_dir(out, step)
+    if fresh:
+        shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    if tokenizer is not None:
+        tokenizer.save(tmp)
+    opt_state = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()  # a dict: already gathered
+    payload = {"step": step, "optimizer": opt_state, "cpu_rng": torch.get_rng_state(), **state}
+    if torch.cuda.is_available():
+        payload["cuda_rng"] = torch.cuda.get_rng_state_all()
+    atomic_torch_save(payload, os.path.join(tmp, "trainer.pt"))
+    if os.path.exists(final):
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for _, old in list_checkpoints(out)[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_trainer_state(ckpt: str) -> dict:
+    path = os.path.join(ckpt, "trainer.pt")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same clear message
+        raise CheckpointError(f"{path}: corrupt or unreadable trainer state ({type(e).__name__}: {e})") from None
