@@ -396,13 +396,39 @@ def expert_counts(indices: torch.Tensor, n_experts: int) -> torch.Tensor:
     return torch.zeros(n_experts, dtype=torch.int64, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype x's GEMMs run in: autocast's for x's device while it is on, else x's own."""
+    return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+
+
+def sort_by_expert(indices: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """indices [N, k] -> order [N*k] (the token-expert pair slots sorted by expert, stable) and the
+    pairs per expert [E]: after x[order // k], expert e's tokens form one contiguous segment."""
+    order = indices.reshape(-1).argsort(stable=True)
+    return order, expert_counts(indices, n_experts)
+
+
+def combine(ys: torch.Tensor, order: torch.Tensor, weights: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """ys [N*k, h] in expert order, weights [N, k] -> sum_k weights * ys [N, h]: weighted in fp32,
+    un-permuted to (token, slot) order, summed over each token's k experts in fp32, cast to dtype."""
+    N, k = weights.shape
+    ys = ys.float() * weights.reshape(-1)[order, None].float()
+    unsorted = torch.empty_like(ys)
+    unsorted[order] = ys  # back to (token, slot) order; the backward is a gather
+    return unsorted.view(N, k, -1).sum(dim=1).to(dtype)
+
+
 class Experts(nn.Module):
     """The routed experts as stacked weights (HF keys `mlp.experts.<e>.<proj>.weight` on disk).
 
-    Token-expert pairs are sorted by expert and run as one grouped GEMM per projection:
-    `torch._grouped_mm` on GPUs that have it (bf16, Hopper or newer), else a loop over the
-    contiguous per-expert segments (same math). Outputs are un-permuted and summed over each
-    token's k experts in fp32.
+    forward = dispatch (sort the token-expert pairs by expert) -> `expert_mlp` (each expert's SwiGLU
+    on its contiguous segment) -> combine (weight, un-permute, sum over each token's k experts in
+    fp32). The GEMMs go through two seams: `grouped_gemm`, one `torch._grouped_mm` over all segments
+    (on GPUs that have it: bf16, Hopper or newer), and `segment_gemm`, one expert's segment (the
+    loop over segments everywhere else; same math). Variants override only what differs: FP8
+    training `expert_mlp` (fp8.py), FP8-stored weights the two GEMMs (fp8_weights.py), expert
+    parallelism `forward` (an all-to-all dispatcher around the same `expert_mlp`,
+    parallel/expert_parallel.py). torchtitan's GroupedExperts has the same shape.
     """
 
     def __init__(self, n_experts: int, hidden: int, inter: int):
@@ -422,27 +448,35 @@ class Experts(nn.Module):
     def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [N, h], indices/weights [N, k] -> sum_k weights * expert_k(x)  [N, h]."""
         N, k = indices.shape
-        order = indices.reshape(-1).argsort(stable=True)  # pair slots sorted by expert
-        counts = expert_counts(indices, self.n_experts)
-        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        xs = x[order // k].to(dtype)  # [N*k, h], grouped by expert
-        if self._use_grouped_mm(x, dtype):
-            offs = counts.cumsum(0).to(torch.int32)
-            w1, w3, w2 = (w.to(dtype).transpose(-2, -1) for w in (self.gate_proj, self.up_proj, self.down_proj))
-            hidden = F.silu(torch._grouped_mm(xs, w1, offs=offs)) * torch._grouped_mm(xs, w3, offs=offs)
-            ys = torch._grouped_mm(hidden, w2, offs=offs)
-        else:
-            outs = []
-            w1, w3, w2 = self.gate_proj, self.up_proj, self.down_proj  # read once (they may be computed, e.g. LoRA)
-            for e, seg in enumerate(xs.split(counts.tolist())):
-                if seg.shape[0]:
-                    hdn = F.silu(seg @ w1[e].t()) * (seg @ w3[e].t())
-                    outs.append(hdn @ w2[e].t())
-            ys = torch.cat(outs) if outs else xs.new_zeros(0, x.shape[1])
-        ys = ys.float() * weights.reshape(-1)[order, None].float()
-        unsorted = torch.empty_like(ys)
-        unsorted[order] = ys  # back to (token, slot) order; the backward is a gather
-        return unsorted.view(N, k, -1).sum(dim=1).to(x.dtype)
+        order, counts = sort_by_expert(indices, self.n_experts)
+        ys = self.expert_mlp(x[order // k], counts)  # [N*k, h], grouped by expert
+        return combine(ys, order, weights, x.dtype)
+
+    def expert_mlp(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """xs [M, h] sorted by expert, counts [E] rows per expert -> down(silu(gate xs) * up xs)
+        [M, h], each segment through its own expert, in the compute dtype."""
+        dtype = compute_dtype(xs)
+        xs = xs.to(dtype)
+        w1, w3, w2 = self.gate_proj, self.up_proj, self.down_proj  # read once (they may be computed, e.g. LoRA)
+        if self._use_grouped_mm(xs, dtype):
+            offs = counts.cumsum(0).to(torch.int32)  # [E] end of each expert's segment
+            hidden = F.silu(self.grouped_gemm(xs, w1, offs)) * self.grouped_gemm(xs, w3, offs)  # [M, inter]
+            return self.grouped_gemm(hidden, w2, offs)
+        outs = []
+        for e, seg in enumerate(xs.split(counts.tolist())):
+            if seg.shape[0]:
+                hdn = F.silu(self.segment_gemm(seg, w1, e)) * self.segment_gemm(seg, w3, e)  # [n_e, inter]
+                outs.append(self.segment_gemm(hdn, w2, e))
+        return torch.cat(outs) if outs else xs.new_zeros(0, xs.shape[1])
+
+    def grouped_gemm(self, x: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+        """x [M, in] sorted by expert, weight [E, out, in], offs [E] int32 segment ends -> [M, out]:
+        each segment times its expert's weight^T, one launch for all experts."""
+        return torch._grouped_mm(x, weight.to(x.dtype).transpose(-2, -1), offs=offs)
+
+    def segment_gemm(self, x: torch.Tensor, weight: torch.Tensor, e: int) -> torch.Tensor:
+        """x [n_e, in], the segment of expert e -> x weight[e]^T [n_e, out]."""
+        return x @ weight[e].t()
 
 
 class MoE(nn.Module):
