@@ -36,7 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .fp8_blocks import (ACT, BLOCK, COL, E4M3, E4M3_MAX, EPS, Fp8Tensor, SegmentsT, TileMap, WEIGHT, _quant, dense_tile_map, dequantize, pow2_ceil, quantize, quantize_128x1, quantize_128x128, quantize_1x128, tile_map)  # noqa: F401 - re-exported
-from .model import MLA, MLP, Experts, RMSNorm, Router, expert_counts
+from .model import MLA, MLP, Experts, RMSNorm, Router
 
 
 
@@ -725,40 +725,26 @@ def swiglu_hidden(linear, gate: torch.Tensor, up: torch.Tensor, stack_below: int
     return F.silu(g) * u
 
 
-def _experts_base():
-    return Experts
-
-
-class FP8Experts(_experts_base()):
+class FP8Experts(Experts):
     """The routed experts with FP8 GEMMs (one grouped launch or a per-expert loop over the sorted
-    token segments: `FP8Config.grouped`);
-    same stacked parameters [E, out, in] as `Experts`, made by class swap. SwiGLU, the gate
-    weighting and the combine stay in high precision (fp32 sum, as in `Experts`)."""
+    token segments: `FP8Config.grouped`); same stacked parameters [E, out, in] as `Experts`, made by
+    class swap. Only the expert MLP step differs: dispatch, the gate weighting and the fp32 combine
+    are `Experts.forward`'s, and SwiGLU stays in high precision."""
 
     fp8_config: FP8Config = DEFAULT_CONFIG
 
-    def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        N, k = indices.shape
-        order = indices.reshape(-1).argsort(stable=True)
-        sizes = expert_counts(indices, self.n_experts).tolist()
-        dtype = _out_dtype(x)
-        xs = x[order // k]  # [N*k, h], grouped by expert; quantized straight from x's dtype
+    def expert_mlp(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """xs [M, h] sorted by expert (quantized straight from its dtype), counts [E] -> [M, h]."""
+        sizes = counts.tolist()
+        dtype = _out_dtype(xs)
         cfg = self.fp8_config
-        tm = tile_map(sizes, x.device) if _kernels(cfg, x) is not None else None  # shared by the 3 GEMMs
+        tm = tile_map(sizes, xs.device) if _kernels(cfg, xs) is not None else None  # shared by the 3 GEMMs
         hidden = swiglu_hidden(lambda w: fp8_grouped_linear(xs, w, sizes, cfg, dtype, tm), self.gate_proj, self.up_proj,
                                cfg.stack_gate_up_below)
-        ys = fp8_grouped_linear(hidden, self.down_proj, sizes, cfg, dtype, tm)
-        ys = ys.float() * weights.reshape(-1)[order, None].float()
-        unsorted = torch.empty_like(ys)
-        unsorted[order] = ys
-        return unsorted.view(N, k, -1).sum(dim=1).to(x.dtype)
+        return fp8_grouped_linear(hidden, self.down_proj, sizes, cfg, dtype, tm)
 
 
-def _mlp_base():
-    return MLP
-
-
-class FP8MLP(_mlp_base()):
+class FP8MLP(MLP):
     """The SwiGLU MLP (dense FFN, shared experts) whose gate and up projections, once both are
     `FP8Linear` without bias, run as one stacked FP8 GEMM per pass (`swiglu_hidden`); made by
     class swap, the children keep their parameters and names. Otherwise the children's forward."""
@@ -808,8 +794,8 @@ def convert(model: nn.Module, config: FP8Config | None = None) -> tuple[list[str
             skipped.append((name, SKIP_REASONS["attention"]))
         elif type(m) in (MLP, FP8MLP):  # (not a subclass: it keeps its own forward)
             m.__class__ = FP8MLP  # its Linear children are converted (and listed) below
-        elif isinstance(m, Experts):
-            if not isinstance(m, FP8Experts):
+        elif type(m) in (Experts, FP8Experts):  # (not other subclasses: they keep their own storage or dispatch)
+            if type(m) is Experts:
                 m.__class__ = FP8Experts
             m.fp8_config = cfg
             converted.append(name)

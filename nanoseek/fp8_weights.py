@@ -57,27 +57,41 @@ class FP8WeightLinear(nn.Module):
 
 
 class FP8WeightExperts(Experts):
-    """Routed experts whose stacked weights [E, out, in] are held as e4m3 bytes with per-expert
-    128x128 block scales [E, ceil(out/128), ceil(in/128)]; `gate_proj` / `up_proj` / `down_proj`
-    read as the dequantized stacks (in `compute_dtype`), which `Experts.forward` uses once each."""
+    """Routed experts whose stacked weights [E, out, in] are held as e4m3 bytes (`<proj>_fp8`) with
+    per-expert 128x128 block scales [E, ceil(out/128), ceil(in/128)] (`<proj>_scale_inv`).
+    `gate_proj` / `up_proj` / `down_proj` read as those (bytes, scales) pairs, and the GEMM seams
+    dequantize (in `compute_dtype`) what they multiply by: the per-segment loop only the experts that
+    got tokens, the grouped GEMM the whole stack (no host sync, so CUDA graphs still capture it)."""
 
-    compute_dtype = torch.float32
-
-    @staticmethod
-    def _dequant(q: torch.Tensor, s: torch.Tensor, dtype) -> torch.Tensor:
-        return torch.stack([fp8_dequantize(q[e], s[e], dtype) for e in range(q.shape[0])])
-
-    @property
-    def gate_proj(self):
-        return self._dequant(self.gate_proj_fp8, self.gate_proj_scale_inv, self.compute_dtype)
-
-    @property
-    def up_proj(self):
-        return self._dequant(self.up_proj_fp8, self.up_proj_scale_inv, self.compute_dtype)
+    def __init__(self, experts: Experts, stacks: dict[str, tuple[torch.Tensor, torch.Tensor]]):
+        nn.Module.__init__(self)  # not Experts.__init__: the weights are e4m3 buffers, not parameters
+        self.n_experts, self.impl = experts.n_experts, experts.impl
+        self.compute_dtype = experts.gate_proj.dtype
+        for proj, (q, s) in stacks.items():
+            self.register_buffer(proj + "_fp8", q)
+            self.register_buffer(proj + "_scale_inv", s)
 
     @property
-    def down_proj(self):
-        return self._dequant(self.down_proj_fp8, self.down_proj_scale_inv, self.compute_dtype)
+    def gate_proj(self) -> Fp8Tensor:
+        return Fp8Tensor(self.gate_proj_fp8, self.gate_proj_scale_inv, WEIGHT)
+
+    @property
+    def up_proj(self) -> Fp8Tensor:
+        return Fp8Tensor(self.up_proj_fp8, self.up_proj_scale_inv, WEIGHT)
+
+    @property
+    def down_proj(self) -> Fp8Tensor:
+        return Fp8Tensor(self.down_proj_fp8, self.down_proj_scale_inv, WEIGHT)
+
+    def _expert(self, weight: Fp8Tensor, e: int) -> torch.Tensor:
+        return fp8_dequantize(weight.data[e], weight.scale[e], self.compute_dtype)  # [out, in]
+
+    def grouped_gemm(self, x: torch.Tensor, weight: Fp8Tensor, offs: torch.Tensor) -> torch.Tensor:
+        stack = torch.stack([self._expert(weight, e) for e in range(weight.data.shape[0])])  # [E, out, in]
+        return super().grouped_gemm(x, stack, offs)
+
+    def segment_gemm(self, x: torch.Tensor, weight: Fp8Tensor, e: int) -> torch.Tensor:
+        return x @ self._expert(weight, e).t()
 
 
 def load_fp8_weights(path: str, dtype=None, device=None, w8a8: bool = False) -> tuple[nn.Module, dict]:
@@ -120,15 +134,9 @@ def load_fp8_weights(path: str, dtype=None, device=None, w8a8: bool = False) -> 
                 stacks[proj] = (torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs]), t)
             if len(stacks) < len(_EXPERT_PROJ):
                 continue
-            new = FP8WeightExperts.__new__(FP8WeightExperts)
-            nn.Module.__init__(new)
-            new.n_experts, new.impl = mod.n_experts, mod.impl
-            new.compute_dtype = mod.gate_proj.dtype
-            for proj, (q, s, t) in stacks.items():
+            for _, _, t in stacks.values():
                 report["dense_weight_bytes"] += t.numel() * t.element_size()
-                new.register_buffer(proj + "_fp8", q)
-                new.register_buffer(proj + "_scale_inv", s)
-            setattr(parent, attr, new)
+            setattr(parent, attr, FP8WeightExperts(mod, {proj: (q, s) for proj, (q, s, _) in stacks.items()}))
         else:
             continue
         report["fp8_modules"] += 1

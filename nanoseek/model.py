@@ -9,6 +9,9 @@
   choosing experts), group-limited top-k, normalized gate weights times the routed scale, shared
   experts. DeepSeek-V2 routing (softmax, greedy / group-limited greedy) is the same router.
 - Multi-token prediction (section 2.2): D sequential modules sharing embedding and output head.
+- Where a call's tokens sit (cache offsets as a tensor, cache read length, the one attention mask,
+  the MLA path) is one `AttnInputs`, built once per model call; every layer takes
+  (x, rope, cache, inputs), as DeepSeek's and gpt-fast's attention take four arguments.
 
 Parameter names follow the Hugging Face DeepSeek-V3 checkpoint (`model.layers.3.self_attn.q_a_proj.weight`
 ...) with two documented exceptions handled in `checkpoint.py`: routed experts are stacked into
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import math
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -123,24 +127,19 @@ class SequenceCache:
         for t in self.tensors:
             t[dst:dst + len(src), :length] = t[src, :length]
 
-    def update(self, *new: torch.Tensor, start_pos, kv_len: int | None = None):
-        """Write new [B, T, ...] at start_pos (an int, or a LongTensor [B] of per-sequence positions)
-        and return the cache up to start_pos + T (or up to `kv_len` for per-sequence positions)."""
+    @property
+    def max_len(self) -> int:
+        return self.tensors[0].shape[1]
+
+    def update(self, *new: torch.Tensor, offsets: torch.Tensor, kv_len: int):
+        """Write new [B, T, ...] at each row's offset (offsets [B], or [1] for all rows) and return
+        the cache's first kv_len positions [B, kv_len, ...]."""
         B, T = new[0].shape[:2]
-        length = self.tensors[0].shape[1]
-        if isinstance(start_pos, int):
-            end = start_pos + T
-            if end > length:
-                raise ValueError(f"KV cache overflow: position {end} exceeds its length {length}")
-            for t, x in zip(self.tensors, new):
-                t[:, start_pos:end] = x
-            return tuple(t[:, :end] for t in self.tensors)
         rows = torch.arange(B, device=new[0].device)[:, None]
-        cols = start_pos[:, None] + torch.arange(T, device=new[0].device)[None]  # [B, T]
+        cols = offsets[:, None] + torch.arange(T, device=new[0].device)[None]  # [B|1, T]
         for t, x in zip(self.tensors, new):
-            t[rows, cols] = x
-        end = kv_len if kv_len is not None else length
-        return tuple(t[:, :end] for t in self.tensors)
+            t[rows, cols] = x.to(t.dtype)
+        return tuple(t[:, :kv_len] for t in self.tensors)
 
 
 class LatentCache(SequenceCache):
@@ -181,15 +180,12 @@ def _sdpa_backends():
         return nullcontext()
 
 
-def build_attention_mask(T: int, S: int, start_pos, key_valid: torch.Tensor | None, device):
-    """Boolean mask [B or 1, 1, T, S], True = may attend: causal with an offset (an int, or a
-    LongTensor [B] of per-sequence offsets), optional key padding ([B, S], True = real token).
-    A query always sees its own key, so no row is empty."""
-    if isinstance(start_pos, int):
-        q_pos = (torch.arange(T, device=device) + start_pos)[None]  # [1, T]
-    else:
-        q_pos = start_pos[:, None] + torch.arange(T, device=device)[None]  # [B, T]
-    q_pos = q_pos[:, None, :, None]  # [B|1, 1, T, 1]
+def build_attention_mask(T: int, S: int, offsets: torch.Tensor, key_valid: torch.Tensor | None):
+    """Boolean mask [B or 1, 1, T, S], True = may attend: query t of row b sits at key position
+    offsets[b] + t (offsets [B], or [1] for all rows) and sees the keys up to it; optional key
+    padding ([B, >= S], True = real token). A query always sees its own key, so no row is empty."""
+    device = offsets.device
+    q_pos = (offsets[:, None] + torch.arange(T, device=device)[None])[:, None, :, None]  # [B|1, 1, T, 1]
     k_pos = torch.arange(S, device=device)[None, None, None, :]
     mask = k_pos <= q_pos
     if key_valid is not None:
@@ -203,6 +199,54 @@ def segment_mask(segment_ids: torch.Tensor) -> torch.Tensor:
     T = segment_ids.shape[1]
     causal = torch.ones(T, T, dtype=torch.bool, device=segment_ids.device).tril()
     return (segment_ids[:, None, :, None] == segment_ids[:, None, None, :]) & causal
+
+
+@dataclass(frozen=True, eq=False)
+class AttnInputs:
+    """Where one model call's new tokens sit, built once per call (`AttnInputs.build`) and passed
+    to every attention layer (what vLLM calls attention metadata; DeepSeek's and gpt-fast's
+    `start_pos` / `input_pos` and `mask`). The default is a fresh causal forward without a cache:
+    nothing to build, and SDPA takes `is_causal`."""
+
+    offsets: torch.Tensor | None = None  # [B], or [1] for all rows: cache slot of each row's first new token
+    kv_len: int | None = None  # S, the cache positions attention reads (a fresh forward: the T new tokens)
+    mask: torch.Tensor | None = None  # [B|1, 1, T, S] bool, True = may attend; None: causal over the new tokens
+    impl: str | None = None  # "naive" | "absorb"; None: naive for T > 1, absorb for one token
+
+    @classmethod
+    def build(cls, T: int, start_pos=0, device=None, *, cache_len: int | None = None, kv_len: int | None = None,
+              key_valid: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None,
+              impl: str | None = None) -> "AttnInputs":
+        """T new tokens from `start_pos`: an int (every row), or a LongTensor [B] for rows at
+        different positions, whose cache read is bounded by `kv_len` (else the whole cache).
+        `cache_len`: the cache's length when there is one. The mask joins causality (with the
+        rows' offsets), key padding (`key_valid` [B, >= S], True = real token) and packing
+        (`segment_ids` [B, T], one id per document)."""
+        if isinstance(start_pos, int):
+            S = T if cache_len is None else start_pos + T
+            if cache_len is not None and S > cache_len:
+                raise ValueError(f"KV cache overflow: position {S} exceeds its length {cache_len}")
+            offsets = torch.full((1,), start_pos, dtype=torch.long, device=device)
+            causal_from_zero = S == T  # a fresh forward: SDPA's is_causal, no mask
+            mask_offsets = torch.full((1,), S - T, dtype=torch.long, device=device)
+        else:
+            S = T if cache_len is None else min(kv_len if kv_len is not None else cache_len, cache_len)
+            offsets = mask_offsets = start_pos
+            causal_from_zero = False
+        mask = None
+        if not causal_from_zero or key_valid is not None:
+            mask = build_attention_mask(T, S, mask_offsets, key_valid)
+        if segment_ids is not None:  # packed sequences' block-diagonal causal mask [B, 1, T, T]
+            packing = segment_mask(segment_ids)
+            mask = packing if mask is None else mask & packing
+        return cls(offsets, S, mask, impl)
+
+    def positions(self, T: int) -> torch.Tensor:
+        """Positions [B|1, T] of the new tokens (for RoPE)."""
+        return self.offsets[:, None] + torch.arange(T, device=self.offsets.device)[None]
+
+
+CAUSAL = AttnInputs()  # a fresh causal forward without a cache (training, pipeline stages)
 
 
 class MLA(nn.Module):
@@ -241,25 +285,18 @@ class MLA(nn.Module):
         k_pe = apply_rope(k_pe[:, :, None, :], cos, sin)[:, :, 0]  # one head, shared by all heads
         return q_nope, q_pe, latent, k_pe
 
-    def forward(self, x, cos, sin, cache: LatentCache | None = None, start_pos=0,
-                key_valid: torch.Tensor | None = None, impl: str | None = None, kv_len: int | None = None,
-                attn_mask: torch.Tensor | None = None):
+    def forward(self, x, rope, cache: LatentCache | None = None, inputs: AttnInputs = CAUSAL):
+        """x [B, T, h], rope (cos, sin) [B|1, T, rope/2] -> [B, T, h]. With a cache, the new latents
+        go to `inputs.offsets` and attention reads its first `inputs.kv_len` positions."""
         B, T, _ = x.shape
-        q_nope, q_pe, latent, k_pe = self.project(x, cos, sin)
+        q_nope, q_pe, latent, k_pe = self.project(x, *rope)
         if cache is not None:
-            latent, k_pe = cache.update(latent, k_pe, start_pos=start_pos, kv_len=kv_len)  # [B, S, r], [B, S, rope]
-        S = latent.shape[1]
-        mask = None
-        if S != T or key_valid is not None or not isinstance(start_pos, int):
-            mask = build_attention_mask(T, S, start_pos if not isinstance(start_pos, int) else S - T,
-                                        key_valid, x.device)
-        if attn_mask is not None:  # e.g. packed sequences' block-diagonal mask [B, 1, T, S]
-            mask = attn_mask if mask is None else mask & attn_mask
-        impl = impl or ("naive" if T > 1 else "absorb")
+            latent, k_pe = cache.update(latent, k_pe, offsets=inputs.offsets, kv_len=inputs.kv_len)  # [B, S, r], [B, S, rope]
+        impl = inputs.impl or ("naive" if T > 1 else "absorb")
         if impl == "naive":
-            o = self._naive(q_nope, q_pe, latent, k_pe, mask)
+            o = self._naive(q_nope, q_pe, latent, k_pe, inputs.mask)
         elif impl == "absorb":
-            o = self._absorbed(q_nope, q_pe, latent, k_pe, mask)
+            o = self._absorbed(q_nope, q_pe, latent, k_pe, inputs.mask)
         else:
             raise ValueError(f"unknown attention impl {impl!r} (expected 'naive' or 'absorb')")
         return self.o_proj(o.reshape(B, T, -1))
@@ -287,9 +324,9 @@ class MLA(nn.Module):
         q_lat = torch.einsum("bthd,hdr->bthr", q_nope, w_uk)  # [B, T, H, r]
         scores = (torch.einsum("bthr,bsr->bhts", q_lat, latent)
                   + torch.einsum("bthd,bsd->bhts", q_pe, k_pe)) * self.softmax_scale
-        if mask is None:
+        if mask is None:  # causal over the new tokens
             T, S = scores.shape[-2:]
-            mask = build_attention_mask(T, S, S - T, None, scores.device)
+            mask = torch.ones(T, S, dtype=torch.bool, device=scores.device).tril(S - T)
         scores = scores.float().masked_fill(~mask, float("-inf"))
         p = scores.softmax(dim=-1).to(latent.dtype)  # [B, H, T, S]
         o_lat = torch.einsum("bhts,bsr->bthr", p, latent)  # [B, T, H, r]
@@ -308,8 +345,9 @@ class MHA(MLA):
         self.k_proj = nn.Linear(cfg.hidden_size, H * cfg.qk_head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.hidden_size, H * cfg.v_head_dim, bias=False)
 
-    def forward(self, x, cos, sin, cache=None, start_pos=0, key_valid=None, impl=None, kv_len=None, attn_mask=None):
+    def forward(self, x, rope, cache: KVCache | None = None, inputs: AttnInputs = CAUSAL):
         c, H = self.cfg, self.n_heads
+        cos, sin = rope
         B, T, _ = x.shape
         q = (self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if c.q_lora_rank else self.q_proj(x))
         q = q.view(B, T, H, c.qk_head_dim)
@@ -320,14 +358,8 @@ class MHA(MLA):
         q = torch.cat([q_nope, apply_rope(q_pe, cos, sin)], dim=-1)
         k = torch.cat([k_nope, apply_rope(k_pe, cos, sin)], dim=-1)
         if cache is not None:
-            k, v = cache.update(k, v, start_pos=start_pos, kv_len=kv_len)  # [B, S, H, qk], [B, S, H, v]
-        S = k.shape[1]
-        mask = None
-        if S != T or key_valid is not None or not isinstance(start_pos, int):
-            mask = build_attention_mask(T, S, start_pos if not isinstance(start_pos, int) else S - T,
-                                        key_valid, x.device)
-        if attn_mask is not None:
-            mask = attn_mask if mask is None else mask & attn_mask
+            k, v = cache.update(k, v, offsets=inputs.offsets, kv_len=inputs.kv_len)  # [B, S, H, qk], [B, S, H, v]
+        mask = inputs.mask
         ctx = _sdpa_backends() if q.is_cuda else nullcontext()
         with ctx:
             o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
@@ -396,13 +428,39 @@ def expert_counts(indices: torch.Tensor, n_experts: int) -> torch.Tensor:
     return torch.zeros(n_experts, dtype=torch.int64, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype x's GEMMs run in: autocast's for x's device while it is on, else x's own."""
+    return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+
+
+def sort_by_expert(indices: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """indices [N, k] -> order [N*k] (the token-expert pair slots sorted by expert, stable) and the
+    pairs per expert [E]: after x[order // k], expert e's tokens form one contiguous segment."""
+    order = indices.reshape(-1).argsort(stable=True)
+    return order, expert_counts(indices, n_experts)
+
+
+def combine(ys: torch.Tensor, order: torch.Tensor, weights: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """ys [N*k, h] in expert order, weights [N, k] -> sum_k weights * ys [N, h]: weighted in fp32,
+    un-permuted to (token, slot) order, summed over each token's k experts in fp32, cast to dtype."""
+    N, k = weights.shape
+    ys = ys.float() * weights.reshape(-1)[order, None].float()
+    unsorted = torch.empty_like(ys)
+    unsorted[order] = ys  # back to (token, slot) order; the backward is a gather
+    return unsorted.view(N, k, -1).sum(dim=1).to(dtype)
+
+
 class Experts(nn.Module):
     """The routed experts as stacked weights (HF keys `mlp.experts.<e>.<proj>.weight` on disk).
 
-    Token-expert pairs are sorted by expert and run as one grouped GEMM per projection:
-    `torch._grouped_mm` on GPUs that have it (bf16, Hopper or newer), else a loop over the
-    contiguous per-expert segments (same math). Outputs are un-permuted and summed over each
-    token's k experts in fp32.
+    forward = dispatch (sort the token-expert pairs by expert) -> `expert_mlp` (each expert's SwiGLU
+    on its contiguous segment) -> combine (weight, un-permute, sum over each token's k experts in
+    fp32). The GEMMs go through two seams: `grouped_gemm`, one `torch._grouped_mm` over all segments
+    (on GPUs that have it: bf16, Hopper or newer), and `segment_gemm`, one expert's segment (the
+    loop over segments everywhere else; same math). Variants override only what differs: FP8
+    training `expert_mlp` (fp8.py), FP8-stored weights the two GEMMs (fp8_weights.py), expert
+    parallelism `forward` (an all-to-all dispatcher around the same `expert_mlp`,
+    parallel/expert_parallel.py). torchtitan's GroupedExperts has the same shape.
     """
 
     def __init__(self, n_experts: int, hidden: int, inter: int):
@@ -422,27 +480,35 @@ class Experts(nn.Module):
     def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [N, h], indices/weights [N, k] -> sum_k weights * expert_k(x)  [N, h]."""
         N, k = indices.shape
-        order = indices.reshape(-1).argsort(stable=True)  # pair slots sorted by expert
-        counts = expert_counts(indices, self.n_experts)
-        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        xs = x[order // k].to(dtype)  # [N*k, h], grouped by expert
-        if self._use_grouped_mm(x, dtype):
-            offs = counts.cumsum(0).to(torch.int32)
-            w1, w3, w2 = (w.to(dtype).transpose(-2, -1) for w in (self.gate_proj, self.up_proj, self.down_proj))
-            hidden = F.silu(torch._grouped_mm(xs, w1, offs=offs)) * torch._grouped_mm(xs, w3, offs=offs)
-            ys = torch._grouped_mm(hidden, w2, offs=offs)
-        else:
-            outs = []
-            w1, w3, w2 = self.gate_proj, self.up_proj, self.down_proj  # read once (they may be computed, e.g. LoRA)
-            for e, seg in enumerate(xs.split(counts.tolist())):
-                if seg.shape[0]:
-                    hdn = F.silu(seg @ w1[e].t()) * (seg @ w3[e].t())
-                    outs.append(hdn @ w2[e].t())
-            ys = torch.cat(outs) if outs else xs.new_zeros(0, x.shape[1])
-        ys = ys.float() * weights.reshape(-1)[order, None].float()
-        unsorted = torch.empty_like(ys)
-        unsorted[order] = ys  # back to (token, slot) order; the backward is a gather
-        return unsorted.view(N, k, -1).sum(dim=1).to(x.dtype)
+        order, counts = sort_by_expert(indices, self.n_experts)
+        ys = self.expert_mlp(x[order // k], counts)  # [N*k, h], grouped by expert
+        return combine(ys, order, weights, x.dtype)
+
+    def expert_mlp(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """xs [M, h] sorted by expert, counts [E] rows per expert -> down(silu(gate xs) * up xs)
+        [M, h], each segment through its own expert, in the compute dtype."""
+        dtype = compute_dtype(xs)
+        xs = xs.to(dtype)
+        w1, w3, w2 = self.gate_proj, self.up_proj, self.down_proj  # read once (they may be computed, e.g. LoRA)
+        if self._use_grouped_mm(xs, dtype):
+            offs = counts.cumsum(0).to(torch.int32)  # [E] end of each expert's segment
+            hidden = F.silu(self.grouped_gemm(xs, w1, offs)) * self.grouped_gemm(xs, w3, offs)  # [M, inter]
+            return self.grouped_gemm(hidden, w2, offs)
+        outs = []
+        for e, seg in enumerate(xs.split(counts.tolist())):
+            if seg.shape[0]:
+                hdn = F.silu(self.segment_gemm(seg, w1, e)) * self.segment_gemm(seg, w3, e)  # [n_e, inter]
+                outs.append(self.segment_gemm(hdn, w2, e))
+        return torch.cat(outs) if outs else xs.new_zeros(0, xs.shape[1])
+
+    def grouped_gemm(self, x: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+        """x [M, in] sorted by expert, weight [E, out, in], offs [E] int32 segment ends -> [M, out]:
+        each segment times its expert's weight^T, one launch for all experts."""
+        return torch._grouped_mm(x, weight.to(x.dtype).transpose(-2, -1), offs=offs)
+
+    def segment_gemm(self, x: torch.Tensor, weight: torch.Tensor, e: int) -> torch.Tensor:
+        """x [n_e, in], the segment of expert e -> x weight[e]^T [n_e, out]."""
+        return x @ weight[e].t()
 
 
 class MoE(nn.Module):
@@ -485,10 +551,9 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MoE(cfg) if cfg.is_moe_layer(layer_idx) else MLP(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x, cos, sin, cache=None, start_pos=0, key_valid=None, attn_impl=None, kv_len=None,
-                attn_mask=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, start_pos, key_valid, attn_impl, kv_len,
-                               attn_mask)
+    def forward(self, x, rope, cache: SequenceCache | None = None, inputs: AttnInputs = CAUSAL):
+        """x [B, T, h], rope (cos, sin) of the T positions -> [B, T, h]."""
+        x = x + self.self_attn(self.input_layernorm(x), rope, cache, inputs)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -511,10 +576,10 @@ class MTPLayer(Block):
         self.eh_proj = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
         self.shared_head = SharedHead(cfg)
 
-    def forward(self, h_prev, emb, cos, sin, cache=None, start_pos=0, key_valid=None, attn_impl=None, kv_len=None,
-                attn_mask=None):
+    def forward(self, h_prev, emb, rope, cache: SequenceCache | None = None, inputs: AttnInputs = CAUSAL):
+        """h_prev [B, T, h] (depth k-1), emb [B, T, h] (tokens i+k) -> h^k [B, T, h]."""
         x = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h_prev)], dim=-1))
-        return super().forward(x, cos, sin, cache, start_pos, key_valid, attn_impl, kv_len, attn_mask)
+        return super().forward(x, rope, cache, inputs)
 
 
 class Backbone(nn.Module):
@@ -597,10 +662,13 @@ class DeepSeekV3(nn.Module):
     def make_cache(self, batch: int, max_len: int, dtype=None, device=None) -> dict[str, SequenceCache]:
         return {i: self.make_layer_cache(batch, max_len, dtype, device) for i in self.model.layers}
 
-    def positions_for(self, T: int, start_pos, device) -> torch.Tensor:
-        if isinstance(start_pos, int):
-            return torch.arange(start_pos, start_pos + T, device=device)
-        return start_pos[:, None] + torch.arange(T, device=device)[None]  # [B, T]
+    def attn_inputs(self, T: int, start_pos=0, device=None, cache: dict | SequenceCache | None = None,
+                    **kw) -> AttnInputs:
+        """`AttnInputs.build` for T new tokens at `start_pos`, bounded by `cache` (one layer's cache or
+        the dict of them) when there is one; `kw`: kv_len, key_valid, segment_ids, impl."""
+        if isinstance(cache, dict):
+            cache = next(iter(cache.values()), None)
+        return AttnInputs.build(T, start_pos, device, cache_len=cache.max_len if cache is not None else None, **kw)
 
     def forward(self, input_ids: torch.Tensor, *, start_pos=0, positions: torch.Tensor | None = None,
                 cache: dict | None = None, key_valid: torch.Tensor | None = None,
@@ -614,17 +682,14 @@ class DeepSeekV3(nn.Module):
         attention inside each document, `positions` [B, T] restart at 0 in each."""
         emb = self.model.embed_tokens
         h = emb(input_ids) if emb is not None else input_ids
-        if positions is None:
-            positions = self.positions_for(h.shape[1], start_pos, h.device)
-        cos, sin = self.rotary(positions)
-        attn_mask = None
-        if segment_ids is not None:
-            if cache is not None:
-                raise ValueError("segment_ids (packed sequences) do not combine with a KV cache")
-            attn_mask = segment_mask(segment_ids)
+        T = h.shape[1]
+        if segment_ids is not None and cache is not None:
+            raise ValueError("segment_ids (packed sequences) do not combine with a KV cache")
+        inputs = self.attn_inputs(T, start_pos, h.device, cache, kv_len=kv_len, key_valid=key_valid,
+                                  segment_ids=segment_ids, impl=attn_impl)  # once for all layers
+        rope = self.rotary(inputs.positions(T) if positions is None else positions)
         for name, layer in self.model.layers.items():
-            h = layer(h, cos, sin, cache[name] if cache is not None else None, start_pos, key_valid, attn_impl, kv_len,
-                      attn_mask=attn_mask)
+            h = layer(h, rope, cache[name] if cache is not None else None, inputs)
         if self.model.norm is None:
             return h
         h = self.model.norm(h)
@@ -645,10 +710,10 @@ class DeepSeekV3(nn.Module):
             if T - k <= 0:
                 break
             emb = self.model.embed_tokens(input_ids[:, k:])  # token i+k for position i
-            pos = self.positions_for(T - k, 0, hidden.device) if positions is None else positions[..., : T - k]
-            cos, sin = self.rotary(pos)
-            mask = segment_mask(segment_ids[:, : T - k]) if segment_ids is not None else None
-            h_prev = layer(h_prev[:, : T - k], emb, cos, sin, attn_mask=mask)
+            inputs = self.attn_inputs(T - k, 0, hidden.device,
+                                      segment_ids=segment_ids[:, : T - k] if segment_ids is not None else None)
+            rope = self.rotary(inputs.positions(T - k) if positions is None else positions[..., : T - k])
+            h_prev = layer(h_prev[:, : T - k], emb, rope, None, inputs)
             out.append(self.lm_head(layer.shared_head.norm(h_prev)))
         return out
 

@@ -48,8 +48,8 @@ def generate_speculative(model, input_ids: torch.Tensor, max_new_tokens: int,
 
     def draft_from(h, next_ids, pos):
         """MTP over positions pos.. with inputs (h_i, emb(t_{i+1})); the draft for the token after."""
-        cos, sin = model.rotary(model.positions_for(h.shape[1], pos, h.device))
-        hk = mtp(h, embed(next_ids), cos, sin, mcache, pos)
+        inputs = model.attn_inputs(h.shape[1], pos, h.device, mcache)
+        hk = mtp(h, embed(next_ids), model.rotary(inputs.positions(h.shape[1])), mcache, inputs)
         return int(model.lm_head(mtp.shared_head.norm(hk[:, -1:])).argmax(-1))
 
     logits, hidden = model(input_ids, cache=cache, return_hidden=True)

@@ -174,7 +174,7 @@ def test_pipeline_stage_is_model_with_parts_removed(tiny_cfg):
         stage.load_state_dict(model.state_dict())
         stage.model.embed_tokens = None
         del stage.model.layers["0"]
-        h0 = model.model.layers["0"](h, *model.rotary(torch.arange(7)))
+        h0 = model.model.layers["0"](h, model.rotary(torch.arange(7)))
         assert (stage(h0) - full).abs().max().item() < 1e-5
 
 

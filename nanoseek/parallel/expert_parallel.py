@@ -6,7 +6,7 @@ that hold their experts and back, with two all-to-alls per layer and direction:
 
     route (unchanged Router) -> sort pairs by expert, hence by destination rank
     -> all-to-all the per-expert counts -> all-to-all the tokens (variable splits)
-    -> the local experts on what arrived (the `Experts` math: grouped GEMM or segment loop)
+    -> the local experts on what arrived (`Experts.expert_mlp`: grouped GEMM or segment loop)
     -> all-to-all the outputs back -> un-permute, weight, sum over each token's k experts
 
 Gradients flow through both all-to-alls (`_AllToAll`: the backward is the reverse exchange).
@@ -28,7 +28,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from ..config import ModelConfig
-from ..model import Experts, MoE, expert_counts
+from ..model import Experts, MoE, combine, compute_dtype, sort_by_expert
 
 # ----------------------------------------------------------------------------- the exchange
 # Seconds spent inside all-to-alls (with a device sync around each) while `timing` is on; for
@@ -77,8 +77,9 @@ def all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], gro
 
 
 # ----------------------------------------------------------------------------- the EP experts
-class ExpertParallelExperts(nn.Module):
-    """The routed experts of one MoE layer, sharded over an EP group.
+class ExpertParallelExperts(Experts):
+    """The routed experts of one MoE layer, sharded over an EP group: a dispatcher (all-to-all out,
+    all-to-all back) around the unchanged local compute, `Experts.expert_mlp` on what arrived.
 
     `n_experts` stays the global count E (the MoE counts its load over all experts); the
     parameters `gate_proj`, `up_proj` [E/ep, inter, h] and `down_proj` [E/ep, h, inter] are this
@@ -86,11 +87,12 @@ class ExpertParallelExperts(nn.Module):
     """
 
     def __init__(self, experts: Experts, group=None):
-        super().__init__()
+        _, inter, hidden = experts.gate_proj.shape
+        with torch.device("meta"):  # the full-size parameters are replaced by this rank's slice below
+            super().__init__(experts.n_experts, hidden, inter)
         self.group = group
         self.ep_size = dist.get_world_size(group)
         self.ep_rank = dist.get_rank(group)
-        self.n_experts = experts.n_experts
         if self.n_experts % self.ep_size:
             raise ValueError(f"expert parallel: {self.n_experts} routed experts do not split over {self.ep_size} ranks")
         self.n_local = self.n_experts // self.ep_size
@@ -104,38 +106,27 @@ class ExpertParallelExperts(nn.Module):
     def extra_repr(self) -> str:
         return f"experts {self.first}..{self.first + self.n_local - 1} of {self.n_experts}, ep {self.ep_rank}/{self.ep_size}"
 
-    def _local(self) -> Experts:
-        """A plain `Experts` over this rank's slice (the very same Parameters), so the local
-        compute is the model's own expert math. Built per call, never registered as a child."""
-        local = Experts.__new__(Experts)
-        nn.Module.__init__(local)
-        local.n_experts, local.impl = self.n_local, self.impl
-        local.gate_proj, local.up_proj, local.down_proj = self.gate_proj, self.up_proj, self.down_proj
-        return local
-
     def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [N, h], indices/weights [N, k] (global expert ids) -> sum_k weights * expert_k(x) [N, h]."""
         N, k = indices.shape
         ep, El = self.ep_size, self.n_local
-        order = indices.reshape(-1).argsort(stable=True)  # [N*k] pair slots sorted by expert, so by rank
-        counts = expert_counts(indices, self.n_experts).view(ep, El)  # [ep, El] pairs per destination expert
+        order, counts = sort_by_expert(indices, self.n_experts)  # [N*k] pair slots sorted by expert, so by rank
+        counts = counts.view(ep, El)  # [ep, El] pairs per destination expert
         recv_counts = exchange(counts, [1] * ep, [1] * ep, self.group)  # [ep, El] pairs from each rank for my experts
         send = counts.sum(1).tolist()  # pairs to each rank
         recv = recv_counts.sum(1).tolist()  # pairs from each rank
-        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        xs = x[order // k].to(dtype)  # [N*k, h] grouped by expert (the send buffer, compute dtype)
+        xs = x[order // k].to(compute_dtype(x))  # [N*k, h] grouped by expert (the send buffer, compute dtype)
         xr = all_to_all(xs, recv, send, self.group)  # [M, h] by (source rank, local expert)
         if xr.shape[0]:
             local_ids = torch.arange(El, device=x.device).repeat(ep).repeat_interleave(recv_counts.reshape(-1))  # [M]
-            ones = torch.ones(xr.shape[0], 1, device=x.device, dtype=torch.float32)
-            yr = self._local()(xr, local_ids[:, None], ones)  # [M, h]: expert outputs, weight 1
+            local_order = local_ids.argsort(stable=True)  # the arrivals sorted by local expert
+            ys_local = self.expert_mlp(xr[local_order], recv_counts.sum(0))  # [M, h]
+            yr = torch.empty_like(ys_local)
+            yr[local_order] = ys_local  # back to arrival order
         else:
             yr = xr  # nothing arrived: an empty tensor that keeps the backward exchange in the graph
         ys = all_to_all(yr, send, recv, self.group)  # [N*k, h], back in `order`
-        ys = ys.float() * weights.reshape(-1)[order, None].float()
-        unsorted = torch.empty_like(ys)
-        unsorted[order] = ys  # back to (token, slot) order
-        return unsorted.view(N, k, -1).sum(dim=1).to(x.dtype)
+        return combine(ys, order, weights, x.dtype)
 
 
 def apply_expert_parallel(model: nn.Module, ep_group=None) -> list[str]:

@@ -113,10 +113,10 @@ class DeepSeekStage(nn.Module):
 
     def forward(self, x):
         h = self.embed(x) if self.first else x
-        cos, sin = self.rotary(torch.arange(h.shape[1], device=h.device))
+        rope = self.rotary(torch.arange(h.shape[1], device=h.device))
         bal = None
         for name, layer in self.blocks.items():
-            h = layer(h, cos, sin)
+            h = layer(h, rope)
             if isinstance(layer.mlp, MoE):
                 c = layer.mlp.tokens_per_expert.float()
                 self.loads[name] = self.loads[name] + c if name in self.loads else c
