@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from . import dense_checkpoint
 from .dense_config import DenseConfig
-from .model import RMSNorm, SequenceCache
+from .model import CAUSAL, AttnInputs, RMSNorm, SequenceCache
 from .sampling import sample_next
 
 
@@ -127,29 +127,6 @@ class GQACache(SequenceCache):
         return self.tensors[1]
 
 
-def attention_mask(T: int, S: int, start_pos, key_valid: torch.Tensor | None, device) -> torch.Tensor:
-    """Boolean mask [B or 1, 1, T, S], True = may attend: causal with an offset (an int, or a
-    LongTensor [B] of per-sequence offsets), optional key padding ([B, S], True = real token).
-    A query always sees its own key, so no row is empty."""
-    if isinstance(start_pos, int):
-        q_pos = (torch.arange(T, device=device) + start_pos)[None]  # [1, T]
-    else:
-        q_pos = start_pos[:, None] + torch.arange(T, device=device)[None]  # [B, T]
-    q_pos = q_pos[:, None, :, None]  # [B|1, 1, T, 1]
-    k_pos = torch.arange(S, device=device)[None, None, None, :]
-    mask = k_pos <= q_pos
-    if key_valid is not None:
-        mask = (mask & key_valid[:, None, None, :S].bool()) | (k_pos == q_pos)
-    return mask
-
-
-def segment_mask(segment_ids: torch.Tensor) -> torch.Tensor:
-    """Block-diagonal causal mask [B, 1, T, T] for packed sequences ([B, T] ids, one per document)."""
-    T = segment_ids.shape[1]
-    causal = torch.ones(T, T, dtype=torch.bool, device=segment_ids.device).tril()
-    return (segment_ids[:, None, :, None] == segment_ids[:, None, None, :]) & causal
-
-
 class Attention(nn.Module):
     """Grouped-query attention (HF module `self_attn`)."""
 
@@ -164,24 +141,19 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(d, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(d, cfg.rms_norm_eps) if cfg.qk_norm else None
 
-    def forward(self, x, cos, sin, cache: GQACache | None = None, start_pos=0,
-                key_valid: torch.Tensor | None = None, kv_len: int | None = None,
-                attn_mask: torch.Tensor | None = None):
+    def forward(self, x, rope, cache: GQACache | None = None, inputs: AttnInputs = CAUSAL):
+        """x [B, T, h], rope (cos, sin) [B|1, T, d/2] -> [B, T, h]. With a cache, the new keys and
+        values go to `inputs.offsets` and attention reads its first `inputs.kv_len` positions."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
         if self.q_norm is not None:  # Qwen3: RMSNorm over each head's head_dim
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
-            k, v = cache.update(k, v, start_pos=start_pos, kv_len=kv_len)  # [B, S, KV, d] each
-        S = k.shape[1]
-        mask = None
-        if S != T or key_valid is not None or not isinstance(start_pos, int):
-            mask = attention_mask(T, S, start_pos if not isinstance(start_pos, int) else S - T, key_valid, x.device)
-        if attn_mask is not None:  # e.g. packed sequences' block-diagonal mask [B, 1, T, S]
-            mask = attn_mask if mask is None else mask & attn_mask
+            k, v = cache.update(k, v, offsets=inputs.offsets, kv_len=inputs.kv_len)  # [B, S, KV, d] each
+        mask = inputs.mask
         o = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),  # [B, H|KV, T|S, d]
             attn_mask=mask, is_causal=mask is None, scale=self.head_dim ** -0.5,
@@ -214,8 +186,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias)
 
-    def forward(self, x, cos, sin, cache=None, start_pos=0, key_valid=None, kv_len=None, attn_mask=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, start_pos, key_valid, kv_len, attn_mask)
+    def forward(self, x, rope, cache: GQACache | None = None, inputs: AttnInputs = CAUSAL):
+        x = x + self.self_attn(self.input_layernorm(x), rope, cache, inputs)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -296,11 +268,6 @@ class DenseModel(nn.Module):
     def make_cache(self, batch: int, max_len: int, dtype=None, device=None) -> dict[str, GQACache]:
         return {i: self.make_layer_cache(batch, max_len, dtype, device) for i in self.model.layers}
 
-    def positions_for(self, T: int, start_pos, device) -> torch.Tensor:
-        if isinstance(start_pos, int):
-            return torch.arange(start_pos, start_pos + T, device=device)
-        return start_pos[:, None] + torch.arange(T, device=device)[None]  # [B, T]
-
     def forward(self, input_ids: torch.Tensor, *, start_pos=0, positions: torch.Tensor | None = None,
                 cache: dict | None = None, key_valid: torch.Tensor | None = None,
                 attn_impl: str | None = None, return_hidden: bool = False, kv_len: int | None = None,
@@ -311,17 +278,15 @@ class DenseModel(nn.Module):
         [B, S] masks padding keys, `segment_ids` / `positions` [B, T] describe packed sequences.
         `attn_impl` is accepted and unused: there is one attention path."""
         h = self.model.embed_tokens(input_ids)  # [B, T, h]
-        if positions is None:
-            positions = self.positions_for(h.shape[1], start_pos, h.device)
-        cos, sin = self.rotary(positions)
-        attn_mask = None
-        if segment_ids is not None:
-            if cache is not None:
-                raise ValueError("segment_ids (packed sequences) do not combine with a KV cache")
-            attn_mask = segment_mask(segment_ids)
+        T = h.shape[1]
+        if segment_ids is not None and cache is not None:
+            raise ValueError("segment_ids (packed sequences) do not combine with a KV cache")
+        layer_cache = next(iter(cache.values()), None) if cache is not None else None
+        inputs = AttnInputs.build(T, start_pos, h.device, cache_len=layer_cache.max_len if layer_cache is not None else None,
+                                  kv_len=kv_len, key_valid=key_valid, segment_ids=segment_ids)  # once for all layers
+        rope = self.rotary(inputs.positions(T) if positions is None else positions)
         for name, layer in self.model.layers.items():
-            h = layer(h, cos, sin, cache[name] if cache is not None else None, start_pos, key_valid, kv_len,
-                      attn_mask)
+            h = layer(h, rope, cache[name] if cache is not None else None, inputs)
         h = self.model.norm(h)
         logits = self.lm_head(h)  # [B, T, V]
         return (logits, h) if return_hidden else logits
