@@ -235,8 +235,8 @@ def _quant_weight_kernel(w_ptr, q_ptr, qt_ptr, s_ptr, N, K, stride_we, stride_wn
 _WEIGHT_INT_ARGS = ["N", "K", "stride_we", "stride_wn", "n0", "NT", "nNT", "nK"]
 _quant_weight_fast = triton.jit(_quant_weight_kernel)
 _quant_weight_safe = triton.jit(_quant_weight_kernel, do_not_specialize=_WEIGHT_INT_ARGS)
-# How the kernel writes W^T (T_MODE above), measured in dev/debug_fp8_weight.py on an H200 with
-# Triton 3.6 (RESULTS.md): the second, transposed load (2) is bit-exact in both compilations at
+# How the kernel writes W^T (T_MODE above), measured by a probe on an H200 with
+# Triton 3.6 (RESULTS.md; dev/LOG.md names the probe): the second, transposed load (2) is bit-exact in both compilations at
 # 2.5 TB/s; the register transpose (1) runs at 3.5 TB/s but its fast build writes wrong W^T bytes
 # at every size divisible by 16 (the safe build is right, at 1.3 TB/s). The "copy" variant writes
 # W alone and transposes its bytes with PyTorch (a separate pass, 0.8-0.9 TB/s in all).

@@ -57,7 +57,7 @@ class Recipe:
     compared on the validation set; the test set is only reported."""
     n_numbers: int = 3
     # a validation set, disjoint from the test set and from training, on which recipes are compared
-    # (dev/sweep_rl.py); the test set is for the final report alone
+    # (dev/sweeps/sweep_rl.py); the test set is for the final report alone
     val_problems: int = 250
     train_problems: int = 80_000  # worked solutions written for pretraining (and the control)
     pretrain_steps: int = 800
