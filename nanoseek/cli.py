@@ -19,6 +19,7 @@ from .parallel.simulator import plot_timeline, simulate
 from .quickstart import add_quickstart_command
 from .rl.cli import add_grpo_command
 from .serve.app import add_serve_command
+from .serve.create import add_modelfile_option
 from .sft import add_sft_command, add_sft_options
 from .store import add_store_commands
 from .train import TrainArgs, train
@@ -250,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_pipeline_sim)
 
     add_store_commands(sub)  # list, show, rm, create
+    add_modelfile_option(sub.choices["create"])  # create NAME -f Modelfile
     add_serve_command(sub)
     add_grpo_command(sub)
     add_quickstart_command(sub)

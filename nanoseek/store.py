@@ -222,9 +222,11 @@ class Store:
             raise StoreError(f"{os.path.join(path, MANIFEST)}: unreadable manifest ({e})") from None
 
     # ------------------------------------------------------------------ create / rm
-    def create(self, name: str, src: str, force: bool = False, progress=None) -> dict:
+    def create(self, name: str, src: str, force: bool = False, progress=None, defaults: dict | None = None) -> dict:
         """Import the checkpoint directory `src` as `name`. Atomic: the model appears complete or
-        not at all. With `force`, an existing model of that name is replaced."""
+        not at all. With `force`, an existing model of that name is replaced. `defaults` (a
+        Modelfile's system prompt, template, parameters, messages) go into the manifest, for the
+        server to apply to requests that do not set them."""
         cname = canonical_name(name)
         final = self._dir_for(cname)
         if os.path.exists(os.path.join(final, MANIFEST)) and not force:
@@ -259,6 +261,8 @@ class Store:
                 "quantization": quantization_of(cfg_dict),
                 "has_chat_template": bool(info["tokenizer"].chat_template),
             }
+            if defaults:
+                manifest["defaults"] = defaults
             with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as fo:
                 fo.write(json.dumps(manifest, indent=2) + "\n")
                 fo.flush()
@@ -283,6 +287,13 @@ class Store:
                     except OSError:
                         pass
             raise
+
+    def copy(self, src: str, dst: str, force: bool = False) -> dict:
+        """A second name for a stored model (its files and its defaults), as `ollama cp` makes."""
+        csrc, cdst = canonical_name(src), canonical_name(dst)
+        if csrc == cdst:
+            raise StoreError(f"cannot copy '{csrc}' onto itself")
+        return self.create(cdst, self.path_of(csrc), force=force, defaults=self.manifest(csrc).get("defaults"))
 
     def rm(self, name: str) -> str:
         """Delete a stored model (rename out of sight first, so a half-deleted model is never listed)."""
@@ -414,6 +425,8 @@ def cmd_rm(args) -> int:
 
 def cmd_create(args) -> int:
     import sys
+    if not args.source:
+        raise StoreError("give the checkpoint with --from DIR (or a Modelfile with -f)")
     t0 = time.time()
     m = Store().create(args.name, args.source, force=args.force,
                        progress=None if args.json else (lambda i, n, f: print(f"copying {f} ({i + 1}/{n})",
@@ -457,7 +470,7 @@ def add_store_commands(sub) -> None:
 
     s = sub.add_parser("create", help="import a Hugging Face checkpoint directory (tokenizer included) as NAME")
     s.add_argument("name", help="name[:tag] (tag defaults to 'latest')")
-    s.add_argument("--from", dest="source", required=True, metavar="DIR", help="checkpoint directory")
+    s.add_argument("--from", dest="source", metavar="DIR", help="checkpoint directory")
     s.add_argument("--force", action="store_true", help="replace an existing model of that name")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=_guard(cmd_create))

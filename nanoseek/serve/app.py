@@ -10,12 +10,14 @@ reading the body:
 - Origin: a browser page must come from an allowed origin (pages on this machine, app webviews,
   and those given with --allow-origin / NANOSEEK_ORIGINS), else 403; allowed ones get CORS headers.
 - the API key (with --api-key): `Authorization: Bearer KEY` on every endpoint, else 401.
-- the body: a declared length over 4 MiB is a 413 and chunked bodies a 400, both unread.
+- the body: a declared length over 4 MiB is a 413, unread; a chunked body is read here up to the
+  same cap (413 as soon as it passes it) and handed on whole.
 
 Errors are in the API's own format and name the field (protocol.py); a fault inside the server is
 a 500 with its traceback logged. Every log line of a request carries its request id. A client that
 disconnects cancels its engine requests; shutting down lets running requests finish for a few
-seconds, then cancels them.
+seconds, then cancels them. GET /metrics reports requests, tokens, time to first token and the
+queue in Prometheus's text format (metrics.py).
 """
 
 from __future__ import annotations
@@ -40,8 +42,9 @@ from starlette.exceptions import HTTPException
 from starlette.responses import PlainTextResponse, Response
 
 from ..store import Store
-from . import ollama, openai
+from . import create, embed, ollama, openai
 from .jobs import RequestCounters
+from .metrics import Metrics
 from .models import ModelManager
 from .protocol import MAX_BODY, APIError, error_body, json_response, request_id
 
@@ -92,7 +95,8 @@ class App:
         self.bind_host = bind_host
         self.origins = DEFAULT_ORIGINS + tuple(allow_origins)
         self.models = ModelManager(self.store, context_length, max_batch, device, dtype)
-        self.counters = RequestCounters()
+        self.metrics = Metrics()
+        self.counters = RequestCounters(self.metrics)
         self._stop = threading.Event()
         self._reaper = threading.Thread(target=self._reap_loop, daemon=True, name="nanoseek-reaper")
         self._reaper.start()
@@ -130,12 +134,49 @@ def error_response(err: APIError, openai_format: bool, close: bool = False) -> R
     return json_response(error_body(err, openai_format), err.status, ollama=not openai_format, headers=headers)
 
 
+def is_chunked(headers: Headers) -> bool:
+    return "chunked" in (headers.get("transfer-encoding") or "").lower()
+
+
+def too_large() -> APIError:
+    return APIError(413, f"request body is larger than the limit of {MAX_BODY} bytes")
+
+
+async def read_chunked(receive) -> tuple[bytes | None, bool]:
+    """A chunked body read whole: (body, client gone); body None once it passes MAX_BODY."""
+    parts, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return b"".join(parts), True
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > MAX_BODY:
+            return None, False
+        parts.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(parts), False
+
+
+def replay(body: bytes, receive):
+    """An ASGI receive that hands the app `body` whole, then waits on the real one (disconnects)."""
+    sent = False
+
+    async def receive_body():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+    return receive_body
+
+
 class Gate:
     """ASGI middleware in front of the routes: request id and access log, Host / Origin / API key /
     body-size refusals before anything is read, CORS headers, preflights, and the 500 of a fault."""
 
-    def __init__(self, app, state: App):
-        self.app, self.state = app, state
+    def __init__(self, app, state: App, endpoints: frozenset[str] = frozenset()):
+        self.app, self.state, self.endpoints = app, state, endpoints
 
     def refusal(self, method: str, headers: Headers) -> APIError | None:
         host = headers.get("host")
@@ -150,8 +191,8 @@ class Gate:
             return None
         if not self.state.authorized(headers.get("authorization")):
             return APIError(401, "unauthorized: send the header 'Authorization: Bearer <api key>'")
-        if "chunked" in (headers.get("transfer-encoding") or "").lower():
-            return APIError(400, "chunked request bodies are not supported; send Content-Length")
+        if is_chunked(headers):
+            return None  # read (up to MAX_BODY) by `read_chunked`
         try:
             n = int(headers.get("content-length") or 0)
         except ValueError:
@@ -197,6 +238,12 @@ class Gate:
                                   "Access-Control-Allow-Headers": "Authorization, Content-Type",
                                   "Access-Control-Max-Age": "600"})
                 await Response(status_code=204, headers=allow)(scope, receive, send_with_cors)
+            elif is_chunked(headers):
+                body, gone = await read_chunked(receive)
+                if body is None:
+                    await error_response(too_large(), openai_format, close=True)(scope, receive, send_with_cors)
+                elif not gone:
+                    await self.app(scope, replay(body, receive), send_with_cors)
             else:
                 await self.app(scope, receive, send_with_cors)
         except asyncio.CancelledError:  # shutting down: the grace period ran out (its choices are cancelled)
@@ -211,6 +258,7 @@ class Gate:
         finally:
             client = scope.get("client") or ("-", 0)
             log.info("[%s] %s %s %s %d %.3f s", rid, client[0], method, path, status, time.perf_counter() - t0)
+            self.state.metrics.request(path if path in self.endpoints else "other", method, status)
             request_id.reset(token)
 
 
@@ -218,8 +266,9 @@ def create_api(state: App) -> FastAPI:
     """The FastAPI application: both protocols' routes behind the gate."""
     api = FastAPI(title="nanoseek", docs_url=None, redoc_url=None, openapi_url=None, redirect_slashes=False)
     api.state.nanoseek = state
-    api.include_router(ollama.router)
-    api.include_router(openai.router)
+    routers = (ollama.router, openai.router, embed.router, create.router)
+    for router in routers:
+        api.include_router(router)
 
     @api.get("/")
     @api.head("/")
@@ -229,6 +278,10 @@ def create_api(state: App) -> FastAPI:
     @api.get("/health")
     async def health():
         return json_response({"status": "ok"}, ollama=True)
+
+    @api.get("/metrics")
+    async def metrics():
+        return state.metrics.response(state.counters.active, state.counters.cancelled)
 
     @api.exception_handler(APIError)
     async def api_error(request: Request, err: APIError):
@@ -244,7 +297,9 @@ def create_api(state: App) -> FastAPI:
                APIError(exc.status_code, str(exc.detail)))
         return error_response(err, path.startswith("/v1"))
 
-    api.add_middleware(Gate, state=state)
+    paths = [r.path for router in (api, *routers) for r in router.routes if hasattr(r, "path")]
+    endpoints = frozenset(p for p in paths if "{" not in p)  # the metrics' endpoint labels
+    api.add_middleware(Gate, state=state, endpoints=endpoints)
     return api
 
 
@@ -261,8 +316,12 @@ class Server:
                 family = socket.AF_INET6
         except ValueError:
             pass
-        self.socket = socket.socket(family, socket.SOCK_STREAM)
+        # IPPROTO_TCP named, so asyncio turns Nagle's algorithm off on every accepted connection
+        # (and the listener's TCP_NODELAY is inherited where the OS does that): a reply's head and
+        # body go out as two writes, and with Nagle on the second waits for the client's delayed ACK
+        self.socket = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.socket.bind((host, port))
         self.socket.listen(64)
         self.server_address = self.socket.getsockname()

@@ -17,6 +17,7 @@ from starlette.responses import StreamingResponse
 
 from ..chat import ThinkSplitter
 from ..engine import Event, SamplingParams
+from .metrics import Metrics
 from .models import LoadedModel
 from .protocol import STREAM_HEADERS, APIError
 
@@ -30,11 +31,13 @@ class ClientGone(Exception):
 
 
 class RequestCounters:
-    """Requests in flight and requests cancelled by their client, for the whole server."""
+    """Requests in flight and requests cancelled by their client, for the whole server, and the
+    metrics every job reports into."""
 
-    def __init__(self):
+    def __init__(self, metrics: Metrics | None = None):
         self.active = 0
         self.cancelled = 0
+        self.metrics = metrics or Metrics()
         self._lock = threading.Lock()
 
     def add(self, active: int = 0, cancelled: int = 0) -> None:
@@ -170,6 +173,8 @@ class Job:
             threading.Thread(target=_read_events, args=(h, i, loop, queue), daemon=True,
                              name=f"nanoseek-events-{i}").start()
         counters.add(active=1)
+        metrics, waiting = counters.metrics, True
+        metrics.queue(+1)
         try:
             live, last_check = len(self.handles), time.monotonic()
             while live:
@@ -197,6 +202,10 @@ class Job:
                         raise err
                     if ev.finish_reason is not None:
                         self.finished[i] = True
+                    if waiting and ev.token_id is not None:
+                        waiting = False
+                        metrics.queue(-1)
+                        metrics.first_token(self.lm.name, time.perf_counter() - self.t0)
                     groups.setdefault(i, []).append(ev)
                 for i, events in groups.items():
                     ths, cts = [], []
@@ -214,6 +223,11 @@ class Job:
         finally:
             self.cancel()
             counters.add(active=-1)
+            if waiting:
+                metrics.queue(-1)
+            done = [st.last for st in self.states if st.last is not None]
+            metrics.tokens(self.lm.name, sum(len(p) for p in self.prompts),
+                           sum(ev.completion_tokens or 0 for ev in done))
 
     async def run(self, client_gone, counters: RequestCounters) -> list[ChoiceState]:
         """To the end, without streaming: the choices' states."""

@@ -21,6 +21,8 @@ from .protocol import MISSING, APIError, bad, request_id, short
 
 log = logging.getLogger("nanoseek.serve")
 
+MAX_KEEP_ALIVE_S = 100 * 365 * 86400  # a longer keep_alive is forever (and a time a clock can hold)
+
 
 @dataclass
 class LoadedModel:
@@ -95,7 +97,8 @@ class ModelManager:
         with self._lock:
             lm.active -= 1
             if keep_alive is not MISSING:
-                lm.expires_at = None if keep_alive is None else time.time() + keep_alive
+                forever = keep_alive is None or not keep_alive <= MAX_KEEP_ALIVE_S  # NaN, inf, centuries
+                lm.expires_at = None if forever else time.time() + keep_alive
         if keep_alive == 0:
             self.reap()
 
@@ -105,10 +108,14 @@ class ModelManager:
         t0 = time.perf_counter()
         model = DeepSeekV3.from_pretrained(path, dtype=self.dtype, device=device).eval()
         tok = Tokenizer.from_dir(path)
+        manifest = self.store.manifest(name)
+        template = manifest.get("defaults", {}).get("template")
+        if template:  # a Modelfile's TEMPLATE replaces the checkpoint's chat template
+            tok.chat_template = template
         ctx = min(self.context_length, model.config.max_position_embeddings)
         engine = Engine(model, tok, max_context=ctx, max_batch=self.max_batch)
         size = sum(p.numel() * p.element_size() for p in model.parameters())
-        lm = LoadedModel(name, path, self.store.manifest(name), model, tok, engine, ctx, can_think(tok), str(device),
+        lm = LoadedModel(name, path, manifest, model, tok, engine, ctx, can_think(tok), str(device),
                          size, time.time(), time.perf_counter() - t0)
         log.info("[%s] loaded %s from %s in %.2f s (%s, context %d)", request_id.get(), name, path, lm.load_s,
                  device, ctx)

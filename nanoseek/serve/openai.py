@@ -26,6 +26,7 @@ from starlette.concurrency import run_in_threadpool
 
 from ..chat import THINK_OPEN, render_chat
 from .jobs import ClientGone, Job, JobStream, sampling_params, token_logprob
+from .modelfile import with_default_messages
 from .protocol import (MAX_N, MAX_TOP_LOGPROBS, SSE_DONE, APIError, Body, Bool, Int, Message, Num, Seed, Stop, Str,
                        bad, check_messages, check_unsupported, dump, error_body, json_response, parse_json_body,
                        request_id, sse_event, validate)
@@ -187,6 +188,19 @@ def _sampling(body: SamplingRequest, default_max: int | None):
     return kw, n, seed, max_tokens, include_usage
 
 
+def _modelfile_sampling(body: SamplingRequest, kw: dict, seed, lm):
+    """A Modelfile's PARAMETERs (temperature, top_p, top_k, stop, seed) where the request sets none."""
+    params = lm.manifest.get("defaults", {}).get("parameters", {})
+    for k in ("temperature", "top_p", "top_k"):
+        if getattr(body, k) is None and k in params:
+            kw[k] = type(kw[k])(params[k])
+    if body.stop is None and params.get("stop"):
+        kw["stop"] = list(params["stop"])
+    if seed is None and body.seed is None and "seed" in params and params["seed"] >= 0:
+        seed = params["seed"] % (2 ** 63)
+    return kw, seed
+
+
 def _think(body: ChatCompletionRequest, lm, name: str):
     think = None
     effort = body.reasoning_effort
@@ -310,6 +324,8 @@ async def chat_completions(request: Request):
     release = lambda: app.models.release(lm)  # noqa: E731
     try:
         think = _think(body, lm, name)
+        kw, seed = _modelfile_sampling(body, kw, seed, lm)
+        msgs = with_default_messages(msgs, lm.manifest.get("defaults", {}))
         try:
             text = render_chat(lm.tokenizer, msgs, add_generation_prompt=True, think=think)
         except ValueError as e:  # the template (or message checks) rejected the conversation

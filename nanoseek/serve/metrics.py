@@ -1,0 +1,118 @@
+"""The server's Prometheus metrics, written in the text exposition format (version 0.0.4) at
+GET /metrics:
+
+    nanoseek_requests_total{endpoint, method, status}   HTTP requests answered (unknown paths: "other")
+    nanoseek_prompt_tokens_total{model}                 prompt tokens of finished generations
+    nanoseek_generation_tokens_total{model}             tokens generated
+    nanoseek_time_to_first_token_seconds{model}         histogram: request arrival to first token
+    nanoseek_queue_depth                                generation requests waiting for their first token
+    nanoseek_active_requests                            generation requests in flight
+    nanoseek_cancelled_requests_total                   requests whose client went away
+
+Counting is a dict update under a lock; no client library is needed.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import defaultdict
+
+from starlette.responses import Response
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+def _escape(v: str) -> str:
+    return str(v).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _labels(names: tuple[str, ...], values: tuple) -> str:
+    if not names:
+        return ""
+    return "{" + ",".join(f'{n}="{_escape(v)}"' for n, v in zip(names, values)) + "}"
+
+
+class Histogram:
+    """Cumulative buckets, sum and count per label value."""
+
+    def __init__(self, buckets: tuple[float, ...]):
+        self.buckets = buckets
+        self.counts: dict[tuple, list[int]] = defaultdict(lambda: [0] * (len(buckets) + 1))
+        self.sums: dict[tuple, float] = defaultdict(float)
+
+    def observe(self, key: tuple, value: float) -> None:
+        counts = self.counts[key]
+        for i, b in enumerate(self.buckets):
+            if value <= b:
+                counts[i] += 1
+        counts[-1] += 1  # +Inf
+        self.sums[key] += value
+
+
+class Metrics:
+    """What /metrics reports; `active` and `cancelled` are read from the request counters."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.requests: dict[tuple, int] = defaultdict(int)  # (endpoint, method, status)
+        self.prompt_tokens: dict[tuple, int] = defaultdict(int)  # (model,)
+        self.generation_tokens: dict[tuple, int] = defaultdict(int)
+        self.ttft = Histogram(TTFT_BUCKETS)
+        self.queued = 0
+
+    def request(self, endpoint: str, method: str, status: int) -> None:
+        with self._lock:
+            self.requests[(endpoint, method, str(status))] += 1
+
+    def tokens(self, model: str, prompt: int, generated: int) -> None:
+        with self._lock:
+            self.prompt_tokens[(model,)] += prompt
+            self.generation_tokens[(model,)] += generated
+
+    def first_token(self, model: str, seconds: float) -> None:
+        with self._lock:
+            self.ttft.observe((model,), seconds)
+
+    def queue(self, delta: int) -> None:
+        with self._lock:
+            self.queued += delta
+
+    def render(self, active: int, cancelled: int) -> str:
+        out: list[str] = []
+
+        def family(name, kind, help_, samples):
+            out.append(f"# HELP {name} {help_}")
+            out.append(f"# TYPE {name} {kind}")
+            out.extend(samples)
+
+        with self._lock:
+            family("nanoseek_requests_total", "counter", "HTTP requests answered, by endpoint, method and status.",
+                   [f"nanoseek_requests_total{_labels(('endpoint', 'method', 'status'), k)} {v}"
+                    for k, v in sorted(self.requests.items())])
+            family("nanoseek_prompt_tokens_total", "counter", "Prompt tokens of finished generation requests.",
+                   [f"nanoseek_prompt_tokens_total{_labels(('model',), k)} {v}"
+                    for k, v in sorted(self.prompt_tokens.items())])
+            family("nanoseek_generation_tokens_total", "counter", "Tokens generated.",
+                   [f"nanoseek_generation_tokens_total{_labels(('model',), k)} {v}"
+                    for k, v in sorted(self.generation_tokens.items())])
+            samples = []
+            for k, counts in sorted(self.ttft.counts.items()):
+                for b, c in zip(self.ttft.buckets + (float("inf"),), counts):
+                    le = "+Inf" if b == float("inf") else repr(b)
+                    samples.append(f"nanoseek_time_to_first_token_seconds_bucket"
+                                   f"{_labels(('model', 'le'), k + (le,))} {c}")
+                samples.append(f"nanoseek_time_to_first_token_seconds_sum{_labels(('model',), k)} {self.ttft.sums[k]}")
+                samples.append(f"nanoseek_time_to_first_token_seconds_count{_labels(('model',), k)} {counts[-1]}")
+            family("nanoseek_time_to_first_token_seconds", "histogram",
+                   "Seconds from a generation request's arrival to its first token.", samples)
+            family("nanoseek_queue_depth", "gauge", "Generation requests waiting for their first token.",
+                   [f"nanoseek_queue_depth {self.queued}"])
+        family("nanoseek_active_requests", "gauge", "Generation requests in flight.",
+               [f"nanoseek_active_requests {active}"])
+        family("nanoseek_cancelled_requests_total", "counter", "Requests whose client went away before the end.",
+               [f"nanoseek_cancelled_requests_total {cancelled}"])
+        return "\n".join(out) + "\n"
+
+    def response(self, active: int, cancelled: int) -> Response:
+        return Response(self.render(active, cancelled).encode("utf-8"), media_type=CONTENT_TYPE)
