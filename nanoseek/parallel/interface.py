@@ -83,7 +83,8 @@ class Parallel:
         return self.model.state_dict()
 
     def full_model(self) -> nn.Module | None:
-        """The whole model on rank 0, for validation and saving (None elsewhere). Collective."""
+        """The whole model where a checkpoint is written from: rank 0 (the replicated layouts'
+        other ranks get their own copy, the sharded ones None). Collective."""
         return self.model
 
     def save_optimizer(self, opt: torch.optim.Optimizer, ckpt_dir: str) -> dict | None:
