@@ -3,7 +3,9 @@ an R1-distill-style tokenizer (Qwen2 / Llama-3 pre-tokenizer regex, byte-level B
 `</think>` as added tokens) and chat template (the generation prompt ends with `<think>\\n`) is
 created in a store; `nanoseek show` prints its GQA shape, `nanoseek generate` and the OpenAI client
 against `nanoseek serve` return the model's own greedy continuation, split into reasoning and answer
-where the model emits `</think>`."""
+where the model emits `</think>`. Dense students fine-tune (`nanoseek sft`, full and LoRA on q/k/v/o
+and gate/up/down), and R1's distillation recipe runs end to end: a DeepSeek-V3-architecture teacher
+distilled into a Qwen2-architecture student raises its task accuracy."""
 
 import json
 import threading
@@ -202,3 +204,106 @@ def test_openai_client_against_serve(store, r1_checkpoint):
         server.shutdown_all()
         torch.set_num_threads(threads)
 
+
+# ------------------------------------------------------------------------------ fine-tuning and distillation
+def write_jsonl(path, records) -> str:
+    with open(path, "w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    return str(path)
+
+
+def save_qwen2_student(path, tok, seed=1) -> str:
+    """A tiny random Qwen2-architecture student (q/k/v biases, tied embeddings) with `tok` beside it."""
+    cfg = DenseConfig(model_type="qwen2", vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                      max_position_embeddings=256, tie_word_embeddings=True, bos_token_id=tok.bos_id,
+                      eos_token_id=tok.eos_id, torch_dtype="float32")
+    DenseModel.from_config(cfg, seed=seed).save_pretrained(str(path))
+    tok.save(str(path))
+    return str(path)
+
+
+SHIFT = "abcdefgh"
+SHIFT_PROMPTS = ["shift " + " ".join(c) for c in ([a, b, c] for a in SHIFT for b in SHIFT[::3] for c in SHIFT[::2])]
+
+
+def test_lora_targets_the_dense_projections():
+    from nanoseek.lora import apply_lora, merge_lora
+    cfg = DenseConfig(model_type="qwen3", vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=8, torch_dtype="float32")
+    model = DenseModel.from_config(cfg, seed=0)
+    names = apply_lora(model, 2)
+    want = {f"model.layers.{i}.{m}.{p}.weight" for i in range(2) for m, ps in
+            (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")), ("mlp", ("gate_proj", "up_proj", "down_proj")))
+            for p in ps}
+    assert set(names) == want
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_" in n for n in trainable)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("lora_B"):
+                p.normal_()
+        ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+        adapted = model(ids)
+        merged = merge_lora(model)(ids)
+    assert (adapted - merged).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("lora", [None, 4], ids=["full", "lora"])
+def test_sft_fine_tunes_a_dense_student(tmp_path, lora):
+    from fixtures.make_fixtures import SHIFT_TEACHER
+
+    from nanoseek.sft import SFTOptions, run_sft
+    from nanoseek.train import TrainArgs
+    tok = Tokenizer.from_dir(SHIFT_TEACHER)
+    student = save_qwen2_student(tmp_path / "student", tok)
+    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": p, "completion": "<think>a b</think>b c"}
+                                              for p in SHIFT_PROMPTS])
+    s = run_sft(TrainArgs(data=[data], model=student, out=str(tmp_path / "out"), max_steps=12, batch_size=8,
+                          seq_len=64, progress=False, eval_every=1000), SFTOptions(lora=lora))
+    assert s["sft"]["mode"] == ("full" if lora is None else f"lora-{lora}") and s["step"] == 12
+    assert s["val_loss"] < s["val_loss_start"]
+    tuned = load_model(str(tmp_path / "out"))
+    assert type(tuned) is DenseModel and tuned.config.model_type == "qwen2" and tuned.config.tie_word_embeddings
+    if lora:
+        assert s["sft"]["params_trainable"] < tuned.num_params() // 4
+
+
+def test_distillation_into_a_qwen2_student_raises_its_accuracy(tmp_path):
+    """R1's recipe on tiny models: the DeepSeek-V3-architecture teacher (the fixture, whose greedy
+    reply to every "shift x y z" is TEACHER_REPLY) answers the prompts, the verifier keeps the
+    correct completions, a Qwen2-architecture student is fine-tuned on them and then answers held-
+    out prompts correctly; the control fine-tuned on the gold answers learns the task too."""
+    from fixtures.make_fixtures import SHIFT_TEACHER, TEACHER_REPLY
+
+    from nanoseek.distill import PromptRecord, accuracy, distill, verify_exact
+    from nanoseek.sft import SFTOptions, run_sft
+    from nanoseek.train import TrainArgs
+    answer = split_thinking(TEACHER_REPLY)[1]
+    tok = Tokenizer.from_dir(SHIFT_TEACHER)
+    train_prompts, test_prompts = SHIFT_PROMPTS[:48], SHIFT_PROMPTS[48:]
+    # half of the prompts carry another gold answer: the teacher fails them and they are not kept
+    records = [{"prompt": p, "answer": answer if i % 2 else "c d"} for i, p in enumerate(train_prompts)]
+    test = [PromptRecord([{"role": "user", "content": p}], answer, "") for p in test_prompts]
+    student = save_qwen2_student(tmp_path / "student", tok)
+    common = dict(max_steps=40, batch_size=8, seq_len=64, lr=3e-3, warmup_steps=5, progress=False, eval_every=1000)
+
+    def acc(path):
+        model = load_model(path)
+        assert type(model) is DenseModel
+        return accuracy(model, Tokenizer.from_dir(path), test, verify_exact, 24)
+
+    before = acc(student)
+    s = distill(SHIFT_TEACHER, student, write_jsonl(tmp_path / "prompts.jsonl", records), str(tmp_path / "distilled"),
+                TrainArgs(**common), SFTOptions(), max_new_tokens=24, say=lambda *_: None)
+    d = s["distill"]
+    assert d["pass_rate"] == 0.5 and d["kept"] == d["passed"] == len(train_prompts) // 2
+    control_data = write_jsonl(tmp_path / "gold.jsonl", [{"prompt": r["prompt"], "completion": r["answer"]}
+                                                         for r in records if r["answer"] == answer])
+    run_sft(TrainArgs(data=[control_data], model=student, out=str(tmp_path / "control"), **common), SFTOptions())
+    distilled, control = acc(str(tmp_path / "distilled")), acc(str(tmp_path / "control"))
+    print(f"teacher pass rate {d['pass_rate']:.2f}; student accuracy before {before:.2f}, "
+          f"distilled {distilled:.2f}, gold-answer control {control:.2f}")
+    assert before < 0.05 and distilled > before + 0.5
+    assert control > before + 0.5  # the gold-answer control learns the task too: the comparison is fair
