@@ -10,6 +10,7 @@ distilled into a Qwen2-architecture student raises its task accuracy."""
 import json
 import threading
 
+import ollama
 import openai
 import pytest
 import torch
@@ -160,6 +161,9 @@ def test_store_create_and_show(store, r1_checkpoint, capsys, monkeypatch):
     assert "GQA, 4 query heads, 2 K/V heads, head_dim 16" in out and "64 values / token / layer" in out
     assert main(["show", "r1-qwen", "--json"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["kv_heads"] == 2
+    assert main(["create", "r1-cli", "--from", path, "--json"]) == 0
+    created = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert created["architecture"] == "qwen2" and created["parameters"] == model.num_params()
     assert main(["info", path, "--json"]) == 0
     info = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert info["model_type"] == "qwen2" and info["total_params"] == model.num_params()
@@ -200,6 +204,10 @@ def test_openai_client_against_serve(store, r1_checkpoint):
         prompt = render_chat(tok, msgs)
         r = oa.completions.create(model="r1-qwen", prompt=prompt, temperature=0, max_tokens=NEW_TOKENS)
         assert r.choices[0].text == tok.decode(reply)
+        # the Ollama API splits the same way
+        ol = ollama.Client(host=f"http://127.0.0.1:{server.server_address[1]}", timeout=60)
+        r = ol.chat(model="r1-qwen", messages=msgs, options={"temperature": 0, "num_predict": NEW_TOKENS})
+        assert (r.message.thinking, r.message.content) == (thinking, answer)
     finally:
         server.shutdown_all()
         torch.set_num_threads(threads)
