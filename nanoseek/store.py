@@ -10,6 +10,9 @@ Layout under `NANOSEEK_HOME` (default `~/.nanoseek`):
 - Names are Ollama's `name[:tag]` (tag defaults to `latest`): letters, digits and `-_.`, starting
   with a letter or digit, no `..`, no path separators, at most 64 characters per part. So a name
   can never reach outside the store (and every resolved path is checked to be inside it anyway).
+- A checkpoint is DeepSeek-V2/V3 or a dense Llama / Qwen2 / Qwen3 model (the R1-distill family),
+  as `load.load_config` tells them apart; `show` gives the MLA and MoE shape of the one, the GQA
+  shape of the other.
 - `create` validates the source before copying anything (config.json parses, tokenizer.json loads,
   every tensor the config needs is present with the right shape, tokenizer ids fit the embedding),
   then copies into a temporary folder inside the store, hashing while copying, writes the manifest,
