@@ -76,6 +76,12 @@ def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = T
     return text
 
 
+def prompt_opens_thinking(prompt: str) -> bool:
+    """Whether a rendered prompt leaves the reply inside an opened think block: `think=True`, or a
+    template that always opens it (the R1-distill templates end with '<｜Assistant｜><think>\n')."""
+    return prompt.rstrip().endswith(THINK_OPEN)
+
+
 def split_thinking(text: str, opened: bool = False) -> tuple[str | None, str]:
     """'<think>reasoning</think>answer' -> ('reasoning', 'answer'). With `opened` the prompt already
     opened <think>, so the text starts inside it. No thinking -> (None, text). An unclosed think

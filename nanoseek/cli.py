@@ -13,6 +13,7 @@ from .config import PRESETS, ModelConfig
 from .distill import add_distill_command
 from .evaluation import add_eval_command
 from .interactive import add_sampling_arguments, cmd_chat, cmd_generate
+from .load import is_dense, load_config
 from .model import DeepSeekV3
 from .parallel.schedules import ScheduleError, build_schedule, default_chunks
 from .parallel.simulator import plot_timeline, simulate
@@ -35,7 +36,7 @@ def _load_config(target: str):
     if target in PRESETS:
         return ModelConfig.from_preset(target)
     if os.path.isdir(target) or target.endswith(".json"):
-        return ModelConfig.from_pretrained(target)
+        return load_config(target)  # ModelConfig, or DenseConfig for a Llama / Qwen checkpoint
     raise SystemExit(f"nanoseek: '{target}' is neither a preset ({', '.join(PRESETS)}) nor a checkpoint directory")
 
 
@@ -58,12 +59,43 @@ def info_report(cfg) -> dict:
     }
 
 
+def dense_info_report(cfg) -> dict:
+    """`nanoseek info` of a dense Llama / Qwen model: parameters and its GQA cache beside full MHA."""
+    pc = cfg.param_counts()
+    gqa = cfg.kv_cache_values_per_token() * cfg.num_hidden_layers * 2  # bf16 bytes per token
+    mha = 2 * cfg.num_attention_heads * cfg.head_dim * cfg.num_hidden_layers * 2
+    return {
+        "model_type": cfg.model_type, "total_params": pc["total_params"], "mtp_params": 0,
+        "active_params": pc["active_params"], "activation_ratio": pc["active_params"] / pc["total_params"],
+        "embedding_params": pc["embedding_params"], "gqa_kv_bytes_per_token": gqa, "mha_kv_bytes_per_token": mha,
+        "kv_cache_reduction": 1 - gqa / mha, "layers": cfg.num_hidden_layers, "hidden_size": cfg.hidden_size,
+        "attention_heads": cfg.num_attention_heads, "kv_heads": cfg.num_key_value_heads, "head_dim": cfg.head_dim,
+        "context_length": cfg.max_position_embeddings,
+    }
+
+
+def _print_dense_info(target: str, r: dict, g) -> None:
+    print(f"{target} ({r['model_type']}, dense): {r['layers']} layers, hidden {r['hidden_size']}, "
+          f"GQA {r['attention_heads']} query / {r['kv_heads']} K/V heads of {r['head_dim']}, "
+          f"context {r['context_length']}")
+    print(f"  parameters   total {g(r['total_params'])}")
+    print(f"  KV cache     GQA {r['gqa_kv_bytes_per_token']:,} B/token vs MHA {r['mha_kv_bytes_per_token']:,} "
+          f"B/token (bf16): {100 * r['kv_cache_reduction']:.1f}% smaller")
+
+
 def cmd_info(args) -> int:
     cfg = _load_config(args.target)
-    r = info_report(cfg)
 
     def g(n):
         return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
+
+    if is_dense(cfg):
+        r = dense_info_report(cfg)
+        _print_dense_info(args.target, r, g)
+        if args.json:
+            _emit_json(r)
+        return 0
+    r = info_report(cfg)
 
     print(f"{args.target} ({r['model_type']}): {r['layers']} layers, hidden {r['hidden_size']}, "
           f"{r['routed_experts']} routed experts (top-{r['experts_per_token']}), MTP depth {r['mtp_depth']}")

@@ -78,15 +78,11 @@ def hf_state_dict(model) -> dict[str, torch.Tensor]:
     return state
 
 
-@torch.no_grad()
-def load_pretrained(path: str, dtype=None, device=None, strict: bool = True, *, model_cls):
-    """Load a Hugging Face Llama / Qwen2 / Qwen3 checkpoint directory into a `model_cls`
-    (DenseModel, which calls this from `from_pretrained`)."""
-    if not os.path.isdir(path):
-        raise CheckpointError(f"{path}: not a checkpoint directory")
-    cfg = DenseConfig.from_pretrained(path)
+def check_pretrained(path: str, cfg: DenseConfig, model_cls, strict: bool = True):
+    """Check every tensor a `model_cls(cfg)` needs (present, no unexpected extras when `strict`,
+    shape, float dtype) in the checkpoint directory `path`, reading only headers. Returns
+    (weight_map, open file handles, expected shapes). Raises CheckpointError naming file and key."""
     weight_map = read_weight_map(path)
-    dtype = resolve_dtype(dtype, cfg)
     with torch.device("meta"):
         expected = {k: tuple(t.shape) for k, t in hf_state_dict(model_cls(cfg)).items()}
 
@@ -102,7 +98,7 @@ def load_pretrained(path: str, dtype=None, device=None, strict: bool = True, *, 
         raise CheckpointError(f"{os.path.join(path, weight_map[k])}: unexpected key '{k}' "
                               "(not part of this model's config)")
     handles = {fname: _open(os.path.join(path, fname)) for fname in sorted({weight_map[k] for k in expected})}
-    for key, want in expected.items():  # check everything before copying anything
+    for key, want in expected.items():
         where = os.path.join(path, weight_map[key])
         f = handles[weight_map[key]]
         if key not in f.keys():
@@ -114,6 +110,19 @@ def load_pretrained(path: str, dtype=None, device=None, strict: bool = True, *, 
         if kind not in ("F32", "F16", "BF16", "F64"):
             raise CheckpointError(f"{where}: key '{key}' has dtype {kind}, expected a float type "
                                   "(quantized dense weights are not supported)")
+    return weight_map, handles, expected
+
+
+@torch.no_grad()
+def load_pretrained(path: str, dtype=None, device=None, strict: bool = True, *, model_cls):
+    """Load a Hugging Face Llama / Qwen2 / Qwen3 checkpoint directory into a `model_cls`
+    (DenseModel, which calls this from `from_pretrained`)."""
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path}: not a checkpoint directory")
+    cfg = DenseConfig.from_pretrained(path)
+    # everything is checked before anything is copied
+    weight_map, handles, expected = check_pretrained(path, cfg, model_cls, strict)
+    dtype = resolve_dtype(dtype, cfg)
 
     model = model_cls.empty(cfg, device=torch.device(device or "cpu"), dtype=dtype)
     params = model.state_dict()

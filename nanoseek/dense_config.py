@@ -100,6 +100,30 @@ class DenseConfig:
     def num_key_value_groups(self) -> int:
         return self.num_attention_heads // self.num_key_value_heads
 
+    def param_counts(self) -> dict[str, int]:
+        """Exact parameter counts from the shapes (equal to summing numel of the model), under
+        ModelConfig.param_counts' keys: a dense model activates all of them and has no MTP."""
+        h, q, kv = self.hidden_size, self.num_attention_heads * self.head_dim, self.num_key_value_heads * self.head_dim
+        attn = h * q + 2 * h * kv + q * h
+        if self.qkv_bias:
+            attn += q + 2 * kv
+        if self.o_bias:
+            attn += h
+        if self.qk_norm:
+            attn += 2 * self.head_dim
+        ffn = 3 * h * self.intermediate_size + (2 * self.intermediate_size + h if self.mlp_bias else 0)
+        embed = self.vocab_size * h
+        head = 0 if self.tie_word_embeddings else self.vocab_size * h
+        total = embed + self.num_hidden_layers * (attn + ffn + 2 * h) + h + head
+        # Active per token as ModelConfig counts it: everything but the embedding lookup (a tied head
+        # is the embedding matrix, multiplied by every token, so it stays in).
+        active = total - embed + (self.vocab_size * h if self.tie_word_embeddings else 0)
+        return {"total_params": total, "mtp_params": 0, "active_params": active, "embedding_params": embed}
+
+    def kv_cache_values_per_token(self) -> int:
+        """Values the GQA cache keeps per token per layer: keys and values of the K/V heads."""
+        return 2 * self.num_key_value_heads * self.head_dim
+
     def replace(self, **changes) -> "DenseConfig":
         return dataclasses.replace(self, **changes)
 

@@ -4,7 +4,8 @@ reasoning traces, kept by rejection sampling against a verifier as in section 2.
 1. the teacher answers every prompt through the inference engine (`engine.py`), thinking kept;
 2. when the prompts carry gold answers, a verifier keeps the correct completions only, and the
    teacher's pass rate is reported;
-3. the student is fine-tuned on the kept completions with the SFT path (`sft.run_sft`, full or LoRA).
+3. the student is fine-tuned on the kept completions with the SFT path (`sft.run_sft`, full or LoRA):
+   a DeepSeek-architecture model, or a dense Llama / Qwen2 / Qwen3 one as in the R1 report.
 
 Prompt records (.jsonl / .json): {"prompt": "..." (or a list of messages), "answer": "..."},
 {"messages": [...]} (a trailing assistant turn is dropped) or Alpaca {"instruction", "input"};
@@ -28,7 +29,7 @@ from .data import DataError
 from .engine import Engine, SamplingParams
 from .interactive import resolve_model_dir
 from .io import atomic_write_text
-from .model import DeepSeekV3
+from .load import load_model
 from .sft import (BadRecord, DataReport, SFTOptions, _check_messages, _text, fail, iter_records, options_from, run_sft,
                   train_args_from)
 from .tasks import TASKS
@@ -234,7 +235,7 @@ def distill(teacher: str, student: str, prompts: str, out: str, train_args=None,
     temperature = (0.0 if samples == 1 else 0.7) if temperature is None else temperature
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     t0 = time.time()
-    model = DeepSeekV3.from_pretrained(teacher, device=device)
+    model = load_model(teacher, device=device)  # DeepSeek-V2/V3 or a dense Llama / Qwen teacher
     tok = Tokenizer.from_dir(teacher)
     say(f"teacher {teacher}: {len(records)} prompts x {samples} sample(s), up to {max_new_tokens} new tokens, "
         f"temperature {temperature}" + (f", verifier {vname}" if vname else ", no verifier"))

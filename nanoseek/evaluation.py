@@ -32,7 +32,7 @@ from .checkpoint import CheckpointError
 from .engine import Engine
 from .interactive import resolve_model_dir
 from .io import atomic_write_text
-from .model import DeepSeekV3
+from .load import load_model as load_checkpoint
 from .quickstart import Recipe, task_spec
 from .tasks import GSM8K, MATH, SVAMP, ProblemFile, Task, get_task, pass_at_k
 from .tasks.base import Problem
@@ -101,7 +101,7 @@ def load_model(name: str, device: str | None = None):
     except SystemExit as e:
         raise EvalError(str(e).removeprefix("nanoseek: ")) from None
     try:
-        model = DeepSeekV3.from_pretrained(path, device=device)
+        model = load_checkpoint(path, device=device)
         tokenizer = Tokenizer.from_dir(path)
     except (CheckpointError, TokenizerError, ValueError, OSError, KeyError) as e:
         raise EvalError(f"model '{name}' ({path}) cannot be loaded: {e}") from None

@@ -1,5 +1,7 @@
 """`nanoseek generate` and `nanoseek chat`: Ollama-style command-line use of a model from the
-local store (or any checkpoint directory), streaming tokens as they come."""
+local store (or any checkpoint directory): DeepSeek-V2/V3 or a dense Llama / Qwen R1-distill model
+(`load_model`), streaming tokens as they come. The R1-distill chat templates end the generation
+prompt with `<think>\n`, so a reply starts inside the think block whenever the prompt opened it."""
 
 from __future__ import annotations
 
@@ -8,11 +10,11 @@ import os
 import sys
 import time
 
-from .chat import render_chat, split_thinking
+from .chat import prompt_opens_thinking, render_chat, split_thinking
 from .checkpoint import CheckpointError
 from .engine import Engine, SamplingParams
 from .fp8_weights import load_fp8_weights
-from .model import DeepSeekV3
+from .load import is_dense, load_config, load_model
 from .store import Store, StoreError
 from .tokenizer import Tokenizer
 
@@ -35,12 +37,15 @@ def load_engine(name: str, max_context: int = 4096, device: str | None = None, d
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if fp8_weights:
+        if is_dense(load_config(path)):
+            raise SystemExit("nanoseek: --fp8-weights: FP8 weights are for DeepSeek-V3 checkpoints; "
+                             f"{path} holds a dense model")
         try:
             model, _ = load_fp8_weights(path, dtype=dtype, device=device)
         except CheckpointError as e:
             raise SystemExit(f"nanoseek: --fp8-weights: {e}") from None
     else:
-        model = DeepSeekV3.from_pretrained(path, dtype=dtype, device=device)
+        model = load_model(path, dtype=dtype, device=device)
     tokenizer = Tokenizer.from_dir(path)
     return Engine(model, tokenizer, max_context=max_context), tokenizer
 
@@ -66,7 +71,7 @@ def cmd_generate(args) -> int:
         text = "".join(parts)
         if not args.json:
             print()
-        thinking, answer = split_thinking(text, opened=bool(args.think) and not args.raw)
+        thinking, answer = split_thinking(text, opened=not args.raw and prompt_opens_thinking(prompt))
         result = {"model": args.model, "response": answer, "thinking": thinking, "done_reason": last.finish_reason,
                   "prompt_eval_count": last.prompt_tokens, "eval_count": last.completion_tokens,
                   "prefill_s": last.prefill_s, "decode_s": last.decode_s,

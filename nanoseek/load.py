@@ -6,7 +6,8 @@ returns the model its `model_type` (or, without one, its `architectures`) names:
   (DeepSeek-R1 report, arXiv 2501.12948, section 2.4).
 
 Either way `model(input_ids)` gives logits [B, T, V]. Anything else is refused with an error that
-names the field and its value, before any weight is read.
+names the field and its value, before any weight is read. `load_config(path)` reads the matching
+config (ModelConfig or DenseConfig) without the weights, for the store and `nanoseek show/info`.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ import os
 
 from .checkpoint import CheckpointError
 from .config import ConfigError
+from .config import ModelConfig
 from .dense import DenseModel
+from .dense_config import DenseConfig
 from .model import DeepSeekV3
 
 MODEL_CLASSES = {"deepseek_v3": DeepSeekV3, "deepseek_v2": DeepSeekV3,
@@ -49,15 +52,10 @@ def model_type_of(config: dict, source: str = "config.json") -> str:
     return model_type
 
 
-def load_model(path: str, dtype=None, device=None):
-    """A DeepSeek-V2/V3 or dense Llama / Qwen2 / Qwen3 Hugging Face checkpoint folder -> its model
-    (DeepSeekV3 or DenseModel), weights in `dtype` (default: the checkpoint's) on `device`."""
+def read_config_dict(path: str) -> tuple[dict, str]:
+    """(config.json dict, its file name) of a checkpoint folder or a config.json file."""
     path = os.fspath(path)
-    if os.path.isfile(path) and path.endswith(".gguf"):
-        raise CheckpointError(f"{path}: GGUF files are not supported yet; give a Hugging Face checkpoint folder")
-    if not os.path.isdir(path):
-        raise CheckpointError(f"{path}: not a checkpoint directory")
-    file = os.path.join(path, "config.json")
+    file = os.path.join(path, "config.json") if os.path.isdir(path) else path
     if not os.path.exists(file):
         raise FileNotFoundError(f"{file}: no config.json found")
     try:
@@ -67,4 +65,35 @@ def load_model(path: str, dtype=None, device=None):
         raise ConfigError(f"{file}: not valid JSON ({e})") from None
     if not isinstance(config, dict):
         raise ConfigError(f"{file}: expected a JSON object, got {type(config).__name__}")
+    return config, file
+
+
+def is_dense(config) -> bool:
+    """Whether a config (ModelConfig, DenseConfig) or model describes a dense Llama / Qwen model."""
+    return isinstance(getattr(config, "config", config), DenseConfig)
+
+
+def load_config(path: str):
+    """The config of a checkpoint folder (or config.json file), without reading any weight: a
+    DenseConfig where its model_type (or architectures) names Llama / Qwen2 / Qwen3, else the
+    DeepSeek ModelConfig as `ModelConfig.from_pretrained` reads it."""
+    path = os.fspath(path)
+    config, _ = read_config_dict(path)
+    named = config.get("model_type") or next(
+        (CAUSAL_LM_ARCHITECTURES.get(a) for a in (config.get("architectures") or []) if a in CAUSAL_LM_ARCHITECTURES),
+        None)
+    if MODEL_CLASSES.get(named) is DenseModel:
+        return DenseConfig.from_pretrained(path)
+    return ModelConfig.from_pretrained(path)
+
+
+def load_model(path: str, dtype=None, device=None):
+    """A DeepSeek-V2/V3 or dense Llama / Qwen2 / Qwen3 Hugging Face checkpoint folder -> its model
+    (DeepSeekV3 or DenseModel), weights in `dtype` (default: the checkpoint's) on `device`."""
+    path = os.fspath(path)
+    if os.path.isfile(path) and path.endswith(".gguf"):
+        raise CheckpointError(f"{path}: GGUF files are not supported yet; give a Hugging Face checkpoint folder")
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path}: not a checkpoint directory")
+    config, file = read_config_dict(path)
     return MODEL_CLASSES[model_type_of(config, file)].from_pretrained(path, dtype=dtype, device=device)

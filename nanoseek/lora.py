@@ -11,8 +11,10 @@ experts) sees the adapted one, and no model code changes.
 Targets: the attention projections (q_a_proj, q_b_proj / q_proj, kv_a_proj_with_mqa, kv_b_proj,
 o_proj; k_proj / v_proj for the MHA comparison model) and the expert projections (routed experts,
 shared experts and the dense FFN: gate_proj, up_proj, down_proj), in the main layers and the MTP
-modules. Everything else is frozen: the router (and its bias), the norms, embedding, head and
-MTP's eh_proj.
+modules. In the dense Llama / Qwen models (dense.py, the R1-distill students) the targets are
+q_proj, k_proj, v_proj, o_proj and gate_proj, up_proj, down_proj of every layer. Everything else
+is frozen: the router (and its bias), the norms (Qwen3's q/k norms too), biases, embedding, head
+and MTP's eh_proj.
 
 `merge_lora(model)` writes W + (alpha / r) B A into the weights and removes the adapters: the result
 is a plain model whose checkpoint (`save_pretrained`) is the ordinary Hugging Face layout.
@@ -28,8 +30,11 @@ import torch
 import torch.nn as nn
 from torch.nn.utils import parametrize
 
+from .dense import MLP as DenseMLP
+from .dense import Attention as DenseAttention
 from .model import MLA, MLP, Experts
 
+DENSE_ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 ATTENTION = ("q_a_proj", "q_b_proj", "q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj", "k_proj", "v_proj")
 FFN = ("gate_proj", "up_proj", "down_proj")
 TARGET_GROUPS = ("attn", "mlp")
@@ -66,7 +71,9 @@ def _targets(model: nn.Module, groups) -> list[tuple[str, nn.Module, str]]:
         if isinstance(mod, MLA) and "attn" in groups:  # MHA is an MLA subclass
             found += [(f"{path}.{n}.weight", getattr(mod, n), "weight") for n in ATTENTION
                       if isinstance(getattr(mod, n, None), nn.Linear)]
-        elif isinstance(mod, MLP) and "mlp" in groups:
+        elif isinstance(mod, DenseAttention) and "attn" in groups:
+            found += [(f"{path}.{n}.weight", getattr(mod, n), "weight") for n in DENSE_ATTENTION]
+        elif isinstance(mod, (MLP, DenseMLP)) and "mlp" in groups:
             found += [(f"{path}.{n}.weight", getattr(mod, n), "weight") for n in FFN]
         elif isinstance(mod, Experts) and "mlp" in groups:
             found += [(f"{path}.{n}", mod, n) for n in FFN]

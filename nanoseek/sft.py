@@ -4,7 +4,9 @@ report, section 2.4, are this step on a teacher's reasoning traces, see `distill
 Chat and instruction records -> the model's chat template -> token ids whose labels count only the
 assistant's tokens -> packed rows -> the pretraining loop of `train.py` (the same optimizer,
 schedule, checkpoints, resume, progress and metrics), full or with LoRA (`lora.py`); the LoRA is
-merged into the final checkpoint at the run's root, a plain Hugging Face-layout checkpoint.
+merged into the final checkpoint at the run's root, a plain Hugging Face-layout checkpoint. A dense
+Llama / Qwen2 / Qwen3 checkpoint (the R1-distill students) trains the same way in one process
+(`dense_sft.py`).
 
 Records (.jsonl, one JSON object a line, or .json holding a list of them), one of:
   {"messages": [{"role": "system" | "user" | "assistant" | "tool", "content": "..."}, ...]}   OpenAI chat
@@ -40,7 +42,9 @@ import torch
 from .chat import ROLES, THINK_OPEN, render_chat, split_thinking
 from .checkpoint import CheckpointError
 from .data import Batches, DataError, resolve_sources
+from .dense_sft import train_dense
 from .interactive import resolve_model_dir
+from .load import is_dense, load_config
 from .lora import apply_lora, base_weights, has_lora, load_lora_state_dict, lora_state_dict, merge_lora
 from .tokenizer import TokenizerError
 from .train import TrainArgs, train
@@ -461,6 +465,8 @@ def run_sft(args, opts: SFTOptions | None = None) -> dict:
         raise ValueError("nanoseek sft: --pp / --ep > 1 are not supported for fine-tuning yet")
     if opts.lora and a.precision == "fp8":
         raise ValueError("nanoseek sft: --lora does not combine with --precision fp8")
+    if is_dense(load_config(a.model)):
+        return train_dense(a, SFTTask(opts))
     return train(a, finetune=SFTTask(opts))
 
 

@@ -10,6 +10,9 @@ Layout under `NANOSEEK_HOME` (default `~/.nanoseek`):
 - Names are Ollama's `name[:tag]` (tag defaults to `latest`): letters, digits and `-_.`, starting
   with a letter or digit, no `..`, no path separators, at most 64 characters per part. So a name
   can never reach outside the store (and every resolved path is checked to be inside it anyway).
+- A checkpoint is DeepSeek-V2/V3 or a dense Llama / Qwen2 / Qwen3 model (the R1-distill family),
+  as `load.load_config` tells them apart; `show` gives the MLA and MoE shape of the one, the GQA
+  shape of the other.
 - `create` validates the source before copying anything (config.json parses, tokenizer.json loads,
   every tensor the config needs is present with the right shape, tokenizer ids fit the embedding),
   then copies into a temporary folder inside the store, hashing while copying, writes the manifest,
@@ -29,7 +32,9 @@ import tempfile
 import time
 
 from .checkpoint import CheckpointError, _ShardSet, hf_keys_for
-from .config import ModelConfig
+from .dense import DenseModel
+from .dense_checkpoint import check_pretrained
+from .load import is_dense, load_config
 from .model import DeepSeekV3
 from .tokenizer import Tokenizer, TokenizerError
 
@@ -143,7 +148,7 @@ def quantization_of(cfg_dict: dict) -> str:
 
 def validate_checkpoint(src: str) -> dict:
     """Check that `src` is a loadable checkpoint with a tokenizer, reading only headers. Returns
-    {"config": ModelConfig, "config_dict": dict, "tokenizer": Tokenizer}. Raises StoreError."""
+    {"config": ModelConfig or DenseConfig, "config_dict": dict, "tokenizer": Tokenizer}. Raises StoreError."""
     import torch
 
     if not os.path.isdir(src):
@@ -152,7 +157,7 @@ def validate_checkpoint(src: str) -> dict:
     if not os.path.isfile(cfg_file):
         raise StoreError(f"{cfg_file}: no such file (a checkpoint folder needs config.json)")
     try:
-        cfg = ModelConfig.from_pretrained(src)
+        cfg = load_config(src)
         with open(cfg_file, encoding="utf-8") as f:
             cfg_dict = json.load(f)
     except (ValueError, OSError) as e:
@@ -167,6 +172,12 @@ def validate_checkpoint(src: str) -> dict:
     if tok.vocab_size > cfg.vocab_size:
         raise StoreError(f"{tok_file}: the tokenizer has {tok.vocab_size} tokens but {cfg_file} has "
                          f"vocab_size {cfg.vocab_size}; token ids would fall outside the embedding")
+    if is_dense(cfg):
+        try:
+            check_pretrained(src, cfg, DenseModel)
+        except CheckpointError as e:
+            raise StoreError(str(e)) from None
+        return {"config": cfg, "config_dict": cfg_dict, "tokenizer": tok}
     try:
         shards = _ShardSet(src)
         keys = set(shards.weight_map)
@@ -335,19 +346,27 @@ class Store:
         """Architecture, parameters, context length, quantization, template, and the manifest."""
         path = self.path_of(name)
         m = self.manifest(name)
-        cfg = ModelConfig.from_pretrained(path)
+        cfg = load_config(path)
         tok = Tokenizer.from_dir(path)
         template = tok.chat_template
+        if is_dense(cfg):  # grouped-query attention, one FFN per layer
+            shape = {"dense": True, "kv_heads": cfg.num_key_value_heads, "head_dim": cfg.head_dim,
+                     "kv_cache_values": cfg.kv_cache_values_per_token(),
+                     "tied_embeddings": cfg.tie_word_embeddings, "rope_scaling": cfg.rope_scaling,
+                     # the DeepSeek fields, for readers of either kind: no latent cache, experts or MTP
+                     "kv_lora_rank": None, "qk_rope_head_dim": cfg.head_dim, "experts": 0, "experts_used": 0,
+                     "shared_experts": 0, "mtp_depth": 0}
+        else:
+            shape = {"dense": False, "kv_lora_rank": cfg.kv_lora_rank, "qk_rope_head_dim": cfg.qk_rope_head_dim,
+                     "experts": cfg.n_routed_experts, "experts_used": cfg.num_experts_per_tok,
+                     "shared_experts": cfg.n_shared_experts, "mtp_depth": cfg.num_nextn_predict_layers}
         return {
             "name": canonical_name(name), "path": path, "architecture": cfg.model_type,
             "parameters": m.get("parameters"), "active_parameters": m.get("active_parameters"),
             "mtp_parameters": m.get("mtp_parameters"),
             "parameter_size": human_count(m.get("parameters") or 0),
             "context_length": cfg.max_position_embeddings, "embedding_length": cfg.hidden_size,
-            "layers": cfg.num_hidden_layers, "attention_heads": cfg.num_attention_heads,
-            "kv_lora_rank": cfg.kv_lora_rank, "qk_rope_head_dim": cfg.qk_rope_head_dim,
-            "experts": cfg.n_routed_experts, "experts_used": cfg.num_experts_per_tok,
-            "shared_experts": cfg.n_shared_experts, "mtp_depth": cfg.num_nextn_predict_layers,
+            "layers": cfg.num_hidden_layers, "attention_heads": cfg.num_attention_heads, **shape,
             "vocab_size": cfg.vocab_size, "tokenizer_vocab_size": tok.vocab_size,
             "quantization": m.get("quantization"),
             "template": template if template else "built-in DeepSeek template",
@@ -394,10 +413,19 @@ def cmd_show(args) -> int:
     rows = [("architecture", s["architecture"]), ("parameters", s["parameter_size"]),
             ("active parameters", human_count(s["active_parameters"] or 0)),
             ("context length", s["context_length"]), ("embedding length", s["embedding_length"]),
-            ("layers", s["layers"]), ("experts", f"{s['experts']} routed (top-{s['experts_used']}), "
-                                                 f"{s['shared_experts']} shared"),
-            ("MLA cache", f"{s['kv_lora_rank'] + s['qk_rope_head_dim']} values / token / layer"),
-            ("MTP depth", s["mtp_depth"]), ("quantization", s["quantization"])]
+            ("layers", s["layers"])]
+    if s["dense"]:
+        rows += [("attention", f"GQA, {s['attention_heads']} query heads, {s['kv_heads']} K/V heads, "
+                               f"head_dim {s['head_dim']}"),
+                 ("KV cache", f"{s['kv_cache_values']} values / token / layer"),
+                 ("tied embeddings", "yes" if s["tied_embeddings"] else "no")]
+        if s["rope_scaling"]:
+            rows.append(("RoPE scaling", s["rope_scaling"]["rope_type"]))
+    else:
+        rows += [("experts", f"{s['experts']} routed (top-{s['experts_used']}), {s['shared_experts']} shared"),
+                 ("MLA cache", f"{s['kv_lora_rank'] + s['qk_rope_head_dim']} values / token / layer"),
+                 ("MTP depth", s["mtp_depth"])]
+    rows.append(("quantization", s["quantization"]))
     for k, v in rows:
         print(f"    {k:<20}{v}")
     print("\n  Template")

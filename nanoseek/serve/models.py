@@ -14,7 +14,7 @@ import torch
 
 from ..chat import can_think
 from ..engine import Engine
-from ..model import DeepSeekV3
+from ..load import load_model
 from ..store import InvalidName, canonical_name
 from ..tokenizer import Tokenizer
 from .protocol import MISSING, APIError, bad, request_id, short
@@ -106,7 +106,7 @@ class ModelManager:
         path = self.store.path_of(name)
         device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
         t0 = time.perf_counter()
-        model = DeepSeekV3.from_pretrained(path, dtype=self.dtype, device=device).eval()
+        model = load_model(path, dtype=self.dtype, device=device).eval()  # DeepSeek-V2/V3 or dense
         tok = Tokenizer.from_dir(path)
         manifest = self.store.manifest(name)
         template = manifest.get("defaults", {}).get("template")
