@@ -26,6 +26,8 @@ import threading
 import llguidance
 import torch
 
+from .chat import TOOL_CALL_BEGIN, TOOL_CALL_END, TOOL_CALLS_BEGIN, TOOL_CALLS_END, TOOL_SEP
+
 JSON_OPTIONS = {"whitespace_flexible": False}  # "," and ":" separators, no whitespace between tokens
 
 
@@ -71,6 +73,40 @@ def lark_grammar(lark: str) -> str:
         return llguidance.LLMatcher.grammar_from_lark(lark)
     except (ValueError, TypeError) as e:
         raise GrammarError(f"invalid grammar: {e}") from None
+
+
+def _piece(tokenizer, marker: str) -> str:
+    """A marker in a Lark rule: the special token itself when the vocabulary has it as one token,
+    else its text."""
+    i = tokenizer.token_to_id(marker)
+    return f"<[{i}]>" if i is not None else lark_literal(marker)
+
+
+def _json_rule(schema: dict) -> str:
+    schema = dict(schema or {"type": "object"})
+    schema["x-guidance"] = {**schema.get("x-guidance", {}), **JSON_OPTIONS}
+    return "%json " + json.dumps(schema, ensure_ascii=False)
+
+
+def tool_call_grammar(tokenizer, functions: list[tuple[str, dict]], hermes: bool = False) -> str:
+    """A grammar for one tool call to one of `functions` [(name, parameter schema)], its arguments
+    valid against that function's schema: DeepSeek-V3's tool-call tokens (chat.py), or with
+    `hermes` <tool_call>{"name": ..., "arguments": ...}</tool_call>."""
+    rules, alts = [], []
+    for k, (name, schema) in enumerate(functions):
+        rules.append(f"args{k}: {_json_rule(schema)}")
+        if hermes:
+            alts.append(lark_literal('{"name":' + json.dumps(name, ensure_ascii=False) + ',"arguments":')
+                        + f" args{k} " + lark_literal("}"))
+        else:
+            alts.append(lark_literal(name + "\n```json\n") + f" args{k} " + lark_literal("\n```"))
+    if hermes:
+        start = f'start: {lark_literal("<tool_call>")} ({" | ".join(alts)}) {lark_literal("</tool_call>")}'
+    else:
+        start = (f"start: {_piece(tokenizer, TOOL_CALLS_BEGIN)} {_piece(tokenizer, TOOL_CALL_BEGIN)} "
+                 f'{lark_literal("function")} {_piece(tokenizer, TOOL_SEP)} ({" | ".join(alts)}) '
+                 f"{_piece(tokenizer, TOOL_CALL_END)} {_piece(tokenizer, TOOL_CALLS_END)}")
+    return lark_grammar("\n".join([start] + rules))
 
 
 def check_grammar(grammar: str, tok: llguidance.LLTokenizer) -> None:
