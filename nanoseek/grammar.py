@@ -7,9 +7,10 @@ github.com/guidance-ai/llguidance). Chosen over xgrammar and outlines-core becau
   xgrammar pulls in torch, transformers and triton and outlines-core has a wheel per Python version;
 - it reads our byte-level BPE directly from the `tokenizers` JSON (`Tokenizer.tk.to_str()`), with no
   `transformers` tokenizer object;
-- masks are computed lazily per step (tens of microseconds per token on a 128K vocabulary), with no
-  ahead-of-time automaton over the vocabulary per schema (outlines-core's index can take seconds for
-  a large schema), and JSON schema, Lark grammars and special tokens are all one grammar language.
+- it is a context-free grammar engine, so "any JSON object" (nested to any depth) and a tool call
+  wrapped in special tokens are exact grammars; outlines-core compiles a schema to a regular
+  expression and builds an index over the whole vocabulary for each schema before the first token;
+- masks are computed lazily per step, from a tokenizer trie built once per tokenizer.
 The torch side is plain PyTorch (the library's own torch helper is `torch.compile`d at import).
 
 `Constraint` is the per-request logits processor the engine's sampler calls: `mask(logits_row)`

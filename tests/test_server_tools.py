@@ -195,3 +195,29 @@ def test_constrained_neighbour_leaves_unconstrained_tokens_unchanged():
                                                                constraint=Constraint(grammar, gtok)), plain[1]])
     assert [c.token_ids for c in alone] == [mixed[0].token_ids, mixed[2].token_ids]
     jsonschema.validate(json.loads(mixed[1].text), PERSON)
+
+
+def test_builtin_template_renders_deepseek_tool_turns():
+    from nanoseek.chat import (TOOL_CALLS_BEGIN, TOOL_CALLS_END, TOOL_OUTPUT_BEGIN, TOOL_OUTPUTS_BEGIN,
+                               TOOL_OUTPUTS_END, builtin_template, tool_call_text)
+    call = {"type": "function", "function": {"name": "get_weather", "arguments": '{"city":"Paris","unit":"C"}'}}
+    msgs = ASK + [{"role": "assistant", "content": "", "tool_calls": [call]},
+                  {"role": "tool", "content": "sunny"}, {"role": "tool", "content": "21 C"}]
+    text = builtin_template(msgs, tools=[WEATHER])
+    want = (TOOL_CALLS_BEGIN + tool_call_text("get_weather", call["function"]["arguments"]) + TOOL_CALLS_END
+            + "<｜end▁of▁sentence｜>" + TOOL_OUTPUTS_BEGIN + TOOL_OUTPUT_BEGIN + "sunny")
+    assert want in text and text.endswith(TOOL_OUTPUTS_END + "<｜Assistant｜>")
+    assert "## Tools" in text and '"get_weather"' in text
+    assert builtin_template(ASK) == builtin_template(ASK, tools=None)  # no tools: the prompt as before
+
+
+@pytest.mark.parametrize("step", [1, 2, 5, 1000])
+def test_tool_call_splitter_matches_parse(step):
+    from nanoseek.chat import ToolCallSplitter, parse_tool_calls, tool_call_text
+    calls = "<｜tool▁calls▁begin｜>" + tool_call_text("add", '{"a":1}') + "<｜tool▁calls▁end｜>"
+    hermes = '<tool_call>{"name":"add","arguments":{"a":2}}</tool_call>'
+    for text in ["plain answer <not a call", "Let me check. " + calls, calls, hermes, "<｜tool▁calls▁begin｜>broken"]:
+        sp = ToolCallSplitter()
+        streamed = "".join(sp.feed(text[i:i + step]) for i in range(0, len(text), step))
+        rest, got = sp.finish()
+        assert (streamed + rest, got) == parse_tool_calls(text)
