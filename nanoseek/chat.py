@@ -10,9 +10,10 @@ deepseek-ai/DeepSeek-V3): an assistant turn's calls are
     (more calls, each after "\n") <｜tool▁calls▁end｜><｜end▁of▁sentence｜>
 
 and the tool results that follow are <｜tool▁outputs▁begin｜><｜tool▁output▁begin｜>RESULT<｜tool▁output▁end｜>
-... <｜tool▁outputs▁end｜>. That template does not list the available tools; the built-in one puts
-them in the system prompt as a "## Tools" section of JSON function definitions (as DeepSeek-V3.1's
-template does). A checkpoint's own template gets `tools=` and renders them its way; its output is
+... <｜tool▁outputs▁end｜>, after which the assistant's reply follows directly (no <｜Assistant｜>);
+a user turn after tool results closes them first (the published template leaves them open). That
+template does not list the available tools; the built-in one puts them in the system prompt as a
+"## Tools" section of JSON function definitions (as DeepSeek-V3.1's template does). A checkpoint's own template gets `tools=` and renders them its way; its output is
 parsed for DeepSeek's format and for the `<tool_call>{"name", "arguments"}</tool_call>` one.
 """
 
@@ -81,7 +82,7 @@ def builtin_template(messages: list[dict], add_generation_prompt: bool = True, t
     if tools:
         system = system + "\n\n" + tools_section(tools) if system else tools_section(tools)
     out = [bos_token, system]
-    in_outputs = False
+    in_outputs = False  # after tool results the assistant goes on with no <｜Assistant｜> of its own
     for i, m in enumerate(messages):
         role, text = m.get("role"), _content(m, i)
         if role == "tool":
@@ -89,19 +90,18 @@ def builtin_template(messages: list[dict], add_generation_prompt: bool = True, t
                        + text + TOOL_OUTPUT_END)
             in_outputs = True
             continue
-        if in_outputs:
-            out.append(TOOL_OUTPUTS_END)
-            in_outputs = False
+        turn = TOOL_OUTPUTS_END if in_outputs else ASSISTANT
         if role == "user":
-            out.append(USER + text)
+            out.append((TOOL_OUTPUTS_END if in_outputs else "") + USER + text)
         elif role == "assistant":
             _, answer = split_thinking(text)
             calls = m.get("tool_calls") or []
-            out.append(ASSISTANT + answer + (_calls_text(calls) if calls else "") + eos_token)
+            out.append(turn + answer + (_calls_text(calls) if calls else "") + eos_token)
+        in_outputs = False
     if in_outputs:
         out.append(TOOL_OUTPUTS_END)
     if add_generation_prompt:
-        out.append(ASSISTANT + (THINK_OPEN + "\n" if think else ""))
+        out.append(("" if in_outputs else ASSISTANT) + (THINK_OPEN + "\n" if think else ""))
     return "".join(out)
 
 

@@ -206,7 +206,9 @@ def test_builtin_template_renders_deepseek_tool_turns():
     text = builtin_template(msgs, tools=[WEATHER])
     want = (TOOL_CALLS_BEGIN + tool_call_text("get_weather", call["function"]["arguments"]) + TOOL_CALLS_END
             + "<｜end▁of▁sentence｜>" + TOOL_OUTPUTS_BEGIN + TOOL_OUTPUT_BEGIN + "sunny")
-    assert want in text and text.endswith(TOOL_OUTPUTS_END + "<｜Assistant｜>")
+    assert want in text and text.endswith("21 C<｜tool▁output▁end｜>" + TOOL_OUTPUTS_END)  # the reply goes on here
+    reply = builtin_template(msgs + [{"role": "assistant", "content": "Sunny."}], add_generation_prompt=False)
+    assert reply.endswith(TOOL_OUTPUTS_END + "Sunny.<｜end▁of▁sentence｜>")
     assert "## Tools" in text and '"get_weather"' in text
     assert builtin_template(ASK) == builtin_template(ASK, tools=None)  # no tools: the prompt as before
 
