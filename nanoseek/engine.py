@@ -12,6 +12,9 @@ section 2.1: only the compressed latent and the shared rope key are cached).
 - Sampling per request: temperature, top-p, top-k, seed; max tokens, EOS, logprobs; and scoring:
   the log-prob of every prompt token under the model (`prompt_logprobs`), from the prefill's own
   logits, with `max_tokens=0` for scoring alone.
+- Constrained decoding: a request's `constraint` (grammar.py) masks its own logits row before its
+  token is chosen and is advanced with the accepted token, so constrained and unconstrained
+  requests share a batch.
 - The scheduler works on token ids and log-probs only. Text (incremental detokenization, stop
   strings) is each request's `TextStream` (textstream.py); the scheduler calls it once per accepted
   token, so a stop string ends its request in the same step, exactly where EOS would.
@@ -48,6 +51,9 @@ class SamplingParams:
     # score the prompt: each prompt token's log-prob given the tokens before it, with this many top
     # alternatives (None: no scoring); with it, max_tokens may be 0 (score without generating)
     prompt_logprobs: int | None = None
+    # a per-request logits processor (grammar.Constraint): `mask(logits [V]) -> [V]` before this
+    # request's token is chosen, `accept(token)` after; None leaves the logits as the model gave them
+    constraint: object | None = None
 
     def validate(self) -> "SamplingParams":
         def bad(name, msg):
@@ -442,9 +448,17 @@ class Engine:
     def _emit(self, reqs: list[_Request], logits: torch.Tensor):
         """Sample the next token of each request from logits [A, V] (one host sync for the batch)."""
         logits = logits.float()
+        # constrained requests choose from their masked row; the others' rows are untouched, so a
+        # constrained neighbour changes no unconstrained request's token
+        choose = logits
+        constrained = [i for i, r in enumerate(reqs) if r.params.constraint is not None]
+        if constrained:
+            choose = logits.clone()
+            for i in constrained:
+                choose[i] = reqs[i].params.constraint.mask(logits[i])
         sampled_lp: dict[tuple, torch.Tensor] = {}  # group rows -> log-probs under the sampling distribution
         if all(r.params.temperature <= 0 for r in reqs):
-            tokens = logits.argmax(dim=-1)
+            tokens = choose.argmax(dim=-1)
             greedy_sampled = [i for i, r in enumerate(reqs) if r.params.logprob_mode == "sampled"]
             if greedy_sampled:  # the chosen token had probability 1 under the sampling distribution
                 sampled_lp[tuple(greedy_sampled)] = torch.zeros(len(greedy_sampled), device=logits.device)
@@ -458,7 +472,7 @@ class Engine:
             for idx in groups.values():
                 p = reqs[idx[0]].params
                 rows = torch.tensor(idx, device=logits.device)
-                out = sample_next(logits[rows], p.temperature, p.top_p, p.top_k, reqs[idx[0]].generator,
+                out = sample_next(choose[rows], p.temperature, p.top_p, p.top_k, reqs[idx[0]].generator,
                                   with_logprobs=p.logprob_mode == "sampled")
                 if p.logprob_mode == "sampled":
                     tokens[rows], sampled_lp[tuple(idx)] = out
@@ -479,6 +493,8 @@ class Engine:
         """Record one sampled token, send its event, retire the request when done (EOS, length, or
         a stop string its TextStream found)."""
         p = req.params
+        if p.constraint is not None:
+            p.constraint.accept(token)
         is_eos = token == self.eos_id and not p.ignore_eos
         if not is_eos:
             req.generated.append(token)

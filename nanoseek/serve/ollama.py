@@ -16,6 +16,11 @@ options: temperature (0.8), top_p (0.9), top_k (40), seed (-1 = random), num_pre
 the context ends; the default), stop, num_ctx; other Ollama options are ignored with a logged
 warning. Counts and durations: prompt_eval_count, eval_count, total_duration, load_duration,
 prompt_eval_duration, eval_duration (nanoseconds). Errors are `{"error": "..."}` naming the field.
+
+Tools: /api/chat `tools` (OpenAI's function shape), answered as message.tool_calls [{function
+{name, arguments (an object)}}], and `tool` messages fed back; `tool_choice` (as OpenAI's: auto,
+none, required, a named function) is a nanoseek extension that forces a grammar-constrained call.
+format "json" or a JSON schema (generate and chat): grammar-constrained decoding (grammar.py).
 """
 
 from __future__ import annotations
@@ -31,12 +36,13 @@ from pydantic import BaseModel, Field, field_validator
 from starlette.concurrency import run_in_threadpool
 
 from .. import __version__
-from ..chat import THINK_OPEN, render_chat
+from ..chat import THINK_OPEN, ToolCallSplitter, parse_tool_calls, render_chat
 from ..store import human_count, iso_time
 from .jobs import ClientGone, Job, JobStream, sampling_params, token_logprob
 from .modelfile import parameter_lines, render_modelfile, with_default_messages
 from .protocol import (MAX_TOP_LOGPROBS, MISSING, APIError, Body, Bool, Int, Message, Num, Seed, Stop, Str, bad,
-                       check_messages, check_unsupported, dump, error_body, json_response, ndjson_line, now_iso,
+                       check_messages, check_tool_choice, check_tools, check_unsupported, constraint, dump,
+                       error_body, json_response, ndjson_line, now_iso, ollama_format_schema, output_grammar,
                        parse_duration, parse_json_body, request_id, seed_value, short, validate)
 
 log = logging.getLogger("nanoseek.serve")
@@ -85,6 +91,7 @@ class GenerationRequest(Body):
 class ChatRequest(GenerationRequest):
     messages: list[Message] | None = None
     tools: Any = None
+    tool_choice: Any = None
 
 
 class GenerateRequest(GenerationRequest):
@@ -109,6 +116,7 @@ class MessageOut(BaseModel):
     role: str = "assistant"
     content: str
     thinking: str | None = None
+    tool_calls: list[dict] | None = None
 
 
 class Reply(BaseModel):
@@ -192,9 +200,9 @@ def _think(body: GenerationRequest, lm, name: str):
     return think
 
 
-def _render(tok, msgs, think) -> str:
+def _render(tok, msgs, think, tools=None) -> str:
     try:
-        return render_chat(tok, msgs, add_generation_prompt=True, think=think)
+        return render_chat(tok, msgs, add_generation_prompt=True, think=think, tools=tools)
     except ValueError as e:  # the template (or message checks) rejected the conversation
         raise bad("messages", str(e)) from None
 
@@ -317,12 +325,17 @@ async def _generation(request: Request, chat: bool):
     cname = app.models.resolve(name)
     stream = body.stream is not False
     keep = MISSING if body.keep_alive is None else parse_duration(body.keep_alive)
+    tools, choice = [], None
     if chat:
-        check_unsupported(body, {"tools": "tool calling", "format": "structured output (format)"})
         msgs = check_messages(body.messages, openai=False)
+        tools = check_tools(body.tools)
+        choice = check_tool_choice(body.tool_choice, tools)
     else:
         check_unsupported(body, {"suffix": "suffix (fill-in-the-middle)", "images": "images",
-                                 "template": "a per-request template", "format": "structured output (format)"})
+                                 "template": "a per-request template"})
+    schema = ollama_format_schema(body.format)
+    calls_wanted = choice not in (None, "none")
+    forced = choice == "required" or (choice or "").startswith("named:")
     want_lp, top_lp = bool(body.logprobs), body.top_logprobs or 0
     if top_lp and not want_lp:
         raise bad("top_logprobs", "needs logprobs: true")
@@ -331,6 +344,11 @@ async def _generation(request: Request, chat: bool):
     try:
         kw, max_tokens, ctx = _options(body.options, lm)
         think = _think(body, lm, name)
+        if forced or schema is not None:  # constrained output starts at the answer
+            if think:
+                raise bad("tool_choice" if forced else "format", "constrained output cannot follow thinking; "
+                          "set think to false")
+            think = False
         tok = lm.tokenizer
         if (chat and not msgs) or (not chat and not body.prompt and not body.context):  # load (or unload) only
             reply = Reply(model=name, created_at=now_iso(), done=True, done_reason="unload" if keep == 0 else "load",
@@ -343,8 +361,9 @@ async def _generation(request: Request, chat: bool):
             return json_response(dump(reply), ollama=True)
         raw = not chat and bool(body.raw)
         defaults = lm.manifest.get("defaults", {})
+        grammar = output_grammar(lm, schema, "format", tools, choice)
         if chat:
-            text = _render(tok, with_default_messages(msgs, defaults), think)
+            text = _render(tok, with_default_messages(msgs, defaults), think, tools if calls_wanted else None)
             opened, ids = text.rstrip().endswith(THINK_OPEN), tok.encode(text)
         elif raw:
             opened, ids = False, list(body.context or []) + tok.encode(body.prompt or "")
@@ -358,13 +377,13 @@ async def _generation(request: Request, chat: bool):
             raise bad("context", f"token id {bad_ids[0]} is outside the vocabulary")
         split = lm.can_think and think is not False and not raw
         sp = sampling_params(len(ids), max_tokens, ctx, "prompt", logprobs=top_lp if top_lp else (1 if want_lp else 0),
-                             **kw)
+                             constraint=constraint(lm, grammar), **kw)
         job = Job(lm, [ids], [sp], opened=opened and split, split=split, load_s=load_s, t0=t0)
         job.submit()
     except BaseException:
         await run_in_threadpool(release)
         raise
-    reply = _Replies(job, name, chat, want_lp, top_lp, raw, ids)
+    reply = _Replies(job, name, chat, want_lp, top_lp, raw, ids, calls_wanted)
     if stream:
         return JobStream(reply.stream(request, app), "application/x-ndjson", release)
     try:
@@ -380,9 +399,16 @@ async def _generation(request: Request, chat: bool):
 class _Replies:
     """The reply lines of one generate/chat job: deltas while streaming, then the final line."""
 
-    def __init__(self, job: Job, name: str, chat: bool, want_lp: bool, top_lp: int, raw: bool, prompt_ids: list[int]):
+    def __init__(self, job: Job, name: str, chat: bool, want_lp: bool, top_lp: int, raw: bool, prompt_ids: list[int],
+                 calls_wanted: bool = False):
         self.job, self.name, self.chat = job, name, chat
         self.want_lp, self.top_lp, self.raw, self.prompt_ids = want_lp, top_lp, raw, prompt_ids
+        self.splitter = ToolCallSplitter() if calls_wanted else None
+
+    @staticmethod
+    def tool_calls(calls) -> list[dict]:
+        return [{"function": {"index": k, "name": fname, "arguments": json.loads(args)}}
+                for k, (fname, args) in enumerate(calls)]
 
     def line(self, th: str, ct: str) -> Reply:
         reply = Reply(model=self.name, created_at=now_iso(), done=False)
@@ -399,13 +425,22 @@ class _Replies:
         try:
             async for i, ev, th, ct in job.steps(request.is_disconnected, app.counters):
                 lps = job.states[i].take_logprobs() if self.want_lp else []
+                calls = []
+                if self.splitter is not None:  # tool calls are held back, then sent whole in one line
+                    ct = self.splitter.feed(ct)
+                    if ev.finish_reason is not None:
+                        rest, calls = self.splitter.finish()
+                        ct += rest
                 if ev.finish_reason is None and (th or ct or lps):
                     reply = self.line(th, ct)
                     if lps:
                         reply.logprobs = _lp_entries(job.lm, lps, self.top_lp)
                     yield ndjson_line(dump(reply))
-                elif ev.finish_reason is not None and (th or ct):
-                    yield ndjson_line(dump(self.line(th, ct)))
+                elif ev.finish_reason is not None and (th or ct or calls):
+                    reply = self.line(th, ct)
+                    if calls:
+                        reply.message.tool_calls = self.tool_calls(calls)
+                    yield ndjson_line(dump(reply))
             yield ndjson_line(dump(self.final(streamed=True)))
         except ClientGone:
             log.info("[%s] client disconnected", request_id.get())
@@ -423,6 +458,10 @@ class _Replies:
         reply = Reply(model=self.name, created_at=now_iso(), done=True)
         if self.chat:
             reply.message = MessageOut(role="assistant", content="" if streamed else "".join(st.text))
+            if not streamed and self.splitter is not None:
+                content, calls = parse_tool_calls(reply.message.content)
+                if calls:
+                    reply.message.content, reply.message.tool_calls = content, self.tool_calls(calls)
             if not streamed and job.split and st.splitter.seen:
                 reply.message.thinking = "".join(st.thinking)
         else:

@@ -5,7 +5,11 @@ for chat completions, the legacy completions and models:
          top_p, n (1..8), stop, seed, logprobs / top_logprobs (0..20), stream, stream_options.
          include_usage; extras top_k, ignore_eos, reasoning_effort ("none" = no thinking),
          chat_template_kwargs {thinking | enable_thinking}, thinking {type} (DeepSeek's API).
-         Thinking goes to `reasoning_content`.
+         Thinking goes to `reasoning_content`. tools / tool_choice (auto, none, required, a named
+         function; required and named are grammar-constrained), answered as `tool_calls` with
+         finish_reason "tool_calls" (streamed as tool_call deltas); `tool` messages fed back.
+         response_format {"type": "json_object"} or {"type": "json_schema", "json_schema":
+         {name, schema, strict}}: grammar-constrained decoding (grammar.py).
     POST /v1/completions        prompt (string, strings, token ids), max_tokens (16), echo, logprobs
     GET  /v1/models, /v1/models/{id}
 
@@ -24,11 +28,12 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
-from ..chat import THINK_OPEN, render_chat
+from ..chat import THINK_OPEN, ToolCallSplitter, parse_tool_calls, render_chat
 from .jobs import ClientGone, Job, JobStream, sampling_params, token_logprob
 from .modelfile import with_default_messages
 from .protocol import (MAX_N, MAX_TOP_LOGPROBS, SSE_DONE, APIError, Body, Bool, Int, Message, Num, Seed, Stop, Str,
-                       bad, check_messages, check_unsupported, dump, error_body, json_response, parse_json_body,
+                       bad, check_messages, check_tool_choice, check_tools, check_unsupported, constraint, dump,
+                       error_body, json_response, openai_response_schema, output_grammar, parse_json_body,
                        request_id, sse_event, validate)
 
 log = logging.getLogger("nanoseek.serve")
@@ -36,6 +41,7 @@ router = APIRouter()
 
 MAX_PROMPTS = 64  # prompts (times n) per /v1/completions request
 FINGERPRINT = "fp_nanoseek"
+SCHEMA_FIELD = "response_format.json_schema.schema"
 EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh", "max")
 
 
@@ -66,6 +72,8 @@ class SamplingRequest(Body):
     best_of: Int | None = Field(None, ge=1)
     logit_bias: Any = None
     tools: Any = None
+    tool_choice: Any = None
+    parallel_tool_calls: Any = None
     functions: Any = None
     response_format: Any = None
     stream_options: StreamOptions | None = None
@@ -98,8 +106,9 @@ class Usage(BaseModel):
 
 class ChatMessage(BaseModel):
     role: str
-    content: str
+    content: str | None
     reasoning_content: str | None = None
+    tool_calls: list[dict] | None = None
 
 
 class ChatChoice(BaseModel):
@@ -123,6 +132,7 @@ class Delta(BaseModel):
     role: str | None = None
     content: str | None = None
     reasoning_content: str | None = None
+    tool_calls: list[dict] | None = None
 
 
 class ChunkChoice(BaseModel):
@@ -178,8 +188,7 @@ def _sampling(body: SamplingRequest, default_max: int | None):
     n = 1 if body.n is None else body.n
     if body.best_of is not None and body.best_of != n:
         raise bad("best_of", "is not supported by nanoseek (leave it out, or set it equal to n)")
-    check_unsupported(body, {"logit_bias": "logit_bias", "tools": "tool calling", "functions": "function calling",
-                             "response_format": "structured output (response_format)"})
+    check_unsupported(body, {"logit_bias": "logit_bias", "functions": "function calling (send tools)"})
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     kw = dict(temperature=float(1.0 if body.temperature is None else body.temperature),
               top_p=float(1.0 if body.top_p is None else body.top_p), top_k=max(0, body.top_k or 0),
@@ -223,14 +232,17 @@ def _think(body: ChatCompletionRequest, lm, name: str):
     return think
 
 
-def _job(lm, prompts, kw, n, seed, max_tokens, n_logprobs, load_s, t0, opened=False, split=False) -> Job:
-    """n choices per prompt; choice j of a seeded request samples with seed + j."""
+def _job(lm, prompts, kw, n, seed, max_tokens, n_logprobs, load_s, t0, opened=False, split=False,
+         grammar=None) -> Job:
+    """n choices per prompt; choice j of a seeded request samples with seed + j; with a grammar,
+    each choice gets its own constraint."""
     all_prompts, params = [], []
     for ids in prompts:
         for j in range(n):
             all_prompts.append(ids)
             params.append(sampling_params(len(ids), max_tokens, lm.context_length, "messages", logprobs=n_logprobs,
-                                          seed=None if seed is None else (seed + j) % (2 ** 63), **kw))
+                                          seed=None if seed is None else (seed + j) % (2 ** 63),
+                                          constraint=constraint(lm, grammar), **kw))
     return Job(lm, all_prompts, params, opened=opened, split=split, load_s=load_s, t0=t0)
 
 
@@ -316,6 +328,11 @@ async def chat_completions(request: Request):
     cname = app.models.resolve(name)
     stream = bool(body.stream)
     msgs = check_messages(body.messages, openai=True)
+    tools = check_tools(body.tools)
+    choice = check_tool_choice(body.tool_choice, tools)
+    schema = openai_response_schema(body.response_format)
+    calls_wanted = choice not in (None, "none")
+    forced = choice == "required" or (choice or "").startswith("named:")
     kw, n, seed, max_tokens, include_usage = _sampling(body, None)
     want_lp, top_lp = bool(body.logprobs), body.top_logprobs or 0
     if top_lp and not want_lp:
@@ -326,15 +343,22 @@ async def chat_completions(request: Request):
         think = _think(body, lm, name)
         kw, seed = _modelfile_sampling(body, kw, seed, lm)
         msgs = with_default_messages(msgs, lm.manifest.get("defaults", {}))
+        if forced or schema is not None:  # constrained output starts at the answer
+            if think:
+                raise bad("tool_choice" if forced else "response_format", "constrained output cannot follow thinking; "
+                          "turn thinking off")
+            think = False
+        grammar = output_grammar(lm, schema, SCHEMA_FIELD, tools, choice)
         try:
-            text = render_chat(lm.tokenizer, msgs, add_generation_prompt=True, think=think)
+            text = render_chat(lm.tokenizer, msgs, add_generation_prompt=True, think=think,
+                               tools=tools if calls_wanted else None)
         except ValueError as e:  # the template (or message checks) rejected the conversation
             raise bad("messages", str(e)) from None
         ids = lm.tokenizer.encode(text)
         split = lm.can_think and think is not False
         opened = split and text.rstrip().endswith(THINK_OPEN)
         job = _job(lm, [ids], kw, n, seed, max_tokens, top_lp if top_lp else (1 if want_lp else 0), load_s, t0,
-                   opened, split)
+                   opened, split, grammar)
         job.submit()
     except BaseException:
         await run_in_threadpool(release)
@@ -348,12 +372,24 @@ async def chat_completions(request: Request):
             c.usage = usage
         return sse_event(dump(c))
 
+    def call_entries(calls) -> list[dict]:
+        return [{"id": "call_" + uuid.uuid4().hex[:24], "type": "function",
+                 "function": {"name": fname, "arguments": args}} for fname, args in calls]
+
+    splitters = [ToolCallSplitter() for _ in job.prompts] if calls_wanted else None
+
     async def chunks():
         for i in range(len(job.prompts)):
             yield chunk([ChunkChoice(index=i, delta=Delta(role="assistant", content=""), logprobs=None,
                                      finish_reason=None)])
         async for i, ev, th, ct in job.steps(request.is_disconnected, app.counters):
             lps = job.states[i].take_logprobs() if want_lp else []
+            calls = []
+            if splitters is not None:  # tool calls are held back, then sent as tool_call deltas
+                ct = splitters[i].feed(ct)
+                if ev.finish_reason is not None:
+                    rest, calls = splitters[i].finish()
+                    ct += rest
             if th or ct or lps:
                 delta = Delta()
                 if th:
@@ -363,8 +399,15 @@ async def chat_completions(request: Request):
                 lp = _chat_logprobs(lm, lps, top_lp) if lps else None
                 yield chunk([ChunkChoice(index=i, delta=delta, logprobs=lp,
                                          finish_reason=None)])
+            for k, call in enumerate(call_entries(calls)):  # the call's head, then its arguments
+                head = {"index": k, "id": call["id"], "type": "function",
+                        "function": {"name": call["function"]["name"], "arguments": ""}}
+                yield chunk([ChunkChoice(index=i, delta=Delta(tool_calls=[head]), logprobs=None, finish_reason=None)])
+                args = {"index": k, "function": {"arguments": call["function"]["arguments"]}}
+                yield chunk([ChunkChoice(index=i, delta=Delta(tool_calls=[args]), logprobs=None, finish_reason=None)])
             if ev.finish_reason is not None:
-                yield chunk([ChunkChoice(index=i, delta=Delta(), logprobs=None, finish_reason=ev.finish_reason)])
+                finish = "tool_calls" if calls else ev.finish_reason
+                yield chunk([ChunkChoice(index=i, delta=Delta(), logprobs=None, finish_reason=finish)])
         if include_usage:
             yield chunk([], Usage(**job.usage(n)))
         yield SSE_DONE
@@ -372,12 +415,17 @@ async def chat_completions(request: Request):
     def whole() -> ChatCompletion:
         choices = []
         for i, st in enumerate(job.states):
-            msg = ChatMessage(role="assistant", content="".join(st.text))
+            content, calls = "".join(st.text), []
+            if calls_wanted:
+                content, calls = parse_tool_calls(content)
+            msg = ChatMessage(role="assistant", content=content if content or not calls else None)
             if job.split and st.splitter.seen:
                 msg.reasoning_content = "".join(st.thinking)
+            if calls:
+                msg.tool_calls = call_entries(calls)
             choices.append(ChatChoice(index=i, message=msg,
                                       logprobs=_chat_logprobs(lm, st.logprobs, top_lp) if want_lp else None,
-                                      finish_reason=st.last.finish_reason))
+                                      finish_reason="tool_calls" if calls else st.last.finish_reason))
         return ChatCompletion(id=cid, object="chat.completion", created=created, model=name,
                               system_fingerprint=FINGERPRINT, choices=choices, usage=Usage(**job.usage(n)))
 
@@ -438,12 +486,15 @@ async def completions(request: Request):
     if echo and (n_lp is not None or max_tokens == 0):  # echoed prompt tokens get their log-probs
         kw["prompt_logprobs"] = n_lp or 0
     score = echo and n_lp is not None
-    check_unsupported(body, {"suffix": "suffix (fill-in-the-middle)"})
+    check_unsupported(body, {"suffix": "suffix (fill-in-the-middle)", "tools": "tool calling on /v1/completions "
+                             "(use /v1/chat/completions)"})
+    schema = openai_response_schema(body.response_format)
     lm, load_s = await run_in_threadpool(app.models.acquire, cname)
     release = lambda: app.models.release(lm)  # noqa: E731
     try:
         id_prompts = [_prompt_ids(lm.tokenizer, lm.model.config.vocab_size, p) for p in prompts]
-        job = _job(lm, id_prompts, kw, n, seed, max_tokens, n_lp if n_lp else (1 if n_lp == 0 else 0), load_s, t0)
+        job = _job(lm, id_prompts, kw, n, seed, max_tokens, n_lp if n_lp else (1 if n_lp == 0 else 0), load_s, t0,
+                   grammar=output_grammar(lm, schema, SCHEMA_FIELD))
         job.submit()
     except BaseException:
         await run_in_threadpool(release)

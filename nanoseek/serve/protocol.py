@@ -19,6 +19,9 @@ from typing import Annotated, Any
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, Strict, ValidationError
 from starlette.responses import Response
 
+from ..grammar import (Constraint, GrammarError, check_grammar, grammar_tokenizer, json_object_grammar,
+                       json_schema_grammar, tool_call_grammar)
+
 MAX_BODY = 4 << 20  # a request body larger than this is refused unread (413)
 MAX_N = 8
 MAX_TOP_LOGPROBS = 20
@@ -199,12 +202,148 @@ def check_messages(messages: list[Message] | None, openai: bool) -> list[dict]:
             raise bad(f"messages[{i}].content", f"expected {what}, got {short(content)}")
         if m.images and not openai:
             raise bad(f"messages[{i}].images", "images are not supported by nanoseek")
-        if m.tool_calls:
-            raise bad(f"messages[{i}].tool_calls", "tool calling is not supported by nanoseek")
         if not openai and m.thinking is not None and not isinstance(m.thinking, str):
             raise bad(f"messages[{i}].thinking", "expected a string")
-        out.append({"role": "system" if role == "developer" else role, "content": content})
+        msg = {"role": "system" if role == "developer" else role, "content": content}
+        if m.tool_calls:
+            msg["tool_calls"] = _message_tool_calls(m.tool_calls, f"messages[{i}].tool_calls")
+        out.append(msg)
     return out
+
+
+def _message_tool_calls(calls, name: str) -> list[dict]:
+    """An assistant message's earlier tool calls as [{type, function {name, arguments (JSON text)}}];
+    OpenAI sends arguments as a JSON string, Ollama as an object."""
+    if not isinstance(calls, list):
+        raise bad(name, "expected an array of tool calls")
+    out = []
+    for j, c in enumerate(calls):
+        f = c.get("function") if isinstance(c, dict) else None
+        if not isinstance(f, dict) or not isinstance(f.get("name"), str) or not f["name"]:
+            raise bad(f"{name}[{j}].function.name", "expected the called function's name")
+        args = f.get("arguments", {})
+        if isinstance(args, str):
+            try:
+                json.loads(args)
+            except json.JSONDecodeError:
+                raise bad(f"{name}[{j}].function.arguments", "expected a JSON object (as a string)") from None
+        elif isinstance(args, dict):
+            args = json.dumps(args, ensure_ascii=False)
+        else:
+            raise bad(f"{name}[{j}].function.arguments", "expected a JSON object")
+        out.append({"id": c.get("id"), "type": "function", "function": {"name": f["name"], "arguments": args}})
+    return out
+
+
+# ------------------------------------------------------------------ tools and structured output
+def check_tools(tools) -> list[dict]:
+    """`tools` (both APIs): [{"type": "function", "function": {name, description?, parameters?}}]."""
+    if tools is None or tools == []:
+        return []
+    if not isinstance(tools, list):
+        raise bad("tools", "expected an array of tools")
+    out = []
+    for i, t in enumerate(tools):
+        if not isinstance(t, dict) or t.get("type", "function") != "function":
+            raise bad(f"tools[{i}].type", "only function tools ({\"type\": \"function\"}) are supported")
+        f = t.get("function")
+        if not isinstance(f, dict):
+            raise bad(f"tools[{i}].function", "expected an object with name and parameters")
+        name = f.get("name")
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", name):
+            raise bad(f"tools[{i}].function.name", f"expected 1-64 letters, digits, _ . or -; got {short(name)}")
+        params = f.get("parameters", {"type": "object"})
+        if not isinstance(params, dict):
+            raise bad(f"tools[{i}].function.parameters", "expected a JSON schema object")
+        out.append({"type": "function", "function": {**f, "parameters": params or {"type": "object"}}})
+    return out
+
+
+def check_tool_choice(choice, tools: list[dict]) -> str | None:
+    """`tool_choice`: 'none', 'auto', 'required' or {"type": "function", "function": {"name"}} ->
+    'none', 'auto', 'required' or the named function (None without tools)."""
+    if choice is None:
+        return "auto" if tools else None
+    if isinstance(choice, str):
+        if choice not in ("none", "auto", "required"):
+            raise bad("tool_choice", f"expected none, auto, required or a named function; got {short(choice)}")
+        if choice == "required" and not tools:
+            raise bad("tool_choice", "required needs tools")
+        return choice if tools else None
+    f = choice.get("function") if isinstance(choice, dict) else None
+    name = f.get("name") if isinstance(f, dict) else None
+    if not isinstance(name, str):
+        raise bad("tool_choice", "expected none, auto, required or {\"type\": \"function\", \"function\": {\"name\"}}")
+    if name not in [t["function"]["name"] for t in tools]:
+        raise bad("tool_choice", f"function {name!r} is not among the tools")
+    return "named:" + name
+
+
+def openai_response_schema(fmt):
+    """OpenAI `response_format` -> None (text), 'json' (any object) or a JSON schema."""
+    if fmt is None:
+        return None
+    if not isinstance(fmt, dict) or fmt.get("type") not in ("text", "json_object", "json_schema"):
+        raise bad("response_format", "expected {\"type\": \"text\" | \"json_object\" | \"json_schema\"}")
+    if fmt["type"] == "text":
+        return None
+    if fmt["type"] == "json_object":
+        return "json"
+    js = fmt.get("json_schema")
+    if not isinstance(js, dict) or not isinstance(js.get("name"), str):
+        raise bad("response_format.json_schema", "expected an object with name and schema")
+    schema = js.get("schema", {})
+    if not isinstance(schema, (dict, bool)):
+        raise bad("response_format.json_schema.schema", "expected a JSON schema object")
+    if js.get("strict") is not None and not isinstance(js["strict"], bool):
+        raise bad("response_format.json_schema.strict", "expected a boolean")
+    return schema
+
+
+def ollama_format_schema(fmt):
+    """Ollama `format`: "json" (any object) or a JSON schema -> None, 'json' or the schema."""
+    if fmt in (None, ""):
+        return None
+    if fmt == "json":
+        return "json"
+    if isinstance(fmt, (dict, bool)):
+        return fmt
+    raise bad("format", f"expected \"json\" or a JSON schema object, got {short(fmt)}")
+
+
+def output_grammar(lm, schema, param: str, tools: list[dict] | None = None, tool_choice: str | None = None):
+    """The grammar (checked against the model's vocabulary) a request's output must follow, or None:
+    a forced tool call (tool_choice required or named) or a response schema. A schema the grammar
+    engine refuses is a 400 naming `param` (or the tool's parameters)."""
+    tok = grammar_tokenizer(lm.tokenizer, lm.model.config.vocab_size)
+    if tool_choice == "required" or (tool_choice or "").startswith("named:"):
+        funcs = [(t["function"]["name"], t["function"]["parameters"]) for t in tools]
+        for i, (_, params) in enumerate(funcs):
+            try:
+                check_grammar(json_schema_grammar(params), tok)
+            except GrammarError as e:
+                raise bad(f"tools[{i}].function.parameters", str(e)) from None
+        if tool_choice.startswith("named:"):
+            funcs = [f for f in funcs if f[0] == tool_choice[6:]]
+        template = getattr(lm.tokenizer, "chat_template", None) or ""
+        grammar = tool_call_grammar(lm.tokenizer, funcs, hermes="<tool_call>" in template)
+    elif schema is None:
+        return None
+    else:
+        grammar = json_object_grammar() if schema == "json" else None
+        try:
+            grammar = grammar or json_schema_grammar(schema)
+            check_grammar(grammar, tok)
+        except GrammarError as e:
+            raise bad(param, str(e)) from None
+    return grammar
+
+
+def constraint(lm, grammar: str | None):
+    """A fresh per-choice constraint for the engine's sampler (None: unconstrained)."""
+    if grammar is None:
+        return None
+    return Constraint(grammar, grammar_tokenizer(lm.tokenizer, lm.model.config.vocab_size))
 
 
 # ------------------------------------------------------------------ responses
