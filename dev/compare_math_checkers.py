@@ -1,6 +1,6 @@
 """math-verify against our extractor's comparison on real MATH and GSM8K answers.
 
-    python dev/compare_math_checkers.py --data ../shared/data --out runs/checkers
+    python -m dev.compare_math_checkers --data ../shared/data --out runs/checkers
 
 Each gold answer of the MATH and GSM8K test sets is checked against rewritings of itself whose
 verdict is known: equivalent forms (the answer as written, boxed, in dollars, `\\dfrac` for
@@ -24,17 +24,14 @@ import json
 import os
 import random
 import re
-import sys
 import time
 from collections import Counter, defaultdict
 from decimal import Decimal
 from fractions import Fraction
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from nanoseek.tasks import get_task  # noqa: E402
-from nanoseek.tasks.extract import extract_answer, math_equal, numbers_equal, parse_number  # noqa: E402
-from nanoseek.tasks.verify import math_verify_equal  # noqa: E402
+from nanoseek.tasks import get_task
+from nanoseek.tasks.extract import extract_answer, math_equal, numbers_equal, parse_number
+from nanoseek.tasks.verify import math_verify_equal
 
 FRAC_RE = re.compile(r"^(-?)\\[dt]?frac\{(\d+)\}\{(\d+)\}$")
 INT_RE = re.compile(r"^-?\d+$")
