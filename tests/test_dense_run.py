@@ -208,6 +208,12 @@ def test_openai_client_against_serve(store, r1_checkpoint):
         ol = ollama.Client(host=f"http://127.0.0.1:{server.server_address[1]}", timeout=60)
         r = ol.chat(model="r1-qwen", messages=msgs, options={"temperature": 0, "num_predict": NEW_TOKENS})
         assert (r.message.thinking, r.message.content) == (thinking, answer)
+        # /api/show reports the real architecture and its grouped-query attention, not MLA keys
+        shown = ol.show("r1-qwen")
+        assert shown.details.family == "qwen2" and shown.modelinfo["general.architecture"] == "qwen2"
+        assert shown.modelinfo["qwen2.attention.head_count_kv"] == 2  # the r1_checkpoint fixture's K/V heads
+        assert shown.modelinfo["qwen2.attention.head_count"] == 4
+        assert not any("kv_lora_rank" in k or "expert" in k for k in shown.modelinfo)
     finally:
         server.shutdown_all()
         torch.set_num_threads(threads)

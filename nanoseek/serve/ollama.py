@@ -249,19 +249,24 @@ async def show(request: Request):
     name = app.models.resolve(_model_name(body))
     s = app.store.show(name)
     m = app.store.manifest(name)
-    arch = "deepseek2"
+    # GGUF's architecture names, as llama.cpp's and Ollama's model_info report them
+    arch = {"deepseek_v2": "deepseek2", "deepseek_v3": "deepseek2"}.get(s["architecture"], s["architecture"])
     info = {
         "general.architecture": arch, "general.parameter_count": s["parameters"],
         "general.basename": name.split(":")[0],
         f"{arch}.context_length": s["context_length"], f"{arch}.embedding_length": s["embedding_length"],
         f"{arch}.block_count": s["layers"], f"{arch}.attention.head_count": s["attention_heads"],
-        f"{arch}.attention.kv_lora_rank": s["kv_lora_rank"],
-        f"{arch}.rope.dimension_count": s["qk_rope_head_dim"],
-        f"{arch}.expert_count": s["experts"], f"{arch}.expert_used_count": s["experts_used"],
-        f"{arch}.expert_shared_count": s["shared_experts"], f"{arch}.nextn_predict_layers": s["mtp_depth"],
         f"{arch}.vocab_size": s["vocab_size"],
         "nanoseek.architecture": s["architecture"], "nanoseek.active_parameter_count": s["active_parameters"],
     }
+    if s["dense"]:  # grouped-query attention
+        info.update({f"{arch}.attention.head_count_kv": s["kv_heads"], f"{arch}.attention.key_length": s["head_dim"],
+                     f"{arch}.attention.value_length": s["head_dim"], f"{arch}.rope.dimension_count": s["head_dim"]})
+    else:  # MLA and DeepSeekMoE
+        info.update({f"{arch}.attention.kv_lora_rank": s["kv_lora_rank"],
+                     f"{arch}.rope.dimension_count": s["qk_rope_head_dim"],
+                     f"{arch}.expert_count": s["experts"], f"{arch}.expert_used_count": s["experts_used"],
+                     f"{arch}.expert_shared_count": s["shared_experts"], f"{arch}.nextn_predict_layers": s["mtp_depth"]})
     caps = ["completion"] + (["thinking"] if s["thinking"] else [])
     defaults = m.get("defaults", {})
     params = "\n".join(parameter_lines(defaults)) or (f"stop {json.dumps(s['eos_token'])}" if s.get("eos_token") else "")
