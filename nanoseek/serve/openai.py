@@ -272,6 +272,20 @@ def _legacy_logprobs(lm, entries, n_lp, base_offset=0) -> dict:
     return out
 
 
+def _eos_entry(tok, st) -> list:
+    """The EOS that ended a choice as one more log-prob entry, as OpenAI-compatible servers list it
+    (the engine reports it as a finishing event without a token). Scorers such as
+    lm-evaluation-harness ask for one generated token and drop the last entry: without the EOS
+    entry they would drop a prompt token instead. Its log-prob is read from the finishing event's
+    top alternatives (which hold the chosen token under greedy decoding); None when it is not among
+    them."""
+    ev = st.last
+    if ev is None or ev.finish_reason != "stop" or ev.token_id is not None or tok.eos_id is None:
+        return []
+    lp = next((b for a, b in ev.top_logprobs or [] if a == tok.eos_id), None)
+    return [(tok.eos_id, lp, ev.top_logprobs, st.n_chars)]
+
+
 async def _reply(request: Request, job: Job, release, stream: bool, chunks, whole):
     """Stream `chunks()` as SSE, or run the job and answer `whole()`; the model is released after."""
     app = _app(request)
@@ -528,6 +542,8 @@ async def completions(request: Request):
                 echoed[i] = True
                 yield echo_chunk(i)
             lps = job.states[i].take_logprobs() if n_lp is not None else []
+            if n_lp is not None and ev.finish_reason is not None:
+                lps += _eos_entry(lm.tokenizer, job.states[i])
             if ct or lps or ev.finish_reason is not None:
                 lp = _legacy_logprobs(lm, lps, n_lp, len(echo_text[i // n])) if lps else None
                 yield chunk([CompletionChoice(index=i, text=ct, logprobs=lp, finish_reason=ev.finish_reason)])
@@ -541,7 +557,7 @@ async def completions(request: Request):
             e = echo_text[i // n]
             lp = None
             if n_lp is not None:
-                lp = _legacy_logprobs(lm, st.logprobs, n_lp, len(e))
+                lp = _legacy_logprobs(lm, st.logprobs + _eos_entry(lm.tokenizer, st), n_lp, len(e))
                 if score:
                     lp = {k: v + lp[k] for k, v in prompt_logprobs(i).items()}
             choices.append(CompletionChoice(index=i, text=e + "".join(st.text), logprobs=lp,
