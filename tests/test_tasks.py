@@ -11,7 +11,7 @@ import pytest
 
 from conftest import SHARED_DATA
 from nanoseek.tasks import Arithmetic, Countdown, get_task, pass_at_k
-from nanoseek.tasks.extract import extract_answer, format_reward, math_equal, parse_number
+from nanoseek.tasks.extract import extract_answer, format_reward, math_equal, numbers_equal, parse_number
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -37,6 +37,16 @@ def test_extract_answer(text, expected):
 ])
 def test_parse_number(text, value):
     assert parse_number(text) == value
+
+
+@pytest.mark.parametrize("a, b, equal", [
+    ("1000001", "1000000", False), ("123456790", "123456789", False), ("1000000", "1,000,000", True),
+    ("0.333333", "1/3", True), ("0.33", "1/3", False), ("2.5", "5/2", True), ("-7", "-7.0", True),
+])
+def test_numbers_equal_is_exact_for_integers(a, b, equal):
+    """Two integers must be equal exactly (a relative tolerance accepted n + 1 for large n);
+    a rounded decimal still matches its fraction."""
+    assert numbers_equal(parse_number(a), parse_number(b)) is equal
 
 
 def test_math_equal():

@@ -82,8 +82,12 @@ def parse_number(s: str | None) -> Fraction | None:
 
 
 def numbers_equal(a: Fraction | None, b: Fraction | None, rel: float = 1e-6) -> bool:
+    """Exact for two integers (a relative tolerance would accept 1000001 for 1000000); otherwise
+    equal up to `rel` of b's size, so a rounded decimal (0.333333) matches a fraction (1/3)."""
     if a is None or b is None:
         return False
+    if a.denominator == 1 and b.denominator == 1:
+        return a == b
     return a == b or abs(float(a) - float(b)) <= rel * max(1.0, abs(float(b)))
 
 
