@@ -260,21 +260,34 @@ def save_pretrained(model, path: str, max_shard_size: int = 5 * 2**30, fp8: bool
                 quantized[k] = v
         state = quantized
     # Shard by size, keeping each weight next to its scale.
+    groups = []
+    for k in sorted(state, key=natural_key):
+        if not k.endswith("_scale_inv"):
+            groups.append({k: state[k], **({k + "_scale_inv": state[k + "_scale_inv"]}
+                                           if k + "_scale_inv" in state else {})})
+    extra = {"torch_dtype": _dtype_name(model_dtype)}
+    if fp8:
+        extra["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                        "weight_block_size": [FP8_BLOCK, FP8_BLOCK]}
+    extra.update(extra_config or {})
+    save_sharded(groups, path, max_shard_size, lambda: cfg.save(path, extra=extra))
+
+
+def save_sharded(groups: list[dict[str, torch.Tensor]], path: str, max_shard_size: int, write_config) -> None:
+    """Write tensor groups (each kept in one file) as `model.safetensors`, or as shards of at most
+    `max_shard_size` bytes plus the index, into `path`: files go to a staging folder and move in,
+    the index and then `write_config()` come last, and files of an earlier save that this one no
+    longer uses are removed."""
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
-    for k in sorted(state, key=_natural_key):
-        if k.endswith("_scale_inv"):
-            continue
-        group = {k: state[k]}
-        if k + "_scale_inv" in state:
-            group[k + "_scale_inv"] = state[k + "_scale_inv"]
+    for group in groups:
         nbytes = sum(t.numel() * t.element_size() for t in group.values())
         if shards[-1] and size + nbytes > max_shard_size:
             shards.append({})
             size = 0
         shards[-1].update(group)
         size += nbytes
-    total = sum(t.numel() * t.element_size() for t in state.values())
+    total = sum(t.numel() * t.element_size() for g in groups for t in g.values())
     n = len(shards)
     names = [SINGLE_FILE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
 
@@ -285,27 +298,23 @@ def save_pretrained(model, path: str, max_shard_size: int = 5 * 2**30, fp8: bool
             atomic_save_safetensors(shard, os.path.join(staging, name))
         for name in names:
             os.replace(os.path.join(staging, name), os.path.join(path, name))
-        old_index = os.path.join(path, INDEX_FILE)
+        index = os.path.join(path, INDEX_FILE)
         if n > 1:
             weight_map = {k: names[i] for i, shard in enumerate(shards) for k in shard}
-            atomic_write_text(old_index, json.dumps({"metadata": {"total_size": total},
-                                                     "weight_map": weight_map}, indent=2) + "\n")
-        elif os.path.exists(old_index):
-            os.unlink(old_index)
+            atomic_write_text(index, json.dumps({"metadata": {"total_size": total},
+                                                 "weight_map": weight_map}, indent=2) + "\n")
+        elif os.path.exists(index):
+            os.unlink(index)
         for f in os.listdir(path):  # shards of an earlier save that the new one no longer uses
             if re.fullmatch(r"model-\d{5}-of-\d{5}\.safetensors", f) and f not in names:
                 os.unlink(os.path.join(path, f))
         if n > 1 and os.path.exists(os.path.join(path, SINGLE_FILE)):
             os.unlink(os.path.join(path, SINGLE_FILE))
-        extra = {"torch_dtype": _dtype_name(model_dtype)}
-        if fp8:
-            extra["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-                                            "weight_block_size": [FP8_BLOCK, FP8_BLOCK]}
-        extra.update(extra_config or {})
-        cfg.save(path, extra=extra)
+        write_config()
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _natural_key(key: str):
+def natural_key(key: str):
+    """Sort key with digit runs compared as numbers (layers 2 before 10)."""
     return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", key)]

@@ -13,19 +13,13 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import shutil
-import tempfile
 
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .checkpoint import CheckpointError
+from .checkpoint import INDEX_FILE, SINGLE_FILE, CheckpointError, natural_key, save_sharded
 from .dense_config import DenseConfig
-from .io import atomic_save_safetensors, atomic_write_text
 
-INDEX_FILE = "model.safetensors.index.json"
-SINGLE_FILE = "model.safetensors"
 TIED_HEAD = "lm_head.weight"
 
 
@@ -134,49 +128,13 @@ def load_pretrained(path: str, dtype=None, device=None, strict: bool = True, *, 
     return model
 
 
-def _natural_key(key: str):
-    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", key)]
-
-
 @torch.no_grad()
 def save_pretrained(model, path: str, max_shard_size: int = 5 * 2**30, extra_config: dict | None = None) -> None:
     """Write config.json and safetensors (sharded above `max_shard_size` bytes) that transformers'
     Llama / Qwen2 / Qwen3 classes load. Files go to a staging folder, then move in; the index
     and config.json come last."""
     state = {k: v.detach().to("cpu") for k, v in hf_state_dict(model).items()}
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for k in sorted(state, key=_natural_key):
-        nbytes = state[k].numel() * state[k].element_size()
-        if shards[-1] and size + nbytes > max_shard_size:
-            shards.append({})
-            size = 0
-        shards[-1][k] = state[k]
-        size += nbytes
-    n = len(shards)
-    names = [SINGLE_FILE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-
-    os.makedirs(path, exist_ok=True)
-    staging = tempfile.mkdtemp(dir=path, prefix=".staging-")
-    try:
-        for name, shard in zip(names, shards):
-            atomic_save_safetensors(shard, os.path.join(staging, name))
-        for name in names:
-            os.replace(os.path.join(staging, name), os.path.join(path, name))
-        index = os.path.join(path, INDEX_FILE)
-        if n > 1:
-            total = sum(t.numel() * t.element_size() for t in state.values())
-            weight_map = {k: names[i] for i, shard in enumerate(shards) for k in shard}
-            atomic_write_text(index, json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
-                                                indent=2) + "\n")
-        elif os.path.exists(index):
-            os.unlink(index)
-        for f in os.listdir(path):  # shards of an earlier save that this one no longer uses
-            if re.fullmatch(r"model-\d{5}-of-\d{5}\.safetensors", f) and f not in names:
-                os.unlink(os.path.join(path, f))
-        if n > 1 and os.path.exists(os.path.join(path, SINGLE_FILE)):
-            os.unlink(os.path.join(path, SINGLE_FILE))
-        dtype = str(model.lm_head.weight.dtype).replace("torch.", "")
-        model.config.save(path, extra={"torch_dtype": dtype, **(extra_config or {})})
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    groups = [{k: state[k]} for k in sorted(state, key=natural_key)]
+    dtype = str(model.lm_head.weight.dtype).replace("torch.", "")
+    save_sharded(groups, path, max_shard_size,
+                 lambda: model.config.save(path, extra={"torch_dtype": dtype, **(extra_config or {})}))
