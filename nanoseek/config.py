@@ -44,6 +44,22 @@ ROUTING_V3 = dict(scoring_func="sigmoid", topk_method="noaux_tc", norm_topk_prob
 ROUTING_V2 = dict(scoring_func="softmax", topk_method="greedy", norm_topk_prob=False)
 
 
+def read_config_json(path) -> tuple[dict, str]:
+    """(config.json's object, its file name) of a checkpoint folder or of a config.json file."""
+    path = os.fspath(path)
+    file = os.path.join(path, "config.json") if os.path.isdir(path) else path
+    if not os.path.exists(file):
+        raise FileNotFoundError(f"{file}: no config.json found")
+    try:
+        with open(file) as f:
+            config = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"{file}: expected a JSON object, got {type(config).__name__}")
+    return config, file
+
+
 @dataclass
 class ModelConfig:
     """Architecture hyper-parameters (Hugging Face DeepSeek-V3 names)."""
@@ -314,14 +330,7 @@ class ModelConfig:
     @classmethod
     def from_pretrained(cls, path: str) -> "ModelConfig":
         """Read `config.json` from a checkpoint directory (or a path to the file itself)."""
-        file = os.path.join(path, "config.json") if os.path.isdir(path) else path
-        if not os.path.exists(file):
-            raise FileNotFoundError(f"{file}: no config.json found")
-        try:
-            with open(file) as f:
-                d = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{file}: not valid JSON ({e})") from None
+        d, file = read_config_json(path)
         for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                     "num_attention_heads", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
             if key not in d:

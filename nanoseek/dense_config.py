@@ -19,7 +19,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
-from .config import ConfigError
+from .config import ConfigError, read_config_json
 from .io import atomic_write_text
 
 DENSE_MODEL_TYPES = ("llama", "qwen2", "qwen3")
@@ -250,14 +250,7 @@ class DenseConfig:
     @classmethod
     def from_pretrained(cls, path: str) -> "DenseConfig":
         """Read `config.json` from a checkpoint directory (or the file itself)."""
-        file = os.path.join(path, "config.json") if os.path.isdir(path) else path
-        if not os.path.exists(file):
-            raise FileNotFoundError(f"{file}: no config.json found")
-        try:
-            with open(file) as f:
-                d = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{file}: not valid JSON ({e})") from None
+        d, file = read_config_json(path)
         return cls.from_hf_dict(d, source=file)
 
     def save(self, directory: str, extra: dict | None = None) -> None:

@@ -12,12 +12,10 @@ config (ModelConfig or DenseConfig) without the weights, for the store and `nano
 
 from __future__ import annotations
 
-import json
 import os
 
 from .checkpoint import CheckpointError
-from .config import ConfigError
-from .config import ModelConfig
+from .config import ConfigError, ModelConfig, read_config_json
 from .dense import DenseModel
 from .dense_config import DenseConfig
 from .model import DeepSeekV3
@@ -52,22 +50,6 @@ def model_type_of(config: dict, source: str = "config.json") -> str:
     return model_type
 
 
-def read_config_dict(path: str) -> tuple[dict, str]:
-    """(config.json dict, its file name) of a checkpoint folder or a config.json file."""
-    path = os.fspath(path)
-    file = os.path.join(path, "config.json") if os.path.isdir(path) else path
-    if not os.path.exists(file):
-        raise FileNotFoundError(f"{file}: no config.json found")
-    try:
-        with open(file) as f:
-            config = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{file}: not valid JSON ({e})") from None
-    if not isinstance(config, dict):
-        raise ConfigError(f"{file}: expected a JSON object, got {type(config).__name__}")
-    return config, file
-
-
 def is_dense(config) -> bool:
     """Whether a config (ModelConfig, DenseConfig) or model describes a dense Llama / Qwen model."""
     return isinstance(getattr(config, "config", config), DenseConfig)
@@ -78,7 +60,7 @@ def load_config(path: str):
     DenseConfig where its model_type (or architectures) names Llama / Qwen2 / Qwen3, else the
     DeepSeek ModelConfig as `ModelConfig.from_pretrained` reads it."""
     path = os.fspath(path)
-    config, _ = read_config_dict(path)
+    config, _ = read_config_json(path)
     named = config.get("model_type") or next(
         (CAUSAL_LM_ARCHITECTURES.get(a) for a in (config.get("architectures") or []) if a in CAUSAL_LM_ARCHITECTURES),
         None)
@@ -95,5 +77,5 @@ def load_model(path: str, dtype=None, device=None):
         raise CheckpointError(f"{path}: GGUF files are not supported yet; give a Hugging Face checkpoint folder")
     if not os.path.isdir(path):
         raise CheckpointError(f"{path}: not a checkpoint directory")
-    config, file = read_config_dict(path)
+    config, file = read_config_json(path)
     return MODEL_CLASSES[model_type_of(config, file)].from_pretrained(path, dtype=dtype, device=device)
