@@ -393,7 +393,7 @@ def cmd_quickstart(args) -> int:
 
 
 def add_quickstart_command(sub) -> None:
-    s = sub.add_parser("quickstart", help="pretrain a nano DeepSeek-V3 on Countdown, then GRPO; ~9 min on 2 CPU cores")
+    s = sub.add_parser("quickstart", help="pretrain a nano DeepSeek-V3 on Countdown, then GRPO; ~5 min on 2 CPU cores")
     s.add_argument("--out", help="run folder (default runs/quickstart, with --smoke runs/quickstart-smoke)")
     s.add_argument("--smoke", action="store_true",
                    help="every stage for a few steps (about a minute): checks the install end to end, "

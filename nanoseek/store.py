@@ -31,6 +31,7 @@ import shutil
 import tempfile
 import time
 
+from .chat import can_think
 from .checkpoint import CheckpointError, _ShardSet, hf_keys_for
 from .dense import DenseModel
 from .dense_checkpoint import check_pretrained
@@ -371,7 +372,7 @@ class Store:
             "quantization": m.get("quantization"),
             "template": template if template else "built-in DeepSeek template",
             "template_source": "tokenizer_config.json" if template else "built-in",
-            "thinking": tok.token_to_id("</think>") is not None or "</think>" in (template or ""),
+            "thinking": can_think(tok),
             "bos_token": tok.bos_token, "eos_token": tok.eos_token,
             "size": m.get("size"), "digest": m.get("digest"), "created_at": m.get("created_at"),
             "source": m.get("source"),
