@@ -111,6 +111,8 @@ def main():
         del model
         for cache, b in [(c, b) for c in ("dynamic", "static") for b in a.batches]:
             label = "transformers generate" + (" (static cache, compiled)" if cache == "static" else "")
+            if a.only and label not in a.only:
+                continue
             prompts = torch.randint(0, cfg.vocab_size, (b, a.prompt), generator=g).tolist()
             try:
                 run_hf(hf, prompts, 4, device, cache)  # warm-up (and, static, the compile)

@@ -47,21 +47,27 @@ def steady_tokens_per_s(run_dir, skip):
     return statistics.median(r["tokens_per_s"] for r in recs)
 
 
-def hf_train_speed(cfg: ModelConfig, batch: int, seq: int, steps: int, device, compiled: bool = False) -> float:
+def hf_train_speed(cfg: ModelConfig, batch: int, seq: int, steps: int, device, compiled: bool = False,
+                   bf16_weights: bool = False) -> float:
     """transformers' DeepseekV3ForCausalLM, same recipe as ours: fp32 weights, bf16 autocast, fused
     AdamW, SDPA attention and its grouped-GEMM experts (`experts_implementation="grouped_mm"`, its
-    fastest), eager or under torch.compile; median step after the first 2 (5 compiled), as ours."""
+    fastest), no KV cache (`use_cache=False`), eager or under torch.compile; median step after the
+    first 2 (5 compiled), as ours. Under torch.compile transformers runs grouped_mm only on bf16
+    weights (with fp32 ones it falls back to a per-expert loop), so `bf16_weights` times its fastest
+    compiled setting too: bf16 parameters and AdamW states, a different recipe from ours."""
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
     d = cfg.to_hf_dict()
     for k in ("architectures", "model_type", "torch_dtype"):
         d.pop(k, None)
     d["num_nextn_predict_layers"] = 0
     hcfg = DeepseekV3Config(**d)
-    label = "transformers compiled" if compiled else "transformers eager"
+    label = hf_label(compiled, bf16_weights)
     try:
         with torch.device(device):
             model = DeepseekV3ForCausalLM._from_config(hcfg, attn_implementation="sdpa",
                                                        experts_implementation="grouped_mm").train()
+        if bf16_weights:
+            model = model.to(torch.bfloat16)
         step_model = torch.compile(model) if compiled else model
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
         x = torch.randint(0, cfg.vocab_size, (batch, seq + 1), device=device)
@@ -70,7 +76,7 @@ def hf_train_speed(cfg: ModelConfig, batch: int, seq: int, steps: int, device, c
             sync(device)
             t = time.perf_counter()
             with torch.autocast(device.type, dtype=torch.bfloat16):
-                logits = step_model(x[:, :-1]).logits
+                logits = step_model(x[:, :-1], use_cache=False).logits
             loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten())
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -89,6 +95,10 @@ def hf_train_speed(cfg: ModelConfig, batch: int, seq: int, steps: int, device, c
         return 0.0
 
 
+def hf_label(compiled: bool, bf16_weights: bool = False) -> str:
+    return "transformers " + ("compiled" if compiled else "eager") + (", bf16 weights" if bf16_weights else "")
+
+
 def part_speed(a, results):
     cfg = ModelConfig.from_preset("small", num_nextn_predict_layers=0)
     device = torch.device("cuda")
@@ -97,7 +107,7 @@ def part_speed(a, results):
     fpt = training_flops_per_token(cfg, a.speed_seq)
     rows = []
     for label, extra in (("nanoseek eager", dict(compile=False)), ("nanoseek compiled", dict(compile=True))):
-        if label.endswith("compiled") and a.no_compile:
+        if label.endswith("compiled") and a.no_compile or a.only and label not in a.only:
             continue
         run = os.path.join(a.out, "speed-" + label.split()[1])
         t = time.time()
@@ -114,21 +124,21 @@ def part_speed(a, results):
         vs_spec, vs_measured = mfu_pair(tps, fpt, spec, peak)
         rows.append((label, tps, vs_spec, mem, vs_measured))
         torch.cuda.empty_cache()
-    for compiled in (False, True):
-        if compiled and a.no_compile:
+    for compiled, bf16_weights in ((False, False), (True, False), (True, True)):
+        label = hf_label(compiled, bf16_weights)
+        if compiled and a.no_compile or a.only and label not in a.only:
             continue
         torch.cuda.reset_peak_memory_stats()
-        hf = hf_train_speed(cfg, a.speed_batch, a.speed_seq, a.speed_steps, device, compiled)
+        hf = hf_train_speed(cfg, a.speed_batch, a.speed_seq, a.speed_steps, device, compiled, bf16_weights)
         if hf:
             vs_spec, vs_measured = mfu_pair(hf, fpt, spec, peak)
-            rows.append(("transformers " + ("compiled" if compiled else "eager"), hf, vs_spec,
-                         torch.cuda.max_memory_allocated() / 2**30, vs_measured))
+            rows.append((label, hf, vs_spec, torch.cuda.max_memory_allocated() / 2**30, vs_measured))
     print(f"\nTraining step speed, `small` (MTP off), bf16 autocast + fp32 AdamW, batch {a.speed_batch} x {a.speed_seq}, "
           f"{torch.cuda.get_device_name()}; MFU against the dense bf16 spec peak {spec / 1e12:.0f} TFLOP/s, "
           f"beside it the share of the measured matmul peak {peak / 1e12:.0f} TFLOP/s")
-    print(f"{'implementation':<20}{'tokens/s':>12}{'MFU':>8}{'of measured':>13}{'peak GiB':>10}")
+    print(f"{'implementation':<36}{'tokens/s':>12}{'MFU':>8}{'of measured':>13}{'peak GiB':>10}")
     for label, tps, m, mem, m_measured in rows:
-        print(f"{label:<20}{tps:>12,.0f}{100 * m:>7.1f}%{100 * m_measured:>12.1f}%{mem:>10.1f}")
+        print(f"{label:<36}{tps:>12,.0f}{100 * m:>7.1f}%{100 * m_measured:>12.1f}%{mem:>10.1f}")
     by = {r[0]: r[1] for r in rows}
     results["speed"] = {
         "peak_tflops": peak / 1e12, "spec_peak_tflops": spec / 1e12, "flops_per_token": fpt,
@@ -204,6 +214,7 @@ def main():
     p.add_argument("--speed-batch", type=int, default=16)
     p.add_argument("--speed-seq", type=int, default=2048)
     p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--only", nargs="*", help="time only these rows of the speed table (by label)")
     p.add_argument("--alflb-steps", type=int, default=400)
     p.add_argument("--alflb-batch", type=int, default=32)
     p.add_argument("--alflb-seq", type=int, default=1024)

@@ -4,8 +4,12 @@
   backward, both measured against a float64 reference.
 - CUDA-graph decode == eager decode: the engine's replayed graphs give the same greedy tokens and
   log-probs as its eager steps, on the memorizer fixture (whose greedy margins are wide).
-- Triton FP8 kernels == the PyTorch reference: quantizers bit for bit, grouped GEMMs (Fprop/Dgrad
-  and the K-grouped Wgrad) within float32 summation-order noise, on segments of awkward sizes.
+- Triton FP8 kernels == the PyTorch reference: quantizers bit for bit; grouped GEMMs (Fprop/Dgrad
+  and the K-grouped Wgrad) on segments of awkward sizes to the same > 50 dB SQNR against the fp32
+  emulation that cuBLAS's blockwise `_scaled_mm` must meet (tests/test_fp8.py). Not float32
+  summation-order noise: Hopper's FP8 tensor cores add up the products of one 128-wide scale group
+  in reduced precision (DeepSeek-V3 section 3.3.2, about 14 bits); the kernels promote to fp32
+  after every group, which bounds that error but does not remove it.
 """
 
 import pytest
@@ -137,12 +141,13 @@ def test_triton_grouped_gemms_match_the_reference(sizes):
     got = ft.KERNELS.grouped_gemm(xq, wq, tm, torch.float32)
     ref = fp8.TORCH_KERNELS.grouped_gemm(xq, wq, tm, torch.float32, "emulate")
     assert got.shape == ref.shape == (sum(sizes), N)
-    assert (got - ref).abs().max().item() <= 1e-4 * ref.abs().max().item() + 1e-6
+    assert fp8.sqnr_db(ref, got) > 50
     # Wgrad: dW_e = dy_e^T x_e over each segment's 128x1 tiles (empty segments give zeros)
     gw = ft.KERNELS.grouped_wgrad(dyt, xt, tm)
     rw = fp8.TORCH_KERNELS.grouped_wgrad(dyt, xt, tm, "emulate")
     assert gw.shape == rw.shape == (E, N, K)
-    assert (gw - rw).abs().max().item() <= 1e-4 * rw.abs().max().item() + 1e-6
+    if any(sizes):
+        assert fp8.sqnr_db(rw, gw) > 50
     for e, n in enumerate(sizes):
         if n == 0:
             assert not gw[e].any()
