@@ -18,7 +18,7 @@ import time
 import torch
 
 from nanoseek import DeepSeekV3, ModelConfig
-from nanoseek.engine import Engine, SamplingParams
+from nanoseek.infer.engine import Engine, SamplingParams
 from nanoseek.perf import decode_bytes_per_token, measure_copy_bandwidth
 
 from .common import environment, mbu, pangram_tokenizer, print_json, sync

@@ -1,4 +1,4 @@
-"""FP8 (DeepSeek-V3 block-scaled recipe, nanoseek/fp8.py) vs bf16 on one GPU.
+"""FP8 (DeepSeek-V3 block-scaled recipe, nanoseek/quant/fp8.py) vs bf16 on one GPU.
 
 check: the Triton quantizers (1x128 rows; the fused 1x128 + per-segment 128x1 one; the 128x128
        weight one writing W and W^T) are bit-identical to the PyTorch reference (fp8.TorchKernels);
@@ -32,8 +32,8 @@ import traceback
 import torch
 import torch.nn as nn
 
-from nanoseek import fp8
-from nanoseek.fp8 import ACT, WEIGHT, FP8Config, sqnr_db
+from nanoseek.quant import fp8
+from nanoseek.quant.fp8 import ACT, WEIGHT, FP8Config, sqnr_db
 from nanoseek.model import MLP, Experts
 
 from .common import environment, median_cuda_ms, print_json
@@ -172,7 +172,7 @@ def part_check(out: dict) -> None:
     res = {}
     tri = None
     try:
-        from nanoseek import fp8_triton
+        from nanoseek.quant import fp8_triton
         tri = fp8_triton
     except Exception as e:  # noqa: BLE001
         res["triton_import_error"] = repr(e)
@@ -258,7 +258,7 @@ def part_gemm(out: dict, quick: bool) -> None:
     shapes = [r for r in GEMM_SHAPES if not r[0].startswith("v3 dense")] if quick else GEMM_SHAPES
     tri = None
     try:
-        from nanoseek import fp8_triton as tri
+        from nanoseek.quant import fp8_triton as tri
     except Exception:  # noqa: BLE001
         pass
     print(f"{'shape':34s} {'bf16':>7s} {'fp8':>7s} {'x':>5s} {'fp8+q eager':>12s} {'x':>5s} {'fp8+q triton':>13s} {'x':>5s}  (TFLOP/s)")
@@ -302,7 +302,7 @@ def part_layer(out: dict, quick: bool) -> None:
     rows = []
     tri_ok = True
     try:
-        from nanoseek import fp8_triton  # noqa: F401
+        from nanoseek.quant import fp8_triton  # noqa: F401
     except Exception as e:  # noqa: BLE001
         tri_ok = False
         print(f"no Triton kernels ({e!r}): fp8-eager only", flush=True)

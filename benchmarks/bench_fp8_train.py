@@ -3,7 +3,7 @@
 (a) Speed and memory: tokens/s (median over the steps after the first two, which include
     compilation and autotuning) and peak GPU memory for a wide model (hidden 4096, a few
     layers, MoE with 8 experts of width 2048, V3-like attention dims; fp32 master weights,
-    AdamW) and for the `small` preset, bf16 vs fp8 (`--precision fp8`: nanoseek/fp8.py).
+    AdamW) and for the `small` preset, bf16 vs fp8 (`--precision fp8`: nanoseek/quant/fp8.py).
 (b) Quality: validation loss after the same tokens, fp8 vs bf16 with the same seed (same
     initialization and data order), next to bf16 vs bf16 with another seed (another
     initialization and data order: the training-randomness noise floor). The DeepSeek-V3
@@ -31,7 +31,7 @@ import time
 
 import torch
 
-from nanoseek import fp8
+from nanoseek.quant import fp8
 from nanoseek.train import TrainArgs, train
 
 from .common import environment, print_json, read_metrics
@@ -73,7 +73,7 @@ def run_one(a, tag: str, preset: str, overrides: dict | None, precision: str, se
            "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
            "val_loss": s["val_loss"], "train_loss_tail": sum(tail) / len(tail), "skipped_steps": s["skipped_steps"],
            "wall_s": round(wall, 1)}
-    if precision == "fp8":  # which fused-path kernels passed their first-use checks (nanoseek/fp8.py)
+    if precision == "fp8":  # which fused-path kernels passed their first-use checks (nanoseek/quant/fp8.py)
         res["fp8_kernels"] = {"quantizer_choice": {str(k): v for k, v in fp8._QUANT_CHOICE.items()},
                               "quantizer_fallbacks": {str(k): v for k, v in fp8._QUANT_BROKEN.items()},
                               "grouped_fallbacks": dict(fp8._GROUPED_BROKEN),
@@ -115,7 +115,7 @@ def main():
     p.add_argument("--speed-batch-size", type=int, default=16)
     p.add_argument("--speed-seq-len", type=int, default=2048)
     p.add_argument("--fp8-kernels", default="auto",
-                   help="FP8 quantizers of the fp8 runs (nanoseek.fp8.FP8Config.kernels: off, auto, triton, "
+                   help="FP8 quantizers of the fp8 runs (nanoseek.quant.fp8.FP8Config.kernels: off, auto, triton, "
                         "torch), optionally with the experts' GEMMs after a colon (auto:loop; default :auto, the "
                         "grouped Triton GEMMs with the Triton kernels); a comma list runs "
                         "one fp8 run per setting next to the same bf16 runs")

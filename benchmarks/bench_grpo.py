@@ -16,9 +16,9 @@ import time
 import torch
 
 from nanoseek.config import ModelConfig
-from nanoseek.engine import Engine, SamplingParams
+from nanoseek.infer.engine import Engine, SamplingParams
 from nanoseek.model import DeepSeekV3
-from nanoseek.quickstart import QUICKSTART_MODEL
+from nanoseek.recipes.quickstart import QUICKSTART_MODEL
 from nanoseek.tasks import get_task
 from nanoseek.tasks.evaluate import encode_prompts
 from nanoseek.tokenizer import Tokenizer, train_bpe

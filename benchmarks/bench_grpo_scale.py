@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from nanoseek.quickstart import Recipe, quickstart
+from nanoseek.recipes.quickstart import Recipe, quickstart
 
 from . import bench_grpo
 from .common import environment, print_json

@@ -14,7 +14,7 @@ import time
 import torch
 
 from nanoseek import DeepSeekV3, ModelConfig
-from nanoseek.engine import Engine
+from nanoseek.infer.engine import Engine
 
 from .bench_decode import run_engine
 from .common import environment, pangram_tokenizer, print_json

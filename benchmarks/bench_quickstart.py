@@ -21,7 +21,7 @@ from .common import environment, print_json
 WORKER = r"""
 import json, sys, torch
 torch.set_num_threads(2)
-from nanoseek.quickstart import Recipe, quickstart
+from nanoseek.recipes.quickstart import Recipe, quickstart
 spec = json.loads(sys.argv[1])
 seed = spec.pop("seed", 0)
 control = spec.pop("control", False)

@@ -24,8 +24,8 @@ import time
 
 import httpx
 
-from nanoseek.chat import render_chat
-from nanoseek.store import Store
+from nanoseek.infer.chat import render_chat
+from nanoseek.infer.store import Store
 from nanoseek.tokenizer import Tokenizer
 
 from .common import environment, print_json, table

@@ -32,8 +32,8 @@ import time
 import torch
 
 from nanoseek import DeepSeekV3, ModelConfig
-from nanoseek.distill import PromptRecord, accuracy, distill, verify_exact
-from nanoseek.sft import SFTOptions, run_sft
+from nanoseek.finetune.distill import PromptRecord, accuracy, distill, verify_exact
+from nanoseek.finetune.sft import SFTOptions, run_sft
 from nanoseek.tokenizer import Tokenizer, train_bpe
 from nanoseek.train import TrainArgs
 

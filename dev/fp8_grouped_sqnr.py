@@ -4,8 +4,8 @@ relative to max |ref|). Prints one line per size set; the numbers go to dev/LOG.
 
 import torch
 
-from nanoseek import fp8
-from nanoseek import fp8_triton as ft
+from nanoseek.quant import fp8
+from nanoseek.quant import fp8_triton as ft
 
 
 def main() -> None:

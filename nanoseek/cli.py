@@ -10,19 +10,19 @@ import sys
 import time
 
 from .config import PRESETS, ModelConfig
-from .distill import add_distill_command
+from .finetune.distill import add_distill_command
 from .evaluation import add_eval_command
 from .interactive import add_sampling_arguments, cmd_chat, cmd_generate
 from .load import is_dense, load_config
 from .model import DeepSeekV3
 from .parallel.schedules import ScheduleError, build_schedule, default_chunks
 from .parallel.simulator import plot_timeline, simulate
-from .quickstart import add_quickstart_command
+from .recipes.quickstart import add_quickstart_command
 from .rl.cli import add_grpo_command
 from .serve.app import add_serve_command
 from .serve.create import add_modelfile_option
-from .sft import add_sft_command, add_sft_options
-from .store import add_store_commands
+from .finetune.sft import add_sft_command, add_sft_options
+from .infer.store import add_store_commands
 from .train import TrainArgs, train
 
 

@@ -29,11 +29,11 @@ from tqdm import tqdm
 
 from .bpb import bits_per_byte, read_documents
 from .checkpoint import CheckpointError
-from .engine import Engine
+from .infer.engine import Engine
 from .interactive import resolve_model_dir
 from .io import atomic_write_text
 from .load import load_model as load_checkpoint
-from .quickstart import Recipe, task_spec
+from .recipes.quickstart import Recipe, task_spec
 from .tasks import GSM8K, MATH, SVAMP, ProblemFile, Task, get_task, pass_at_k
 from .tasks.base import Problem
 from .tasks.evaluate import Generations, encode_prompts, generate_and_check

@@ -10,12 +10,12 @@ import os
 import sys
 import time
 
-from .chat import prompt_opens_thinking, render_chat, split_thinking
+from .infer.chat import prompt_opens_thinking, render_chat, split_thinking
 from .checkpoint import CheckpointError
-from .engine import Engine, SamplingParams
-from .fp8_weights import load_fp8_weights
+from .infer.engine import Engine, SamplingParams
+from .quant.fp8_weights import load_fp8_weights
 from .load import is_dense, load_config, load_model
-from .store import Store, StoreError
+from .infer.store import Store, StoreError
 from .tokenizer import Tokenizer
 
 

@@ -69,7 +69,7 @@ def test_every_flag_reaches_its_command():
     then ignored (as `pipeline-sim --no-save` once was) fails here."""
     from nanoseek.cli import build_parser
     from nanoseek.rl import GRPOArgs
-    from nanoseek.sft import SFTOptions
+    from nanoseek.finetune.sft import SFTOptions
     from nanoseek.train import TrainArgs
     settings = {"train": [TrainArgs], "sft": [TrainArgs, SFTOptions], "distill": [TrainArgs, SFTOptions],
                 "grpo": [GRPOArgs]}

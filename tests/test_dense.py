@@ -18,7 +18,7 @@ from nanoseek import ConfigError, DeepSeekV3, load_model
 from nanoseek.checkpoint import CheckpointError
 from nanoseek.dense import DenseModel, GQACache, rope_inv_freq
 from nanoseek.dense_config import DenseConfig
-from nanoseek.engine import Engine, SamplingParams
+from nanoseek.infer.engine import Engine, SamplingParams
 from nanoseek.tokenizer import train_bpe
 
 TOL = 1e-4

@@ -18,12 +18,12 @@ from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tok
 from tokenizers import Tokenizer as TokenizersTokenizer
 
 from nanoseek import load_model
-from nanoseek.chat import render_chat, split_thinking
+from nanoseek.infer.chat import render_chat, split_thinking
 from nanoseek.cli import main
 from nanoseek.dense import DenseModel
 from nanoseek.dense_config import DenseConfig
 from nanoseek.serve.app import make_server
-from nanoseek.store import Store
+from nanoseek.infer.store import Store
 from nanoseek.tokenizer import Tokenizer
 
 BOS, EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
@@ -243,7 +243,7 @@ SHIFT_PROMPTS = ["shift " + " ".join(c) for c in ([a, b, c] for a in SHIFT for b
 
 
 def test_lora_targets_the_dense_projections():
-    from nanoseek.lora import apply_lora, merge_lora
+    from nanoseek.finetune.lora import apply_lora, merge_lora
     cfg = DenseConfig(model_type="qwen3", vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, head_dim=8, torch_dtype="float32")
     model = DenseModel.from_config(cfg, seed=0)
@@ -268,7 +268,7 @@ def test_lora_targets_the_dense_projections():
 def test_sft_fine_tunes_a_dense_student(tmp_path, lora):
     from fixtures.make_fixtures import SHIFT_TEACHER
 
-    from nanoseek.sft import SFTOptions, run_sft
+    from nanoseek.finetune.sft import SFTOptions, run_sft
     from nanoseek.train import TrainArgs
     tok = Tokenizer.from_dir(SHIFT_TEACHER)
     student = save_qwen2_student(tmp_path / "student", tok)
@@ -291,8 +291,8 @@ def test_distillation_into_a_qwen2_student_raises_its_accuracy(tmp_path):
     out prompts correctly; the control fine-tuned on the gold answers learns the task too."""
     from fixtures.make_fixtures import SHIFT_TEACHER, TEACHER_REPLY
 
-    from nanoseek.distill import PromptRecord, accuracy, distill, verify_exact
-    from nanoseek.sft import SFTOptions, run_sft
+    from nanoseek.finetune.distill import PromptRecord, accuracy, distill, verify_exact
+    from nanoseek.finetune.sft import SFTOptions, run_sft
     from nanoseek.train import TrainArgs
     answer = split_thinking(TEACHER_REPLY)[1]
     tok = Tokenizer.from_dir(SHIFT_TEACHER)

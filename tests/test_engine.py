@@ -11,8 +11,8 @@ import torch
 from conftest import randomized_model
 from hf_util import make_hf_v3
 from nanoseek import DeepSeekV3, ModelConfig
-from nanoseek.chat import render_chat, split_thinking
-from nanoseek.engine import Engine, SamplingParams
+from nanoseek.infer.chat import render_chat, split_thinking
+from nanoseek.infer.engine import Engine, SamplingParams
 from nanoseek.tokenizer import Tokenizer, train_bpe
 
 CORPUS = ["the quick brown fox jumps over the lazy dog. " * 20, "a stitch in time saves nine! " * 20]
@@ -99,7 +99,7 @@ def test_batch_generate_equals_the_streamed_path(small_model, tok):
 def test_sampled_logprobs_are_the_sampling_distribution():
     """logprob_mode "sampled": the chosen token's log-prob under the distribution it was drawn
     from (temperature, then top-k / top-p renormalized), recomputed here in float64."""
-    from nanoseek.sampling import sample_next
+    from nanoseek.infer.sampling import sample_next
     logits = torch.randn(64, 50, generator=torch.Generator().manual_seed(0)) * 3
     for T, top_p, top_k in [(0.7, 1.0, 0), (1.3, 1.0, 5), (0.9, 0.8, 0)]:
         tokens, lp = sample_next(logits, T, top_p, top_k, torch.Generator().manual_seed(1), with_logprobs=True)
@@ -259,7 +259,7 @@ def test_mtp_speculative_accepted_path(tiny_cfg):
 def test_draw_follows_the_distribution():
     """The inverse-CDF sampler: empirical frequencies of 200K draws match the probabilities within
     5 standard errors, a zero-probability token is never drawn, and a seeded generator repeats."""
-    from nanoseek.sampling import draw
+    from nanoseek.infer.sampling import draw
     probs = torch.tensor([0.5, 0.0, 0.25, 1e-3, 0.0, 0.249]).double()
     n = 200_000
     tokens = draw(probs.float().expand(n, -1), torch.Generator().manual_seed(0))
@@ -275,7 +275,7 @@ def test_draw_follows_the_distribution():
 def test_text_stream_cuts_at_stop_strings_and_holds_back_their_starts(tok):
     """The deltas of a TextStream, fed token by token, join to the decoded text cut before the
     earliest stop string; text that may start a stop string is held back until it is decided."""
-    from nanoseek.textstream import TextStream, partial_suffix
+    from nanoseek.infer.textstream import TextStream, partial_suffix
     ids = tok.encode("the quick brown fox jumps over the lazy dog.")
     full = tok.decode(ids)
     for stop in (["fox"], ["lazy", "brown"], ["jumps over", "q"], ["@@never@@"]):

@@ -19,8 +19,8 @@ from nanoseek import cli
 from nanoseek.bpb import bits_per_byte, windows
 from nanoseek.evaluation import BARE_TASKS, EvalSettings, TaskRun, evaluate_task, load_model, pass_at_ks, run_eval
 from nanoseek.model import DeepSeekV3
-from nanoseek.quickstart import SMOKE, measure
-from nanoseek.store import Store
+from nanoseek.recipes.quickstart import SMOKE, measure
+from nanoseek.infer.store import Store
 from nanoseek.tasks import Countdown, get_task, pass_at_k
 from nanoseek.tasks.verify import math_verify_equal
 from nanoseek.tokenizer import Tokenizer

@@ -1,4 +1,4 @@
-"""FP8 training (nanoseek/fp8.py): quantizers bit-exact against an independent float64
+"""FP8 training (nanoseek/quant/fp8.py): quantizers bit-exact against an independent float64
 reference of the same formulas, emulated GEMM and layer gradients vs fp32 (SQNR), routed experts,
 `convert` on `nano`, `train --precision fp8`, checkpoints of a converted model (HF and FP8)."""
 
@@ -12,9 +12,9 @@ import torch
 import torch.nn as nn
 
 from nanoseek import DeepSeekV3, ModelConfig
-from nanoseek import fp8
+from nanoseek.quant import fp8
 from nanoseek.checkpoint import fp8_dequantize, fp8_quantize_blocks
-from nanoseek.fp8 import ACT, COL, WEIGHT, FP8Config, FP8Experts, FP8Linear, sqnr_db
+from nanoseek.quant.fp8 import ACT, COL, WEIGHT, FP8Config, FP8Experts, FP8Linear, sqnr_db
 from nanoseek.model import MLP, Experts
 
 
@@ -170,7 +170,7 @@ def test_gemm_into_out_rows():
 def test_scaled_mm_operand_padding_is_exact(M, N, K):
     """The CUDA path zero-pads operands (M, N to 16; K to 128, or 512 with a 128x128 operand, and
     the scales with ones to match); checked here on the emulation: same GEMM after cropping."""
-    from nanoseek.fp8 import _pad_k, _pad_rows, _round_up
+    from nanoseek.quant.fp8 import _pad_k, _pad_rows, _round_up
     a, b = torch.randn(M, K), torch.randn(N, K)
     for ta, tb in [(ACT, WEIGHT), (ACT, ACT), (WEIGHT, ACT)]:
         qa, qb = fp8.quantize(a, ta), fp8.quantize(b, tb)
@@ -523,7 +523,7 @@ def test_check_every_call_logs_and_corrects_a_later_disagreement(monkeypatch):
 
 
 class _FakeTriton:
-    """Stands in for nanoseek.fp8_triton.KERNELS: the PyTorch reference, corrupted for the
+    """Stands in for nanoseek.quant.fp8_triton.KERNELS: the PyTorch reference, corrupted for the
     variants listed in `bad` (W^T's first byte, or a NaN row-scale), to test `_CheckedKernels`."""
     name = "triton"
 

@@ -10,8 +10,8 @@ import torch
 from conftest import randomized_model
 from nanoseek import DeepSeekV3, ModelConfig
 from nanoseek.checkpoint import CheckpointError
-from nanoseek.engine import Engine, SamplingParams
-from nanoseek.fp8_weights import FP8WeightExperts, FP8WeightLinear, fp8_module_names, load_fp8_weights
+from nanoseek.infer.engine import Engine, SamplingParams
+from nanoseek.quant.fp8_weights import FP8WeightExperts, FP8WeightLinear, fp8_module_names, load_fp8_weights
 from nanoseek.tokenizer import train_bpe
 
 
@@ -81,7 +81,7 @@ def test_w8a8_gemms_within_fp8_error(fp8_dir):
     One Linear against its dequantized-weight GEMM: the activation quantization error only, at least
     the 25 dB the FP8 GEMMs must reach (32 dB measured); the whole 3-layer model's logits accumulate
     it layer after layer (25.6 dB measured)."""
-    from nanoseek.fp8 import sqnr_db
+    from nanoseek.quant.fp8 import sqnr_db
     ref = DeepSeekV3.from_pretrained(fp8_dir, dtype=torch.float32)
     got, _ = load_fp8_weights(fp8_dir, dtype=torch.float32, w8a8=True)
     lin = next(m for m in got.modules() if isinstance(m, FP8WeightLinear))

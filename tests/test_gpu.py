@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from nanoseek import DeepSeekV3
-from nanoseek.chat import render_chat
-from nanoseek.engine import Engine, SamplingParams
+from nanoseek.infer.chat import render_chat
+from nanoseek.infer.engine import Engine, SamplingParams
 from nanoseek.model import Experts
 from nanoseek.tokenizer import Tokenizer
 
@@ -96,7 +96,7 @@ def test_cuda_graph_decode_equals_eager_decode():
 
 # ------------------------------------------------------------------ Triton FP8 kernels
 def _triton():
-    fp8_triton = pytest.importorskip("nanoseek.fp8_triton")
+    fp8_triton = pytest.importorskip("nanoseek.quant.fp8_triton")
     if torch.cuda.get_device_capability()[0] * 10 + torch.cuda.get_device_capability()[1] < 89:
         pytest.skip("E4M3 needs compute capability 8.9+")
     return fp8_triton
@@ -108,7 +108,7 @@ SIZES = [[300], [0, 1, 127, 128, 129, 0, 513], [64] * 16]
 @pytest.mark.parametrize("sizes", SIZES)
 @pytest.mark.parametrize("pow2", [False, True])
 def test_triton_quantizers_bit_identical_to_the_reference(sizes, pow2):
-    from nanoseek import fp8
+    from nanoseek.quant import fp8
     ft = _triton()
     g = torch.Generator(device="cuda").manual_seed(1)
     x = torch.randn(sum(sizes), 384, device="cuda", generator=g, dtype=torch.bfloat16) * 3
@@ -126,7 +126,7 @@ def test_triton_quantizers_bit_identical_to_the_reference(sizes, pow2):
 
 @pytest.mark.parametrize("sizes", SIZES)
 def test_triton_grouped_gemms_match_the_reference(sizes):
-    from nanoseek import fp8
+    from nanoseek.quant import fp8
     ft = _triton()
     g = torch.Generator(device="cuda").manual_seed(2)
     E, N, K = len(sizes), 256, 384
@@ -156,7 +156,7 @@ def test_triton_grouped_gemms_match_the_reference(sizes):
 def test_fp8_experts_triton_path_matches_the_torch_path():
     """The routed experts' FP8 autograd function with the Triton kernels and grouped GEMMs equals
     the same function with the PyTorch kernels (forward and all three gradients)."""
-    from nanoseek import fp8
+    from nanoseek.quant import fp8
     _triton()
     g = torch.Generator(device="cuda").manual_seed(3)
     sizes = [200, 0, 77, 512]

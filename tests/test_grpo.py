@@ -111,7 +111,7 @@ def test_build_batch_masks():
 def test_teacher_forced_logprobs_match_the_engine(tiny_cfg):
     """The log-probs the loss uses are those the engine sampled with (same model, T = 1)."""
     from conftest import randomized_model
-    from nanoseek.engine import Engine, SamplingParams
+    from nanoseek.infer.engine import Engine, SamplingParams
     from nanoseek.tokenizer import train_bpe
     tok = train_bpe(["0123456789+-*=,|<>" * 20], 280)
     model = randomized_model(tiny_cfg.replace(vocab_size=tok.vocab_size))
@@ -133,8 +133,8 @@ def test_quickstart_toy_budget_end_to_end(tmp_path, monkeypatch, alongside, over
     GRPO (rollouts overlapped with updates or not), the control (after GRPO, or next to it in a
     child process), the model store, the JSON keys the README promises."""
     monkeypatch.setenv("NANOSEEK_HOME", str(tmp_path / "home"))
-    from nanoseek.quickstart import Recipe, quickstart
-    from nanoseek.store import Store
+    from nanoseek.recipes.quickstart import Recipe, quickstart
+    from nanoseek.infer.store import Store
     rc = Recipe(n_numbers=2, val_problems=10, train_problems=3000, pretrain_steps=40, seq_len=64, rl_steps=4, prompts_per_step=8,
                 group_size=4, max_new_tokens=24, overlap=overlap)
     threads = torch.get_num_threads()
@@ -164,7 +164,7 @@ def test_quickstart_toy_budget_end_to_end(tmp_path, monkeypatch, alongside, over
 def test_quickstart_refuses_overlap_with_the_control_alongside(tmp_path):
     """--overlap needs both halves of the threads for GRPO: asked together with the control
     alongside, the quickstart says so before any work (no folder written)."""
-    from nanoseek.quickstart import Recipe, quickstart
+    from nanoseek.recipes.quickstart import Recipe, quickstart
     with pytest.raises(ValueError, match="--overlap.*--control-after"):
         quickstart(out=str(tmp_path / "qs"), recipe=Recipe(overlap=True), alongside=True, progress=False)
     assert not (tmp_path / "qs").exists()
@@ -218,7 +218,7 @@ def test_sampler_logprobs_are_the_tempered_policy(tmp_path, tiny_cfg):
     """Overlap mode's pi_old: the log-probs the engine drew each token and each EOS with, at
     temperature 0.7, laid out like the loss mask, equal the trainer's teacher-forced tempered
     log-probs of the same weights."""
-    from nanoseek.engine import Engine, SamplingParams
+    from nanoseek.infer.engine import Engine, SamplingParams
     from nanoseek.model import DeepSeekV3
     from nanoseek.tokenizer import Tokenizer
     start, _ = _pick_one_setup(tmp_path, tiny_cfg)

@@ -180,7 +180,7 @@ def test_pipeline_stage_is_model_with_parts_removed(tiny_cfg):
 
 def test_mha_comparison_model(tiny_cfg):
     """attention='mha': same heads and dims, full per-head K/V cache; cached decode == full forward."""
-    from nanoseek.engine import Engine, SamplingParams
+    from nanoseek.infer.engine import Engine, SamplingParams
     from nanoseek.tokenizer import train_bpe
     cfg = tiny_cfg.replace(attention="mha")
     model = randomized_model(cfg)

@@ -16,10 +16,10 @@ import pytest
 import torch
 
 from nanoseek import DeepSeekV3
-from nanoseek.chat import ThinkSplitter, render_chat, split_thinking
+from nanoseek.infer.chat import ThinkSplitter, render_chat, split_thinking
 from nanoseek.serve import ollama as ollama_api
 from nanoseek.serve.app import make_server
-from nanoseek.store import Store
+from nanoseek.infer.store import Store
 from fixtures.make_fixtures import ANSWER, MEMORIZER, QUESTION, REPLY, THINKING
 
 CONTEXT = 256
@@ -391,7 +391,7 @@ def test_bad_input_through_clients(oa, ol):
 
 
 def test_client_disconnect_mid_stream(server, url, monkeypatch):
-    from nanoseek.engine import Engine
+    from nanoseek.infer.engine import Engine
     decode_step = Engine._decode_step
 
     def slow_step(self):  # 240 tokens take >= 1.2 s on any machine: the clients below leave mid-generation

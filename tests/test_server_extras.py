@@ -17,13 +17,13 @@ import pytest
 import torch
 
 from nanoseek import DeepSeekV3
-from nanoseek.chat import render_chat
+from nanoseek.infer.chat import render_chat
 from nanoseek.cli import main as cli_main
 from nanoseek.serve.app import make_server
 from nanoseek.serve.embed import pooled_embeddings
 from nanoseek.serve.modelfile import ModelfileError, parse_modelfile
 from nanoseek.serve.protocol import MAX_BODY
-from nanoseek.store import Store
+from nanoseek.infer.store import Store
 from nanoseek.tokenizer import Tokenizer
 from fixtures.make_fixtures import ANSWER, MEMORIZER, QUESTION, REPLY, THINKING
 

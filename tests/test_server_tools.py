@@ -16,10 +16,10 @@ import pytest
 import torch
 
 from nanoseek import DeepSeekV3
-from nanoseek.engine import Engine, SamplingParams
-from nanoseek.grammar import Constraint, grammar_tokenizer, json_schema_grammar
+from nanoseek.infer.engine import Engine, SamplingParams
+from nanoseek.infer.grammar import Constraint, grammar_tokenizer, json_schema_grammar
 from nanoseek.serve.app import make_server
-from nanoseek.store import Store
+from nanoseek.infer.store import Store
 from nanoseek.tokenizer import Tokenizer
 from fixtures.make_fixtures import MEMORIZER
 
@@ -198,8 +198,7 @@ def test_constrained_neighbour_leaves_unconstrained_tokens_unchanged():
 
 
 def test_builtin_template_renders_deepseek_tool_turns():
-    from nanoseek.chat import (TOOL_CALLS_BEGIN, TOOL_CALLS_END, TOOL_OUTPUT_BEGIN, TOOL_OUTPUTS_BEGIN,
-                               TOOL_OUTPUTS_END, builtin_template, tool_call_text)
+    from nanoseek.infer.chat import TOOL_CALLS_BEGIN, TOOL_CALLS_END, TOOL_OUTPUT_BEGIN, TOOL_OUTPUTS_BEGIN, TOOL_OUTPUTS_END, builtin_template, tool_call_text
     call = {"type": "function", "function": {"name": "get_weather", "arguments": '{"city":"Paris","unit":"C"}'}}
     msgs = ASK + [{"role": "assistant", "content": "", "tool_calls": [call]},
                   {"role": "tool", "content": "sunny"}, {"role": "tool", "content": "21 C"}]
@@ -215,7 +214,7 @@ def test_builtin_template_renders_deepseek_tool_turns():
 
 @pytest.mark.parametrize("step", [1, 2, 5, 1000])
 def test_tool_call_splitter_matches_parse(step):
-    from nanoseek.chat import ToolCallSplitter, parse_tool_calls, tool_call_text
+    from nanoseek.infer.chat import ToolCallSplitter, parse_tool_calls, tool_call_text
     calls = "<｜tool▁calls▁begin｜>" + tool_call_text("add", '{"a":1}') + "<｜tool▁calls▁end｜>"
     hermes = '<tool_call>{"name":"add","arguments":{"a":2}}</tool_call>'
     for text in ["plain answer <not a call", "Let me check. " + calls, calls, hermes, "<｜tool▁calls▁begin｜>broken"]:

@@ -15,10 +15,9 @@ import torch
 
 from conftest import SHARED_DATA, randomized_model
 from nanoseek import DeepSeekV3, ModelConfig
-from nanoseek.chat import EOS, render_chat
-from nanoseek.lora import adapters, apply_lora, base_weights, merge_lora
-from nanoseek.sft import (IGNORE, PackedBatches, SFTOptions, encode_example, load_examples, make_example, pack,
-                          record_messages, run_sft)
+from nanoseek.infer.chat import EOS, render_chat
+from nanoseek.finetune.lora import adapters, apply_lora, base_weights, merge_lora
+from nanoseek.finetune.sft import IGNORE, PackedBatches, SFTOptions, encode_example, load_examples, make_example, pack, record_messages, run_sft
 from nanoseek.tokenizer import Tokenizer, train_bpe
 from nanoseek.train import TrainArgs, mtp_targets, token_cross_entropy
 
@@ -307,7 +306,7 @@ def test_distill_plumbing(tmp_path):
 
 @pytest.mark.slow
 def test_distillation_raises_student_accuracy_next_to_gold_control(tmp_path):
-    from nanoseek.distill import PromptRecord, accuracy, distill, verify_exact
+    from nanoseek.finetune.distill import PromptRecord, accuracy, distill, verify_exact
     tok, train_set, prompts, test_set = shift_setup(tmp_path)
     common = dict(batch_size=16, seq_len=128, lr=3e-3, warmup_steps=10, progress=False, eval_every=1000)
     # teacher: trained here on worked solutions (thinking then answer)

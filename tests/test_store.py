@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from nanoseek import DeepSeekV3, ModelConfig
-from nanoseek.store import InvalidName, ModelNotFound, Store, StoreError, canonical_name, parse_name
+from nanoseek.infer.store import InvalidName, ModelNotFound, Store, StoreError, canonical_name, parse_name
 from nanoseek.tokenizer import train_bpe
 
 CORPUS = ["What is two plus two? Two plus two is four. " * 4, "the quick brown fox jumps over the lazy dog. " * 4,
@@ -135,7 +135,7 @@ def test_create_validates_the_source(tmp_path, ckpt):
 
 def test_failed_create_leaves_nothing(tmp_path, ckpt, monkeypatch):
     """A failure half-way through the copy (disk full, crash) leaves no model and no temp folder."""
-    import nanoseek.store as store_mod
+    import nanoseek.infer.store as store_mod
     store = Store(str(tmp_path / "home"))
     store.create("keep", ckpt)
     calls = []

@@ -236,7 +236,7 @@ def test_svamp_from_files(tmp_path):
 
 def test_task_verifiers_for_distillation():
     """`distill --verifier task:NAME` checks completions with the task's own rules."""
-    from nanoseek.distill import PromptRecord, get_verifier, verify
+    from nanoseek.finetune.distill import PromptRecord, get_verifier, verify
     rec = PromptRecord([{"role": "user", "content": "6,2,1>4|"}], "4", "x:1")
     name, fn = get_verifier("task:countdown", [rec])
     assert name == "task:countdown"

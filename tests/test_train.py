@@ -222,7 +222,7 @@ def test_activation_checkpointing_gives_the_same_step(tmp_path, text_file):
 def test_pace_file_drives_the_schedule_and_stops_training(tmp_path, text_file):
     """A run following a pace file: its cosine uses the leader's progress and it stops (and saves)
     once the leader reports 1; without the file it behaves as before (progress 0)."""
-    from nanoseek.pace import read_pace, write_pace
+    from nanoseek.recipes.pace import read_pace, write_pace
     pace = str(tmp_path / "leader.pace")
     assert read_pace(pace) == 0.0
     a = TrainArgs(data=[text_file], lr=1e-3, warmup_steps=0, max_steps=1000, min_lr_ratio=0.1)

@@ -5,7 +5,7 @@ one RESULT line of JSON last:
     python -m dev.sweeps.jobs control SPEC_JSON                  more supervised training for a GRPO run's time
     python -m dev.sweeps.jobs evaluate RECIPE_JSON SPLIT DIR...  greedy accuracy of checkpoints on one split
 
-RECIPE_JSON holds Recipe fields (nanoseek.quickstart); SPEC_JSON the control's arguments plus
+RECIPE_JSON holds Recipe fields (nanoseek.recipes.quickstart); SPEC_JSON the control's arguments plus
 "threads".
 """
 
@@ -14,7 +14,7 @@ import sys
 
 import torch
 
-from nanoseek.quickstart import Recipe, control_train, measure, pretrain_stage, task_spec
+from nanoseek.recipes.quickstart import Recipe, control_train, measure, pretrain_stage, task_spec
 from nanoseek.tasks import get_task
 
 

@@ -13,7 +13,7 @@ import json
 import torch
 
 from benchmarks.bench_quickstart import parse_overrides
-from nanoseek.quickstart import Recipe, measure, rl_args, task_spec
+from nanoseek.recipes.quickstart import Recipe, measure, rl_args, task_spec
 from nanoseek.rl import grpo
 from nanoseek.tasks import get_task
 

@@ -25,7 +25,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from benchmarks.bench_quickstart import parse_overrides
-from nanoseek.quickstart import Recipe, train_common
+from nanoseek.recipes.quickstart import Recipe, train_common
 
 from . import jobs, rl_variant
 

@@ -31,7 +31,7 @@ from typing import Callable
 
 import torch
 
-from ..engine import Engine, SamplingParams
+from ..infer.engine import Engine, SamplingParams
 from ..io import atomic_write_text
 from ..model import DeepSeekV3
 from ..tasks import Task, evaluate, get_task

@@ -41,7 +41,7 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.responses import PlainTextResponse, Response
 
-from ..store import Store
+from ..infer.store import Store
 from . import create, embed, ollama, openai
 from .jobs import RequestCounters
 from .metrics import Metrics

@@ -19,8 +19,8 @@ from typing import Any
 from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
-from ..store import (InvalidName, ModelNotFound, Store, StoreError, canonical_name, human_count, human_size)
-from ..store import cmd_create as store_create
+from ..infer.store import InvalidName, ModelNotFound, Store, StoreError, canonical_name, human_count, human_size
+from ..infer.store import cmd_create as store_create
 from .jobs import JobStream
 from .modelfile import MESSAGE_ROLES, PARAMETER_TYPES, ModelfileError, defaults_of, parse_modelfile
 from .protocol import APIError, Body, Str, bad, json_response, ndjson_line, parse_json_body, short, validate

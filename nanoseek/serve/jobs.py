@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import StreamingResponse
 
-from ..chat import ThinkSplitter
-from ..engine import Event, SamplingParams
+from ..infer.chat import ThinkSplitter
+from ..infer.engine import Event, SamplingParams
 from .metrics import Metrics
 from .models import LoadedModel
 from .protocol import STREAM_HEADERS, APIError

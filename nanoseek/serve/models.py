@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..chat import can_think
-from ..engine import Engine
+from ..infer.chat import can_think
+from ..infer.engine import Engine
 from ..load import load_model
-from ..store import InvalidName, canonical_name
+from ..infer.store import InvalidName, canonical_name
 from ..tokenizer import Tokenizer
 from .protocol import MISSING, APIError, bad, request_id, short
 

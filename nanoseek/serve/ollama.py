@@ -36,8 +36,8 @@ from pydantic import BaseModel, Field, field_validator
 from starlette.concurrency import run_in_threadpool
 
 from .. import __version__
-from ..chat import THINK_OPEN, ToolCallSplitter, parse_tool_calls, render_chat
-from ..store import human_count, iso_time
+from ..infer.chat import THINK_OPEN, ToolCallSplitter, parse_tool_calls, render_chat
+from ..infer.store import human_count, iso_time
 from .jobs import ClientGone, Job, JobStream, sampling_params, token_logprob
 from .modelfile import parameter_lines, render_modelfile, with_default_messages
 from .protocol import (MAX_TOP_LOGPROBS, MISSING, APIError, Body, Bool, Int, Message, Num, Seed, Stop, Str, bad,

@@ -28,7 +28,7 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
-from ..chat import THINK_OPEN, ToolCallSplitter, parse_tool_calls, render_chat
+from ..infer.chat import THINK_OPEN, ToolCallSplitter, parse_tool_calls, render_chat
 from .jobs import ClientGone, Job, JobStream, sampling_params, token_logprob
 from .modelfile import with_default_messages
 from .protocol import (MAX_N, MAX_TOP_LOGPROBS, SSE_DONE, APIError, Body, Bool, Int, Message, Num, Seed, Stop, Str,

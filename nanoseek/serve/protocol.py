@@ -19,8 +19,7 @@ from typing import Annotated, Any
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, Strict, ValidationError
 from starlette.responses import Response
 
-from ..grammar import (Constraint, GrammarError, check_grammar, grammar_tokenizer, json_object_grammar,
-                       json_schema_grammar, tool_call_grammar)
+from ..infer.grammar import Constraint, GrammarError, check_grammar, grammar_tokenizer, json_object_grammar, json_schema_grammar, tool_call_grammar
 
 MAX_BODY = 4 << 20  # a request body larger than this is refused unread (413)
 MAX_N = 8

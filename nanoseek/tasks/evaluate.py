@@ -12,8 +12,8 @@ from typing import Callable
 
 import torch
 
-from ..chat import render_chat
-from ..engine import Completion, SamplingParams
+from ..infer.chat import render_chat
+from ..infer.engine import Completion, SamplingParams
 from .base import THINK, Problem, Score, Task, check_all
 
 

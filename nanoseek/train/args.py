@@ -34,7 +34,7 @@ class TrainArgs:
     beta2: float = 0.95
     grad_clip: float = 1.0
     precision: str | None = None  # fp32 | bf16 | fp8 (default: bf16 on GPU, fp32 on CPU)
-    fp8_kernels: str = "auto"  # fp8 quantizers: auto (fused Triton on CUDA) | off (per-op PyTorch) | triton | torch (nanoseek.fp8.FP8Config)
+    fp8_kernels: str = "auto"  # fp8 quantizers: auto (fused Triton on CUDA) | off (per-op PyTorch) | triton | torch (nanoseek.quant.fp8.FP8Config)
     fp8_grouped: str = "auto"  # fp8 routed-expert GEMMs: auto (grouped Triton when the Triton kernels run, else loop) | triton | loop
     device: str | None = None
     compile: bool = False

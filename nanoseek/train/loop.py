@@ -27,7 +27,7 @@ from ..balance import max_violation, moe_modules, update_bias
 from ..checkpoint import CheckpointError
 from ..config import ModelConfig
 from ..data import Batches, TokenShard, _iter_docs, bits_per_byte, prepare, resolve_sources
-from ..fp8 import FP8Config, convert, format_report
+from ..quant.fp8 import FP8Config, convert, format_report
 from ..io import atomic_write_text
 from ..model import DeepSeekV3
 from ..parallel import ParallelDims, all_reduce_sum, barrier, batch_on_device, init_distributed, parallelize

@@ -25,16 +25,16 @@ import sys
 import time
 from dataclasses import dataclass
 
-from .data import resolve_sources
-from .engine import Engine
-from .io import atomic_write_text
-from .model import DeepSeekV3
+from ..data import resolve_sources
+from ..infer.engine import Engine
+from ..io import atomic_write_text
+from ..model import DeepSeekV3
 from .pace import read_pace, write_pace
-from .rl import GRPOArgs, grpo
-from .store import Store
-from .tasks import evaluate, get_task
-from .tokenizer import BOS, Tokenizer, train_bpe
-from .train import TrainArgs, train
+from ..rl import GRPOArgs, grpo
+from ..infer.store import Store
+from ..tasks import evaluate, get_task
+from ..tokenizer import BOS, Tokenizer, train_bpe
+from ..train import TrainArgs, train
 
 # The quickstart model: the nano preset made narrower so that it trains at ~10K tokens/s on 2 CPU
 # cores. Still the full architecture: MLA (latent KV), a dense first layer, then DeepSeekMoE with
@@ -158,7 +158,7 @@ def rl_args(rc: Recipe, model_dir: str, out: str, seed: int, eval_problems: int,
 def control_train(spec: dict) -> dict:
     """The control's training: more supervised training from the pretrained checkpoint (for
     `max_seconds`, or for as long as the job writing `pace_file` runs: its lr schedule follows
-    that job's progress and it stops when that reaches 1, nanoseek/pace.py)."""
+    that job's progress and it stops when that reaches 1, nanoseek/recipes/pace.py)."""
     pace_file = spec["pace_file"]
     return train(TrainArgs(data=[spec["data"]], out=spec["out"], model=spec["model"], lr=spec["lr"], warmup_steps=50,
                            min_lr_ratio=0.1, max_steps=100_000, max_seconds=spec.get("max_seconds"),
@@ -276,7 +276,7 @@ def quickstart(out: str = "runs/quickstart", recipe: Recipe | None = None, contr
 
     # 5-6: GRPO from the pretrained model (verifier only), and the control: more supervised training
     # from the same checkpoint for GRPO's time, either after it or (alongside) at the same time on
-    # the other half of the threads, following GRPO's clock (nanoseek/pace.py)
+    # the other half of the threads, following GRPO's clock (nanoseek/recipes/pace.py)
     rl_dir, ctl_dir = os.path.join(out, "grpo"), os.path.join(out, "control")
     threads = torch.get_num_threads()
     on_cpu = (device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cpu"

@@ -10,7 +10,7 @@ atomically (a rename), so a reader never sees half a number.
 
 from __future__ import annotations
 
-from .io import atomic_write_text
+from ..io import atomic_write_text
 
 
 def write_pace(path: str, fraction: float) -> None:

@@ -1,6 +1,6 @@
-"""FP8 kernels for CUDA in Triton: the quantizers and grouped GEMMs of nanoseek/fp8.py's fused path.
+"""FP8 kernels for CUDA in Triton: the quantizers and grouped GEMMs of nanoseek/quant/fp8.py's fused path.
 
-Quantizers (same formulas as `nanoseek.fp8.quantize`: s = max(amax, eps) / 448 with IEEE-rounded
+Quantizers (same formulas as `nanoseek.quant.fp8.quantize`: s = max(amax, eps) / 448 with IEEE-rounded
 division, optional power-of-two round-up, q = e4m3_rne(clamp(x / s, +-448)); bit-identical to the
 PyTorch reference, which the GPU benchmark checks before timing, and which the fused path checks on
 the first use of every shape specialization, falling back to the unspecialized compilation
@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .fp8_blocks import ACT, BLOCK, E4M3, EPS, WEIGHT, Fp8Tensor, SegmentsT, TileMap
+from .blocks import ACT, BLOCK, E4M3, EPS, WEIGHT, Fp8Tensor, SegmentsT, TileMap
 
 if not hasattr(tl, "float8e4nv"):
     raise ImportError("this Triton has no float8e4nv (E4M3) type")
@@ -412,7 +412,7 @@ def grouped_wgrad(a: SegmentsT, b: SegmentsT, tm: TileMap) -> torch.Tensor:
 
 
 class TritonKernels:
-    """The fused path's ops for `nanoseek.fp8` (see `fp8.TorchKernels` for the reference)."""
+    """The fused path's ops for `nanoseek.quant.fp8` (see `fp8.TorchKernels` for the reference)."""
     name = "triton"
     quantize_act_dual = staticmethod(quantize_act_dual)
     quantize_weight_dual = staticmethod(quantize_weight_dual)

@@ -13,7 +13,7 @@
   On CUDA (SM90) through `torch._scaled_mm` with block-wise scales; elsewhere (CPU) an exact
   emulation: dequantize, then matmul in fp32. The forward caches x for the backward in FP8 only
   (its 128x1-tiled copy, the only form the backward needs): 1 byte per element.
-- Fused path (CUDA: the Triton kernels of nanoseek.fp8_triton; `TorchKernels` is its plain-PyTorch
+- Fused path (CUDA: the Triton kernels of nanoseek.quant.fp8_triton; `TorchKernels` is its plain-PyTorch
   reference): each activation / activation gradient is read once to write its 1x128 copy and its
   128x1 copy (transposed, per token segment, zero-padded to whole tiles); each weight once to write
   W's and W^T's 128x128 blocks (the Dgrad operand: same blocks, only the layout changes); routed
@@ -35,8 +35,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .fp8_blocks import (ACT, BLOCK, COL, E4M3, E4M3_MAX, EPS, Fp8Tensor, SegmentsT, TileMap, WEIGHT, _quant, dense_tile_map, dequantize, pow2_ceil, quantize, quantize_128x1, quantize_128x128, quantize_1x128, tile_map)  # noqa: F401 - re-exported
-from .model import MLA, MLP, Experts, RMSNorm, Router
+from .blocks import ACT, BLOCK, COL, E4M3, E4M3_MAX, EPS, Fp8Tensor, SegmentsT, TileMap, WEIGHT, _quant, dense_tile_map, dequantize, pow2_ceil, quantize, quantize_128x1, quantize_128x128, quantize_1x128, tile_map  # noqa: F401 - re-exported
+from ..model import MLA, MLP, Experts, RMSNorm, Router
 
 
 
@@ -48,7 +48,7 @@ class FP8Config:
     high-precision tensor and quantize it in the backward). `backend`: "auto" (scaled_mm on
     SM90 CUDA, emulation on CPU, dequantize + bf16 GEMM on other GPUs), "emulate", "dequant",
     "scaled_mm". `kernels`: the quantizers' implementation: "auto" (the default: the fused Triton
-    kernels of nanoseek.fp8_triton for CUDA tensors when Triton imports, else "off"; on an H200
+    kernels of nanoseek.quant.fp8_triton for CUDA tensors when Triton imports, else "off"; on an H200
     bit-identical to the PyTorch reference at every call of a 150-step training run, and a 1B model
     trained with them lands within the seed-to-seed noise of bf16: benchmarks/RESULTS.md), "off"
     (the per-op PyTorch quantizers, transposes included: the CPU path, 2x slower on GPU),
@@ -84,7 +84,7 @@ DEFAULT_CONFIG = FP8Config()
 
 
 class TorchKernels:
-    """The fused path's ops in plain PyTorch, same layouts and values as nanoseek.fp8_triton's
+    """The fused path's ops in plain PyTorch, same layouts and values as nanoseek.quant.fp8_triton's
     kernels (they are checked against these, bit for bit for the quantizers)."""
     name = "torch"
 
@@ -145,7 +145,7 @@ class TorchKernels:
 
 
 TORCH_KERNELS = TorchKernels()
-_TRITON_KERNELS = None  # _CheckedKernels(nanoseek.fp8_triton.KERNELS) once imported; False when it failed
+_TRITON_KERNELS = None  # _CheckedKernels(nanoseek.quant.fp8_triton.KERNELS) once imported; False when it failed
 _TRITON_ERROR = ""
 
 _QUANT_CHOICE: dict[tuple, str] = {}  # specialization key -> "fast" / "safe" / "torch" (verified on first use)

@@ -20,13 +20,13 @@ from contextlib import nullcontext
 
 import torch
 
-from .dense import DenseModel
-from .io import atomic_write_text
-from .parallel import batch_on_device
-from .tokenizer import Tokenizer
-from .train.loop import adamw, lr_at
-from .train.metrics import MetricsLog, say
-from .train.objective import token_cross_entropy
+from ..dense import DenseModel
+from ..io import atomic_write_text
+from ..parallel import batch_on_device
+from ..tokenizer import Tokenizer
+from ..train.loop import adamw, lr_at
+from ..train.metrics import MetricsLog, say
+from ..train.objective import token_cross_entropy
 
 
 def check_dense_args(a) -> None:

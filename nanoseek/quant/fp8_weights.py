@@ -20,9 +20,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .checkpoint import _EXPERT_PROJ, CheckpointError, _ShardSet, fp8_dequantize, hf_keys_for
+from ..checkpoint import _EXPERT_PROJ, CheckpointError, _ShardSet, fp8_dequantize, hf_keys_for
 from .fp8 import WEIGHT, Fp8Tensor, _out_dtype, fp8_gemm, quantize_1x128
-from .model import DeepSeekV3, Experts
+from ..model import DeepSeekV3, Experts
 
 
 class FP8WeightLinear(nn.Module):

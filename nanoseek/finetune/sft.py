@@ -39,15 +39,15 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .chat import ROLES, THINK_OPEN, render_chat, split_thinking
-from .checkpoint import CheckpointError
-from .data import Batches, DataError, resolve_sources
+from ..infer.chat import ROLES, THINK_OPEN, render_chat, split_thinking
+from ..checkpoint import CheckpointError
+from ..data import Batches, DataError, resolve_sources
 from .dense_sft import train_dense
-from .interactive import resolve_model_dir
-from .load import is_dense, load_config
+from ..interactive import resolve_model_dir
+from ..load import is_dense, load_config
 from .lora import apply_lora, base_weights, has_lora, load_lora_state_dict, lora_state_dict, merge_lora
-from .tokenizer import TokenizerError
-from .train import TrainArgs, train
+from ..tokenizer import TokenizerError
+from ..train import TrainArgs, train
 
 IGNORE = -100  # label of tokens that do not count (F.cross_entropy's ignore_index)
 SHOW_PROBLEMS = 10  # bad records quoted in the report; the rest are counted

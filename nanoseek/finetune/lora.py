@@ -30,9 +30,9 @@ import torch
 import torch.nn as nn
 from torch.nn.utils import parametrize
 
-from .dense import MLP as DenseMLP
-from .dense import Attention as DenseAttention
-from .model import MLA, MLP, Experts
+from ..dense import MLP as DenseMLP
+from ..dense import Attention as DenseAttention
+from ..model import MLA, MLP, Experts
 
 DENSE_ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 ATTENTION = ("q_a_proj", "q_b_proj", "q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj", "k_proj", "v_proj")

@@ -32,12 +32,12 @@ import tempfile
 import time
 
 from .chat import can_think
-from .checkpoint import CheckpointError, _ShardSet, hf_keys_for
-from .dense import DenseModel
-from .dense_checkpoint import check_pretrained
-from .load import is_dense, load_config
-from .model import DeepSeekV3
-from .tokenizer import Tokenizer, TokenizerError
+from ..checkpoint import CheckpointError, _ShardSet, hf_keys_for
+from ..dense import DenseModel
+from ..dense_checkpoint import check_pretrained
+from ..load import is_dense, load_config
+from ..model import DeepSeekV3
+from ..tokenizer import Tokenizer, TokenizerError
 
 MANIFEST = "nanoseek-manifest.json"
 DEFAULT_TAG = "latest"
