@@ -1,7 +1,14 @@
 """FP8 blocks: the E4M3 format, block-scaled tiles (1x128 activations, 128x128 weights, 128x1
 for the weight-gradient GEMM) and their quantize / dequantize in plain PyTorch, the layouts the
-GEMMs and the Triton kernels share (DeepSeek-V3 report, section 3.3.1). A leaf module: the recipe
-(`fp8.py`) and the kernels (`fp8_triton.py`) both build on it.
+GEMMs and the Triton kernels share (DeepSeek-V3 report, section 3.3.1). A leaf module and the one
+block quantizer: the recipe (`fp8.py`), the kernels (`fp8_triton.py`, whose quantizers are
+checked bit for bit against this one) and the checkpoint format (`checkpoint.py`) all build on it.
+
+Two amax floors, one formula. Online quantization (training, W8A8 inference) floors a tile's amax
+at `EPS` = 1e-4, as DeepGEMM does: a zero tile quantizes to zeros with a finite, representable
+scale. The saved FP8 checkpoint (`weight_scale_inv`, the release's layout) floors at
+`CHECKPOINT_EPS` = 1e-12 and has since its first files: kept so that a saved file stays bit for
+bit what it was. The two give the same blocks wherever a block's amax is at least 1e-4.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import torch.nn.functional as F
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
 EPS = 1e-4  # amax floor (DeepSeek / DeepGEMM): a zero tile quantizes to zeros, never 0/0
+CHECKPOINT_EPS = 1e-12  # amax floor of saved FP8 checkpoints (module docstring)
 BLOCK = 128
 ACT = (1, BLOCK)  # activations, activation gradients
 WEIGHT = (BLOCK, BLOCK)  # weights

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..checkpoint import _EXPERT_PROJ, CheckpointError, _ShardSet, fp8_dequantize, hf_keys_for
+from ..checkpoint import EXPERT_PROJ, CheckpointError, _ShardSet, fp8_dequantize, hf_keys_for
 from .fp8 import WEIGHT, Fp8Tensor, _out_dtype, fp8_gemm, quantize_1x128
 from ..model import DeepSeekV3, Experts
 
@@ -126,13 +126,13 @@ def load_fp8_weights(path: str, dtype=None, device=None, w8a8: bool = False) -> 
             setattr(parent, attr, new)
         elif isinstance(mod, Experts) and not isinstance(mod, FP8WeightExperts):
             stacks = {}
-            for proj in _EXPERT_PROJ:
+            for proj in EXPERT_PROJ:
                 t = getattr(mod, proj)
                 pairs = [fp8_pair(k) for k, _ in hf_keys_for(f"{name}.{proj}", t, cfg)]
                 if any(p is None for p in pairs):
                     break
                 stacks[proj] = (torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs]), t)
-            if len(stacks) < len(_EXPERT_PROJ):
+            if len(stacks) < len(EXPERT_PROJ):
                 continue
             for _, _, t in stacks.values():
                 report["dense_weight_bytes"] += t.numel() * t.element_size()
