@@ -166,8 +166,7 @@ def _quant_dual_kernel(x_ptr, qr_ptr, sr_ptr, qc_ptr, sc_ptr, prog_ptr, T, C, P,
 # in-kernel transposed store of the weight blocks, wrong only in the fast build; see
 # quantize_weight_dual.)
 _DUAL_INT_ARGS = ["T", "C", "P", "stride_xm"]
-# 4 warps beat 8; neither transposing the 128x1 codes after the cast nor looping over channel
-# blocks in one program is faster (benchmarks/RESULTS.md, "Sixth H200 run")
+# launch settings and the kernel's shape were chosen by measurement (benchmarks/RESULTS.md, "Sixth H200 run")
 DUAL_LAUNCH = {"num_warps": 4}
 _quant_dual_fast = triton.jit(_quant_dual_kernel)
 _quant_dual_safe = triton.jit(_quant_dual_kernel, do_not_specialize=_DUAL_INT_ARGS)
@@ -235,11 +234,10 @@ def _quant_weight_kernel(w_ptr, q_ptr, qt_ptr, s_ptr, N, K, stride_we, stride_wn
 _WEIGHT_INT_ARGS = ["N", "K", "stride_we", "stride_wn", "n0", "NT", "nNT", "nK"]
 _quant_weight_fast = triton.jit(_quant_weight_kernel)
 _quant_weight_safe = triton.jit(_quant_weight_kernel, do_not_specialize=_WEIGHT_INT_ARGS)
-# How the kernel writes W^T (T_MODE above), measured by a probe on an H200 with
-# Triton 3.6 (RESULTS.md; dev/LOG.md names the probe): the second, transposed load (2) is bit-exact in both compilations at
-# 2.5 TB/s; the register transpose (1) runs at 3.5 TB/s but its fast build writes wrong W^T bytes
-# at every size divisible by 16 (the safe build is right, at 1.3 TB/s). The "copy" variant writes
-# W alone and transposes its bytes with PyTorch (a separate pass, 0.8-0.9 TB/s in all).
+# How the kernel writes W^T (T_MODE above): the second, transposed load (2) is bit-exact in both
+# compilations; the register transpose (1) is faster but its fast build was seen to write wrong W^T
+# bytes (the safe build was right); the "copy" variant writes W alone and transposes its bytes with
+# PyTorch, a separate pass. Speeds and the probe: benchmarks/RESULTS.md and dev/LOG.md.
 WEIGHT_LAUNCH = {"num_warps": 8, "T_MODE": 2}
 
 

@@ -9,7 +9,7 @@ the normal loader applies once) and runs the GEMM in the activations' dtype, so 
 those of the model loaded the usual way, bit for bit. With `w8a8=True` the Linears instead quantize
 their input in 1x128 tiles and run the FP8 x FP8 block-scaled GEMM of DeepSeek's own inference code
 (`gemm.fp8_gemm`: `torch._scaled_mm` on Hopper, an exact emulation on CPU); outputs then carry the
-activation quantization error (~28 dB SQNR per GEMM). The swap is applied from outside the model:
+activation quantization error (benchmarks/RESULTS.md). The swap is applied from outside the model:
 FP8 Linears become `FP8WeightLinear`, routed experts `FP8WeightExperts`; the rest (embedding, head,
 router, norms) stays as loaded. Inference only: the FP8 weights are buffers, not parameters.
 """
