@@ -634,6 +634,38 @@ def test_convert_nano_every_eligible_layer():
     assert "44 modules converted" in report and "lm_head" in report
 
 
+def test_convert_module_filter_keeps_what_it_rejects():
+    """`module_filter_fn(module, fqn)` decides per eligible Linear / Experts: the rejected ones stay
+    in high precision, listed as skipped; without it every eligible module converts."""
+    cfg = ModelConfig.from_preset("nano")
+    model = DeepSeekV3.from_config(cfg, seed=0)
+    everything = fp8.convert(DeepSeekV3.from_config(cfg, seed=0))[0]
+    converted, skipped = fp8.convert(model, module_filter_fn=lambda m, fqn: not fqn.startswith("mtp."))
+    assert converted == [n for n in everything if not n.startswith("mtp.")]
+    filtered = [n for n, why in skipped if "module_filter_fn" in why]
+    assert filtered == [n for n in everything if n.startswith("mtp.")] and filtered
+    assert all(type(model.get_submodule(n)) in (nn.Linear, Experts) for n in filtered)
+
+
+def test_kernel_registry_reports_and_resets(registry):
+    """The registry's public face: what each check chose and what disagreed, until `reset`."""
+    Wrong = _checked(_fake_grouped(lambda out, b, call: 2 * out), registry)
+    tm, xq, wq, ref = _grouped_case(128)
+    with pytest.warns(UserWarning):
+        Wrong.grouped("fprop", xq, wq, tm, torch.float32)
+    kern = _checked(_FakeTriton(()), registry)
+    kern.quantize_weight_dual(torch.randn(256, 384))
+    rep = registry.report()
+    assert list(rep.grouped_fallbacks) == ["fprop"] and "vs the per-expert loop" in rep.grouped_fallbacks["fprop"]
+    assert [v for v in rep.quantizers.values()] == ["fast"] and not rep.quantizer_fallbacks
+    assert rep.mismatches == 0 and not rep.mismatch_log and not rep.check_every
+    rep.quantizers.clear()  # a snapshot: changing it changes nothing in the registry
+    assert registry.report().quantizers
+    registry.reset()
+    rep = registry.report()
+    assert not (rep.quantizers or rep.grouped_fallbacks or rep.grouped_checked or rep.scaled_mm_checked)
+
+
 def test_converted_model_trains_and_checkpoints(tmp_path):
     torch.manual_seed(0)
     cfg = ModelConfig.from_preset("nano", vocab_size=512, num_hidden_layers=2)

@@ -30,6 +30,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -360,10 +361,12 @@ SKIP_REASONS = {
     "norm": "normalization: kept in high precision (report 3.3.1)",
     "eh_proj": "MTP eh_proj: kept in high precision (not FP8 in the official release)",
     "attention": "attention core (QK^T, softmax, PV): kept in bf16/fp32; its projections are FP8",
+    "filter": "excluded by module_filter_fn: kept in high precision",
 }
 
 
-def convert(model: nn.Module, config: FP8Config | None = None) -> tuple[list[str], list[tuple[str, str]]]:
+def convert(model: nn.Module, config: FP8Config | None = None,
+            module_filter_fn: Callable[[nn.Module, str], bool] | None = None) -> tuple[list[str], list[tuple[str, str]]]:
     """Switch every eligible GEMM of `model` to FP8, in place, from outside the model: each
     nn.Linear (attention projections, dense MLP, shared experts) becomes `FP8Linear`, each
     `Experts` becomes `FP8Experts` and each SwiGLU `MLP` `FP8MLP` (gate and up as one GEMM)
@@ -371,7 +374,9 @@ def convert(model: nn.Module, config: FP8Config | None = None) -> tuple[list[str
     before torch.compile and before building the optimizer or DDP wrappers, though the latter
     also work since parameters are untouched). Returns (converted module names, [(skipped
     module name, reason)]). Calling it again is harmless (already-converted modules are listed
-    as converted)."""
+    as converted). `module_filter_fn(module, fqn)`: where given, an eligible Linear or `Experts`
+    is converted only when it returns True, else kept and listed as skipped (the filter of
+    torchao's and nanochat's `convert_to_float8_training`)."""
     cfg = config or DEFAULT_CONFIG
     converted: list[str] = []
     skipped: list[tuple[str, str]] = []
@@ -387,6 +392,8 @@ def convert(model: nn.Module, config: FP8Config | None = None) -> tuple[list[str
             skipped.append((name, SKIP_REASONS["attention"]))
         elif type(m) in (MLP, FP8MLP):  # (not a subclass: it keeps its own forward)
             m.__class__ = FP8MLP  # its Linear children are converted (and listed) below
+        elif type(m) in (Experts, FP8Experts) and not (module_filter_fn is None or module_filter_fn(m, name)):
+            skipped.append((name, SKIP_REASONS["filter"]))
         elif type(m) in (Experts, FP8Experts):  # (not other subclasses: they keep their own storage or dispatch)
             if type(m) is Experts:
                 m.__class__ = FP8Experts
@@ -397,6 +404,8 @@ def convert(model: nn.Module, config: FP8Config | None = None) -> tuple[list[str
                 skipped.append((name, SKIP_REASONS["head"]))
             elif leaf == "eh_proj":
                 skipped.append((name, SKIP_REASONS["eh_proj"]))
+            elif not (module_filter_fn is None or module_filter_fn(m, name)):
+                skipped.append((name, SKIP_REASONS["filter"]))
             else:
                 if not isinstance(m, FP8Linear):
                     m.__class__ = FP8Linear
