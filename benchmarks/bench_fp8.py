@@ -1,7 +1,7 @@
 """FP8 (DeepSeek-V3 block-scaled recipe, nanoseek/quant/fp8.py) vs bf16 on one GPU.
 
 check: the Triton quantizers (1x128 rows; the fused 1x128 + per-segment 128x1 one; the 128x128
-       weight one writing W and W^T) are bit-identical to the PyTorch reference (fp8.TorchKernels);
+       weight one writing W and W^T) are bit-identical to the PyTorch reference (gemm.TorchKernels);
        the Triton grouped GEMMs (Fprop/Dgrad kind and the K-grouped Wgrad) match the per-expert
        torch._scaled_mm loop on the same FP8 operands; torch._scaled_mm with block-wise scales
        matches the CPU emulation; the FP8 Linear and experts on GPU (each variant) vs fp32.
@@ -32,8 +32,10 @@ import traceback
 import torch
 import torch.nn as nn
 
-from nanoseek.quant import fp8
-from nanoseek.quant.fp8 import ACT, WEIGHT, FP8Config, sqnr_db
+from nanoseek.quant import blocks, fp8, gemm
+from nanoseek.quant.blocks import ACT, WEIGHT
+from nanoseek.quant.checked import REGISTRY
+from nanoseek.quant.fp8 import FP8Config, sqnr_db
 from nanoseek.model import MLP, Experts
 
 from .common import environment, median_cuda_ms, print_json
@@ -81,11 +83,11 @@ def _where(a: torch.Tensor, b: torch.Tensor, block: int = 128) -> dict:
 
 
 def _check_kernels(tri, g) -> dict:
-    """Triton kernels vs the PyTorch reference of the same layouts (fp8.TorchKernels), every
+    """Triton kernels vs the PyTorch reference of the same layouts (gemm.TorchKernels), every
     output (data, scales, the transposed copies) bit for bit, for both compilations ("fast":
     Triton's default specialization on sizes divisible by 16; "safe": none), with outputs
     pre-filled with NaN (tri.sentinel_outputs) so a region a kernel never writes cannot pass."""
-    R = fp8.TORCH_KERNELS
+    R = gemm.TORCH_KERNELS
     res, diag = {}, {}
     variants = ("fast", "safe")
     with tri.sentinel_outputs():
@@ -98,7 +100,7 @@ def _check_kernels(tri, g) -> dict:
                 x = torch.randn(T, C, device="cuda", generator=g, dtype=dt) * 3
                 x[:, :2] *= 60
                 x[: min(T, 128), :128] = 0
-                tm = fp8.tile_map(sizes, "cuda")
+                tm = blocks.tile_map(sizes, "cuda")
                 for pow2 in (False, True):
                     r1, c1 = R.quantize_act_dual(x, tm, pow2)
                     for v in variants:
@@ -131,7 +133,7 @@ def _check_kernels(tri, g) -> dict:
                         diag[name] = d
         res["mismatch_details"] = diag
         x = torch.randn(4096, 2048, device="cuda", generator=g, dtype=torch.bfloat16)
-        a, b = fp8.quantize(x, ACT), tri.quantize_rows(x)
+        a, b = blocks.quantize(x, ACT), tri.quantize_rows(x)
         res["rows (4096, 2048)"] = _same_bytes(a.data, b.data) and torch.equal(a.scale, b.scale)
         res["grouped_vs_loop_sqnr_db"] = _check_grouped(tri, g)
     return res
@@ -140,19 +142,19 @@ def _check_kernels(tri, g) -> dict:
 def _check_grouped(tri, g) -> dict:
     """Grouped GEMMs vs the per-expert torch._scaled_mm loop on the same operands (quantized by
     the PyTorch reference, so a quantizer bug cannot hide or cause a GEMM result)."""
-    R = fp8.TORCH_KERNELS
+    R = gemm.TORCH_KERNELS
     gem = {}
     for sizes, N, K in [([0, 1000, 77, 4096, 0, 129, 3000], 2048, 7168), ([1536] * 8, 512, 1024),
                         ([5, 300, 0, 200], 264, 328)]:
         T, E = sum(sizes), len(sizes)
-        tm = fp8.tile_map(sizes, "cuda")
+        tm = blocks.tile_map(sizes, "cuda")
         xa = torch.randn(T, K, device="cuda", generator=g, dtype=torch.bfloat16)
         dy = torch.randn(T, N, device="cuda", generator=g, dtype=torch.bfloat16)
         w = torch.randn(E, N, K, device="cuda", generator=g) * 0.02
         xq, xt = R.quantize_act_dual(xa, tm)
         dyq, dyt = R.quantize_act_dual(dy, tm)
         wq, wqt = R.quantize_weight_dual(w)
-        wqt = fp8.Fp8Tensor(wqt.data, wqt.scale.transpose(-2, -1).contiguous().transpose(-2, -1), wqt.tile)  # the
+        wqt = blocks.Fp8Tensor(wqt.data, wqt.scale.transpose(-2, -1).contiguous().transpose(-2, -1), wqt.tile)  # the
         # Triton quantizer's scale layout (a transposed view), what the fused path hands the kernel
         key = f"{E} experts T={T} N={N} K={K}"
         ref = R.grouped_gemm(xq, wq, tm, torch.float32)
@@ -185,10 +187,10 @@ def part_check(out: dict) -> None:
         b = torch.randn(N, K, device="cuda", generator=g, dtype=torch.bfloat16)
         ref = a.double() @ b.double().t()
         for ta, tb, name in [(ACT, WEIGHT, "1x128*128x128"), (ACT, ACT, "1x128*1x128")]:
-            qa, qb = fp8.quantize(a, ta), fp8.quantize(b, tb)
+            qa, qb = blocks.quantize(a, ta), blocks.quantize(b, tb)
             try:
-                got = fp8.fp8_gemm(qa, qb, torch.float32, backend="scaled_mm")
-                emu = fp8.fp8_gemm(qa, qb, torch.float32, backend="emulate")
+                got = gemm.fp8_gemm(qa, qb, torch.float32, backend="scaled_mm")
+                emu = gemm.fp8_gemm(qa, qb, torch.float32, backend="emulate")
                 gem[f"{M}x{N}x{K} {name}"] = {"sqnr_vs_emulation_db": round(sqnr_db(emu, got), 1),
                                               "sqnr_vs_fp64_db": round(sqnr_db(ref, got), 2)}
             except Exception as e:  # noqa: BLE001
@@ -240,10 +242,11 @@ def part_check(out: dict) -> None:
                         for p in ("gate_proj", "up_proj", "down_proj")},
                      "empty_expert_grad_zero": bool((ex.gate_proj.grad[E - 1] == 0).all())}
     res["experts_sqnr_db"] = exp
-    res["scaled_mm_disabled"] = dict(fp8._SCALED_MM_BROKEN)
-    res["grouped_triton_disabled"] = dict(fp8._GROUPED_BROKEN)
-    res["quantizer_choice"] = {str(k): v for k, v in fp8._QUANT_CHOICE.items()}  # the fused path's verified picks
-    res["quantizer_fallbacks"] = {str(k): v for k, v in fp8._QUANT_BROKEN.items()}
+    kernels = REGISTRY.report()  # what the self-checks found (nanoseek/quant/checked.py)
+    res["scaled_mm_disabled"] = {str(k): v for k, v in kernels.scaled_mm_fallbacks.items()}
+    res["grouped_triton_disabled"] = dict(kernels.grouped_fallbacks)
+    res["quantizer_choice"] = {str(k): v for k, v in kernels.quantizers.items()}  # the fused path's verified picks
+    res["quantizer_fallbacks"] = {str(k): v for k, v in kernels.quantizer_fallbacks.items()}
     flat = {k: v for k, v in res.get("triton_vs_torch", {}).items() if isinstance(v, bool)}
     res["triton_quantizers_all_bit_identical"] = all(flat.values()) if flat else None
     for v in ("fast", "safe"):
@@ -267,10 +270,10 @@ def part_gemm(out: dict, quick: bool) -> None:
         b = torch.randn(N, K, device="cuda", dtype=torch.bfloat16)
         flops = 2 * M * N * K
         t_bf = median_cuda_ms(lambda: a @ b.t())
-        qa, qb = fp8.quantize(a, ACT), fp8.quantize(b, WEIGHT)
-        t_f8 = median_cuda_ms(lambda: fp8.fp8_gemm(qa, qb, torch.bfloat16))
-        t_q = median_cuda_ms(lambda: fp8.fp8_gemm(fp8.quantize(a, ACT), fp8.quantize(b, WEIGHT), torch.bfloat16))
-        t_t = median_cuda_ms(lambda: fp8.fp8_gemm(tri.quantize_rows(a), fp8.quantize(b, WEIGHT), torch.bfloat16)) if tri else float("nan")
+        qa, qb = blocks.quantize(a, ACT), blocks.quantize(b, WEIGHT)
+        t_f8 = median_cuda_ms(lambda: gemm.fp8_gemm(qa, qb, torch.bfloat16))
+        t_q = median_cuda_ms(lambda: gemm.fp8_gemm(blocks.quantize(a, ACT), blocks.quantize(b, WEIGHT), torch.bfloat16))
+        t_t = median_cuda_ms(lambda: gemm.fp8_gemm(tri.quantize_rows(a), blocks.quantize(b, WEIGHT), torch.bfloat16)) if tri else float("nan")
         r = {"shape": name, "M": M, "N": N, "K": K, "bf16_tflops": flops / t_bf / 1e9, "fp8_tflops": flops / t_f8 / 1e9,
              "fp8_quant_eager_tflops": flops / t_q / 1e9, "fp8_quant_triton_tflops": flops / t_t / 1e9}
         rows.append(r)
@@ -282,8 +285,8 @@ def part_gemm(out: dict, quick: bool) -> None:
     M, N, K = 2048, 7168, 4096  # dW[2048, 7168] = dy^T x over 4096 tokens
     a = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(N, K, device="cuda", dtype=torch.bfloat16)
-    qa, qb = fp8.quantize(a, ACT), fp8.quantize(b, ACT)
-    t_bf, t_f8 = median_cuda_ms(lambda: a @ b.t()), median_cuda_ms(lambda: fp8.fp8_gemm(qa, qb, torch.float32))
+    qa, qb = blocks.quantize(a, ACT), blocks.quantize(b, ACT)
+    t_bf, t_f8 = median_cuda_ms(lambda: a @ b.t()), median_cuda_ms(lambda: gemm.fp8_gemm(qa, qb, torch.float32))
     wg = {"shape": "wgrad 1x128*1x128 2048x7168x4096", "bf16_tflops": 2 * M * N * K / t_bf / 1e9,
           "fp8_tflops": 2 * M * N * K / t_f8 / 1e9}
     print(f"{wg['shape']:34s} {wg['bf16_tflops']:7.0f} {wg['fp8_tflops']:7.0f} {t_bf / t_f8:5.2f}  (fp32 out)")

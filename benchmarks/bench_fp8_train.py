@@ -31,7 +31,7 @@ import time
 
 import torch
 
-from nanoseek.quant import fp8
+from nanoseek.quant.checked import REGISTRY
 from nanoseek.train import TrainArgs, train
 
 from .common import environment, print_json, read_metrics
@@ -47,7 +47,7 @@ def run_one(a, tag: str, preset: str, overrides: dict | None, precision: str, se
             batch: int, seq: int, eval_batches: int, mtp_depth: int | None, work: str, kernels: str = "off") -> dict:
     """One training run in this process; returns its summary plus speed and peak memory."""
     out = os.path.join(work, tag)
-    fp8.reset_kernel_checks()  # each run makes its own first-use checks and reports only its own fallbacks
+    REGISTRY.reset()  # each run makes its own first-use checks and reports only its own fallbacks
     cuda = torch.cuda.is_available()
     if cuda:
         gc.collect()  # the previous run's model and optimizer, so that peak memory is this run's own
@@ -73,13 +73,14 @@ def run_one(a, tag: str, preset: str, overrides: dict | None, precision: str, se
            "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
            "val_loss": s["val_loss"], "train_loss_tail": sum(tail) / len(tail), "skipped_steps": s["skipped_steps"],
            "wall_s": round(wall, 1)}
-    if precision == "fp8":  # which fused-path kernels passed their first-use checks (nanoseek/quant/fp8.py)
-        res["fp8_kernels"] = {"quantizer_choice": {str(k): v for k, v in fp8._QUANT_CHOICE.items()},
-                              "quantizer_fallbacks": {str(k): v for k, v in fp8._QUANT_BROKEN.items()},
-                              "grouped_fallbacks": dict(fp8._GROUPED_BROKEN),
-                              "scaled_mm_fallbacks": {str(k): v for k, v in fp8._SCALED_MM_BROKEN.items()},
-                              "check_every": fp8.CHECK_EVERY, "check_mismatches": fp8.CHECK_COUNT[0],
-                              "check_first_mismatches": fp8.CHECK_LOG[:8]}
+    if precision == "fp8":  # which fused-path kernels passed their first-use checks (nanoseek/quant/checked.py)
+        k = REGISTRY.report()
+        res["fp8_kernels"] = {"quantizer_choice": {str(key): v for key, v in k.quantizers.items()},
+                              "quantizer_fallbacks": {str(key): v for key, v in k.quantizer_fallbacks.items()},
+                              "grouped_fallbacks": dict(k.grouped_fallbacks),
+                              "scaled_mm_fallbacks": {str(key): v for key, v in k.scaled_mm_fallbacks.items()},
+                              "check_every": k.check_every, "check_mismatches": k.mismatches,
+                              "check_first_mismatches": k.mismatch_log[:8]}
     print(f"[{tag}] {json.dumps(res)}", flush=True)
     return res
 

@@ -2,6 +2,7 @@
 
 from .config import ConfigError, ModelConfig, PRESETS
 from .model import DeepSeekV3
+from . import mha  # noqa: F401  (ModelConfig(attention="mha"): the MHA baseline's layers)
 from .load import load_model
 
 __version__ = "0.1.0"

@@ -3,7 +3,8 @@
 - Sharded safetensors with `model.safetensors.index.json` (or one `model.safetensors`).
 - FP8 e4m3 weights with `<name>.weight_scale_inv`, one fp32 multiplier per 128x128 block
   (ceil-div indexing, partial edge blocks), dequantized straight into the requested dtype
-  (DeepSeek-V3 report section 3.3; spec section 7.2).
+  (DeepSeek-V3 report section 3.3); quantized and dequantized by `quant/blocks.py`, the one block
+  quantizer, with the checkpoint format's amax floor `CHECKPOINT_EPS`.
 - MTP layers at `model.layers.<num_hidden_layers + i>` with their copies of the embedding and head.
 - Routed experts: per-expert keys on disk, stacked [E, out, in] tensors in memory.
 - Writes are atomic (temp file + rename; index and config last). Nothing is ever unpickled.
@@ -25,9 +26,8 @@ from safetensors import SafetensorError, safe_open
 
 from .config import ModelConfig
 from .io import atomic_save_safetensors, atomic_write_text
+from .quant.blocks import BLOCK, CHECKPOINT_EPS, WEIGHT, dequantize, quantize
 
-FP8_BLOCK = 128
-FP8_MAX = 448.0
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 
@@ -39,24 +39,14 @@ class CheckpointError(ValueError):
 # ------------------------------------------------------------------------------ FP8 blocks
 def fp8_dequantize(w8: torch.Tensor, scale_inv: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
     """W[i, j] = float(W8[i, j]) * scale_inv[i // 128, j // 128], computed in fp32, one rounding."""
-    M, N = w8.shape
-    s = scale_inv.float().repeat_interleave(FP8_BLOCK, 0)[:M].repeat_interleave(FP8_BLOCK, 1)[:, :N]
-    return (w8.float() * s).to(dtype)
+    return dequantize(w8, scale_inv, WEIGHT, dtype)
 
 
 def fp8_quantize_blocks(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-128x128-block e4m3 quantization: scale_inv = amax / 448, W8 = W / scale_inv.
-    Partial edge blocks are computed on the zero-padded block, then cropped."""
-    M, N = w.shape
-    bm, bn = math.ceil(M / FP8_BLOCK), math.ceil(N / FP8_BLOCK)
-    padded = torch.zeros(bm * FP8_BLOCK, bn * FP8_BLOCK, dtype=torch.float32, device=w.device)
-    padded[:M, :N] = w.float()
-    blocks = padded.view(bm, FP8_BLOCK, bn, FP8_BLOCK)
-    amax = blocks.abs().amax(dim=(1, 3))  # [bm, bn]
-    scale_inv = amax.clamp(min=1e-12) / FP8_MAX
-    q = (blocks / scale_inv[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX)
-    w8 = q.view(bm * FP8_BLOCK, bn * FP8_BLOCK)[:M, :N].to(torch.float8_e4m3fn)
-    return w8.contiguous(), scale_inv.contiguous()
+    """Per-128x128-block e4m3 quantization: scale_inv = max(amax, CHECKPOINT_EPS) / 448, W8 = W /
+    scale_inv. Partial edge blocks are computed on the zero-padded block, then cropped."""
+    q = quantize(w, WEIGHT, eps=CHECKPOINT_EPS)
+    return q.data, q.scale
 
 
 _NOT_FP8 = re.compile(r"(embed_tokens|lm_head|shared_head\.head|eh_proj|norm|layernorm|mlp\.gate\.weight)")
@@ -69,7 +59,7 @@ def fp8_eligible(hf_key: str, tensor: torch.Tensor) -> bool:
 
 
 # ------------------------------------------------------------------------------ name mapping
-_EXPERT_PROJ = ("gate_proj", "up_proj", "down_proj")
+EXPERT_PROJ = ("gate_proj", "up_proj", "down_proj")  # the stacked [E, out, in] parameters of Experts
 
 
 def hf_keys_for(name: str, tensor: torch.Tensor, cfg: ModelConfig) -> list[tuple[str, int | None]]:
@@ -223,7 +213,7 @@ def load_pretrained(path: str, dtype=None, device=None, strict: bool = True, *, 
                 if skey not in keys:
                     raise CheckpointError(f"{where}: FP8 weight '{key}' has no '{skey}'")
                 scale = shards.get(skey)
-                want = (math.ceil(src.shape[0] / FP8_BLOCK), math.ceil(src.shape[1] / FP8_BLOCK))
+                want = (math.ceil(src.shape[0] / BLOCK), math.ceil(src.shape[1] / BLOCK))
                 if tuple(scale.shape) != want:
                     raise CheckpointError(f"{shards.where(skey)}: key '{skey}' has shape {tuple(scale.shape)}, "
                                           f"expected {want} for weight of shape {tuple(src.shape)}")
@@ -268,7 +258,7 @@ def save_pretrained(model, path: str, max_shard_size: int = 5 * 2**30, fp8: bool
     extra = {"torch_dtype": _dtype_name(model_dtype)}
     if fp8:
         extra["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-                                        "weight_block_size": [FP8_BLOCK, FP8_BLOCK]}
+                                        "weight_block_size": [BLOCK, BLOCK]}
     extra.update(extra_config or {})
     save_sharded(groups, path, max_shard_size, lambda: cfg.save(path, extra=extra))
 

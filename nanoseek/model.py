@@ -159,17 +159,7 @@ class LatentCache(SequenceCache):
         return self.tensors[1]
 
 
-class KVCache(SequenceCache):
-    """Standard attention's cache: full per-head keys and values, H x (qk_head_dim + v_head_dim)
-    values per token (the comparison MLA is measured against)."""
-
-    def __init__(self, batch: int, max_len: int, cfg: ModelConfig, dtype=None, device=None):
-        H = cfg.num_attention_heads
-        super().__init__((torch.zeros(batch, max_len, H, cfg.qk_head_dim, dtype=dtype, device=device),
-                          torch.zeros(batch, max_len, H, cfg.v_head_dim, dtype=dtype, device=device)))
-
-
-def _sdpa_backends():
+def sdpa_backends():
     """On GPU, prefer cuDNN attention: it accepts MLA's unequal q/k and v head dims and is the
     fastest there; flash refuses them (benchmarks/RESULTS.md, the model benchmark's profile)."""
     try:
@@ -250,7 +240,9 @@ CAUSAL = AttnInputs()  # a fresh causal forward without a cache (training, pipel
 
 
 class MLA(nn.Module):
-    """Multi-head Latent Attention (HF module `self_attn`)."""
+    """Multi-head Latent Attention (HF module `self_attn`); its decode cache is a `LatentCache`."""
+
+    cache_class = LatentCache
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -309,7 +301,7 @@ class MLA(nn.Module):
         k_nope, v = kv.split([c.qk_nope_head_dim, c.v_head_dim], dim=-1)
         k = torch.cat([k_nope, k_pe[:, :, None, :].expand(B, S, H, c.qk_rope_head_dim)], dim=-1)
         q = torch.cat([q_nope, q_pe], dim=-1)
-        ctx = _sdpa_backends() if q.is_cuda else nullcontext()
+        ctx = sdpa_backends() if q.is_cuda else nullcontext()
         with ctx:
             o = F.scaled_dot_product_attention(
                 q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),  # [B, H, T|S, d]
@@ -333,38 +325,8 @@ class MLA(nn.Module):
         return torch.einsum("bthr,hdr->bthd", o_lat, w_uv)  # [B, T, H, v]
 
 
-class MHA(MLA):
-    """Standard multi-head attention with MLA's heads and head dims (the same query path, full
-    per-head K/V projections and cache): `ModelConfig(attention="mha")`, the baseline that MLA's
-    cache saving is measured against. Not a DeepSeek checkpoint layout."""
-
-    def __init__(self, cfg: ModelConfig):
-        super().__init__(cfg)
-        del self.kv_a_proj_with_mqa, self.kv_a_layernorm, self.kv_b_proj
-        H = cfg.num_attention_heads
-        self.k_proj = nn.Linear(cfg.hidden_size, H * cfg.qk_head_dim, bias=False)
-        self.v_proj = nn.Linear(cfg.hidden_size, H * cfg.v_head_dim, bias=False)
-
-    def forward(self, x, rope, cache: KVCache | None = None, inputs: AttnInputs = CAUSAL):
-        c, H = self.cfg, self.n_heads
-        cos, sin = rope
-        B, T, _ = x.shape
-        q = (self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if c.q_lora_rank else self.q_proj(x))
-        q = q.view(B, T, H, c.qk_head_dim)
-        k = self.k_proj(x).view(B, T, H, c.qk_head_dim)
-        v = self.v_proj(x).view(B, T, H, c.v_head_dim)
-        q_nope, q_pe = q.split([c.qk_nope_head_dim, c.qk_rope_head_dim], dim=-1)
-        k_nope, k_pe = k.split([c.qk_nope_head_dim, c.qk_rope_head_dim], dim=-1)
-        q = torch.cat([q_nope, apply_rope(q_pe, cos, sin)], dim=-1)
-        k = torch.cat([k_nope, apply_rope(k_pe, cos, sin)], dim=-1)
-        if cache is not None:
-            k, v = cache.update(k, v, offsets=inputs.offsets, kv_len=inputs.kv_len)  # [B, S, H, qk], [B, S, H, v]
-        mask = inputs.mask
-        ctx = _sdpa_backends() if q.is_cuda else nullcontext()
-        with ctx:
-            o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                               attn_mask=mask, is_causal=mask is None, scale=self.softmax_scale)
-        return self.o_proj(o.transpose(1, 2).reshape(B, T, -1))
+ATTENTION: dict[str, type[nn.Module]] = {"mla": MLA}  # ModelConfig.attention -> the attention module
+# (nanoseek/mha.py adds "mha", the standard-attention baseline MLA is measured against)
 
 
 # --------------------------------------------------------------------------------------- FFN
@@ -547,7 +509,7 @@ class Block(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = MLA(cfg) if cfg.attention == "mla" else MHA(cfg)
+        self.self_attn = ATTENTION[cfg.attention](cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MoE(cfg) if cfg.is_moe_layer(layer_idx) else MLP(cfg.hidden_size, cfg.intermediate_size)
 
@@ -654,8 +616,8 @@ class DeepSeekV3(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def make_layer_cache(self, batch: int, max_len: int, dtype=None, device=None) -> SequenceCache:
-        """One layer's cache: the MLA latent (or, for the MHA comparison model, full K/V)."""
-        kind = LatentCache if self.config.attention == "mla" else KVCache
+        """One layer's cache, of the attention's kind: the MLA latent (`MLA.cache_class`)."""
+        kind = ATTENTION[self.config.attention].cache_class
         return kind(batch, max_len, self.config, dtype or self.lm_head.weight.dtype,
                     device or self.lm_head.weight.device)
 

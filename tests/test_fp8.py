@@ -12,9 +12,11 @@ import torch
 import torch.nn as nn
 
 from nanoseek import DeepSeekV3, ModelConfig
-from nanoseek.quant import fp8
+from nanoseek.quant import blocks, checked, fp8, gemm
 from nanoseek.checkpoint import fp8_dequantize, fp8_quantize_blocks
-from nanoseek.quant.fp8 import ACT, COL, WEIGHT, FP8Config, FP8Experts, FP8Linear, sqnr_db
+from nanoseek.quant.blocks import ACT, COL, WEIGHT
+from nanoseek.quant.checked import CheckedKernels, KernelRegistry, same_fp8, same_segments
+from nanoseek.quant.fp8 import FP8Config, FP8Experts, FP8Linear, sqnr_db
 from nanoseek.model import MLP, Experts
 
 
@@ -37,7 +39,7 @@ def _fp32(t64: torch.Tensor) -> torch.Tensor:
     return t64.float().double()
 
 
-def reference_quantize(x: torch.Tensor, tile, pow2=False, eps=fp8.EPS):
+def reference_quantize(x: torch.Tensor, tile, pow2=False, eps=blocks.EPS):
     """The same formulas in float64 with explicit fp32 roundings: s = fp32(max(amax, eps) / 448),
     pow2: s = 2^ceil(log2 s), q = e4m3(clamp(fp32(x / s), +-448)). Returns (values, scales)."""
     tr, tc = tile
@@ -80,7 +82,7 @@ def _hard_input(R, C, dtype=torch.float32, seed=0):
                                          ((131, 77), torch.bfloat16)], ids=["aligned", "partial", "bf16-small"])
 def test_quantize_bit_exact_vs_float64_reference(tile, pow2, shape, dtype):
     x = _hard_input(*shape, dtype=dtype)
-    got = fp8.quantize(x, tile, pow2)
+    got = blocks.quantize(x, tile, pow2)
     ref_q, ref_s = reference_quantize(x.float(), tile, pow2)
     assert got.data.dtype == torch.float8_e4m3fn and got.data.shape == x.shape
     assert got.scale.dtype == torch.float32 and got.scale.shape == ref_s.shape
@@ -96,24 +98,24 @@ def test_quantizer_edge_cases():
     # zero tile -> zeros with the eps scale; 448-range values clamp, never NaN (a plain cast of >= 464 is NaN)
     x = torch.zeros(2, 256)
     x[1, :128] = torch.linspace(-1, 1, 128)
-    q = fp8.quantize(x)
+    q = blocks.quantize(x)
     assert torch.equal(q.data.float()[0], torch.zeros(256))
-    assert q.scale[0, 0].item() == pytest.approx(fp8.EPS / 448, rel=1e-6)
+    assert q.scale[0, 0].item() == pytest.approx(blocks.EPS / 448, rel=1e-6)
     assert q.data.float()[1, :128].abs().max().item() == 448.0
     # round trip error of Gaussian data ~ E4M3's 3-bit mantissa (spec: ~2.6 % rms)
     g = torch.randn(512, 1024, generator=torch.Generator().manual_seed(1))
     for tile in (ACT, WEIGHT, COL):
-        err = ((fp8.quantize(g, tile).dequantize() - g).norm() / g.norm()).item()
+        err = ((blocks.quantize(g, tile).dequantize() - g).norm() / g.norm()).item()
         assert 0.015 < err < 0.035, (tile, err)
     # 3-D weights (stacked experts): blocks never cross the leading dim
     w = torch.randn(3, 200, 130)
-    q3 = fp8.quantize(w, WEIGHT)
+    q3 = blocks.quantize(w, WEIGHT)
     for e in range(3):
-        qe = fp8.quantize(w[e], WEIGHT)
+        qe = blocks.quantize(w[e], WEIGHT)
         assert torch.equal(q3.data[e].float(), qe.data.float()) and torch.equal(q3.scale[e], qe.scale)
     # the 1x128 transpose of x^T is the 128x1 quantization of x
     a = torch.randn(300, 200)
-    c, t = fp8.quantize(a, COL), fp8.quantize(a.t(), ACT)
+    c, t = blocks.quantize(a, COL), blocks.quantize(a.t(), ACT)
     assert torch.equal(c.data.float(), t.data.float().t()) and torch.equal(c.scale, t.scale.t())
 
 
@@ -121,8 +123,8 @@ def test_pow2_scales_make_retiling_lossless():
     """Report 3.3 / spec 4.4: with power-of-two scales, re-tiling the 1x128 FP8 copy into 128x1
     tiles changes no value (so caching only one copy is exact); with fp32 scales it does."""
     x = torch.randn(256, 256, generator=torch.Generator().manual_seed(2)).bfloat16().float()
-    row = fp8.quantize(x, ACT, pow2=True).dequantize()
-    retiled = fp8.quantize(row, COL, pow2=True).dequantize()
+    row = blocks.quantize(x, ACT, pow2=True).dequantize()
+    retiled = blocks.quantize(row, COL, pow2=True).dequantize()
     assert torch.equal(row, retiled)
 
 
@@ -130,7 +132,7 @@ def test_weight_quantizer_matches_checkpoint_format():
     """Training's 128x128 weight blocks are the checkpoint's weight_scale_inv blocks (same
     formula; the epsilons differ only for blocks with amax < 1e-4)."""
     w = torch.randn(300, 260) * 0.02
-    q = fp8.quantize(w, WEIGHT)
+    q = blocks.quantize(w, WEIGHT)
     w8, s = fp8_quantize_blocks(w)
     assert torch.equal(q.scale, s) and torch.equal(q.data.float(), w8.float())
     assert torch.equal(q.dequantize(), fp8_dequantize(w8, s))
@@ -143,8 +145,8 @@ def test_emulated_gemm_sqnr(M, N, K):
     a, b = torch.randn(M, K, generator=g), torch.randn(N, K, generator=g)
     ref = a.double() @ b.double().t()
     for ta, tb in [(ACT, WEIGHT), (ACT, ACT)]:  # Fprop/Dgrad ("1D2D") and Wgrad ("1D1D")
-        qa, qb = fp8.quantize(a, ta), fp8.quantize(b, tb)
-        out = fp8.fp8_gemm(qa, qb, torch.float32)
+        qa, qb = blocks.quantize(a, ta), blocks.quantize(b, tb)
+        out = gemm.fp8_gemm(qa, qb, torch.float32)
         assert 25 <= sqnr_db(ref, out) < 32, (ta, tb, sqnr_db(ref, out))  # ~28.6 dB expected
         # the emulation is exact: the fp32 matmul of the dequantized operands
         exact = qa.dequantize().double() @ qb.dequantize().double().t()
@@ -154,30 +156,30 @@ def test_emulated_gemm_sqnr(M, N, K):
 def test_gemm_into_out_rows():
     """fp8_gemm(out=...) writes the result into a slice of a bigger output (the per-expert loop's
     rows) and hands that slice back; a wrong shape or dtype is refused by name."""
-    qa, qb = fp8.quantize(torch.randn(70, 256), ACT), fp8.quantize(torch.randn(130, 256), WEIGHT)
+    qa, qb = blocks.quantize(torch.randn(70, 256), ACT), blocks.quantize(torch.randn(130, 256), WEIGHT)
     full = torch.full((100, 130), float("nan"))
-    got = fp8.fp8_gemm(qa, qb, torch.float32, out=full[20:90])
+    got = gemm.fp8_gemm(qa, qb, torch.float32, out=full[20:90])
     assert got.data_ptr() == full[20:90].data_ptr()
-    assert torch.equal(full[20:90], fp8.fp8_gemm(qa, qb, torch.float32))
+    assert torch.equal(full[20:90], gemm.fp8_gemm(qa, qb, torch.float32))
     assert torch.isnan(full[:20]).all() and torch.isnan(full[90:]).all()
     with pytest.raises(ValueError, match=r"fp8_gemm: out \(70, 129\)"):
-        fp8.fp8_gemm(qa, qb, torch.float32, out=torch.empty(70, 129))
+        gemm.fp8_gemm(qa, qb, torch.float32, out=torch.empty(70, 129))
     with pytest.raises(ValueError, match="bfloat16"):
-        fp8.fp8_gemm(qa, qb, torch.float32, out=torch.empty(70, 130, dtype=torch.bfloat16))
+        gemm.fp8_gemm(qa, qb, torch.float32, out=torch.empty(70, 130, dtype=torch.bfloat16))
 
 
 @pytest.mark.parametrize("M,N,K", [(200, 264, 328), (7, 130, 1408)])
 def test_scaled_mm_operand_padding_is_exact(M, N, K):
     """The CUDA path zero-pads operands (M, N to 16; K to 128, or 512 with a 128x128 operand, and
     the scales with ones to match); checked here on the emulation: same GEMM after cropping."""
-    from nanoseek.quant.fp8 import _pad_k, _pad_rows, _round_up
+    from nanoseek.quant.gemm import pad_k, pad_rows, round_up
     a, b = torch.randn(M, K), torch.randn(N, K)
     for ta, tb in [(ACT, WEIGHT), (ACT, ACT), (WEIGHT, ACT)]:
-        qa, qb = fp8.quantize(a, ta), fp8.quantize(b, tb)
-        Kp = _round_up(K, 512 if WEIGHT in (ta, tb) else 128)
-        pa, pb = _pad_k(_pad_rows(qa, _round_up(M, 16)), Kp), _pad_k(_pad_rows(qb, _round_up(N, 16)), Kp)
+        qa, qb = blocks.quantize(a, ta), blocks.quantize(b, tb)
+        Kp = round_up(K, 512 if WEIGHT in (ta, tb) else 128)
+        pa, pb = pad_k(pad_rows(qa, round_up(M, 16)), Kp), pad_k(pad_rows(qb, round_up(N, 16)), Kp)
         assert pa.scale.shape[1] == Kp // ta[1] and pb.scale.shape[1] == Kp // tb[1]
-        assert torch.allclose(fp8.fp8_gemm(pa, pb)[:M, :N], fp8.fp8_gemm(qa, qb), rtol=1e-5, atol=1e-4)
+        assert torch.allclose(gemm.fp8_gemm(pa, pb)[:M, :N], gemm.fp8_gemm(qa, qb), rtol=1e-5, atol=1e-4)
 
 
 def test_fp8_linear_forward_and_grads_vs_fp32():
@@ -259,7 +261,7 @@ def test_fp8_experts_vs_fp32():
 
 # ------------------------------------------------------------------ fused path (reference ops on CPU)
 def test_tile_map_segments_never_share_a_tile():
-    tm = fp8.tile_map([0, 130, 5, 256, 0, 77], "cpu")
+    tm = blocks.tile_map([0, 130, 5, 256, 0, 77], "cpu")
     assert tm.n_tiles == 0 + 2 + 1 + 2 + 0 + 1 and tm.tile_starts == [0, 0, 2, 3, 5, 5]
     idx, row0, nrow, first, ntiles, seg = tm.prog.tolist()
     assert idx == list(range(6)) and seg == [1, 1, 2, 3, 3, 5]
@@ -267,7 +269,7 @@ def test_tile_map_segments_never_share_a_tile():
     assert first == [0, 0, 2, 3, 3, 5] and ntiles == [2, 2, 1, 2, 2, 1]
     assert tm.seg.tolist() == [[0, 0, 130, 135, 391, 391], [0, 130, 5, 256, 0, 77], [0, 0, 2, 3, 5, 5],
                                [0, 2, 1, 2, 0, 1]]
-    assert fp8.dense_tile_map(300, "cpu").sizes == [300]
+    assert blocks.dense_tile_map(300, "cpu").sizes == [300]
 
 
 @pytest.mark.parametrize("pow2", [False, True], ids=["fp32-scale", "pow2-scale"])
@@ -276,9 +278,9 @@ def test_fused_layouts_equal_the_per_op_quantizers(pow2):
     1x128 rows; per segment the 128x1 tiles, transposed and zero-padded to whole tiles; W and W^T."""
     sizes = [0, 130, 5, 256, 0, 77]
     x = _hard_input(sum(sizes), 200, seed=7)
-    tm = fp8.tile_map(sizes, "cpu")
-    row, col = fp8.TORCH_KERNELS.quantize_act_dual(x, tm, pow2)
-    ref = fp8.quantize(x, ACT, pow2)
+    tm = blocks.tile_map(sizes, "cpu")
+    row, col = gemm.TORCH_KERNELS.quantize_act_dual(x, tm, pow2)
+    ref = blocks.quantize(x, ACT, pow2)
     assert torch.equal(row.data.float(), ref.data.float()) and torch.equal(row.scale, ref.scale)
     assert row.scale.stride() == (1, x.shape[0])  # M-major, what _scaled_mm wants
     assert col.data.numel() == tm.n_tiles * 128 * 200 and col.scale.shape == (tm.n_tiles, 200)
@@ -286,13 +288,13 @@ def test_fused_layouts_equal_the_per_op_quantizers(pow2):
     for e, n in enumerate(sizes):
         if n:
             seg = col.segment(tm, e)
-            want = fp8.quantize(x[start:start + n].t(), ACT, pow2)  # == 128x1 tiles of the segment
+            want = blocks.quantize(x[start:start + n].t(), ACT, pow2)  # == 128x1 tiles of the segment
             assert seg.data.shape == (200, math.ceil(n / 128) * 128)
             assert torch.equal(seg.data[:, :n].float(), want.data.float()) and torch.equal(seg.scale, want.scale)
             assert not seg.data[:, n:].float().any()
         start += n
     w = torch.randn(3, 200, 300) * 0.02
-    wq, wqt = fp8.TORCH_KERNELS.quantize_weight_dual(w, pow2)
+    wq, wqt = gemm.TORCH_KERNELS.quantize_weight_dual(w, pow2)
     assert torch.equal(wqt.data.float(), wq.data.float().transpose(-2, -1))
     assert torch.equal(wqt.dequantize(), wq.dequantize().transpose(-2, -1))
 
@@ -409,10 +411,10 @@ def test_fused_path_experts_equal_per_op_path():
 def _grouped_case(K: int):
     """Three experts (70, 0 and 200 tokens) of width 128 at depth K: tile map, quantized operands
     and the PyTorch reference grouped GEMM."""
-    tm = fp8.tile_map([70, 0, 200], "cpu")
-    xq, _ = fp8.TORCH_KERNELS.quantize_act_dual(torch.randn(270, K), tm, cols=False)
-    wq, _ = fp8.TORCH_KERNELS.quantize_weight_dual(torch.randn(3, 128, K), transposed=False)
-    return tm, xq, wq, fp8.TORCH_KERNELS.grouped_gemm(xq, wq, tm, torch.float32)
+    tm = blocks.tile_map([70, 0, 200], "cpu")
+    xq, _ = gemm.TORCH_KERNELS.quantize_act_dual(torch.randn(270, K), tm, cols=False)
+    wq, _ = gemm.TORCH_KERNELS.quantize_weight_dual(torch.randn(3, 128, K), transposed=False)
+    return tm, xq, wq, gemm.TORCH_KERNELS.grouped_gemm(xq, wq, tm, torch.float32)
 
 
 def _fake_grouped(change):
@@ -425,72 +427,72 @@ def _fake_grouped(change):
         @classmethod
         def grouped_gemm(cls, a, b, tm, out_dtype):
             cls.calls += 1
-            return change(fp8.TORCH_KERNELS.grouped_gemm(a, b, tm, out_dtype), b, cls.calls)
+            return change(gemm.TORCH_KERNELS.grouped_gemm(a, b, tm, out_dtype), b, cls.calls)
     return Fake
 
 
-def test_grouped_kernel_self_check_falls_back_to_the_loop(monkeypatch):
+@pytest.fixture
+def registry():
+    """A fresh kernel registry: the checks of one test, seen by that test alone."""
+    return KernelRegistry(check_every=False)
+
+
+def _checked(kern, registry):
+    """`kern` behind the self-checks against the PyTorch reference, recorded in `registry`."""
+    return CheckedKernels(kern, gemm.TORCH_KERNELS, registry)
+
+
+def test_grouped_kernel_self_check_falls_back_to_the_loop(registry):
     """A grouped GEMM kernel that disagrees with the per-expert loop on its first call is replaced
     by the loop (with a warning), as torch._scaled_mm's self-check does."""
-    monkeypatch.setattr(fp8, "_GROUPED_CHECKED", set())
-    monkeypatch.setattr(fp8, "_GROUPED_BROKEN", {})
-
-    Wrong = _fake_grouped(lambda out, b, call: 2 * out)
+    Wrong = _checked(_fake_grouped(lambda out, b, call: 2 * out), registry)
 
     tm, xq, wq, ref = _grouped_case(256)
     with pytest.warns(UserWarning, match="disagrees with the per-expert loop"):
-        out = fp8._grouped_checked("fprop", Wrong, xq, wq, tm, torch.float32)
-    assert torch.equal(out, ref) and "fprop" in fp8._GROUPED_BROKEN
-    assert torch.equal(fp8._grouped_checked("fprop", Wrong, xq, wq, tm, torch.float32), ref)
+        out = Wrong.grouped("fprop", xq, wq, tm, torch.float32)
+    assert torch.equal(out, ref) and "fprop" in registry.report().grouped_fallbacks
+    assert torch.equal(Wrong.grouped("fprop", xq, wq, tm, torch.float32), ref)
 
 
-def test_grouped_kernel_that_fails_to_build_falls_back_to_the_loop(monkeypatch):
+def test_grouped_kernel_that_fails_to_build_falls_back_to_the_loop(registry):
     """A grouped kernel that raises on its first call at a shape (a GPU without E4M3 support in the
     compiler) is replaced by the loop for that use, with a warning; the step goes on."""
-    monkeypatch.setattr(fp8, "_GROUPED_CHECKED", set())
-    monkeypatch.setattr(fp8, "_GROUPED_BROKEN", {})
-
     def no_build(out, b, call):
         raise RuntimeError("fp8e4nv data type is not supported on CUDA arch < 89")
     tm, xq, wq, ref = _grouped_case(256)
     with pytest.warns(UserWarning, match="grouped dgrad GEMM failed"):
-        out = fp8._grouped_checked("dgrad", _fake_grouped(no_build), xq, wq, tm, torch.float32)
-    assert torch.equal(out, ref) and "arch < 89" in fp8._GROUPED_BROKEN["dgrad"]
+        out = _checked(_fake_grouped(no_build), registry).grouped("dgrad", xq, wq, tm, torch.float32)
+    assert torch.equal(out, ref) and "arch < 89" in registry.report().grouped_fallbacks["dgrad"]
 
 
-def test_grouped_kernel_self_check_catches_nan_and_checks_each_shape(monkeypatch):
+def test_grouped_kernel_self_check_catches_nan_and_checks_each_shape(registry):
     """A non-finite grouped result fails the check; a kernel checked at one (N, K) is checked
     again at a new one (specializations and autotuning differ per shape)."""
-    monkeypatch.setattr(fp8, "_GROUPED_CHECKED", set())
-    monkeypatch.setattr(fp8, "_GROUPED_BROKEN", {})
-
     def nan_on_big(out, b, call):
         if b.data.shape[-1] >= 256:
             out[0, 0] = float("nan")
         return out
-    NanOnBig = _fake_grouped(nan_on_big)
+    NanOnBig = _checked(_fake_grouped(nan_on_big), registry)
 
     for K in (128, 256):
         tm, xq, wq, ref = _grouped_case(K)
         if K == 128:
-            assert torch.equal(fp8._grouped_checked("dgrad", NanOnBig, xq, wq, tm, torch.float32), ref)
-            assert not fp8._GROUPED_BROKEN
+            assert torch.equal(NanOnBig.grouped("dgrad", xq, wq, tm, torch.float32), ref)
+            assert not registry.report().grouped_fallbacks
         else:
             with pytest.warns(UserWarning, match="disagrees with the per-expert loop"):
-                out = fp8._grouped_checked("dgrad", NanOnBig, xq, wq, tm, torch.float32)
-            assert torch.equal(out, ref) and "dgrad" in fp8._GROUPED_BROKEN
+                out = NanOnBig.grouped("dgrad", xq, wq, tm, torch.float32)
+            assert torch.equal(out, ref) and "dgrad" in registry.report().grouped_fallbacks
 
 
-def test_grouped_self_check_is_per_row(monkeypatch):
+def test_grouped_self_check_is_per_row(registry):
     """One wrong token tile among many rows fails the check although the whole-output relative
     error stays under the threshold (the check compares every output row)."""
-    monkeypatch.setattr(fp8, "_GROUPED_CHECKED", set())
-    monkeypatch.setattr(fp8, "_GROUPED_BROKEN", {})
-    tm = fp8.tile_map([70, 0, 200 + 128 * 60], "cpu")
+    tm = blocks.tile_map([70, 0, 200 + 128 * 60], "cpu")
     T = sum(tm.sizes)
-    xq, _ = fp8.TORCH_KERNELS.quantize_act_dual(torch.randn(T, 128), tm, cols=False)
-    wq, _ = fp8.TORCH_KERNELS.quantize_weight_dual(torch.randn(3, 128, 128), transposed=False)
-    ref = fp8.TORCH_KERNELS.grouped_gemm(xq, wq, tm, torch.float32)
+    xq, _ = gemm.TORCH_KERNELS.quantize_act_dual(torch.randn(T, 128), tm, cols=False)
+    wq, _ = gemm.TORCH_KERNELS.quantize_weight_dual(torch.randn(3, 128, 128), transposed=False)
+    ref = gemm.TORCH_KERNELS.grouped_gemm(xq, wq, tm, torch.float32)
 
     def one_tile_off(out, b, call):
         out[:70] *= 1.05  # the first expert's only tile, 5 % off
@@ -500,31 +502,29 @@ def test_grouped_self_check_is_per_row(monkeypatch):
     wrong = OneTileOff.grouped_gemm(xq, wq, tm, torch.float32)
     assert ((wrong - ref).norm() / ref.norm()).item() < 1e-2  # a whole-output norm would pass it
     with pytest.warns(UserWarning, match="disagrees with the per-expert loop"):
-        out = fp8._grouped_checked("fprop", OneTileOff, xq, wq, tm, torch.float32)
+        out = _checked(OneTileOff, registry).grouped("fprop", xq, wq, tm, torch.float32)
     assert torch.equal(out, ref)
 
 
-def test_check_every_call_logs_and_corrects_a_later_disagreement(monkeypatch):
+def test_check_every_call_logs_and_corrects_a_later_disagreement():
     """NANOSEEK_FP8_CHECK=every: a grouped kernel right on its first call and wrong on a later one
-    is caught there (logged in CHECK_LOG with the segment sizes) and the reference is used."""
-    monkeypatch.setattr(fp8, "_GROUPED_CHECKED", set())
-    monkeypatch.setattr(fp8, "_GROUPED_BROKEN", {})
-    monkeypatch.setattr(fp8, "CHECK_EVERY", True)
-    monkeypatch.setattr(fp8, "CHECK_LOG", [])
+    is caught there (logged in the registry's mismatch log with the segment sizes) and the reference is used."""
+    registry = KernelRegistry(check_every=True)
 
-    WrongOnSecondCall = _fake_grouped(lambda out, b, call: out if call == 1 else out + 1)
+    WrongOnSecondCall = _checked(_fake_grouped(lambda out, b, call: out if call == 1 else out + 1), registry)
 
     tm, xq, wq, ref = _grouped_case(256)
-    assert torch.equal(fp8._grouped_checked("fprop", WrongOnSecondCall, xq, wq, tm, torch.float32), ref)
-    assert not fp8.CHECK_LOG
-    assert torch.equal(fp8._grouped_checked("fprop", WrongOnSecondCall, xq, wq, tm, torch.float32), ref)
-    assert len(fp8.CHECK_LOG) == 1 and fp8.CHECK_LOG[0]["sizes"] == [70, 0, 200]
-    assert "fprop" not in fp8._GROUPED_BROKEN  # logged per call; the kernel stays in use
+    assert torch.equal(WrongOnSecondCall.grouped("fprop", xq, wq, tm, torch.float32), ref)
+    assert not registry.report().mismatch_log
+    assert torch.equal(WrongOnSecondCall.grouped("fprop", xq, wq, tm, torch.float32), ref)
+    log = registry.report().mismatch_log
+    assert len(log) == 1 and log[0]["sizes"] == [70, 0, 200]
+    assert "fprop" not in registry.report().grouped_fallbacks  # logged per call; the kernel stays in use
 
 
 class _FakeTriton:
     """Stands in for nanoseek.quant.fp8_triton.KERNELS: the PyTorch reference, corrupted for the
-    variants listed in `bad` (W^T's first byte, or a NaN row-scale), to test `_CheckedKernels`."""
+    variants listed in `bad` (W^T's first byte, or a NaN row-scale), to test `CheckedKernels`."""
     name = "triton"
 
     def __init__(self, bad):
@@ -532,49 +532,47 @@ class _FakeTriton:
 
     def quantize_act_dual(self, x, tm, pow2=False, rows=True, cols=True, variant="fast"):
         self.calls.append(("act", variant))
-        r, c = fp8.TORCH_KERNELS.quantize_act_dual(x, tm, pow2, rows, cols)
+        r, c = gemm.TORCH_KERNELS.quantize_act_dual(x, tm, pow2, rows, cols)
         if variant in self.bad and r is not None:
             sc = r.scale.clone()
             sc[0, 0] = float("nan")
-            r = fp8.Fp8Tensor(r.data, sc, r.tile)
+            r = blocks.Fp8Tensor(r.data, sc, r.tile)
         return r, c
 
     def quantize_weight_dual(self, w, pow2=False, transposed=True, variant="fast"):
         self.calls.append(("weight", variant))
-        wq, wqt = fp8.TORCH_KERNELS.quantize_weight_dual(w, pow2, transposed)
+        wq, wqt = gemm.TORCH_KERNELS.quantize_weight_dual(w, pow2, transposed)
         if variant in self.bad and wqt is not None:
             data = wqt.data.clone()
             data.view(torch.uint8).view(-1)[0] = 0x7F  # NaN: an unwritten byte
-            wqt = fp8.Fp8Tensor(data, wqt.scale, wqt.tile)
+            wqt = blocks.Fp8Tensor(data, wqt.scale, wqt.tile)
         return wq, wqt
 
 
 @pytest.mark.parametrize("bad, expect, expect_w", [((), "fast", "fast"), (("fast",), "safe", "safe"),
                                                    (("fast", "safe"), "torch", "copy"),
                                                    (("fast", "safe", "copy"), "torch", "torch")])
-def test_checked_quantizers_fall_back_per_specialization(monkeypatch, bad, expect, expect_w):
+def test_checked_quantizers_fall_back_per_specialization(registry, bad, expect, expect_w):
     """Every new quantizer specialization is compared bit for bit with the PyTorch reference on
     first use: the fast kernel, else the unspecialized one, else (weights) the kernel without its
     in-kernel transpose, else the PyTorch quantizer (with a warning) is used from then on; the
     result handed back is always the reference's values."""
-    monkeypatch.setattr(fp8, "_QUANT_CHOICE", {})
-    monkeypatch.setattr(fp8, "_QUANT_BROKEN", {})
     fake = _FakeTriton(bad)
-    kern = fp8._CheckedKernels(fake)
+    kern = _checked(fake, registry)
     w = torch.randn(256, 384) * 0.02
-    ref_w, ref_wt = fp8.TORCH_KERNELS.quantize_weight_dual(w)
+    ref_w, ref_wt = gemm.TORCH_KERNELS.quantize_weight_dual(w)
     x = torch.randn(300, 256)
-    tm = fp8.tile_map([300], "cpu")
-    ref_r, ref_c = fp8.TORCH_KERNELS.quantize_act_dual(x, tm)
+    tm = blocks.tile_map([300], "cpu")
+    ref_r, ref_c = gemm.TORCH_KERNELS.quantize_act_dual(x, tm)
     import warnings as _w
     with _w.catch_warnings(record=True) as rec:
         _w.simplefilter("always")
         for _ in range(2):
             wq, wqt = kern.quantize_weight_dual(w)
-            assert fp8._same_fp8(wq, ref_w) and fp8._same_fp8(wqt, ref_wt)
+            assert same_fp8(wq, ref_w) and same_fp8(wqt, ref_wt)
             r, c = kern.quantize_act_dual(x, tm)
-            assert fp8._same_fp8(r, ref_r) and fp8._same_segments(c, ref_c)
-    assert {k[0]: v for k, v in fp8._QUANT_CHOICE.items()} == {"quantize_weight_dual": expect_w,
+            assert same_fp8(r, ref_r) and same_segments(c, ref_c)
+    assert {k[0]: v for k, v in registry.report().quantizers.items()} == {"quantize_weight_dual": expect_w,
                                                                "quantize_act_dual": expect}
     assert (len(rec) > 0) == bool(bad)
     # after the first call per specialization only the chosen variant runs (no reference)
@@ -585,26 +583,23 @@ def test_checked_quantizers_fall_back_per_specialization(monkeypatch, bad, expec
     with _w.catch_warnings():
         _w.simplefilter("ignore")
         kern.quantize_weight_dual(torch.randn(200, 328))
-    assert len(fp8._QUANT_CHOICE) == 3
+    assert len(registry.report().quantizers) == 3
 
 
-def test_check_every_call_catches_a_quantizer_that_goes_wrong_later(monkeypatch):
+def test_check_every_call_catches_a_quantizer_that_goes_wrong_later():
     """NANOSEEK_FP8_CHECK=every: after the first-use choice, each call still runs the reference;
     a later disagreement is logged and the reference's values are handed back."""
-    monkeypatch.setattr(fp8, "_QUANT_CHOICE", {})
-    monkeypatch.setattr(fp8, "_QUANT_BROKEN", {})
-    monkeypatch.setattr(fp8, "CHECK_EVERY", True)
-    monkeypatch.setattr(fp8, "CHECK_LOG", [])
+    registry = KernelRegistry(check_every=True)
     fake = _FakeTriton(())
-    kern = fp8._CheckedKernels(fake)
+    kern = _checked(fake, registry)
     w = torch.randn(256, 384) * 0.02
-    ref_w, ref_wt = fp8.TORCH_KERNELS.quantize_weight_dual(w)
+    ref_w, ref_wt = gemm.TORCH_KERNELS.quantize_weight_dual(w)
     kern.quantize_weight_dual(w)
-    assert fp8._QUANT_CHOICE and not fp8.CHECK_LOG
+    assert registry.report().quantizers and not registry.report().mismatch_log
     fake.bad = {"fast"}  # the chosen kernel now writes a wrong W^T byte
     wq, wqt = kern.quantize_weight_dual(w)
-    assert fp8._same_fp8(wq, ref_w) and fp8._same_fp8(wqt, ref_wt)
-    assert [e["op"] for e in fp8.CHECK_LOG] == ["quantize_weight_dual"]
+    assert same_fp8(wq, ref_w) and same_fp8(wqt, ref_wt)
+    assert [e["op"] for e in registry.report().mismatch_log] == ["quantize_weight_dual"]
 
 # ------------------------------------------------------------------ convert
 def test_convert_nano_every_eligible_layer():
@@ -639,6 +634,38 @@ def test_convert_nano_every_eligible_layer():
     assert "44 modules converted" in report and "lm_head" in report
 
 
+def test_convert_module_filter_keeps_what_it_rejects():
+    """`module_filter_fn(module, fqn)` decides per eligible Linear / Experts: the rejected ones stay
+    in high precision, listed as skipped; without it every eligible module converts."""
+    cfg = ModelConfig.from_preset("nano")
+    model = DeepSeekV3.from_config(cfg, seed=0)
+    everything = fp8.convert(DeepSeekV3.from_config(cfg, seed=0))[0]
+    converted, skipped = fp8.convert(model, module_filter_fn=lambda m, fqn: not fqn.startswith("mtp."))
+    assert converted == [n for n in everything if not n.startswith("mtp.")]
+    filtered = [n for n, why in skipped if "module_filter_fn" in why]
+    assert filtered == [n for n in everything if n.startswith("mtp.")] and filtered
+    assert all(type(model.get_submodule(n)) in (nn.Linear, Experts) for n in filtered)
+
+
+def test_kernel_registry_reports_and_resets(registry):
+    """The registry's public face: what each check chose and what disagreed, until `reset`."""
+    Wrong = _checked(_fake_grouped(lambda out, b, call: 2 * out), registry)
+    tm, xq, wq, ref = _grouped_case(128)
+    with pytest.warns(UserWarning):
+        Wrong.grouped("fprop", xq, wq, tm, torch.float32)
+    kern = _checked(_FakeTriton(()), registry)
+    kern.quantize_weight_dual(torch.randn(256, 384))
+    rep = registry.report()
+    assert list(rep.grouped_fallbacks) == ["fprop"] and "vs the per-expert loop" in rep.grouped_fallbacks["fprop"]
+    assert [v for v in rep.quantizers.values()] == ["fast"] and not rep.quantizer_fallbacks
+    assert rep.mismatches == 0 and not rep.mismatch_log and not rep.check_every
+    rep.quantizers.clear()  # a snapshot: changing it changes nothing in the registry
+    assert registry.report().quantizers
+    registry.reset()
+    rep = registry.report()
+    assert not (rep.quantizers or rep.grouped_fallbacks or rep.grouped_checked or rep.scaled_mm_checked)
+
+
 def test_converted_model_trains_and_checkpoints(tmp_path):
     torch.manual_seed(0)
     cfg = ModelConfig.from_preset("nano", vocab_size=512, num_hidden_layers=2)
@@ -662,9 +689,9 @@ def test_converted_model_trains_and_checkpoints(tmp_path):
     assert conf["quantization_config"]["weight_block_size"] == [128, 128]
     m8 = DeepSeekV3.from_pretrained(str(tmp_path / "fp8"), dtype=torch.float32)
     w = model.model.layers["0"].self_attn.q_b_proj.weight.detach()
-    assert torch.equal(m8.model.layers["0"].self_attn.q_b_proj.weight, fp8.quantize(w, WEIGHT).dequantize())
+    assert torch.equal(m8.model.layers["0"].self_attn.q_b_proj.weight, blocks.quantize(w, WEIGHT).dequantize())
     e = model.model.layers["1"].mlp.experts.down_proj.detach()
-    assert torch.equal(m8.model.layers["1"].mlp.experts.down_proj, fp8.quantize(e, WEIGHT).dequantize())
+    assert torch.equal(m8.model.layers["1"].mlp.experts.down_proj, blocks.quantize(e, WEIGHT).dequantize())
     assert torch.equal(m8.lm_head.weight, model.lm_head.weight)  # the head stays high precision
     with torch.no_grad():
         assert sqnr_db(ref(x), m8(x)) > 15  # FP8 weights, fp32 compute: close to the original model
@@ -724,8 +751,8 @@ def test_scaled_mm_matches_emulation(M, N, K):
     a = torch.randn(M, K, device="cuda", generator=g, dtype=torch.bfloat16)
     b = torch.randn(N, K, device="cuda", generator=g, dtype=torch.bfloat16)
     for ta, tb in [(ACT, WEIGHT), (ACT, ACT)]:
-        qa, qb = fp8.quantize(a, ta), fp8.quantize(b, tb)
-        got = fp8.fp8_gemm(qa, qb, torch.float32, backend="scaled_mm")
-        emu = fp8.fp8_gemm(qa, qb, torch.float32, backend="emulate")
+        qa, qb = blocks.quantize(a, ta), blocks.quantize(b, tb)
+        got = gemm.fp8_gemm(qa, qb, torch.float32, backend="scaled_mm")
+        emu = gemm.fp8_gemm(qa, qb, torch.float32, backend="emulate")
         assert sqnr_db(emu, got) > 50, (ta, tb)
-    assert not fp8._SCALED_MM_BROKEN
+    assert not checked.REGISTRY.report().scaled_mm_fallbacks

@@ -109,6 +109,7 @@ SIZES = [[300], [0, 1, 127, 128, 129, 0, 513], [64] * 16]
 @pytest.mark.parametrize("pow2", [False, True])
 def test_triton_quantizers_bit_identical_to_the_reference(sizes, pow2):
     from nanoseek.quant import fp8
+    from nanoseek.quant.checked import same_fp8, same_segments
     ft = _triton()
     g = torch.Generator(device="cuda").manual_seed(1)
     x = torch.randn(sum(sizes), 384, device="cuda", generator=g, dtype=torch.bfloat16) * 3
@@ -116,12 +117,12 @@ def test_triton_quantizers_bit_identical_to_the_reference(sizes, pow2):
     tm = fp8.tile_map(sizes, "cuda")
     got = ft.KERNELS.quantize_act_dual(x, tm, pow2)
     ref = fp8.TORCH_KERNELS.quantize_act_dual(x, tm, pow2)
-    assert fp8._same_fp8(got[0], ref[0]) and fp8._same_segments(got[1], ref[1])
+    assert same_fp8(got[0], ref[0]) and same_segments(got[1], ref[1])
     w = torch.randn(len(sizes), 256, 384, device="cuda", generator=g) * 0.02
     for transposed in (True, False):
         gw = ft.KERNELS.quantize_weight_dual(w, pow2, transposed)
         rw = fp8.TORCH_KERNELS.quantize_weight_dual(w, pow2, transposed)
-        assert fp8._same_fp8(gw[0], rw[0]) and fp8._same_fp8(gw[1], rw[1])
+        assert same_fp8(gw[0], rw[0]) and same_fp8(gw[1], rw[1])
 
 
 @pytest.mark.parametrize("sizes", SIZES)

@@ -1,7 +1,16 @@
 """FP8 blocks: the E4M3 format, block-scaled tiles (1x128 activations, 128x128 weights, 128x1
 for the weight-gradient GEMM) and their quantize / dequantize in plain PyTorch, the layouts the
-GEMMs and the Triton kernels share (DeepSeek-V3 report, section 3.3.1). A leaf module: the recipe
-(`fp8.py`) and the kernels (`fp8_triton.py`) both build on it.
+GEMMs and the Triton kernels share (DeepSeek-V3 report, section 3.3.1). A leaf module and the one
+block quantizer: the recipe (`fp8.py`), the GEMMs and the reference ops (`gemm.py`), the kernels
+(`fp8_triton.py`, whose quantizers are checked bit for bit against this one; `checked.py`) and the
+checkpoint format (`checkpoint.py`) all build on it. `stackable` says when several weights can
+share one GEMM without a 128x128 block spanning two of them.
+
+Two amax floors, one formula. Online quantization (training, W8A8 inference) floors a tile's amax
+at `EPS` = 1e-4, as DeepGEMM does: a zero tile quantizes to zeros with a finite, representable
+scale. The saved FP8 checkpoint (`weight_scale_inv`, the release's layout) floors at
+`CHECKPOINT_EPS` = 1e-12 and has since its first files: kept so that a saved file stays bit for
+bit what it was. The two give the same blocks wherever a block's amax is at least 1e-4.
 """
 
 from __future__ import annotations
@@ -15,6 +24,7 @@ import torch.nn.functional as F
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
 EPS = 1e-4  # amax floor (DeepSeek / DeepGEMM): a zero tile quantizes to zeros, never 0/0
+CHECKPOINT_EPS = 1e-12  # amax floor of saved FP8 checkpoints (module docstring)
 BLOCK = 128
 ACT = (1, BLOCK)  # activations, activation gradients
 WEIGHT = (BLOCK, BLOCK)  # weights
@@ -100,8 +110,24 @@ def quantize_128x1(x: torch.Tensor, pow2: bool = False) -> Fp8Tensor:
     return quantize(x, COL, pow2)
 
 
-def _quant(x: torch.Tensor, tile: tuple[int, int], pow2: bool) -> Fp8Tensor:
-    return quantize(x, tile, pow2)
+# ----------------------------------------------------------------------------------- stacked weights
+def stackable(weights) -> bool:
+    """Whether weights [..., N_i, K] can run as one GEMM against the same input (SwiGLU's gate and
+    up): same K, dtype and device, and every N_i but the last a multiple of 128, so that no
+    128x128 block spans two of them and each is quantized exactly as it would be alone."""
+    w0 = weights[0]
+    return (all(w.shape[:-2] == w0.shape[:-2] and w.shape[-1] == w0.shape[-1] and w.dtype == w0.dtype
+                and w.device == w0.device for w in weights)
+            and all(w.shape[-2] % BLOCK == 0 for w in weights[:-1]))
+
+
+def as_weights(weight) -> tuple:
+    """A weight, or a list of `stackable` weights, as a tuple (refused by name when not stackable)."""
+    weights = (weight,) if isinstance(weight, torch.Tensor) else tuple(weight)
+    if len(weights) > 1 and not stackable(weights):
+        raise ValueError(f"fp8: weights of shapes {[tuple(w.shape) for w in weights]} cannot share one GEMM "
+                         "(same K, dtype and device needed, and each N but the last a multiple of 128)")
+    return weights
 
 
 # ----------------------------------------------------------------------------------- fused-path layouts

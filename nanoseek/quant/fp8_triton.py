@@ -1,10 +1,10 @@
 """FP8 kernels for CUDA in Triton: the quantizers and grouped GEMMs of nanoseek/quant/fp8.py's fused path.
 
-Quantizers (same formulas as `nanoseek.quant.fp8.quantize`: s = max(amax, eps) / 448 with IEEE-rounded
+Quantizers (same formulas as `nanoseek.quant.blocks.quantize`: s = max(amax, eps) / 448 with IEEE-rounded
 division, optional power-of-two round-up, q = e4m3_rne(clamp(x / s, +-448)); bit-identical to the
 PyTorch reference, which the GPU benchmark checks before timing, and which the fused path checks on
 the first use of every shape specialization, falling back to the unspecialized compilation
-(`variant="safe"`) and then to the PyTorch reference: `fp8._CheckedKernels`):
+(`variant="safe"`) and then to the PyTorch reference: `checked.CheckedKernels`):
 - `quantize_rows`: 1x128 tiles along the last dim (kept for the GEMM benchmarks).
 - `quantize_act_dual`: one read of an activation (or activation gradient) x [T, C] writes both its
   1x128 quantization (for Fprop / Dgrad) and its 128x1 quantization stored transposed, per token
@@ -162,12 +162,11 @@ def _quant_dual_kernel(x_ptr, qr_ptr, sr_ptr, qc_ptr, sc_ptr, prog_ptr, T, C, P,
 # divisible by 16 get divisibility hints -> 16-byte vector loads/stores, layouts chosen for them)
 # and "safe" (no specialization of the sizes and strides). The fused path verifies each new
 # specialization against the PyTorch reference on first use and falls back fast -> safe ->
-# PyTorch (fp8._CheckedKernels): a miscompile costs speed, never correctness. (The one seen: an
+# PyTorch (checked.CheckedKernels): a miscompile costs speed, never correctness. (The one seen: an
 # in-kernel transposed store of the weight blocks, wrong only in the fast build; see
 # quantize_weight_dual.)
 _DUAL_INT_ARGS = ["T", "C", "P", "stride_xm"]
-# 4 warps beat 8; neither transposing the 128x1 codes after the cast nor looping over channel
-# blocks in one program is faster (benchmarks/RESULTS.md, "Sixth H200 run")
+# launch settings and the kernel's shape were chosen by measurement (benchmarks/RESULTS.md, "Sixth H200 run")
 DUAL_LAUNCH = {"num_warps": 4}
 _quant_dual_fast = triton.jit(_quant_dual_kernel)
 _quant_dual_safe = triton.jit(_quant_dual_kernel, do_not_specialize=_DUAL_INT_ARGS)
@@ -235,18 +234,17 @@ def _quant_weight_kernel(w_ptr, q_ptr, qt_ptr, s_ptr, N, K, stride_we, stride_wn
 _WEIGHT_INT_ARGS = ["N", "K", "stride_we", "stride_wn", "n0", "NT", "nNT", "nK"]
 _quant_weight_fast = triton.jit(_quant_weight_kernel)
 _quant_weight_safe = triton.jit(_quant_weight_kernel, do_not_specialize=_WEIGHT_INT_ARGS)
-# How the kernel writes W^T (T_MODE above), measured by a probe on an H200 with
-# Triton 3.6 (RESULTS.md; dev/LOG.md names the probe): the second, transposed load (2) is bit-exact in both compilations at
-# 2.5 TB/s; the register transpose (1) runs at 3.5 TB/s but its fast build writes wrong W^T bytes
-# at every size divisible by 16 (the safe build is right, at 1.3 TB/s). The "copy" variant writes
-# W alone and transposes its bytes with PyTorch (a separate pass, 0.8-0.9 TB/s in all).
+# How the kernel writes W^T (T_MODE above): the second, transposed load (2) is bit-exact in both
+# compilations; the register transpose (1) is faster but its fast build was seen to write wrong W^T
+# bytes (the safe build was right); the "copy" variant writes W alone and transposes its bytes with
+# PyTorch, a separate pass. Speeds and the probe: benchmarks/RESULTS.md and dev/LOG.md.
 WEIGHT_LAUNCH = {"num_warps": 8, "T_MODE": 2}
 
 
 def quantize_weight_dual(w, pow2: bool = False, transposed: bool = True, variant: str = "fast"
                          ) -> tuple[Fp8Tensor, Fp8Tensor | None]:
     """W [N, K] or stacked [E, N, K] (CUDA), or a list of such weights W_i [.., N_i, K] stacked along
-    N (every N_i but the last a multiple of 128: `fp8.stackable`) -> (128x128 quantization of the
+    N (every N_i but the last a multiple of 128: `blocks.stackable`) -> (128x128 quantization of the
     stack [.., sum N_i, K], that of its transpose [.., K, sum N_i] (same values and scales) or
     None); each W_i is quantized exactly as alone. `variant`: "fast", "safe" (see
     `_quant_dual_safe`) or "copy" (W^T by a PyTorch transpose of W's bytes)."""
@@ -412,7 +410,7 @@ def grouped_wgrad(a: SegmentsT, b: SegmentsT, tm: TileMap) -> torch.Tensor:
 
 
 class TritonKernels:
-    """The fused path's ops for `nanoseek.quant.fp8` (see `fp8.TorchKernels` for the reference)."""
+    """The fused path's ops for `nanoseek.quant.fp8` (see `gemm.TorchKernels` for the reference)."""
     name = "triton"
     quantize_act_dual = staticmethod(quantize_act_dual)
     quantize_weight_dual = staticmethod(quantize_weight_dual)

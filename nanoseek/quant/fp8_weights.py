@@ -8,8 +8,8 @@ bytes and block scales, read straight from the files: 1 byte per weight instead 
 the normal loader applies once) and runs the GEMM in the activations' dtype, so the outputs equal
 those of the model loaded the usual way, bit for bit. With `w8a8=True` the Linears instead quantize
 their input in 1x128 tiles and run the FP8 x FP8 block-scaled GEMM of DeepSeek's own inference code
-(`fp8.fp8_gemm`: `torch._scaled_mm` on Hopper, an exact emulation on CPU); outputs then carry the
-activation quantization error (~28 dB SQNR per GEMM). The swap is applied from outside the model:
+(`gemm.fp8_gemm`: `torch._scaled_mm` on Hopper, an exact emulation on CPU); outputs then carry the
+activation quantization error (benchmarks/RESULTS.md). The swap is applied from outside the model:
 FP8 Linears become `FP8WeightLinear`, routed experts `FP8WeightExperts`; the rest (embedding, head,
 router, norms) stays as loaded. Inference only: the FP8 weights are buffers, not parameters.
 """
@@ -20,9 +20,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..checkpoint import _EXPERT_PROJ, CheckpointError, _ShardSet, fp8_dequantize, hf_keys_for
-from .fp8 import WEIGHT, Fp8Tensor, _out_dtype, fp8_gemm, quantize_1x128
-from ..model import DeepSeekV3, Experts
+from ..checkpoint import EXPERT_PROJ, CheckpointError, _ShardSet, fp8_dequantize, hf_keys_for
+from ..model import DeepSeekV3, Experts, compute_dtype
+from .blocks import WEIGHT, Fp8Tensor, quantize_1x128
+from .gemm import fp8_gemm
 
 
 class FP8WeightLinear(nn.Module):
@@ -44,7 +45,7 @@ class FP8WeightLinear(nn.Module):
         return fp8_dequantize(self.weight_fp8, self.weight_scale_inv, self.compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = _out_dtype(x)
+        dtype = compute_dtype(x)
         if not self.w8a8:
             return F.linear(x, fp8_dequantize(self.weight_fp8, self.weight_scale_inv, dtype), self.bias)
         x2 = x.reshape(-1, x.shape[-1])  # [M, K]
@@ -126,13 +127,13 @@ def load_fp8_weights(path: str, dtype=None, device=None, w8a8: bool = False) -> 
             setattr(parent, attr, new)
         elif isinstance(mod, Experts) and not isinstance(mod, FP8WeightExperts):
             stacks = {}
-            for proj in _EXPERT_PROJ:
+            for proj in EXPERT_PROJ:
                 t = getattr(mod, proj)
                 pairs = [fp8_pair(k) for k, _ in hf_keys_for(f"{name}.{proj}", t, cfg)]
                 if any(p is None for p in pairs):
                     break
                 stacks[proj] = (torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs]), t)
-            if len(stacks) < len(_EXPERT_PROJ):
+            if len(stacks) < len(EXPERT_PROJ):
                 continue
             for _, _, t in stacks.values():
                 report["dense_weight_bytes"] += t.numel() * t.element_size()
