@@ -49,23 +49,28 @@ def test_quant_linear_is_dequantize_then_matmul(qtype, dtype):
     assert torch.equal(q.weight, dequantize(q.qweight, qtype))
 
 
-@pytest.mark.skipif(not int4pack_available(), reason="no int4 CPU GEMM with float32 scales in this PyTorch")
+@pytest.mark.skipif(not int4pack_available(), reason="no int4 CPU GEMM with bf16 scales in this PyTorch")
 @pytest.mark.parametrize("qtype", ["q4_0", "q4_k"])
 def test_int4_fast_path_within_its_bound(qtype):
-    """The int4 GEMM dequantizes the same codes (q4_0 exactly; q4_k with the offset re-rounded
-    as 8 d sc - dmin m) but accumulates in its own order: float32 results differ from the exact
-    path by float32 rounding (measured: below 2e-6 of the largest output), so the bound is 1e-5.
-    bf16 activations: the exact path runs the GEMM in bf16, the fast one in float32, so they
-    differ by bf16 output rounding (measured: relative RMS 0.0025), bound 0.01."""
+    """The int4 GEMM multiplies the same 4-bit codes, but with bf16 group scales and zeros (q4_k's
+    zero re-rounded as 8 d sc - dmin m) and bf16 activations: against the exact path it is off by
+    bf16 rounding (measured: relative RMS 0.0024-0.0033, largest error 0.3-0.7% of the largest
+    output), bounds 0.01 and 0.02; against the float weights it adds next to nothing to the
+    quantization error itself (measured: x1.001), bound x1.01."""
     lin = linear(k=1024, n=256, bias=True)
     exact, fast = QuantLinear.from_linear(lin, qtype), QuantLinear.from_linear(lin, qtype, fast=True)
     assert fast.fast and "int4pack" in repr(fast)
     with torch.no_grad():
         for m in (1, 64):
+            for dtype in (torch.float32, torch.bfloat16):
+                x = torch.randn(m, 1024).to(dtype)
+                a, b = exact(x), fast(x)
+                assert b.dtype == dtype
+                assert rel_rms(b, a) < 0.01
+                assert (a.float() - b.float()).abs().max() <= 0.02 * a.float().abs().max()
             x = torch.randn(m, 1024)
-            a, b = exact(x), fast(x)
-            assert (a - b).abs().max() <= 1e-5 * a.abs().max()
-            assert rel_rms(fast(x.bfloat16()), exact(x.bfloat16())) < 0.01
+            ref = lin(x)
+            assert rel_rms(fast(x), ref) <= 1.01 * rel_rms(exact(x), ref)
     assert "int4_packed" not in fast.state_dict()  # the packed copy is rebuilt, not stored
 
 

@@ -11,11 +11,13 @@ compute dtype, and runs the GEMM there: the model is never held in float, one la
 A CPU fast path, `QuantLinear(..., fast=True)`, is offered for q4_0 and q4_k: both are 4-bit
 codes with one scale and offset per 32 weights (q4_0: w = d (q - 8); q4_k: w = d sc q - dmin m
 = d sc (q - 8) + (8 d sc - dmin m)), which is the layout of PyTorch's int4 CPU GEMM
-(torch._weight_int4pack_mm_for_cpu, group size 32, float32 scales and zeros). Its accumulation
-order differs from the dequantize-then-matmul GEMM and the q4_k offsets are re-rounded, so it is
-close, not bit-equal (tests/test_quant_qlinear.py pins the bound); the packed copy is an extra
-non-persistent buffer. Q8_0's per-32 scales do not fit torch._weight_int8pack_mm (one scale per
-output channel), so q8_0 has the exact path only.
+(torch._weight_int4pack_mm_for_cpu, group size 32). That op is fast with bf16 activations and
+bf16 scales and zeros (its float32 variant runs one output row at a time and loses to the exact
+path beyond one token), so the fast path rounds the group scales and zeros to bf16 and runs the
+GEMM on bf16 activations: not exact, within a pinned bound of the exact path
+(tests/test_quant_qlinear.py; benchmarks/bench_quant.py measures both). The packed copy is an
+extra non-persistent buffer. Q8_0's per-32 scales do not fit torch._weight_int8pack_mm (one
+scale per output channel), so q8_0 has the exact path only.
 """
 
 from __future__ import annotations
@@ -38,12 +40,13 @@ FAST_QTYPES = ("q4_0", "q4_k")
 # --------------------------------------------------------------------------------------- int4 fast path
 @lru_cache(maxsize=None)
 def int4pack_available() -> bool:
-    """Whether this PyTorch has the int4 CPU GEMM with float32 activations and scales."""
+    """Whether this PyTorch has the int4 CPU GEMM with bf16 activations and scales."""
     if not hasattr(torch, "_weight_int4pack_mm_for_cpu"):
         return False
     try:
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(torch.zeros(16, 64, dtype=torch.int32), 2)
-        torch._weight_int4pack_mm_for_cpu(torch.zeros(1, 64), packed, INT4_GROUP, torch.zeros(2, 16, 2))
+        torch._weight_int4pack_mm_for_cpu(torch.zeros(1, 64, dtype=torch.bfloat16), packed, INT4_GROUP,
+                                          torch.zeros(2, 16, 2, dtype=torch.bfloat16))
         return True
     except (RuntimeError, TypeError):
         return False
@@ -74,10 +77,11 @@ def int4_codes(raw: torch.Tensor, qtype: str) -> tuple[torch.Tensor, torch.Tenso
 
 
 def pack_int4(raw: torch.Tensor, qtype: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The operands of torch._weight_int4pack_mm_for_cpu: packed codes and scales_and_zeros [K/32, N, 2]."""
+    """The operands of torch._weight_int4pack_mm_for_cpu: packed codes and scales_and_zeros
+    [K/32, N, 2] rounded to bf16."""
     q, scale, zero = int4_codes(raw, qtype)
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), 2)
-    return packed, torch.stack([scale.t(), zero.t()], dim=-1).contiguous()
+    return packed, torch.stack([scale.t(), zero.t()], dim=-1).to(torch.bfloat16).contiguous()
 
 
 # --------------------------------------------------------------------------------------- modules
@@ -125,7 +129,7 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = compute_dtype(x)
         if self.fast and x.device.type == "cpu":
-            x2 = x.reshape(-1, self.in_features).float()  # [M, K]
+            x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)  # [M, K]
             y = torch._weight_int4pack_mm_for_cpu(x2, self.int4_packed, INT4_GROUP, self.int4_scales_zeros)
             y = y.to(dtype).view(*x.shape[:-1], self.out_features)
             return y + self.bias.to(dtype) if self.bias is not None else y
