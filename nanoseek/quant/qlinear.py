@@ -167,51 +167,74 @@ class QuantEmbedding(nn.Module):
 
 
 class QuantStack(NamedTuple):
-    """One projection of every expert: GGML bytes [E, out, row_bytes] and their type."""
+    """One projection of every expert: GGML bytes [E, out, row_bytes], their type, the projection."""
     raw: torch.Tensor
     qtype: str
+    proj: str
 
 
 class QuantExperts(Experts):
     """Routed experts (the same forward as model.Experts) whose stacked weights [E, out, in] are
     GGML blocks, buffers `gate_proj_q` / `up_proj_q` / `down_proj_q` [E, out, row_bytes] with their
     types in `qtypes`. The projections read as QuantStack and the two GEMM seams dequantize what
-    they multiply by: `segment_gemm` one expert that got tokens, `grouped_gemm` the whole stack."""
+    they multiply by: `segment_gemm` one expert that got tokens, `grouped_gemm` the whole stack.
+    With `fast`, the q4_0 / q4_k projections of a CPU model run each expert's segment through
+    the int4 GEMM (QuantLinear's fast path, per expert: `<proj>_int4` / `<proj>_int4_sz`)."""
 
     PROJS = ("gate_proj", "up_proj", "down_proj")
 
     def __init__(self, stacks: dict[str, torch.Tensor], qtypes: dict[str, str], n_experts: int,
-                 dtype: torch.dtype = torch.float32, impl: str = "auto"):
+                 dtype: torch.dtype = torch.float32, impl: str = "auto", fast: bool = False):
         nn.Module.__init__(self)  # not Experts.__init__: the weights are byte buffers, not parameters
         self.n_experts, self.impl, self.dtype, self.qtypes = n_experts, impl, dtype, dict(qtypes)
+        self.fast_projs: set[str] = set()
         for proj in self.PROJS:
             self.register_buffer(proj + "_q", stacks[proj])
+        if fast:
+            self.enable_fast()
 
     @classmethod
-    def from_experts(cls, experts: Experts, qtypes: dict[str, str]) -> "QuantExperts":
+    def from_experts(cls, experts: Experts, qtypes: dict[str, str], fast: bool = False) -> "QuantExperts":
         stacks = {p: quantize(getattr(experts, p).detach(), qtypes[p]) for p in cls.PROJS}
-        return cls(stacks, qtypes, experts.n_experts, experts.gate_proj.dtype, experts.impl)
+        return cls(stacks, qtypes, experts.n_experts, experts.gate_proj.dtype, experts.impl, fast)
+
+    def enable_fast(self) -> set[str]:
+        """The int4 GEMM for every projection it applies to (q4_0 / q4_k, output rows a multiple
+        of 16, CPU); returns those projections."""
+        for proj in self.PROJS:
+            raw = getattr(self, proj + "_q")
+            if (self.qtypes[proj] in FAST_QTYPES and raw.device.type == "cpu" and raw.shape[1] % 16 == 0
+                    and int4pack_available()):
+                packs = [pack_int4(raw[e], self.qtypes[proj]) for e in range(raw.shape[0])]
+                self.register_buffer(proj + "_int4", torch.stack([p for p, _ in packs]), persistent=False)
+                self.register_buffer(proj + "_int4_sz", torch.stack([z for _, z in packs]), persistent=False)
+                self.fast_projs.add(proj)
+        return self.fast_projs
 
     @property
     def gate_proj(self) -> QuantStack:
-        return QuantStack(self.gate_proj_q, self.qtypes["gate_proj"])
+        return QuantStack(self.gate_proj_q, self.qtypes["gate_proj"], "gate_proj")
 
     @property
     def up_proj(self) -> QuantStack:
-        return QuantStack(self.up_proj_q, self.qtypes["up_proj"])
+        return QuantStack(self.up_proj_q, self.qtypes["up_proj"], "up_proj")
 
     @property
     def down_proj(self) -> QuantStack:
-        return QuantStack(self.down_proj_q, self.qtypes["down_proj"])
+        return QuantStack(self.down_proj_q, self.qtypes["down_proj"], "down_proj")
 
     def grouped_gemm(self, x: torch.Tensor, weight: QuantStack, offs: torch.Tensor) -> torch.Tensor:
         return super().grouped_gemm(x, dequantize(weight.raw, weight.qtype, x.dtype), offs)  # [E, out, in]
 
     def segment_gemm(self, x: torch.Tensor, weight: QuantStack, e: int) -> torch.Tensor:
+        if weight.proj in self.fast_projs and x.device.type == "cpu":
+            packed, sz = getattr(self, weight.proj + "_int4")[e], getattr(self, weight.proj + "_int4_sz")[e]
+            return torch._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), packed, INT4_GROUP, sz).to(x.dtype)
         return x @ dequantize(weight.raw[e], weight.qtype, x.dtype).t()  # [n_e, in] @ [in, out]
 
     def extra_repr(self) -> str:
-        return f"n_experts={self.n_experts}, " + ", ".join(f"{p}={q}" for p, q in self.qtypes.items())
+        return f"n_experts={self.n_experts}, " + ", ".join(
+            f"{p}={q}" + ("+int4pack" if p in self.fast_projs else "") for p, q in self.qtypes.items())
 
 
 # --------------------------------------------------------------------------------------- the swap
@@ -258,7 +281,7 @@ def quantize_model(model: nn.Module, mix: str | None = None, *, plan: dict[str, 
     DeepSeekV3 or DenseModel by quantized ones, layer by layer (each float weight is dropped once
     its bytes exist). The types come from `plan` (as `quant_plan` returns) or from `mix`'s rule.
     The router, norms, biases and RoPE tables stay as they are. `fast`: the int4 CPU GEMM for the
-    q4_0 / q4_k Linears. Returns the plan applied."""
+    q4_0 / q4_k Linears and expert projections. Returns the plan applied."""
     if plan is None:
         if mix is None:
             raise ValueError("quantize_model needs a mix or a plan")
@@ -272,7 +295,7 @@ def quantize_model(model: nn.Module, mix: str | None = None, *, plan: dict[str, 
         elif isinstance(mod, nn.Embedding) and name in plan:
             new = QuantEmbedding.from_embedding(mod, plan[name])
         elif isinstance(mod, Experts) and not isinstance(mod, QuantExperts) and f"{name}.gate_proj" in plan:
-            new = QuantExperts.from_experts(mod, {p: plan[f"{name}.{p}"] for p in QuantExperts.PROJS})
+            new = QuantExperts.from_experts(mod, {p: plan[f"{name}.{p}"] for p in QuantExperts.PROJS}, fast)
         else:
             continue
         setattr(parent, attr, new)
