@@ -60,7 +60,8 @@ def test_qtypes_match_gguf_ids_and_sizes():
 def test_dequantize_bit_identical_to_gguf(qtype):
     gguf = pytest.importorskip("gguf")
     t = gguf.GGMLQuantizationType[qtype.upper()]
-    for raw in (random_blocks(qtype), ggml.quantize(weights(), qtype)):
+    big = ggml.quantize(weights(rows=300), qtype)  # 307,200 weights: dequantized in steps
+    for raw in (random_blocks(qtype), ggml.quantize(weights(), qtype), big):
         ours = ggml.dequantize(raw, qtype).numpy()
         ref = gguf.quants.dequantize(raw.numpy(), t)
         assert ours.shape == ref.shape

@@ -40,6 +40,7 @@ QTYPES: dict[str, tuple[int, int, int]] = {
     "q6_k": (14, QK_K, 210),
 }
 
+_DEQUANT_WEIGHTS = 1 << 18  # weights per dequantization step (bounds its float32 temporaries)
 _CHUNK_BLOCKS = 16384  # super-blocks per step of the K-quant searches (bounds their temporaries)
 
 
@@ -387,7 +388,13 @@ def dequantize(raw: torch.Tensor, qtype: str, dtype: torch.dtype = torch.float32
     elif qtype == "bf16":
         out = raw.view(torch.bfloat16).float()
     else:
-        out = _DEQUANTIZE[qtype](raw.reshape(-1, nbytes))
+        blocks = raw.reshape(-1, nbytes)  # [n, nbytes]
+        step = _DEQUANT_WEIGHTS // block  # blocks per step: the temporaries stay in cache
+        if blocks.shape[0] <= step:
+            return _DEQUANTIZE[qtype](blocks).reshape(*lead, K).to(dtype)
+        out = torch.empty(blocks.shape[0], block, dtype=dtype, device=raw.device)
+        for i in range(0, blocks.shape[0], step):
+            out[i:i + step] = _DEQUANTIZE[qtype](blocks[i:i + step])  # float32, then cast: elementwise
     return out.reshape(*lead, K).to(dtype)
 
 
