@@ -48,7 +48,7 @@ def int4pack_available() -> bool:
         torch._weight_int4pack_mm_for_cpu(torch.zeros(1, 64, dtype=torch.bfloat16), packed, INT4_GROUP,
                                           torch.zeros(2, 16, 2, dtype=torch.bfloat16))
         return True
-    except (RuntimeError, TypeError):
+    except (RuntimeError, TypeError, AttributeError, NotImplementedError):
         return False
 
 
