@@ -1,1 +1,1 @@
-"""Quantized weights and low-precision compute: the DeepSeek-V3 FP8 recipe (section 3.3: 1x128 / 128x128 tiles, fp32 promotion), its Triton kernels and FP8-stored weights for serving."""
+"""Quantized weights and low-precision compute: the DeepSeek-V3 FP8 recipe (section 3.3: 1x128 / 128x128 tiles, fp32 promotion), its Triton kernels and FP8-stored weights for serving; GGML block formats (llama.cpp's q8_0 / q4_0 / q5_0 / q4_k / q6_k) and weight-only quantized layers for running checkpoints on a CPU."""
