@@ -163,6 +163,8 @@ def yarn_factors(cfg: ModelConfig) -> tuple[float, float]:
 def yarn_from_gguf(factor: float, orig: int, beta_fast: float, beta_slow: float, log_mul: float,
                    attn_factor: float) -> dict:
     """Our rope_scaling dict that computes what llama.cpp's deepseek2 computes from these keys."""
+    factor, beta_fast, beta_slow, log_mul, attn_factor = map(_f32_value, (factor, beta_fast, beta_slow, log_mul,
+                                                                          attn_factor))
     rs = dict(type="yarn", factor=factor, original_max_position_embeddings=orig, beta_fast=beta_fast,
               beta_slow=beta_slow)
     ln = math.log(factor) if factor > 1 else 0.0
@@ -173,6 +175,11 @@ def yarn_from_gguf(factor: float, orig: int, beta_fast: float, beta_slow: float,
     if ln == 0.0:
         return {**rs, "attention_factor": R}
     return {**rs, "attention_factor": R, "mscale_all_dim": (M - 1) / (0.1 * ln)}
+
+
+def _f32_value(x: float) -> float:
+    """A float32 metadata value as the decimal it was written from (its 7 significant digits)."""
+    return float(f"{x:.7g}")
 
 
 def check_exportable(cfg: ModelConfig) -> None:
@@ -263,11 +270,11 @@ def _metadata(w: gguf.GGUFWriter, cfg: ModelConfig, name: str, ftype: int) -> No
         grouped = cfg.topk_method != "greedy" and cfg.topk_group < cfg.n_group
         w.add_expert_group_count(cfg.n_group if grouped else 1)
         w.add_expert_group_used_count(cfg.topk_group if grouped else 1)
-        w.add_expert_weights_scale(cfg.routed_scaling_factor)
         # ours normalizes only when it picks more than one expert
         w.add_expert_weights_norm(bool(cfg.norm_topk_prob and cfg.num_experts_per_tok > 1))
-        w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID if cfg.scoring_func == "sigmoid"
-                                 else gguf.ExpertGatingFuncType.SOFTMAX)
+    w.add_expert_weights_scale(cfg.routed_scaling_factor)
+    w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID if cfg.scoring_func == "sigmoid"
+                             else gguf.ExpertGatingFuncType.SOFTMAX)
     rs = cfg.rope_scaling
     if rs:
         log_mul, attn_factor = yarn_factors(cfg)
@@ -279,7 +286,7 @@ def _metadata(w: gguf.GGUFWriter, cfg: ModelConfig, name: str, ftype: int) -> No
         if log_mul:
             w.add_rope_scaling_yarn_log_mul(0.1 * log_mul)  # llama.cpp divides by 0.1 again
         if attn_factor != 1.0:
-            w.add_rope_scaling_attn_factor(attn_factor)
+            w.add_float32(gguf.Keys.Rope.SCALING_ATTN_FACTOR.format(arch=ARCH), attn_factor)
 
 
 def _pre_tokenizer_name(tok: Tokenizer) -> str:
