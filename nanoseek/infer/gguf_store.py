@@ -8,9 +8,10 @@ The import converts the file into a staging folder inside the store, then hands 
 
 from __future__ import annotations
 
+import functools
+import json
 import os
 import shutil
-import sys
 import tempfile
 import time
 
@@ -82,8 +83,25 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_create(args) -> int:
+    """`create NAME --from FILE.gguf` (or a folder of parts); other sources go to the command this
+    one wraps (`args.checkpoint_create`: a checkpoint folder, or `-f Modelfile`)."""
+    if not is_gguf_source(args.source) or args.modelfile:
+        return args.checkpoint_create(args)
+    t0 = time.time()
+    m = create_from_gguf(args.name, args.source, force=args.force, dtype=DTYPES.get(args.dtype))
+    if args.json:
+        print(json.dumps({k: m[k] for k in ("name", "size", "digest", "parameters", "architecture", "quantization")}
+                         | {"seconds": round(time.time() - t0, 3)}), flush=True)
+    else:
+        print(f"created '{m['name']}' from {args.source} ({human_size(m['size'])}, "
+              f"{human_count(m['parameters'])} parameters, id {m['digest'][:12]}, {time.time() - t0:.1f} s)")
+    return 0
+
+
 def _guard(fn):
     """Format, store and config errors become one clear line on stderr and exit status 1."""
+    @functools.wraps(fn)
     def run(args) -> int:
         try:
             return fn(args)
@@ -107,16 +125,4 @@ def add_gguf_commands(sub) -> None:
     create = sub.choices["create"]
     create.add_argument("--dtype", choices=list(DTYPES),
                         help="GGUF sources: the stored weights' dtype (default: the file's; bfloat16 for block formats)")
-    checkpoint_create = create.get_default("func")
-
-    def cmd_create(args) -> int:
-        if not is_gguf_source(args.source) or getattr(args, "modelfile", None):
-            return checkpoint_create(args)
-        t0 = time.time()
-        m = create_from_gguf(args.name, args.source, force=args.force, dtype=DTYPES.get(args.dtype))
-        print(f"created '{m['name']}' from {args.source} ({human_size(m['size'])}, "
-              f"{human_count(m['parameters'])} parameters, id {m['digest'][:12]}, {time.time() - t0:.1f} s)",
-              file=sys.stdout)
-        return 0
-
-    create.set_defaults(func=_guard(cmd_create))
+    create.set_defaults(checkpoint_create=create.get_default("func"), func=_guard(cmd_create))
