@@ -524,6 +524,10 @@ def read_config(f: GGUFModelFile) -> ModelConfig:
             float(f.arch_key("rope.scaling.attn_factor", 1.0)))
     elif kind != "none":
         raise GGUFError(f"{f.path}: key '{ARCH}.rope.scaling.type' is {kind!r}; nanoseek reads 'none' and 'yarn'")
+    used = _int(f, "expert_used_count", 1)
+    if n_experts and used == 1 and f.arch_key("expert_weights_norm", False):
+        raise GGUFError(f"{f.path}: key '{ARCH}.expert_weights_norm' is set with one expert per token: llama.cpp "
+                        "then weighs the expert 1, nanoseek by its score (norm_topk_prob applies from two experts)")
     q_lora = _int(f, "attention.q_lora_rank", 0)
     kw = dict(
         model_type="deepseek_v3" if gating == 2 else "deepseek_v2", vocab_size=vocab,
@@ -532,7 +536,7 @@ def read_config(f: GGUFModelFile) -> ModelConfig:
         first_k_dense_replace=dense, num_attention_heads=heads, q_lora_rank=q_lora or None,
         kv_lora_rank=_int(f, "attention.kv_lora_rank"), qk_nope_head_dim=k_mla - rope_dim,
         qk_rope_head_dim=rope_dim, v_head_dim=v_mla, n_routed_experts=n_experts,
-        n_shared_experts=_int(f, "expert_shared_count", 0), num_experts_per_tok=_int(f, "expert_used_count", 1),
+        n_shared_experts=_int(f, "expert_shared_count", 0), num_experts_per_tok=used,
         n_group=n_group, topk_group=topk_group, routed_scaling_factor=scale if scale else 1.0,
         scoring_func="sigmoid" if gating == 2 else "softmax", topk_method=method,
         norm_topk_prob=bool(f.arch_key("expert_weights_norm", False)),

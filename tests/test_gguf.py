@@ -3,6 +3,7 @@ suite, bad files, the store import and chat, and, where llama-cpp-python is inst
 own deepseek2 on our files and nanoseek on the files of llama.cpp's converter."""
 
 import io
+import json
 import os
 import subprocess
 import sys
@@ -10,11 +11,13 @@ import tarfile
 
 import numpy as np
 import pytest
+import tokenizers
 import torch
 
 import nanoseek.gguf_file as gf
 from nanoseek.cli import main
 from nanoseek.gguf_file import GGUFError, read_gguf, write_gguf
+from nanoseek.infer.chat import builtin_template, render_chat
 from nanoseek.infer.engine import Engine, SamplingParams
 from nanoseek.infer.store import Store, StoreError
 from nanoseek.model import DeepSeekV3
@@ -158,6 +161,44 @@ def test_legacy_kv_b_and_split_parts_are_read(trained, tok, tmp_path, monkeypatc
     back, _ = read_gguf(path)
     with torch.no_grad():
         assert torch.equal(back(ids), ref)
+
+
+def ds3_pre_tokenizer(tok):
+    """The fixture's vocabulary behind DeepSeek-V3's pre-tokenizer (llama.cpp's 'deepseek-v3')."""
+    spec = json.loads(tok.tk.to_str())
+    spec["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": r}, "behavior": "Isolated", "invert": False} for r in gf._DEEPSEEK3_SPLITS
+    ] + [{"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}
+    return Tokenizer(tokenizers.Tokenizer.from_str(json.dumps(spec)))
+
+
+TEXTS = ["hello world, the quick brown fox", "Tokens <think> and émoji 🙂 survive\n\t twice  ",
+         "12345 apples 中文字符 カタカナ don't", "a\n\nb   c"]
+
+
+@pytest.mark.parametrize("pre", ["gpt-2", "deepseek-v3"])
+def test_tokenizer_and_chat_template_round_trip(pre, tok, tmp_path):
+    t = tok if pre == "gpt-2" else ds3_pre_tokenizer(tok)
+    (path,) = write_gguf(tiny(), t, str(tmp_path / "t.gguf"), "f32")
+    f = gf.GGUFModelFile(path)
+    assert f.get("tokenizer.ggml.pre") == pre and f.get("tokenizer.chat_template") == gf.BUILTIN_CHAT_TEMPLATE
+    back = gf.read_tokenizer(f)
+    for text in TEXTS:
+        assert back.encode(text) == t.encode(text)
+    # the Jinja form written for llama.cpp renders what the built-in template does (no tools)
+    messages = [{"role": "system", "content": "S"}, {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "<think>x</think>\n\nyo"}, {"role": "user", "content": "again"}]
+    as_jinja = Tokenizer(t.tk, chat_template=gf.BUILTIN_CHAT_TEMPLATE)
+    assert render_chat(as_jinja, messages) == builtin_template(messages)
+
+
+def test_one_normalized_expert_is_refused_on_import(tok, tmp_path, monkeypatch):
+    model = tiny(num_experts_per_tok=1, n_group=1, topk_group=1)
+    monkeypatch.setattr(gf.gguf.GGUFWriter, "add_expert_weights_norm",
+                        lambda self, v: self.add_bool("deepseek2.expert_weights_norm", True))
+    (path,) = write_gguf(model, tok, str(tmp_path / "k1.gguf"), "f32")
+    with pytest.raises(GGUFError, match="key 'deepseek2.expert_weights_norm'"):
+        read_gguf(path)
 
 
 # ------------------------------------------------------------------ what cannot be written
@@ -337,6 +378,17 @@ def test_llama_cpp_runs_config_variants(variant, tok, tmp_path):
         logits = model(torch.tensor([seq]))[0]
     assert ((theirs - logits).abs().max() / logits.abs().max()).item() < 1e-4
     assert seq == model.generate(torch.tensor([prompt]), 16)[0].tolist()
+
+
+@pytest.mark.parametrize("pre", ["gpt-2", "deepseek-v3"])
+def test_llama_cpp_tokenizes_like_us(pre, tok, tmp_path):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    t = tok if pre == "gpt-2" else ds3_pre_tokenizer(tok)
+    (path,) = write_gguf(tiny(), t, str(tmp_path / "t.gguf"), "f32")
+    llm = llama_cpp.Llama(model_path=path, n_threads=2, n_ctx=64, verbose=False, vocab_only=True)
+    for text in TEXTS:
+        assert llm.tokenize(text.encode(), add_bos=False, special=True) == t.encode(text)
+    llm.close()
 
 
 def converter(tmp_path):
