@@ -242,6 +242,7 @@ def _plan(model: DeepSeekV3, qtype: Q) -> list[_Planned]:
 
 
 def _metadata(w: gguf.GGUFWriter, cfg: ModelConfig, name: str, ftype: int) -> None:
+    w.add_type("model")
     w.add_name(name)
     w.add_file_type(int(ftype))
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)

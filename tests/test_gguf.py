@@ -407,26 +407,40 @@ def converter(tmp_path):
     return root
 
 
-@pytest.mark.parametrize("outtype,tol", [("f32", 1e-4), ("f16", 2e-3)])
-def test_llama_cpp_converter_files_load_with_the_checkpoints_logits(outtype, tol, tmp_path):
-    """llama.cpp's converter on our HF checkpoint; nanoseek reads its GGUF. The converter names
-    pre-tokenizers by hashing known tokenizers' output and does not know ours, which is GPT-2's
-    byte-level regex: the run tells it 'gpt-2'."""
+@pytest.mark.parametrize("source,outtype,tol", [("fixture", "f32", 1e-4), ("fixture", "f16", 2e-3),
+                                               ("yarn", "f32", 1e-4)])
+def test_llama_cpp_converter_files_load_with_the_checkpoints_logits(source, outtype, tol, trained, tok, tmp_path):
+    """llama.cpp's converter on our HF checkpoint; nanoseek reads its GGUF, and our own export of the
+    same checkpoint carries the same metadata. The converter names pre-tokenizers by hashing known
+    tokenizers' output and does not know ours, which is GPT-2's byte-level regex: the run tells it 'gpt-2'."""
     pytest.importorskip("llama_cpp")
     root = converter(tmp_path)
+    checkpoint = FIXTURE
+    if source == "yarn":
+        checkpoint = str(tmp_path / "yarn")
+        trained.save_pretrained(checkpoint)
+        tok.save(checkpoint)
     out = tmp_path / f"conv-{outtype}.gguf"
     script = ("import sys; sys.path.insert(0, '.'); import conversion.base as b; "
               "b.TextModel.get_vocab_base_pre = lambda self, tokenizer: 'gpt-2'; "
               "import convert_hf_to_gguf as c; sys.argv = ['convert_hf_to_gguf.py'] + sys.argv[1:]; c.main()")
-    p = subprocess.run([sys.executable, "-c", script, FIXTURE, "--outfile", str(out), "--outtype", outtype],
+    p = subprocess.run([sys.executable, "-c", script, checkpoint, "--outfile", str(out), "--outtype", outtype],
                        cwd=root, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr[-2000:]
-    model, tok = read_gguf(str(out), dtype=torch.float32)
-    ref = DeepSeekV3.from_pretrained(FIXTURE, dtype=torch.float32)
-    ids = ids_of(tok)
+    model, tok2 = read_gguf(str(out), dtype=torch.float32)
+    ref = DeepSeekV3.from_pretrained(checkpoint, dtype=torch.float32)
+    ids = ids_of(tok2)
     with torch.no_grad():
         want, got = ref(ids), model(ids)
     rel = ((got - want).abs().max() / want.abs().max()).item()
-    print(f"llama.cpp converter {outtype} read by nanoseek: max relative logit error {rel:.2e}")
+    print(f"llama.cpp converter {outtype} of the {source} checkpoint read by nanoseek: max relative logit error {rel:.2e}")
     assert rel <= tol
-    assert tok.encode("the quick brown fox") == Tokenizer.from_dir(FIXTURE).encode("the quick brown fox")
+    assert tok2.encode("the quick brown fox") == tok.encode("the quick brown fox")
+
+    (ours,) = write_gguf(ref, Tokenizer.from_dir(checkpoint), str(tmp_path / "ours.gguf"), outtype)
+    theirs, mine = gf.GGUFModelFile(str(out)), gf.GGUFModelFile(ours)
+    own = ("general.name", "general.size_label", "general.type", "tokenizer.chat_template", "tokenizer.ggml.add_sep_token")
+    keys = {k for k in set(theirs.fields) | set(mine.fields) if not k.startswith("GGUF.") and k not in own}
+    assert {k: mine.get(k) for k in keys} == {k: theirs.get(k) for k in keys}
+    assert {n: (t.tensor_type, t.shape.tolist()) for n, (_, t) in mine.tensors.items()} == \
+           {n: (t.tensor_type, t.shape.tolist()) for n, (_, t) in theirs.tensors.items()}
