@@ -241,6 +241,16 @@ def _plan(model: DeepSeekV3, qtype: Q) -> list[_Planned]:
     return out
 
 
+def _encoded(p: _Planned) -> np.ndarray:
+    """The GGUF bytes of a planned tensor: [..., nbytes] uint8."""
+    if p.tensor.dim() < 3:
+        return _encode(p.tensor.float().cpu().numpy(), p.qtype)
+    out = np.empty(gguf.quant_shape_to_byte_shape(tuple(p.tensor.shape), p.qtype), dtype=np.uint8)
+    for e in range(p.tensor.shape[0]):  # [E, out, in]: one expert's float32 copy at a time
+        out[e] = _encode(p.tensor[e].float().cpu().numpy(), p.qtype)
+    return out
+
+
 def _metadata(w: gguf.GGUFWriter, cfg: ModelConfig, name: str, ftype: int) -> None:
     w.add_type("model")
     w.add_name(name)
@@ -378,8 +388,8 @@ def write_gguf(model: DeepSeekV3, tokenizer: Tokenizer, path: str, qtype: str = 
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        for p in plan:  # one tensor in memory at a time
-            writer.write_tensor_data(_encode(p.tensor.float().cpu().numpy(), p.qtype))
+        for p in plan:  # one tensor in memory at a time (a stack of experts encoded expert by expert)
+            writer.write_tensor_data(_encoded(p))
         writer.close()
         for t, f in zip(temps, finals):  # fsync + rename each part (io.atomic_write's order)
             atomic_write(f, lambda dst, src=t: os.replace(src, dst), suffix=".gguf")
