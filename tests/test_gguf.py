@@ -391,6 +391,26 @@ def test_llama_cpp_tokenizes_like_us(pre, tok, tmp_path):
     llm.close()
 
 
+@pytest.mark.parametrize("ftype,name,bound", [(15, "q4_k_m", 0.1), (18, "q6_k", 0.03)])
+def test_llama_cpp_k_quants_are_read(ftype, name, bound, tok, tmp_path):
+    """llama.cpp's own quantizer turns our f32 file into Q4_K_M / Q6_K (with its fallbacks for short
+    rows); nanoseek reads every weight back within the format's rounding of the original."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    model = tiny(seed=3, hidden_size=256, intermediate_size=256, moe_intermediate_size=256, q_lora_rank=256,
+                 kv_lora_rank=256, v_head_dim=256)
+    (src,) = write_gguf(model, tok, str(tmp_path / "f32.gguf"), "f32")
+    out = str(tmp_path / f"{name}.gguf")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype, params.nthread = ftype, 2
+    assert llama_cpp.llama_model_quantize(src.encode(), out.encode(), params) == 0
+    types = {t.tensor_type for _, t in gf.GGUFModelFile(out).tensors.values()}
+    assert {gf.Q.Q4_K if name == "q4_k_m" else gf.Q.Q6_K} <= types
+    back, _ = read_gguf(out, dtype=torch.float32)
+    written = model.state_dict()
+    for key, got in back.state_dict().items():
+        assert (got - written[key]).abs().max() <= bound * written[key].abs().max() + 1e-12, key
+
+
 def converter(tmp_path):
     """llama.cpp's convert_hf_to_gguf.py (with its gguf-py) extracted from the sdist named by the env var."""
     sdist = os.environ.get(SDIST_ENV)
