@@ -304,6 +304,13 @@ def test_export_create_chat_end_to_end(tmp_path, monkeypatch, capsys):
                      stdin="What is the capital of France?\n")[1].out for name in ("mem", "memg")]
     assert chats[0] == chats[1] and chats[0].strip()
 
+    parts = tmp_path / "parts"
+    code, cap = run_cli(["export", "mem", str(parts / "mem.gguf"), "--type", "q8_0", "--split-max-size", "150000"],
+                        monkeypatch, capsys)
+    assert code == 0 and len(os.listdir(parts)) > 1
+    code, cap = run_cli(["create", "memq", "--from", str(parts), "--json"], monkeypatch, capsys)
+    assert code == 0 and json.loads(cap.out.strip().splitlines()[-1])["name"] == "memq:latest"
+
     model, tok = read_gguf(out)
     engine = Engine(model, tok, max_context=64, max_batch=2)
     prompt = tok.encode("hello", add_bos=True)
