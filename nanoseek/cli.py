@@ -23,6 +23,7 @@ from .serve.app import add_serve_command
 from .serve.create import add_modelfile_option
 from .finetune.sft import add_sft_command, add_sft_options
 from .infer.store import add_store_commands
+from .infer.gguf_store import add_gguf_commands
 from .train import TrainArgs, train
 
 
@@ -284,6 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_store_commands(sub)  # list, show, rm, create
     add_modelfile_option(sub.choices["create"])  # create NAME -f Modelfile
+    add_gguf_commands(sub)  # export; create NAME --from FILE.gguf
     add_serve_command(sub)
     add_grpo_command(sub)
     add_quickstart_command(sub)

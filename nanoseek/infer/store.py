@@ -234,11 +234,13 @@ class Store:
             raise StoreError(f"{os.path.join(path, MANIFEST)}: unreadable manifest ({e})") from None
 
     # ------------------------------------------------------------------ create / rm
-    def create(self, name: str, src: str, force: bool = False, progress=None, defaults: dict | None = None) -> dict:
+    def create(self, name: str, src: str, force: bool = False, progress=None, defaults: dict | None = None,
+               source: str | None = None) -> dict:
         """Import the checkpoint directory `src` as `name`. Atomic: the model appears complete or
         not at all. With `force`, an existing model of that name is replaced. `defaults` (a
         Modelfile's system prompt, template, parameters, messages) go into the manifest, for the
-        server to apply to requests that do not set them."""
+        server to apply to requests that do not set them. `source`: what the manifest names as the
+        origin, when `src` is a staging copy (a converted GGUF file)."""
         cname = canonical_name(name)
         final = self._dir_for(cname)
         if os.path.exists(os.path.join(final, MANIFEST)) and not force:
@@ -265,7 +267,7 @@ class Store:
             pc = cfg.param_counts()
             now = time.time()
             manifest = {
-                "name": cname, "created_at": iso_time(now), "created": now, "source": src,
+                "name": cname, "created_at": iso_time(now), "created": now, "source": source or src,
                 "size": size, "digest": digest, "files": digests,
                 "architecture": cfg.model_type, "parameters": pc["total_params"],
                 "active_parameters": pc["active_params"], "mtp_parameters": pc["mtp_params"],

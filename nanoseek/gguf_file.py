@@ -1,0 +1,655 @@
+"""GGUF files <-> DeepSeek models: ModelConfig, tensors and tokenizer in llama.cpp's `deepseek2`
+layout (llama.cpp's convert_hf_to_gguf.py `DeepseekV2Model`, gguf-py `constants.py`, and
+src/models/deepseek2.cpp, which reads them).
+
+- Metadata: the DeepSeek-V3 report's (arXiv 2412.19437) section 2 hyper-parameters under llama.cpp's
+  key names. MLA is written as llama.cpp runs it, an MQA over the latent (head_count_kv 1,
+  key_length = kv_lora_rank + qk_rope_head_dim, value_length = kv_lora_rank) with the per-head sizes
+  in key_length_mla / value_length_mla. DeepSeekMoE (section 2.1.2): expert counts, shared experts,
+  leading dense layers, gating function (sigmoid for V3), group-limited routing, expert weight
+  normalization and scale; the auxiliary-loss-free bias is the tensor `exp_probs_b`.
+- YaRN: llama.cpp's deepseek2 takes mscale == mscale_all_dim and derives the cos/sin factor and
+  softmax scale from `yarn_log_multiplier` (stored as 0.1 * mscale_all_dim); `yarn_factors` turns our
+  two factors into that key plus `attn_factor`, and `yarn_from_gguf` reads them back.
+- Tensors: `kv_b_proj` is written as `attn_k_b` (transposed per head) and `attn_v_b`, as llama.cpp's
+  absorbed MLA wants; on reading, either those or the older `attn_kv_b` are accepted. Routed experts
+  are the stacked `ffn_{gate,up,down}_exps`, shared experts `*_shexp`. The multi-token prediction
+  module (section 2.2) is not written (llama.cpp's converter drops it too) and is skipped on reading.
+- Tokenizer: our byte-level BPE as `tokenizer.ggml.model` "gpt2" (tokens, token types, merges,
+  pre-tokenizer name, BOS/EOS/PAD ids, chat template), read back into a `Tokenizer`.
+- Tensor encodings go through `_encode` / `_decode` only (gguf-py's numpy quantizers today).
+  Reading memory-maps the file and dequantizes one tensor at a time into the model's dtype.
+
+Every error names the file and the key or tensor (`GGUFError`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import warnings
+from dataclasses import dataclass
+
+import gguf
+import numpy as np
+import tokenizers
+import torch
+from tokenizers import decoders, models, pre_tokenizers, processors
+
+from .config import ConfigError, ModelConfig
+from .infer.chat import ASSISTANT, USER
+from .io import atomic_write
+from .model import DeepSeekV3
+from .tokenizer import Tokenizer, TokenizerError
+
+ARCH = "deepseek2"
+Q = gguf.GGMLQuantizationType
+WRITABLE_TYPES = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0, "q4_0": Q.Q4_0}
+NEEDS_BLOCK_FORMATS = ("q4_k_m", "q6_k")  # K-quants: nanoseek.quant.ggml writes them
+FILE_TYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+              "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+              "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}
+READABLE_TYPES = {Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q2_K, Q.Q3_K, Q.Q4_K,
+                  Q.Q5_K, Q.Q6_K, Q.Q8_K}
+SPLIT_PART = re.compile(r"(.*)-(\d{5})-of-(\d{5})\.gguf$")
+GPT2_PRE = "gpt-2"  # llama.cpp's name for the GPT-2 regex pre-tokenizer that train_bpe uses
+DEEPSEEK3_PRE = "deepseek-v3"
+# DeepSeek-V3's pre-tokenizer splits, as llama.cpp's llama-vocab.cpp spells them for "deepseek-v3"
+_DEEPSEEK3_SPLITS = (r"\p{N}{1,3}", "[一-龥\u3040-ゟ゠-ヿ]+",
+                     "[!\"#$%&'()*+,\\-./:;<=>?@\\[\\\\\\]^_`{|}~][A-Za-z]+|[^\r\n\\p{L}\\p{P}\\p{S}]?[\\p{L}\\p{M}]+"
+                     "| ?[\\p{P}\\p{S}]+[\r\n]*|\\s*[\r\n]+|\\s+(?!\\S)|\\s+")
+# The built-in DeepSeek chat format of nanoseek.infer.chat as Jinja, for readers of the file (tool
+# calls left out); reading a file that carries exactly this text gives back the built-in template.
+BUILTIN_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages if m['role'] == 'system' %}{% if not loop.first %}\n\n{% endif %}"
+    "{{ m['content'] }}{% endfor %}{% for m in messages %}{% if m['role'] == 'user' %}" + USER +
+    "{{ m['content'] }}{% elif m['role'] == 'assistant' %}" + ASSISTANT +
+    "{{ m['content'].split('</think>')[-1].lstrip() }}{{ eos_token }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}" + ASSISTANT + "{% endif %}")
+
+
+class GGUFError(ValueError):
+    """A GGUF file that cannot be written or read as asked; the message names the file and key or tensor."""
+
+
+# ---------------------------------------------------------------------------- the encoding seam
+def _encode(array: np.ndarray, qtype: Q) -> np.ndarray:
+    """float32 [..., n] -> the GGUF bytes [..., nbytes] (uint8) of `qtype`."""
+    return np.ascontiguousarray(gguf.quants.quantize(array, qtype)).view(np.uint8)
+
+
+def _decode(raw: np.ndarray, qtype: Q) -> np.ndarray:
+    """GGUF bytes (or typed data) of `qtype`, numpy shape [..., nbytes] -> float32 [..., n]."""
+    return gguf.quants.dequantize(raw, qtype)
+
+
+def _block(qtype: Q) -> int:
+    return gguf.GGML_QUANT_SIZES[qtype][0]
+
+
+# ---------------------------------------------------------------------------- names
+_LAYER = {  # our per-layer parameter (after "model.layers.<i>.") -> llama.cpp's (after "blk.<i>.")
+    "input_layernorm.weight": "attn_norm.weight",
+    "self_attn.q_a_proj.weight": "attn_q_a.weight",
+    "self_attn.q_a_layernorm.weight": "attn_q_a_norm.weight",
+    "self_attn.q_b_proj.weight": "attn_q_b.weight",
+    "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.kv_a_proj_with_mqa.weight": "attn_kv_a_mqa.weight",
+    "self_attn.kv_a_layernorm.weight": "attn_kv_a_norm.weight",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+    "mlp.gate.weight": "ffn_gate_inp.weight",
+    "mlp.gate.e_score_correction_bias": "exp_probs_b.bias",
+    "mlp.experts.gate_proj": "ffn_gate_exps.weight",
+    "mlp.experts.up_proj": "ffn_up_exps.weight",
+    "mlp.experts.down_proj": "ffn_down_exps.weight",
+    "mlp.shared_experts.gate_proj.weight": "ffn_gate_shexp.weight",
+    "mlp.shared_experts.up_proj.weight": "ffn_up_shexp.weight",
+    "mlp.shared_experts.down_proj.weight": "ffn_down_shexp.weight",
+}
+_GLOBAL = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+           "lm_head.weight": "output.weight"}
+_KV_B = "self_attn.kv_b_proj.weight"
+_KEEP_F32 = ("_norm.weight", "exp_probs_b.bias", "ffn_gate_inp.weight")  # llama-quantize keeps these unquantized
+
+
+def gguf_name(name: str) -> str | None:
+    """Our state-dict name -> the llama.cpp tensor name (None for kv_b_proj, which splits in two)."""
+    if name in _GLOBAL:
+        return _GLOBAL[name]
+    m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", name)
+    if m and m.group(2) in _LAYER:
+        return f"blk.{m.group(1)}.{_LAYER[m.group(2)]}"
+    return None
+
+
+def split_kv_b(w: torch.Tensor, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """kv_b_proj [H*(nope+v), r] -> attn_k_b [H, r, nope] (transposed per head), attn_v_b [H, v, r]."""
+    H, nope = cfg.num_attention_heads, cfg.qk_nope_head_dim
+    kv = w.view(H, nope + cfg.v_head_dim, cfg.kv_lora_rank)
+    return kv[:, :nope].transpose(1, 2).contiguous(), kv[:, nope:].contiguous()
+
+
+def join_kv_b(k_b: torch.Tensor, v_b: torch.Tensor) -> torch.Tensor:
+    """attn_k_b [H, r, nope], attn_v_b [H, v, r] -> kv_b_proj [H*(nope+v), r]."""
+    return torch.cat([k_b.transpose(1, 2), v_b], dim=1).flatten(0, 1)
+
+
+# ---------------------------------------------------------------------------- what deepseek2 can express
+def yarn_factors(cfg: ModelConfig) -> tuple[float, float]:
+    """(yarn_log_multiplier, attn_factor) with which llama.cpp's deepseek2 computes our RoPE cos/sin
+    factor R and softmax scale M**2 / sqrt(qk_head_dim) (M = `cfg.yarn_mscale`). llama.cpp: with a
+    log multiplier L != 0, cos/sin get attn_factor and the softmax (attn_factor * (1 + 0.1 L ln f))**2;
+    with L == 0 both get attn_factor * (1 + 0.1 ln f)."""
+    f = cfg.rope_scaling["factor"]
+    R, M = cfg.rope_attention_factor, cfg.yarn_mscale
+    ln = math.log(f) if f > 1 else 0.0
+    if ln == 0.0:
+        if abs(M - R) > 1e-6 * max(1.0, abs(R)):
+            raise GGUFError("config field 'rope_scaling': with factor 1 llama.cpp's deepseek2 cannot give the "
+                            f"cos/sin factor {R} and the softmax mscale {M} differently")
+        return 0.0, R
+    L = (M / R - 1) / (0.1 * ln)
+    if abs(L) < 1e-6:  # no multiplier: both factors are attn_factor * (1 + 0.1 ln f)
+        return 0.0, R / (1 + 0.1 * ln)
+    return L, R
+
+
+def yarn_from_gguf(factor: float, orig: int, beta_fast: float, beta_slow: float, log_mul: float,
+                   attn_factor: float) -> dict:
+    """Our rope_scaling dict that computes what llama.cpp's deepseek2 computes from these keys."""
+    factor, beta_fast, beta_slow, log_mul, attn_factor = map(_f32_value, (factor, beta_fast, beta_slow, log_mul,
+                                                                          attn_factor))
+    rs = dict(type="yarn", factor=factor, original_max_position_embeddings=orig, beta_fast=beta_fast,
+              beta_slow=beta_slow)
+    ln = math.log(factor) if factor > 1 else 0.0
+    if log_mul != 0.0 and attn_factor == 1.0:  # DeepSeek's releases: mscale == mscale_all_dim
+        return {**rs, "mscale": log_mul, "mscale_all_dim": log_mul}
+    R = attn_factor if log_mul != 0.0 else attn_factor * (1 + 0.1 * ln)
+    M = R * (1 + 0.1 * log_mul * ln)
+    if ln == 0.0:
+        return {**rs, "attention_factor": R}
+    return {**rs, "attention_factor": R, "mscale_all_dim": (M - 1) / (0.1 * ln)}
+
+
+def _f32_value(x: float) -> float:
+    """A float32 metadata value as the decimal it was written from (its 7 significant digits)."""
+    return float(f"{x:.7g}")
+
+
+def check_exportable(cfg: ModelConfig) -> None:
+    """Refuse (GGUFError naming the field) what llama.cpp's deepseek2 would compute differently."""
+    def refuse(field, why):
+        raise GGUFError(f"config field '{field}': {why}; llama.cpp's deepseek2 cannot express it")
+
+    if cfg.attention != "mla":
+        refuse("attention", f"{cfg.attention!r} is a comparison model, not MLA")
+    if cfg.n_routed_experts and not cfg.n_shared_experts:
+        refuse("n_shared_experts", "0 (llama.cpp requires the shared-expert tensors in every MoE layer)")
+    if (cfg.n_routed_experts and cfg.topk_method == "group_limited_greedy" and cfg.topk_group < cfg.n_group):
+        refuse("topk_method", "'group_limited_greedy' ranks groups by their best expert, llama.cpp by the sum "
+                              "of their best two (DeepSeek-V3's noaux_tc)")
+    lite = cfg.num_hidden_layers in (26, 27) or (cfg.num_hidden_layers == 48 and cfg.vocab_size == 128256)
+    if cfg.q_lora_rank and lite:
+        refuse("q_lora_rank", f"llama.cpp takes a {cfg.num_hidden_layers}-layer deepseek2 for a 'lite' model "
+                              "without query compression and would not read q_lora_rank")
+    if cfg.rope_scaling:
+        yarn_factors(cfg)
+
+
+# ---------------------------------------------------------------------------- writing
+@dataclass
+class _Planned:
+    name: str
+    tensor: torch.Tensor  # numpy order [..., n]
+    qtype: Q
+
+
+def _plan(model: DeepSeekV3, qtype: Q) -> list[_Planned]:
+    """Every tensor to write, in llama.cpp's order, with its encoding: norms, the router and its bias
+    stay f32; rows whose length is not a multiple of the block size fall back to f16."""
+    cfg = model.config
+    state = model.state_dict()
+    out: list[_Planned] = []
+
+    def add(name, t):
+        t = t.detach()
+        q = qtype
+        if name.endswith(_KEEP_F32) or t.dim() == 1:
+            q = Q.F32
+        elif t.shape[-1] % _block(q):
+            q = Q.F16
+        out.append(_Planned(name, t, q))
+
+    add("token_embd.weight", state["model.embed_tokens.weight"])
+    for i in range(cfg.num_hidden_layers):
+        prefix = f"model.layers.{i}."
+        for ours, theirs in _LAYER.items():
+            if prefix + ours in state:
+                add(f"blk.{i}.{theirs}", state[prefix + ours])
+            if ours == "self_attn.kv_a_layernorm.weight":
+                k_b, v_b = split_kv_b(state[prefix + _KV_B], cfg)
+                add(f"blk.{i}.attn_k_b.weight", k_b)
+                add(f"blk.{i}.attn_v_b.weight", v_b)
+    add("output_norm.weight", state["model.norm.weight"])
+    add("output.weight", state["lm_head.weight"])
+    return out
+
+
+def _encoded(p: _Planned) -> np.ndarray:
+    """The GGUF bytes of a planned tensor: [..., nbytes] uint8."""
+    if p.tensor.dim() < 3:
+        return _encode(p.tensor.float().cpu().numpy(), p.qtype)
+    out = np.empty(gguf.quant_shape_to_byte_shape(tuple(p.tensor.shape), p.qtype), dtype=np.uint8)
+    for e in range(p.tensor.shape[0]):  # [E, out, in]: one expert's float32 copy at a time
+        out[e] = _encode(p.tensor[e].float().cpu().numpy(), p.qtype)
+    return out
+
+
+def _metadata(w: gguf.GGUFWriter, cfg: ModelConfig, name: str, ftype: int) -> None:
+    w.add_type("model")
+    w.add_name(name)
+    w.add_file_type(int(ftype))
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    w.add_vocab_size(cfg.vocab_size)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(1)  # MLA runs as MQA over the latent
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_leading_dense_block_count(cfg.first_k_dense_replace if cfg.n_routed_experts else cfg.num_hidden_layers)
+    w.add_q_lora_rank(cfg.q_lora_rank or 0)  # 0: plain q_proj (llama.cpp then reads attn_q)
+    w.add_kv_lora_rank(cfg.kv_lora_rank)
+    w.add_key_length(cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+    w.add_value_length(cfg.kv_lora_rank)
+    w.add_key_length_mla(cfg.qk_head_dim)
+    w.add_value_length_mla(cfg.v_head_dim)
+    w.add_rope_dimension_count(cfg.qk_rope_head_dim)
+    w.add_rope_freq_base(cfg.rope_theta)
+    w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
+    w.add_expert_shared_count(cfg.n_shared_experts if cfg.n_routed_experts else 0)
+    if cfg.n_routed_experts:
+        w.add_expert_count(cfg.n_routed_experts)
+        w.add_expert_used_count(cfg.num_experts_per_tok)
+        grouped = cfg.topk_method != "greedy" and cfg.topk_group < cfg.n_group
+        w.add_expert_group_count(cfg.n_group if grouped else 1)
+        w.add_expert_group_used_count(cfg.topk_group if grouped else 1)
+        # ours normalizes only when it picks more than one expert
+        w.add_expert_weights_norm(bool(cfg.norm_topk_prob and cfg.num_experts_per_tok > 1))
+    w.add_expert_weights_scale(cfg.routed_scaling_factor)
+    w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID if cfg.scoring_func == "sigmoid"
+                             else gguf.ExpertGatingFuncType.SOFTMAX)
+    rs = cfg.rope_scaling
+    if rs:
+        log_mul, attn_factor = yarn_factors(cfg)
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(rs["factor"])
+        w.add_rope_scaling_orig_ctx_len(rs["original_max_position_embeddings"])
+        w.add_rope_scaling_yarn_beta_fast(float(rs.get("beta_fast") or 32))
+        w.add_rope_scaling_yarn_beta_slow(float(rs.get("beta_slow") or 1))
+        if log_mul:
+            w.add_rope_scaling_yarn_log_mul(0.1 * log_mul)  # llama.cpp divides by 0.1 again
+        if attn_factor != 1.0:
+            w.add_float32(gguf.Keys.Rope.SCALING_ATTN_FACTOR.format(arch=ARCH), attn_factor)
+
+
+def _pre_tokenizer_name(tok: Tokenizer) -> str:
+    spec = json.loads(tok.tk.to_str()).get("pre_tokenizer") or {}
+    if spec.get("type") == "ByteLevel" and spec.get("use_regex", True) and not spec.get("add_prefix_space"):
+        return GPT2_PRE
+    if spec.get("type") == "Sequence":
+        parts = spec.get("pretokenizers") or []
+        splits = tuple((p.get("pattern") or {}).get("Regex") for p in parts[:-1])
+        if splits == _DEEPSEEK3_SPLITS and parts[-1].get("type") == "ByteLevel" and not parts[-1].get("use_regex"):
+            return DEEPSEEK3_PRE
+    raise GGUFError(f"{tok.source}: pre_tokenizer {json.dumps(spec)[:200]} has no llama.cpp name "
+                    f"(supported: ByteLevel with the GPT-2 regex as {GPT2_PRE!r}, DeepSeek-V3's as {DEEPSEEK3_PRE!r})")
+
+
+def _tokenizer_metadata(w: gguf.GGUFWriter, tok: Tokenizer, vocab_size: int) -> None:
+    spec = json.loads(tok.tk.to_str())
+    model = spec.get("model") or {}
+    if model.get("type") != "BPE" or (spec.get("decoder") or {}).get("type") != "ByteLevel":
+        raise GGUFError(f"{tok.source}: only byte-level BPE tokenizers are written as tokenizer.ggml.model 'gpt2'")
+    if tok.vocab_size > vocab_size:
+        raise GGUFError(f"{tok.source}: the tokenizer has {tok.vocab_size} tokens, the model's vocab_size is {vocab_size}")
+    added = {t["id"]: t for t in spec.get("added_tokens") or []}
+    tokens, types = [], []
+    for i in range(vocab_size):
+        text = tok.tk.id_to_token(i)
+        if text is None:
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+        else:
+            tokens.append(text)
+            types.append(gguf.TokenType.NORMAL if i not in added else
+                         gguf.TokenType.CONTROL if added[i].get("special") else gguf.TokenType.USER_DEFINED)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(_pre_tokenizer_name(tok))
+    w.add_token_list(tokens)
+    w.add_token_types([int(t) for t in types])
+    w.add_token_merges(merges)
+    if tok.bos_id is not None:
+        w.add_bos_token_id(tok.bos_id)
+    w.add_eos_token_id(tok.eos_id)
+    if tok.pad_id is not None:
+        w.add_pad_token_id(tok.pad_id)
+    adds_bos = tok.bos_id is not None and tok.tk.encode("a", add_special_tokens=True).ids[:1] == [tok.bos_id]
+    w.add_add_bos_token(adds_bos)
+    w.add_add_eos_token(False)
+    w.add_chat_template(tok.chat_template or BUILTIN_CHAT_TEMPLATE)
+
+
+def writable_type(qtype: str, path: str) -> Q:
+    """The GGML type of `--type qtype`, or a GGUFError saying why it cannot be written."""
+    if qtype in NEEDS_BLOCK_FORMATS:
+        raise GGUFError(f"{path}: --type {qtype} needs the K-quant block formats of nanoseek.quant.ggml, "
+                        f"which this build lacks (writable: {', '.join(WRITABLE_TYPES)})")
+    if qtype not in WRITABLE_TYPES:
+        raise GGUFError(f"{path}: unsupported --type {qtype!r} (writable: {', '.join(WRITABLE_TYPES)}; "
+                        f"{', '.join(NEEDS_BLOCK_FORMATS)} need nanoseek.quant.ggml)")
+    return WRITABLE_TYPES[qtype]
+
+
+@torch.no_grad()
+def write_gguf(model: DeepSeekV3, tokenizer: Tokenizer, path: str, qtype: str = "f16", name: str = "nanoseek",
+               split_max_size: int = 0) -> list[str]:
+    """Write `model` and `tokenizer` as a `deepseek2` GGUF (`qtype` one of WRITABLE_TYPES); with
+    `split_max_size` (bytes), as parts `<stem>-00001-of-0000N.gguf`. Each file is written beside its
+    target and renamed into place. Returns the paths written. MTP layers are not written."""
+    writable_type(qtype, path)
+    cfg = model.config
+    check_exportable(cfg)
+    if cfg.num_nextn_predict_layers:
+        warnings.warn(f"{path}: the {cfg.num_nextn_predict_layers} MTP layer(s) are not written "
+                      "(llama.cpp's deepseek2 runs the main model only)", stacklevel=2)
+    plan = _plan(model, WRITABLE_TYPES[qtype])
+    final = os.path.abspath(path)
+    tmp_dir = os.path.dirname(final)
+    os.makedirs(tmp_dir, exist_ok=True)
+    tmp = os.path.join(tmp_dir, f".tmp-{os.getpid()}-{os.path.basename(final)}")
+    writer = gguf.GGUFWriter(tmp, ARCH, split_max_size=split_max_size)
+    _metadata(writer, cfg, name, FILE_TYPES[qtype])
+    _tokenizer_metadata(writer, tokenizer, cfg.vocab_size)
+    for p in plan:
+        byte_shape = gguf.quant_shape_to_byte_shape(tuple(p.tensor.shape), p.qtype)
+        writer.add_tensor_info(p.name, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), raw_dtype=p.qtype)
+    temps = [str(t) for t in writer.format_shard_names(writer.path)]
+    finals = [os.path.join(tmp_dir, os.path.basename(t)[len(f".tmp-{os.getpid()}-"):]) for t in temps]
+    try:
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for p in plan:  # one tensor in memory at a time (a stack of experts encoded expert by expert)
+            writer.write_tensor_data(_encoded(p))
+        writer.close()
+        for t, f in zip(temps, finals):  # fsync + rename each part (io.atomic_write's order)
+            atomic_write(f, lambda dst, src=t: os.replace(src, dst), suffix=".gguf")
+    finally:
+        for t in temps:
+            if os.path.exists(t):
+                os.unlink(t)
+    return finals
+
+
+# ---------------------------------------------------------------------------- reading
+def gguf_parts(path: str) -> list[str]:
+    """The files of a GGUF model: one file, the first part of a split (`-00001-of-0000N.gguf`, its
+    siblings found beside it), or a folder holding the parts of one split."""
+    path = os.path.abspath(os.fspath(path))
+    if os.path.isdir(path):
+        files = sorted(f for f in os.listdir(path) if f.endswith(".gguf"))
+        if not files:
+            raise GGUFError(f"{path}: no .gguf file in this folder")
+        if len(files) == 1:
+            return [os.path.join(path, files[0])]
+        stems = {m.group(1) for m in map(SPLIT_PART.fullmatch, files) if m}
+        if len(stems) != 1 or not all(SPLIT_PART.fullmatch(f) for f in files):
+            raise GGUFError(f"{path}: holds several GGUF files that are not the parts of one split: {', '.join(files)}")
+        path = os.path.join(path, files[0])
+    if not os.path.isfile(path):
+        raise GGUFError(f"{path}: no such file")
+    m = SPLIT_PART.fullmatch(path)
+    if not m:
+        return [path]
+    n = int(m.group(3))
+    parts = [f"{m.group(1)}-{i:05d}-of-{n:05d}.gguf" for i in range(1, n + 1)]
+    for p in parts:
+        if not os.path.isfile(p):
+            raise GGUFError(f"{p}: part {parts.index(p) + 1} of {n} of the split is missing")
+    return parts
+
+
+class GGUFModelFile:
+    """The metadata and tensors of a GGUF model (one file or the parts of a split), memory-mapped."""
+
+    def __init__(self, path: str):
+        self.parts = gguf_parts(path)
+        self.path = self.parts[0]
+        self.readers = []
+        for p in self.parts:
+            try:
+                self.readers.append(gguf.GGUFReader(p))
+            except Exception as e:  # gguf-py raises ValueError, KeyError, IndexError... on bad bytes
+                raise GGUFError(f"{p}: not a readable GGUF file, truncated or corrupt ({type(e).__name__}: {e})") from None
+        self.fields = self.readers[0].fields
+        self.tensors = {}
+        for p, r in zip(self.parts, self.readers):
+            size = os.path.getsize(p)
+            for t in r.tensors:
+                if t.data_offset + t.n_bytes > size:
+                    raise GGUFError(f"{p}: tensor '{t.name}' runs past the end of the file (truncated)")
+                if t.name in self.tensors:
+                    raise GGUFError(f"{p}: tensor '{t.name}' appears twice in the split")
+                self.tensors[t.name] = (p, t)
+        count = self.get("split.count", 1)
+        if count != len(self.parts):
+            raise GGUFError(f"{self.path}: key 'split.count' says {count} parts, found {len(self.parts)}")
+
+    def get(self, key: str, default=None, required: bool = False):
+        field = self.fields.get(key)
+        if field is None:
+            if required:
+                raise GGUFError(f"{self.path}: missing key '{key}'")
+            return default
+        try:
+            value = field.contents()
+        except Exception as e:
+            raise GGUFError(f"{self.path}: key '{key}' cannot be read ({e})") from None
+        return value
+
+    def arch_key(self, key: str, default=None, required: bool = False):
+        return self.get(f"{ARCH}.{key}", default, required)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The tensor's shape in numpy (row-major) order, the reverse of GGUF's ne."""
+        return tuple(int(d) for d in reversed(self.tensors[name][1].shape.tolist()))
+
+    def read(self, name: str, want: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """Tensor `name` dequantized into `dtype`, checked against the shape the metadata implies."""
+        if name not in self.tensors:
+            raise GGUFError(f"{self.path}: missing tensor '{name}'")
+        part, t = self.tensors[name]
+        got = self.shape(name)
+        if got != tuple(want):
+            raise GGUFError(f"{part}: tensor '{name}' has shape {list(got)}, the metadata say {list(want)}")
+        if t.tensor_type not in READABLE_TYPES:
+            raise GGUFError(f"{part}: tensor '{name}' has type {t.tensor_type.name}, which nanoseek cannot read "
+                            f"(readable: {', '.join(q.name for q in sorted(READABLE_TYPES))})")
+        values = _decode(np.asarray(t.data), t.tensor_type).reshape(got)
+        return torch.from_numpy(np.array(values, dtype=np.float32)).to(dtype)  # a copy: the map is read-only
+
+
+def _int(f: GGUFModelFile, key: str, default=None):
+    value = f.arch_key(key, default, required=default is None)
+    if isinstance(value, (list, tuple)):  # per-layer arrays: deepseek2 has one value for all layers
+        if len(set(value)) != 1:
+            raise GGUFError(f"{f.path}: key '{ARCH}.{key}' varies per layer ({value[:4]}...), which nanoseek cannot express")
+        value = value[0]
+    return int(value)
+
+
+def read_config(f: GGUFModelFile) -> ModelConfig:
+    """The ModelConfig that computes what llama.cpp's deepseek2 computes from the file's metadata."""
+    arch = f.get("general.architecture", required=True)
+    if arch != ARCH:
+        raise GGUFError(f"{f.path}: key 'general.architecture' is {arch!r}; nanoseek reads only {ARCH!r} (DeepSeek-V2/V3)")
+    n_tokens = len(f.fields["tokenizer.ggml.tokens"].data) if "tokenizer.ggml.tokens" in f.fields else None
+    vocab = _int(f, "vocab_size", n_tokens if n_tokens is not None else None)
+    nextn = _int(f, "nextn_predict_layers", 0)
+    layers = _int(f, "block_count") - nextn
+    heads = _int(f, "attention.head_count")
+    rope_dim = _int(f, "rope.dimension_count")
+    k_mla = _int(f, "attention.key_length_mla", 0) or _int(f, "attention.key_length")
+    v_mla = _int(f, "attention.value_length_mla", 0) or _int(f, "attention.value_length")
+    n_experts = _int(f, "expert_count", 0)
+    gating = _int(f, "expert_gating_func", int(gguf.ExpertGatingFuncType.SOFTMAX))
+    if gating not in (1, 2):
+        raise GGUFError(f"{f.path}: key '{ARCH}.expert_gating_func' is {gating}; nanoseek has softmax (1) and sigmoid (2)")
+    n_group = _int(f, "expert_group_count", 1) or 1
+    topk_group = _int(f, "expert_group_used_count", n_group) or n_group
+    dense = min(_int(f, "leading_dense_block_count", 0), layers)
+    has_bias = n_experts > 0 and dense < layers and f"blk.{dense}.exp_probs_b.bias" in f.tensors
+    # llama.cpp ranks groups by the sum of their best two (biased) scores whatever the gating
+    method = "noaux_tc" if has_bias or (n_group > 1 and topk_group < n_group) else "greedy"
+    scale = float(f.arch_key("expert_weights_scale", 0.0))
+    rope_scaling = None
+    kind = f.arch_key("rope.scaling.type", "none")
+    if kind == "yarn":
+        ext = float(f.arch_key("rope.scaling.yarn_ext_factor", 1.0))
+        if ext != 1.0:
+            raise GGUFError(f"{f.path}: key '{ARCH}.rope.scaling.yarn_ext_factor' is {ext}; nanoseek's YaRN has 1.0")
+        rope_scaling = yarn_from_gguf(
+            float(f.arch_key("rope.scaling.factor", required=True)),
+            _int(f, "rope.scaling.original_context_length"),
+            float(f.arch_key("rope.scaling.yarn_beta_fast", 32.0)), float(f.arch_key("rope.scaling.yarn_beta_slow", 1.0)),
+            float(f.arch_key("rope.scaling.yarn_log_multiplier", 0.0)) / 0.1,
+            float(f.arch_key("rope.scaling.attn_factor", 1.0)))
+    elif kind != "none":
+        raise GGUFError(f"{f.path}: key '{ARCH}.rope.scaling.type' is {kind!r}; nanoseek reads 'none' and 'yarn'")
+    used = _int(f, "expert_used_count", 1)
+    if n_experts and used == 1 and f.arch_key("expert_weights_norm", False):
+        raise GGUFError(f"{f.path}: key '{ARCH}.expert_weights_norm' is set with one expert per token: llama.cpp "
+                        "then weighs the expert 1, nanoseek by its score (norm_topk_prob applies from two experts)")
+    q_lora = _int(f, "attention.q_lora_rank", 0)
+    kw = dict(
+        model_type="deepseek_v3" if gating == 2 else "deepseek_v2", vocab_size=vocab,
+        hidden_size=_int(f, "embedding_length"), intermediate_size=_int(f, "feed_forward_length"),
+        moe_intermediate_size=_int(f, "expert_feed_forward_length"), num_hidden_layers=layers,
+        first_k_dense_replace=dense, num_attention_heads=heads, q_lora_rank=q_lora or None,
+        kv_lora_rank=_int(f, "attention.kv_lora_rank"), qk_nope_head_dim=k_mla - rope_dim,
+        qk_rope_head_dim=rope_dim, v_head_dim=v_mla, n_routed_experts=n_experts,
+        n_shared_experts=_int(f, "expert_shared_count", 0), num_experts_per_tok=used,
+        n_group=n_group, topk_group=topk_group, routed_scaling_factor=scale if scale else 1.0,
+        scoring_func="sigmoid" if gating == 2 else "softmax", topk_method=method,
+        norm_topk_prob=bool(f.arch_key("expert_weights_norm", False)),
+        rms_norm_eps=float(f.arch_key("attention.layer_norm_rms_epsilon", required=True)),
+        max_position_embeddings=_int(f, "context_length"), rope_theta=float(f.arch_key("rope.freq_base", 10000.0)),
+        rope_scaling=rope_scaling, num_nextn_predict_layers=0,
+        bos_token_id=f.get("tokenizer.ggml.bos_token_id"), eos_token_id=f.get("tokenizer.ggml.eos_token_id"),
+        torch_dtype="float32")
+    try:
+        return ModelConfig(**kw)
+    except ConfigError as e:
+        raise GGUFError(f"{f.path}: the metadata make no valid model: {e}") from None
+
+
+def read_tokenizer(f: GGUFModelFile) -> Tokenizer:
+    """The byte-level BPE tokenizer of the file's tokenizer.ggml.* keys, with its chat template."""
+    kind = f.get("tokenizer.ggml.model", required=True)
+    if kind != "gpt2":
+        raise GGUFError(f"{f.path}: key 'tokenizer.ggml.model' is {kind!r}; nanoseek reads byte-level BPE ('gpt2')")
+    tokens = f.get("tokenizer.ggml.tokens", required=True)
+    types = f.get("tokenizer.ggml.token_type") or [int(gguf.TokenType.NORMAL)] * len(tokens)
+    merges = f.get("tokenizer.ggml.merges", required=True)
+    pre = f.get("tokenizer.ggml.pre", "default")
+    if len(types) != len(tokens):
+        raise GGUFError(f"{f.path}: key 'tokenizer.ggml.token_type' has {len(types)} entries for {len(tokens)} tokens")
+    vocab = {t: i for i, (t, k) in enumerate(zip(tokens, types)) if k != gguf.TokenType.UNUSED}
+    pairs = []
+    for m in merges:
+        a, sep, b = m.partition(" ")
+        if not sep:
+            raise GGUFError(f"{f.path}: key 'tokenizer.ggml.merges' has an entry {m!r} without a space")
+        pairs.append((a, b))
+    tk = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=pairs))
+    if pre == GPT2_PRE:
+        tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    elif pre == DEEPSEEK3_PRE:
+        tk.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Split(tokenizers.Regex(r), behavior="isolated") for r in _DEEPSEEK3_SPLITS]
+            + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    else:
+        raise GGUFError(f"{f.path}: key 'tokenizer.ggml.pre' is {pre!r}; nanoseek reads {GPT2_PRE!r} and {DEEPSEEK3_PRE!r}")
+    tk.decoder = decoders.ByteLevel()
+    specials = [tokenizers.AddedToken(tokens[i], special=True, normalized=False)
+                for i, k in enumerate(types) if k == gguf.TokenType.CONTROL]
+    users = [tokenizers.AddedToken(tokens[i], special=False, normalized=False)
+             for i, k in enumerate(types) if k == gguf.TokenType.USER_DEFINED]
+    tk.add_special_tokens(specials)
+    tk.add_tokens(users)
+
+    def token(key):
+        i = f.get(key)
+        if i is None:
+            return None
+        if not 0 <= i < len(tokens) or types[i] == gguf.TokenType.UNUSED:
+            raise GGUFError(f"{f.path}: key '{key}' is {i}, not a token id")
+        return tokens[i]
+
+    bos, eos = token("tokenizer.ggml.bos_token_id"), token("tokenizer.ggml.eos_token_id")
+    if eos is None:
+        raise GGUFError(f"{f.path}: missing key 'tokenizer.ggml.eos_token_id'")
+    if bos is not None and f.get("tokenizer.ggml.add_bos_token", False):
+        tk.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                          special_tokens=[(bos, vocab[bos])])
+    template = f.get("tokenizer.chat_template")
+    try:
+        return Tokenizer(tk, bos_token=bos, eos_token=eos, pad_token=token("tokenizer.ggml.padding_token_id"),
+                         chat_template=None if template == BUILTIN_CHAT_TEMPLATE else template, source=f.path)
+    except TokenizerError as e:
+        raise GGUFError(str(e)) from None
+
+
+@torch.no_grad()
+def read_gguf(path: str, dtype: torch.dtype | None = None, device=None) -> tuple[DeepSeekV3, Tokenizer]:
+    """A `deepseek2` GGUF (file, first split part, or folder of parts) -> (model, tokenizer). Each
+    tensor is dequantized from the memory map into `dtype` as it is copied in; `dtype` defaults to
+    the file's (float32 for f32, float16 for f16, bfloat16 for bf16 and the block formats)."""
+    f = GGUFModelFile(path)
+    cfg = read_config(f)
+    tok = read_tokenizer(f)
+    if dtype is None:
+        ftype = f.get("general.file_type", 1)
+        dtype = {0: torch.float32, 1: torch.float16}.get(ftype, torch.bfloat16)
+    cfg = cfg.replace(torch_dtype=str(dtype).replace("torch.", ""))
+    model = DeepSeekV3.empty(cfg, device=device, dtype=dtype)
+    tied = "output.weight" not in f.tensors  # llama.cpp then uses token_embd as the head
+    for name, dst in model.state_dict(keep_vars=True).items():
+        if name.startswith("mtp."):
+            continue
+        if name.endswith(_KV_B):
+            i = name.split(".")[2]
+            if f"blk.{i}.attn_kv_b.weight" in f.tensors:
+                src = f.read(f"blk.{i}.attn_kv_b.weight", tuple(dst.shape), dst.dtype)
+            else:
+                H, r = cfg.num_attention_heads, cfg.kv_lora_rank
+                k_b = f.read(f"blk.{i}.attn_k_b.weight", (H, r, cfg.qk_nope_head_dim), dst.dtype)
+                v_b = f.read(f"blk.{i}.attn_v_b.weight", (H, cfg.v_head_dim, r), dst.dtype)
+                src = join_kv_b(k_b, v_b)
+        elif name.endswith("e_score_correction_bias") and gguf_name(name) not in f.tensors:
+            src = torch.zeros(dst.shape)  # no bias in the file: llama.cpp chooses on the plain scores
+        elif name == "lm_head.weight" and tied:
+            src = f.read("token_embd.weight", tuple(dst.shape), dst.dtype)
+        else:
+            src = f.read(gguf_name(name), tuple(dst.shape), dst.dtype)
+        dst.copy_(src)
+    return model, tok

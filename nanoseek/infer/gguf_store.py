@@ -1,0 +1,128 @@
+"""GGUF at the command line: `nanoseek export NAME OUT.gguf --type ...` writes a stored model (or a
+checkpoint folder) as a llama.cpp `deepseek2` file, and `nanoseek create NAME --from FILE.gguf`
+(or a folder of split parts) imports one into the store (nanoseek/gguf_file.py does the format).
+
+The import converts the file into a staging folder inside the store, then hands it to
+`Store.create`, which validates and renames it into place: a bad file adds nothing to the store.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shutil
+import tempfile
+import time
+
+import torch
+
+from ..checkpoint import CheckpointError
+from ..config import ConfigError
+from ..gguf_file import NEEDS_BLOCK_FORMATS, WRITABLE_TYPES, GGUFError, read_gguf, writable_type, write_gguf
+from ..load import is_dense, load_config
+from ..model import DeepSeekV3
+from ..tokenizer import Tokenizer, TokenizerError
+from .store import InvalidName, ModelNotFound, Store, StoreError, canonical_name, human_count, human_size
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def is_gguf_source(source: str | None) -> bool:
+    """A .gguf file, or a folder of .gguf parts that is not a Hugging Face checkpoint."""
+    if not source:
+        return False
+    if source.endswith(".gguf"):
+        return True
+    return (os.path.isdir(source) and not os.path.exists(os.path.join(source, "config.json"))
+            and any(f.endswith(".gguf") for f in os.listdir(source)))
+
+
+def resolve_model(name: str) -> str:
+    """A store name's checkpoint folder, else `name` itself when it is a folder."""
+    try:
+        return Store().path_of(canonical_name(name))
+    except (InvalidName, ModelNotFound):
+        if os.path.isdir(name):
+            return name
+        raise StoreError(f"model '{name}' not found (neither a stored model nor a checkpoint folder)") from None
+
+
+def export(name: str, out: str, qtype: str, split_max_size: int = 0) -> list[str]:
+    """Write the stored model (or checkpoint folder) `name` as GGUF `out`; returns the files written."""
+    writable_type(qtype, out)
+    path = resolve_model(name)
+    cfg = load_config(path)
+    if is_dense(cfg):
+        raise GGUFError(f"{path}: a dense {cfg.model_type} model; export writes DeepSeek models (deepseek2)")
+    model = DeepSeekV3.from_pretrained(path, dtype=torch.float32)
+    return write_gguf(model, Tokenizer.from_dir(path), out, qtype, name=os.path.basename(os.path.normpath(name)),
+                      split_max_size=split_max_size)
+
+
+def create_from_gguf(name: str, source: str, force: bool = False, dtype: torch.dtype | None = None) -> dict:
+    """Import a GGUF file (or folder of split parts) as store model `name`, atomically."""
+    store = Store()
+    os.makedirs(store.models_dir, exist_ok=True)
+    staging = tempfile.mkdtemp(dir=store.models_dir, prefix=".tmp-gguf-")
+    try:
+        model, tok = read_gguf(source, dtype=dtype)
+        model.save_pretrained(staging)
+        tok.save(staging)
+        del model
+        return store.create(name, staging, force=force, source=os.path.abspath(source))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def cmd_export(args) -> int:
+    t0 = time.time()
+    files = export(args.name, args.out, args.type, args.split_max_size)
+    print(f"wrote {', '.join(files)} ({human_size(sum(os.path.getsize(f) for f in files))}, {args.type}, "
+          f"{time.time() - t0:.1f} s)")
+    return 0
+
+
+def cmd_create(args) -> int:
+    """`create NAME --from FILE.gguf` (or a folder of parts); other sources go to the command this
+    one wraps (`args.checkpoint_create`: a checkpoint folder, or `-f Modelfile`)."""
+    if not is_gguf_source(args.source) or args.modelfile:
+        return args.checkpoint_create(args)
+    t0 = time.time()
+    m = create_from_gguf(args.name, args.source, force=args.force, dtype=DTYPES.get(args.dtype))
+    if args.json:
+        print(json.dumps({k: m[k] for k in ("name", "size", "digest", "parameters", "architecture", "quantization")}
+                         | {"seconds": round(time.time() - t0, 3)}), flush=True)
+    else:
+        print(f"created '{m['name']}' from {args.source} ({human_size(m['size'])}, "
+              f"{human_count(m['parameters'])} parameters, id {m['digest'][:12]}, {time.time() - t0:.1f} s)")
+    return 0
+
+
+def _guard(fn):
+    """Format, store and config errors become one clear line on stderr and exit status 1."""
+    @functools.wraps(fn)
+    def run(args) -> int:
+        try:
+            return fn(args)
+        except (GGUFError, StoreError, CheckpointError, ConfigError, TokenizerError) as e:
+            raise SystemExit(f"nanoseek: {e}") from None
+    return run
+
+
+def add_gguf_commands(sub) -> None:
+    """`export`, and GGUF sources for the store's `create` (after its -f Modelfile option)."""
+    s = sub.add_parser("export", help="write a stored model (or checkpoint folder) as a llama.cpp GGUF file")
+    s.add_argument("name", help="a stored model name[:tag] or a checkpoint folder")
+    s.add_argument("out", help="the .gguf file to write")
+    s.add_argument("--type", default="f16", choices=[*WRITABLE_TYPES, *NEEDS_BLOCK_FORMATS],
+                   help="tensor encoding (norms, router and its bias stay f32); "
+                        f"{', '.join(NEEDS_BLOCK_FORMATS)} need nanoseek.quant.ggml")
+    s.add_argument("--split-max-size", type=int, default=0, metavar="BYTES",
+                   help="write parts <out>-00001-of-0000N.gguf of at most this many bytes")
+    s.set_defaults(func=_guard(cmd_export))
+
+    create = sub.choices["create"]
+    create.add_argument("--dtype", choices=list(DTYPES),
+                        help="GGUF sources: the stored weights' dtype (default: the file's; bfloat16 for block formats)")
+    create.set_defaults(checkpoint_create=create.get_default("func"), func=_guard(cmd_create))
