@@ -1,7 +1,7 @@
 """Prefix reuse: a request served with the prefix cache decodes what it decodes without (greedy
 tokens, log-probs to the cached == full tolerance), over chat turns, concurrent requests,
 cancellation, eviction under a tiny budget, a prompt that is a strict prefix of a kept sequence;
-scored prompts bypass reuse; the trie's partial-block matches and leaf-first LRU eviction."""
+scored prompts bypass reuse; dense (GQA) and MHA caches too; the trie's partial-block matches and leaf-first LRU eviction."""
 
 import threading
 import time
@@ -11,6 +11,8 @@ import torch
 
 from conftest import randomized_model
 from nanoseek import ModelConfig
+from nanoseek.dense import DenseModel
+from nanoseek.dense_config import DenseConfig
 from nanoseek.infer.engine import Engine, SamplingParams
 from nanoseek.infer.prefix_cache import PrefixCache
 from nanoseek.tokenizer import train_bpe
@@ -175,3 +177,30 @@ def test_trie_partial_matches_and_leaf_first_eviction():
     assert pc.match([50, 51, 52, 53, 54], limit=5)[0] == 5
     assert pc.match(list(range(12)), limit=12)[0] == 4  # its root block stays reachable
     assert PrefixCache(0).insert([1, 2], rows(2)) is None
+
+
+@pytest.mark.parametrize("kind", ["dense", "mha"])
+def test_other_caches_reuse_too(kind, tok):
+    """The prefix cache keeps whatever tensors a layer's cache holds: a dense model's GQA keys and
+    values, the MHA comparison model's per-head K/V; answers are unchanged."""
+    if kind == "dense":
+        model = DenseModel.from_config(DenseConfig(model_type="llama", vocab_size=300, hidden_size=64,
+                                                   intermediate_size=96, num_hidden_layers=2, num_attention_heads=8,
+                                                   num_key_value_heads=2, head_dim=8), seed=0).eval()
+    else:
+        model = randomized_model(ModelConfig.from_preset(
+            "nano", vocab_size=300, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+            num_hidden_layers=2, num_attention_heads=4, q_lora_rank=32, kv_lora_rank=24, qk_nope_head_dim=16,
+            qk_rope_head_dim=8, v_head_dim=12, attention="mha"))
+    reuse = Engine(model, tok, max_context=128, max_batch=2, prefix_cache_tokens=1024, prefix_block=4)
+    plain = Engine(model, tok, max_context=128, max_batch=2)
+    try:
+        conv = list(range(5, 20))
+        for turn in range(3):
+            a, b = reuse.generate([conv], GREEDY)[0], plain.generate([conv], GREEDY)[0]
+            same(a, b)
+            assert (a.cached_tokens > 0) == (turn > 0)
+            conv = conv + a.token_ids + [40 + turn, 41]
+    finally:
+        reuse.close()
+        plain.close()
