@@ -1,7 +1,13 @@
 """`nanoseek generate` and `nanoseek chat`: Ollama-style command-line use of a model from the
 local store (or any checkpoint directory): DeepSeek-V2/V3 or a dense Llama / Qwen R1-distill model
 (`load_model`), streaming tokens as they come. The R1-distill chat templates end the generation
-prompt with `<think>\n`, so a reply starts inside the think block whenever the prompt opened it."""
+prompt with `<think>\n`, so a reply starts inside the think block whenever the prompt opened it.
+
+A store entry's Modelfile defaults apply as the server applies them (serve/modelfile.py): its
+TEMPLATE replaces the chat template, its SYSTEM prompt and MESSAGE turns go before a conversation
+without a system message of its own, and its PARAMETERs (temperature, top_p, top_k, seed, stop,
+num_predict, num_ctx) fill in whatever the command line leaves unset. `chat` keeps earlier turns'
+latent cache for prefix reuse, so each turn prefills only what is new."""
 
 from __future__ import annotations
 
@@ -16,6 +22,7 @@ from .infer.engine import Engine, SamplingParams
 from .quant.fp8_weights import load_fp8_weights
 from .load import is_dense, load_config, load_model
 from .infer.store import Store, StoreError
+from .serve.modelfile import with_default_messages
 from .tokenizer import Tokenizer
 
 
@@ -29,8 +36,44 @@ def resolve_model_dir(name: str) -> str:
         raise SystemExit(f"nanoseek: model '{name}' not found: not a checkpoint directory, and {e}") from None
 
 
-def load_engine(name: str, max_context: int = 4096, device: str | None = None, dtype=None, fp8_weights: bool = False):
-    """An engine on the model `name`; with `fp8_weights`, an FP8 checkpoint's weights stay in FP8."""
+# the command line's values where neither it nor the entry's Modelfile sets one
+FALLBACK = {"max_tokens": 256, "temperature": 0.8, "top_p": 1.0, "top_k": 0, "context": 4096}
+CHAT_PREFIX_CACHE_TOKENS = 65536  # a chat re-sends its history each turn: keep it for reuse
+
+
+def store_defaults(name: str) -> dict:
+    """The store entry's Modelfile defaults (system, messages, template, parameters); {} for a
+    checkpoint directory."""
+    if os.path.isdir(name) and os.path.exists(os.path.join(name, "config.json")):
+        return {}
+    try:
+        return Store().manifest(name).get("defaults", {}) or {}
+    except StoreError:
+        return {}
+
+
+def resolve_settings(args, defaults: dict) -> None:
+    """Fill the sampling arguments the command line left unset (None) from the Modelfile's
+    PARAMETERs, then from FALLBACK (num_predict -1: to the context's end)."""
+    params = defaults.get("parameters", {})
+    from_modelfile = {"temperature": params.get("temperature"), "top_p": params.get("top_p"),
+                      "top_k": params.get("top_k"), "context": params.get("num_ctx"),
+                      "max_tokens": params.get("num_predict")}
+    for key, value in from_modelfile.items():
+        if getattr(args, key) is None:
+            setattr(args, key, FALLBACK[key] if value is None else value)
+    if args.max_tokens is not None and args.max_tokens < 0:
+        args.max_tokens = args.context - 1
+    if args.seed is None and params.get("seed") is not None and params["seed"] >= 0:
+        args.seed = params["seed"]
+    if not args.stop and params.get("stop"):
+        args.stop = list(params["stop"])
+
+
+def load_engine(name: str, max_context: int = 4096, device: str | None = None, dtype=None, fp8_weights: bool = False,
+                prefix_cache_tokens: int = 0, template: str | None = None):
+    """An engine on the model `name`; with `fp8_weights`, an FP8 checkpoint's weights stay in FP8;
+    `template` replaces the checkpoint's chat template (a Modelfile's TEMPLATE)."""
     import torch
 
     path = resolve_model_dir(name)
@@ -47,7 +90,9 @@ def load_engine(name: str, max_context: int = 4096, device: str | None = None, d
     else:
         model = load_model(path, dtype=dtype, device=device)
     tokenizer = Tokenizer.from_dir(path)
-    return Engine(model, tokenizer, max_context=max_context), tokenizer
+    if template:
+        tokenizer.chat_template = template
+    return Engine(model, tokenizer, max_context=max_context, prefix_cache_tokens=prefix_cache_tokens), tokenizer
 
 
 def params_from_args(args) -> SamplingParams:
@@ -56,6 +101,7 @@ def params_from_args(args) -> SamplingParams:
 
 
 def cmd_generate(args) -> int:
+    resolve_settings(args, {})
     engine, tok = load_engine(args.model, args.context, fp8_weights=args.fp8_weights)
     try:
         prompt = args.prompt if args.raw else render_chat(tok, [{"role": "user", "content": args.prompt}],
@@ -96,7 +142,10 @@ HELP = """Commands:
 
 
 def cmd_chat(args) -> int:
-    engine, tok = load_engine(args.model, args.context, fp8_weights=args.fp8_weights)
+    defaults = store_defaults(args.model)
+    resolve_settings(args, defaults)
+    engine, tok = load_engine(args.model, args.context, fp8_weights=args.fp8_weights,
+                              prefix_cache_tokens=CHAT_PREFIX_CACHE_TOKENS, template=defaults.get("template"))
     params = params_from_args(args)
     history: list[dict] = []
     system, think = None, args.think
@@ -145,7 +194,8 @@ def cmd_chat(args) -> int:
                     print(HELP)
                 continue
             history.append({"role": "user", "content": line})
-            messages = ([{"role": "system", "content": system}] if system else []) + history
+            messages = with_default_messages(([{"role": "system", "content": system}] if system else []) + history,
+                                             defaults)
             ids = tok.encode(render_chat(tok, messages, think=think))
             parts = []
             try:
@@ -165,13 +215,16 @@ def cmd_chat(args) -> int:
 
 def add_sampling_arguments(s) -> None:
     s.add_argument("model", help="a model name in the store or a checkpoint directory")
-    s.add_argument("--max-tokens", "--num-predict", dest="max_tokens", type=int, default=256)
-    s.add_argument("--temperature", type=float, default=0.8)
-    s.add_argument("--top-p", type=float, default=1.0)
-    s.add_argument("--top-k", type=int, default=0)
+    # unset (None): the store entry's Modelfile PARAMETER, else FALLBACK
+    s.add_argument("--max-tokens", "--num-predict", dest="max_tokens", type=int, default=None,
+                   help=f"default: the Modelfile's num_predict, else {FALLBACK['max_tokens']}")
+    s.add_argument("--temperature", type=float, default=None, help=f"default {FALLBACK['temperature']}")
+    s.add_argument("--top-p", type=float, default=None, help=f"default {FALLBACK['top_p']}")
+    s.add_argument("--top-k", type=int, default=None, help=f"default {FALLBACK['top_k']}")
     s.add_argument("--seed", type=int)
     s.add_argument("--stop", action="append", help="stop string (repeatable)")
-    s.add_argument("--context", type=int, default=4096, help="context length in tokens")
+    s.add_argument("--context", type=int, default=None,
+                   help=f"context length in tokens (default: the Modelfile's num_ctx, else {FALLBACK['context']})")
     s.add_argument("--fp8-weights", action="store_true",
                    help="keep an FP8 checkpoint's weights in FP8 (half of bf16's memory; same outputs)")
     s.add_argument("--think", action="store_true", default=None, help="open the reply inside <think>")

@@ -606,3 +606,27 @@ def test_completions_echo_scores_the_prompt(oa, home):
     assert chunks[0].logprobs.token_logprobs[1:] == pytest.approx(_prompt_logprobs(model, prompts[0], 1)[0], abs=1e-5)
     with pytest.raises(openai.BadRequestError, match="max_tokens"):
         oa.completions.create(model="tiny", prompt="hello", max_tokens=0)
+
+
+# ------------------------------------------------------------------------------ prefix reuse
+def test_prefix_reuse_reports_cached_tokens(home):
+    """With a prefix cache, a repeated conversation's second turn reuses the first's tokens: the
+    reply is unchanged, OpenAI's usage.prompt_tokens_details.cached_tokens and Ollama's
+    prompt_eval_count (tokens actually evaluated) say so, and /metrics counts the hits."""
+    s = start(home, prefix_cache_tokens=4096)
+    base = f"http://127.0.0.1:{s.server_address[1]}"
+    try:
+        oa = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=60)
+        msgs = [{"role": "user", "content": QUESTION}]
+        first = oa.chat.completions.create(model="tiny", messages=msgs, temperature=0, max_tokens=48)
+        assert first.usage.prompt_tokens_details.cached_tokens == 0
+        again = oa.chat.completions.create(model="tiny", messages=msgs, temperature=0, max_tokens=48)
+        assert again.choices[0].message.content == first.choices[0].message.content
+        assert again.usage.prompt_tokens_details.cached_tokens == again.usage.prompt_tokens - 1
+        r = ollama.Client(host=base, timeout=60).chat(model="tiny", messages=msgs, options=greedy())
+        assert r.message.content == ANSWER and r.prompt_eval_count == 1
+        text = httpx.get(base + "/metrics").text
+        assert 'nanoseek_prefix_cache_hits_total{model="tiny:latest"} 2' in text
+        assert f'nanoseek_prefix_cache_hit_tokens_total{{model="tiny:latest"}} {2 * (again.usage.prompt_tokens - 1)}' in text
+    finally:
+        s.shutdown_all()

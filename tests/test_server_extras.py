@@ -5,7 +5,10 @@ keep_alive unload and /api/ps memory, Prometheus /metrics, chunked bodies under 
 
 import json
 import math
+import os
 import random
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -341,3 +344,34 @@ def test_64_concurrent_streaming_clients(url):
     assert not errors, errors[:3]
     for i, r in enumerate(results):  # the memorized reply, whole, for every client
         assert r == (("text", REPLY) if i % 3 == 2 else (THINKING, ANSWER)), (i, r)
+
+
+def test_modelfile_num_predict_on_openai_endpoints(ol, oa):
+    """A Modelfile's num_predict bounds an OpenAI request that gives no max_tokens; one that does wins."""
+    ol.create(model="short", from_="tiny", parameters={"temperature": 0, "num_predict": 3})
+    msgs = [{"role": "user", "content": QUESTION}]
+    assert oa.chat.completions.create(model="short", messages=msgs).usage.completion_tokens == 3
+    assert oa.chat.completions.create(model="short", messages=msgs, max_tokens=5).usage.completion_tokens == 5
+    assert oa.completions.create(model="short", prompt="x", extra_body={"ignore_eos": True}).usage.completion_tokens == 3
+    assert oa.completions.create(model="short", prompt="x", max_tokens=2, extra_body={"ignore_eos": True}).usage.completion_tokens == 2
+
+
+def test_chat_command_applies_the_store_defaults(ol, home):
+    """`nanoseek chat NAME` uses the entry's SYSTEM prompt and PARAMETERs as the server does: the
+    same reply as the plain entry given that system prompt and those settings by hand; a
+    command-line flag wins over a PARAMETER."""
+    system = "You answer arithmetic."
+    ol.create(model="chatty", from_="tiny", system=system, parameters={"temperature": 0, "num_predict": 6})
+    env = {**os.environ, "NANOSEEK_HOME": home.root}
+
+    def chat(name, text, *flags):
+        p = subprocess.run([sys.executable, "-m", "nanoseek", "chat", name, *flags], input=text,
+                           capture_output=True, text=True, timeout=120, env=env)
+        assert p.returncode == 0, p.stderr
+        return p.stdout
+
+    by_hand = chat("tiny", f"/set system {system}\n{QUESTION}\n", "--temperature", "0", "--max-tokens", "6")
+    assert by_hand.startswith("Set 'system")
+    reply = chat("chatty", QUESTION + "\n")
+    assert reply == by_hand.split("\n", 1)[1] and reply.strip()
+    assert len(chat("chatty", QUESTION + "\n", "--max-tokens", "2")) < len(reply)

@@ -15,6 +15,12 @@ section 2.1: only the compressed latent and the shared rope key are cached).
 - Constrained decoding: a request's `constraint` (grammar.py) masks its own logits row before its
   token is chosen and is advanced with the accepted token, so constrained and unconstrained
   requests share a batch.
+- Prefix reuse (prefix_cache.py, off unless `prefix_cache_tokens` > 0): a finished request's cache
+  row (prompt and generated tokens) is kept by token ids; a new prompt sharing a prefix with kept
+  ones copies those positions into its row and prefills only the rest, at least its last token
+  (whose logits choose the first new token). Scored requests (`prompt_logprobs`) need the logits of
+  every prompt token, so they bypass reuse and prefill in full. Decode, and so the CUDA graphs, is
+  unchanged: a copied prefix is just a filled cache row.
 - The scheduler works on token ids and log-probs only. Text (incremental detokenization, stop
   strings) is each request's `TextStream` (textstream.py); the scheduler calls it once per accepted
   token, so a stop string ends its request in the same step, exactly where EOS would.
@@ -30,6 +36,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .prefix_cache import PrefixCache
 from .sampling import sample_next
 from .textstream import TextStream
 
@@ -101,6 +108,7 @@ class Event:
     decode_s: float = 0.0
     # on a scored request's first event: per prompt token (log-prob, top alternatives); the first None
     prompt_logprobs: list[tuple[float | None, list[tuple[int, float]] | None]] | None = None
+    cached_tokens: int = 0  # leading prompt tokens copied from the prefix cache, not prefilled
 
 
 @dataclass
@@ -113,6 +121,7 @@ class Completion:
     logprobs: list[float] = field(default_factory=list)  # one per token of token_ids
     stop_logprob: float | None = None  # the log-prob of the EOS that ended it (finish_reason "stop" by EOS)
     prompt_logprobs: list | None = None  # SamplingParams.prompt_logprobs set: see Event.prompt_logprobs
+    cached_tokens: int = 0  # see Event.cached_tokens
 
 
 class Handle:
@@ -149,7 +158,8 @@ class Handle:
         req = self._request
         req.cancelled = True
         self._engine._wake()
-        req.events.put(Event(None, "", finish_reason="cancelled", prompt_tokens=len(req.prompt)))
+        req.events.put(Event(None, "", finish_reason="cancelled", prompt_tokens=len(req.prompt),
+                             cached_tokens=req.cached))
 
     def completion(self) -> Completion:
         """Wait for the request to finish; its tokens, text, log-probs and counts."""
@@ -158,7 +168,7 @@ class Handle:
         return Completion([e.token_id for e in events if e.token_id is not None], "".join(e.text for e in events),
                           last.finish_reason, last.prompt_tokens, last.completion_tokens,
                           [e.logprob for e in events if e.logprob is not None], self._request.stop_logprob,
-                          self._request.prompt_logprobs)
+                          self._request.prompt_logprobs, last.cached_tokens)
 
 
 @dataclass(eq=False)  # compared by identity (`list.index` in _retire), not field by field
@@ -173,6 +183,7 @@ class _Request:
     prompt_logprobs: list | None = None  # filled at prefill when params.prompt_logprobs is set
     text: TextStream | None = None  # per-token text and stop strings; None: batch `generate`, decoded once
     pos: int = 0  # tokens in the cache
+    cached: int = 0  # of them, leading prompt tokens copied from the prefix cache
     row: int = -1
     next_logits: torch.Tensor | None = None
     generator: torch.Generator | None = None
@@ -238,7 +249,8 @@ class Engine:
     completion (in the calling thread when nothing was submitted); `close` stops the thread."""
 
     def __init__(self, model, tokenizer, max_context: int = 4096, max_batch: int = 16, device=None,
-                 cuda_graphs: bool | None = None, compile: bool = False):
+                 cuda_graphs: bool | None = None, compile: bool = False, prefix_cache_tokens: int = 0,
+                 prefix_block: int = 16):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.max_context = int(max_context)
@@ -256,6 +268,8 @@ class Engine:
                             if cuda_graphs is None else cuda_graphs)
         self._graphs: GraphDecoder | None = None
         self.compile = compile
+        # finished requests' cache rows by token ids, at most this many tokens (0: no reuse)
+        self.prefix_cache = PrefixCache(prefix_cache_tokens, prefix_block) if prefix_cache_tokens > 0 else None
 
     # ------------------------------------------------------------------ public API
     def _enqueue(self, prompt_ids: list[int], params: SamplingParams | None, stream: bool = True) -> _Request:
@@ -295,7 +309,7 @@ class Engine:
                     self._tick()
             return [Completion(r.generated, self.tokenizer.decode(r.generated) if r.text is None else r.text.emitted,
                                r.finish_reason, len(r.prompt), len(r.generated), r.logprobs, r.stop_logprob,
-                               r.prompt_logprobs)
+                               r.prompt_logprobs, r.cached)
                     for r in reqs]
         handles = [self.submit(p, sp) for p, sp in zip(prompts, per_prompt)]
         return [h.completion() for h in handles]
@@ -312,9 +326,10 @@ class Engine:
             self._cv.notify_all()
 
     def _ensure_thread(self):
-        if self._thread is None or not self._thread.is_alive():
-            self._thread = threading.Thread(target=self._loop, name="nanoseek-engine", daemon=True)
-            self._thread.start()
+        with self._cv:  # first submits from several threads at once start one loop, not several
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._loop, name="nanoseek-engine", daemon=True)
+                self._thread.start()
 
     def _loop(self):
         while not self._closed:
@@ -348,8 +363,8 @@ class Engine:
         return {k: c.rows(start, end) for k, c in self._cache.items()}
 
     def _admit(self):
-        """Move pending requests into free cache rows; prompts of equal length prefill together,
-        each distinct prompt once."""
+        """Move pending requests into free cache rows; prompts of equal length (and equal reused
+        prefix) prefill together, each distinct prompt once."""
         new: list[_Request] = []
         while len(self._active) + len(new) < self.max_batch:
             try:
@@ -362,10 +377,16 @@ class Engine:
             if req.params.seed is not None:
                 req.generator = torch.Generator(device=self.device).manual_seed(req.params.seed)
             new.append(req)
-        by_len: dict[int, list[_Request]] = {}
+        prefix: dict[int, tuple] = {}  # id(request) -> its reused positions' tensors
+        by_len: dict[tuple[int, int], list[_Request]] = {}
         for req in new:
-            by_len.setdefault(len(req.prompt), []).append(req)
-        for length, group in by_len.items():
+            if self.prefix_cache is not None and req.params.prompt_logprobs is None:
+                # at most all but the last prompt token: its logits choose the first new token
+                req.cached, data = self.prefix_cache.match(req.prompt, len(req.prompt) - 1)
+                if req.cached:
+                    prefix[id(req)] = data
+            by_len.setdefault((len(req.prompt), req.cached), []).append(req)
+        for (length, reused), group in by_len.items():
             t0 = time.perf_counter()
             first = len(self._active)
             # identical prompts (n samples of one prompt: RL groups, pass@k) prefill once: the
@@ -382,8 +403,14 @@ class Engine:
                     firsts.append(r)
             group = firsts + repeats
             d = len(firsts)
-            ids = torch.tensor([r.prompt for r in firsts], device=self.device)  # [d, length]
-            all_logits = self.model(ids, cache=self._cache_rows(first, first + d))  # [d, length, V]
+            if reused:  # copy the cached prefix into each row, prefill the rest after it
+                for k, r in enumerate(firsts):
+                    self._load_prefix(first + k, prefix[id(r)])
+                ids = torch.tensor([r.prompt[reused:] for r in firsts], device=self.device)  # [d, length - reused]
+                all_logits = self.model(ids, start_pos=reused, cache=self._cache_rows(first, first + d))
+            else:
+                ids = torch.tensor([r.prompt for r in firsts], device=self.device)  # [d, length]
+                all_logits = self.model(ids, cache=self._cache_rows(first, first + d))  # [d, length, V]
             logits = all_logits[:, -1]  # [d, V]
             for k, r in enumerate(group):  # scored prompts: each token's log-prob from the same prefill
                 if r.params.prompt_logprobs is not None:
@@ -426,7 +453,8 @@ class Engine:
         req.finish_reason = "length"
         if req.text is not None:
             req.events.put(Event(None, "", finish_reason="length", prompt_tokens=len(req.prompt),
-                                 prefill_s=req.prefill_s, prompt_logprobs=req.prompt_logprobs))
+                                 prefill_s=req.prefill_s, prompt_logprobs=req.prompt_logprobs,
+                                 cached_tokens=req.cached))
         self._retire(req)
 
     def _decode_step(self):
@@ -513,7 +541,7 @@ class Engine:
         first = req.prompt_logprobs if len(req.generated) + is_eos == 1 else None
         req.events.put(Event(None if is_eos else token, delta, None if is_eos else logprob, top, finish,
                              len(req.prompt), len(req.generated), req.prefill_s, time.perf_counter() - req.t_decode0,
-                             first))
+                             first, req.cached))
         if finish is not None:
             self._retire(req)
 
@@ -521,11 +549,14 @@ class Engine:
         for r in [r for r in self._active if r.cancelled]:
             self._retire(r)
             r.events.put(Event(None, "", finish_reason="cancelled", prompt_tokens=len(r.prompt),
-                               completion_tokens=len(r.generated)))
+                               completion_tokens=len(r.generated), cached_tokens=r.cached))
 
     def _retire(self, req: _Request):
-        """Free req's cache row by moving the last active sequence into it."""
+        """Free req's cache row by moving the last active sequence into it (keeping the row's
+        tokens in the prefix cache first)."""
         i = self._active.index(req)
+        if self.prefix_cache is not None:
+            self._keep_prefix(i, (req.prompt + req.generated)[:req.pos])
         last = len(self._active) - 1
         if i != last:
             moved = self._active[last]
@@ -534,3 +565,20 @@ class Engine:
             moved.row = i
             self._active[i] = moved
         self._active.pop()
+
+    # ------------------------------------------------------------------ prefix reuse
+    def _load_prefix(self, row: int, data: tuple) -> None:
+        """Write cached positions into a cache row: data per tensor kind [n_layers, P, ...]."""
+        P = data[0].shape[1]
+        for layer, c in enumerate(self._cache.values()):
+            for t, d in zip(c.tensors, data):
+                t[row, :P] = d[layer]
+
+    def _keep_prefix(self, row: int, tokens: list[int]) -> None:
+        """Keep a row's first len(tokens) positions (the tokens fed through the model; the last
+        sampled one never was) in the prefix cache."""
+        n = len(tokens)
+        layers = list(self._cache.values())
+        kinds = len(layers[0].tensors)
+        rows = tuple(torch.stack([c.tensors[j][row, :n] for c in layers]) for j in range(kinds))  # [n_layers, n, ...]
+        self.prefix_cache.insert(tokens, rows)

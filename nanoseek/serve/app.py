@@ -89,12 +89,12 @@ class App:
 
     def __init__(self, store=None, api_key: str | None = None, context_length: int = 4096, max_batch: int = 16,
                  device: str | None = None, dtype=None, bind_host: str = "127.0.0.1",
-                 allow_origins: tuple[str, ...] = ()):
+                 allow_origins: tuple[str, ...] = (), prefix_cache_tokens: int = 0):
         self.store = store or Store()
         self.api_key = api_key or None
         self.bind_host = bind_host
         self.origins = DEFAULT_ORIGINS + tuple(allow_origins)
-        self.models = ModelManager(self.store, context_length, max_batch, device, dtype)
+        self.models = ModelManager(self.store, context_length, max_batch, device, dtype, prefix_cache_tokens)
         self.metrics = Metrics()
         self.counters = RequestCounters(self.metrics)
         self._stop = threading.Event()
@@ -353,11 +353,12 @@ class Server:
 
 def make_server(host: str = "127.0.0.1", port: int = 11434, api_key: str | None = None, store=None,
                 context_length: int = 4096, max_batch: int = 16, device: str | None = None, dtype=None,
-                allow_origins: tuple[str, ...] = ()) -> Server:
+                allow_origins: tuple[str, ...] = (), prefix_cache_tokens: int = 0) -> Server:
     """A ready server (call serve_forever(); port 0 picks a free port: server.server_address[1]).
-    `allow_origins`: browser origins allowed beyond DEFAULT_ORIGINS (fnmatch patterns, `*` for any)."""
+    `allow_origins`: browser origins allowed beyond DEFAULT_ORIGINS (fnmatch patterns, `*` for any).
+    `prefix_cache_tokens`: per model, the finished requests' cache tokens kept for prefix reuse (0: none)."""
     return Server(host, port, App(store, api_key, context_length, max_batch, device, dtype, host,
-                                  tuple(allow_origins)))
+                                  tuple(allow_origins), prefix_cache_tokens))
 
 
 # ============================================================================ CLI
@@ -372,7 +373,7 @@ def cmd_serve(args) -> int:
     origins = tuple(args.allow_origin or ()) + tuple(
         o.strip() for o in os.environ.get("NANOSEEK_ORIGINS", "").split(",") if o.strip())
     server = make_server(args.host, args.port, args.api_key, None, args.context_length, args.max_batch,
-                         args.device, dtype, origins)
+                         args.device, dtype, origins, args.prefix_cache_tokens)
     host, port = server.server_address[:2]
     models = [m["name"] for m in server.app.store.list()]
     print(f"nanoseek serving {len(models)} model(s) from {server.app.store.models_dir} on http://{host}:{port} "
@@ -403,6 +404,9 @@ def add_serve_command(sub) -> None:
                    help="require 'Authorization: Bearer KEY' on every endpoint (default: $NANOSEEK_API_KEY)")
     s.add_argument("--context-length", type=int, default=4096, help="context limit per model in tokens")
     s.add_argument("--max-batch", type=int, default=16, help="sequences decoded together per model")
+    s.add_argument("--prefix-cache-tokens", type=int, default=65536,
+                   help="per model, tokens of finished requests' latent cache kept so that a prompt sharing "
+                        "their prefix (a chat's earlier turns) prefills only the rest; 0 disables")
     s.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     s.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="load dtype (default: the checkpoint's own)")

@@ -227,7 +227,8 @@ class Job:
                 metrics.queue(-1)
             done = [st.last for st in self.states if st.last is not None]
             metrics.tokens(self.lm.name, sum(len(p) for p in self.prompts),
-                           sum(ev.completion_tokens or 0 for ev in done))
+                           sum(ev.completion_tokens or 0 for ev in done),
+                           [ev.cached_tokens for ev in done])
 
     async def run(self, client_gone, counters: RequestCounters) -> list[ChoiceState]:
         """To the end, without streaming: the choices' states."""
@@ -238,8 +239,10 @@ class Job:
     def usage(self, n_per_prompt: int) -> dict:
         prompt = sum(len(p) for p in self.prompts[::n_per_prompt])
         completion = sum(st.last.completion_tokens for st in self.states if st.last is not None)
+        # prompt tokens copied from the prefix cache instead of prefilled (one count per prompt)
+        cached = sum(st.last.cached_tokens for st in self.states[::n_per_prompt] if st.last is not None)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-                "prompt_tokens_details": {"cached_tokens": 0}}
+                "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 class JobStream(StreamingResponse):

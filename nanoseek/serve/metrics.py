@@ -4,6 +4,8 @@ GET /metrics:
     nanoseek_requests_total{endpoint, method, status}   HTTP requests answered (unknown paths: "other")
     nanoseek_prompt_tokens_total{model}                 prompt tokens of finished generations
     nanoseek_generation_tokens_total{model}             tokens generated
+    nanoseek_prefix_cache_hits_total{model}             generations whose prompt reused cached prefix tokens
+    nanoseek_prefix_cache_hit_tokens_total{model}       prompt tokens copied from the prefix cache, not prefilled
     nanoseek_time_to_first_token_seconds{model}         histogram: request arrival to first token
     nanoseek_queue_depth                                generation requests waiting for their first token
     nanoseek_active_requests                            generation requests in flight
@@ -58,6 +60,8 @@ class Metrics:
         self.requests: dict[tuple, int] = defaultdict(int)  # (endpoint, method, status)
         self.prompt_tokens: dict[tuple, int] = defaultdict(int)  # (model,)
         self.generation_tokens: dict[tuple, int] = defaultdict(int)
+        self.prefix_hits: dict[tuple, int] = defaultdict(int)
+        self.prefix_hit_tokens: dict[tuple, int] = defaultdict(int)
         self.ttft = Histogram(TTFT_BUCKETS)
         self.queued = 0
 
@@ -65,10 +69,13 @@ class Metrics:
         with self._lock:
             self.requests[(endpoint, method, str(status))] += 1
 
-    def tokens(self, model: str, prompt: int, generated: int) -> None:
+    def tokens(self, model: str, prompt: int, generated: int, cached: list[int] = ()) -> None:
+        """`cached`: per finished generation, its prompt tokens reused from the prefix cache."""
         with self._lock:
             self.prompt_tokens[(model,)] += prompt
             self.generation_tokens[(model,)] += generated
+            self.prefix_hits[(model,)] += sum(1 for c in cached if c)
+            self.prefix_hit_tokens[(model,)] += sum(cached)
 
     def first_token(self, model: str, seconds: float) -> None:
         with self._lock:
@@ -96,6 +103,14 @@ class Metrics:
             family("nanoseek_generation_tokens_total", "counter", "Tokens generated.",
                    [f"nanoseek_generation_tokens_total{_labels(('model',), k)} {v}"
                     for k, v in sorted(self.generation_tokens.items())])
+            family("nanoseek_prefix_cache_hits_total", "counter",
+                   "Generations whose prompt reused cached prefix tokens.",
+                   [f"nanoseek_prefix_cache_hits_total{_labels(('model',), k)} {v}"
+                    for k, v in sorted(self.prefix_hits.items())])
+            family("nanoseek_prefix_cache_hit_tokens_total", "counter",
+                   "Prompt tokens copied from the prefix cache instead of prefilled.",
+                   [f"nanoseek_prefix_cache_hit_tokens_total{_labels(('model',), k)} {v}"
+                    for k, v in sorted(self.prefix_hit_tokens.items())])
             samples = []
             for k, counts in sorted(self.ttft.counts.items()):
                 for b, c in zip(self.ttft.buckets + (float("inf"),), counts):

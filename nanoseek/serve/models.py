@@ -46,8 +46,9 @@ class ModelManager:
     """Loads store models on first use and keeps one Engine per model."""
 
     def __init__(self, store, context_length: int = 4096, max_batch: int = 16, device: str | None = None,
-                 dtype=None):
+                 dtype=None, prefix_cache_tokens: int = 0):
         self.store = store
+        self.prefix_cache_tokens = int(prefix_cache_tokens)
         self.context_length = int(context_length)
         self.max_batch = int(max_batch)
         self.device = device
@@ -113,7 +114,8 @@ class ModelManager:
         if template:  # a Modelfile's TEMPLATE replaces the checkpoint's chat template
             tok.chat_template = template
         ctx = min(self.context_length, model.config.max_position_embeddings)
-        engine = Engine(model, tok, max_context=ctx, max_batch=self.max_batch)
+        engine = Engine(model, tok, max_context=ctx, max_batch=self.max_batch,
+                        prefix_cache_tokens=self.prefix_cache_tokens)
         size = sum(p.numel() * p.element_size() for p in model.parameters())
         lm = LoadedModel(name, path, manifest, model, tok, engine, ctx, can_think(tok), str(device),
                          size, time.time(), time.perf_counter() - t0)

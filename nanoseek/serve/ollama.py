@@ -478,7 +478,9 @@ class _Replies:
             reply.context = self.prompt_ids + st.token_ids
         total = time.perf_counter() - job.t0
         reply.total_duration, reply.load_duration = int(total * 1e9), int(job.load_s * 1e9)
-        reply.prompt_eval_count, reply.prompt_eval_duration = last.prompt_tokens, int(last.prefill_s * 1e9)
+        # the prompt tokens actually evaluated: those copied from the prefix cache were not
+        reply.prompt_eval_count = last.prompt_tokens - last.cached_tokens
+        reply.prompt_eval_duration = int(last.prefill_s * 1e9)
         reply.eval_count, reply.eval_duration = last.completion_tokens, int(last.decode_s * 1e9)
         if self.want_lp:
             lps = st.take_logprobs() if streamed else st.logprobs

@@ -210,6 +210,15 @@ def _modelfile_sampling(body: SamplingRequest, kw: dict, seed, lm):
     return kw, seed
 
 
+def _modelfile_max_tokens(body: SamplingRequest, max_tokens, lm):
+    """A Modelfile's PARAMETER num_predict (-1: to the context's end) where the request sets no
+    max_tokens / max_completion_tokens; else `max_tokens` as the request made it."""
+    num_predict = lm.manifest.get("defaults", {}).get("parameters", {}).get("num_predict")
+    if num_predict is None or body.max_tokens is not None or getattr(body, "max_completion_tokens", None) is not None:
+        return max_tokens
+    return None if num_predict < 0 else num_predict
+
+
 def _think(body: ChatCompletionRequest, lm, name: str):
     think = None
     effort = body.reasoning_effort
@@ -356,6 +365,7 @@ async def chat_completions(request: Request):
     try:
         think = _think(body, lm, name)
         kw, seed = _modelfile_sampling(body, kw, seed, lm)
+        max_tokens = _modelfile_max_tokens(body, max_tokens, lm)
         msgs = with_default_messages(msgs, lm.manifest.get("defaults", {}))
         if forced or schema is not None:  # constrained output starts at the answer
             if think:
@@ -506,6 +516,7 @@ async def completions(request: Request):
     lm, load_s = await run_in_threadpool(app.models.acquire, cname)
     release = lambda: app.models.release(lm)  # noqa: E731
     try:
+        max_tokens = _modelfile_max_tokens(body, max_tokens, lm)
         id_prompts = [_prompt_ids(lm.tokenizer, lm.model.config.vocab_size, p) for p in prompts]
         job = _job(lm, id_prompts, kw, n, seed, max_tokens, n_lp if n_lp else (1 if n_lp == 0 else 0), load_s, t0,
                    grammar=output_grammar(lm, schema, SCHEMA_FIELD))
