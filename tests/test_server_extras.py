@@ -356,6 +356,19 @@ def test_modelfile_num_predict_on_openai_endpoints(ol, oa):
     assert oa.completions.create(model="short", prompt="x", max_tokens=2, extra_body={"ignore_eos": True}).usage.completion_tokens == 2
 
 
+def test_modelfile_sampling_on_openai_completions(ol, oa):
+    """/v1/completions takes a Modelfile's sampling PARAMETERs (temperature, stop) where the
+    request sets none, as chat does; a request's own value wins."""
+    plain = oa.completions.create(model="tiny", prompt=QUESTION, max_tokens=8, temperature=0).choices[0].text
+    assert len(plain) > 2
+    stop = plain[1:3]
+    ol.create(model="greedy-stop", from_="tiny", parameters={"temperature": 0, "stop": [stop]})
+    got = oa.completions.create(model="greedy-stop", prompt=QUESTION, max_tokens=8)
+    assert got.choices[0].text == plain[:plain.index(stop)] and got.choices[0].finish_reason == "stop"
+    own = oa.completions.create(model="greedy-stop", prompt=QUESTION, max_tokens=8, stop=["\u0000"])
+    assert own.choices[0].text == plain
+
+
 def test_chat_command_applies_the_store_defaults(ol, home):
     """`nanoseek chat NAME` uses the entry's SYSTEM prompt and PARAMETERs as the server does: the
     same reply as the plain entry given that system prompt and those settings by hand; a

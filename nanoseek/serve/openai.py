@@ -516,6 +516,7 @@ async def completions(request: Request):
     lm, load_s = await run_in_threadpool(app.models.acquire, cname)
     release = lambda: app.models.release(lm)  # noqa: E731
     try:
+        kw, seed = _modelfile_sampling(body, kw, seed, lm)
         max_tokens = _modelfile_max_tokens(body, max_tokens, lm)
         id_prompts = [_prompt_ids(lm.tokenizer, lm.model.config.vocab_size, p) for p in prompts]
         job = _job(lm, id_prompts, kw, n, seed, max_tokens, n_lp if n_lp else (1 if n_lp == 0 else 0), load_s, t0,
