@@ -17,8 +17,11 @@ src/models/deepseek2.cpp, which reads them).
   module (section 2.2) is not written (llama.cpp's converter drops it too) and is skipped on reading.
 - Tokenizer: our byte-level BPE as `tokenizer.ggml.model` "gpt2" (tokens, token types, merges,
   pre-tokenizer name, BOS/EOS/PAD ids, chat template), read back into a `Tokenizer`.
-- Tensor encodings go through `_encode` / `_decode` only (gguf-py's numpy quantizers today).
-  Reading memory-maps the file and dequantizes one tensor at a time into the model's dtype.
+- Tensor encodings go through `_encode` / `_decode` only: nanoseek.quant.ggml's block formats
+  (llama.cpp's byte layouts), gguf-py's numpy dequantizers for the types ggml lacks, on read.
+  `--type` q4_k_m / q6_k / q4_0 / q8_0 picks each weight's type by llama.cpp's quantizer rule
+  (nanoseek.quant.mixes); f32 / f16 / bf16 store every matrix in that type. Reading memory-maps the
+  file and dequantizes one tensor at a time into the model's dtype.
 
 Every error names the file and the key or tensor (`GGUFError`).
 """
@@ -42,15 +45,19 @@ from .config import ConfigError, ModelConfig
 from .infer.chat import ASSISTANT, USER
 from .io import atomic_write
 from .model import DeepSeekV3
+from .quant import ggml
+from .quant.mixes import MIXES, tensor_qtype
 from .tokenizer import Tokenizer, TokenizerError
 
 ARCH = "deepseek2"
 Q = gguf.GGMLQuantizationType
-WRITABLE_TYPES = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0, "q4_0": Q.Q4_0}
-NEEDS_BLOCK_FORMATS = ("q4_k_m", "q6_k")  # K-quants: nanoseek.quant.ggml writes them
+PLAIN_TYPES = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16}  # every matrix in this one encoding
+WRITABLE_TYPES = (*PLAIN_TYPES, *MIXES)  # `--type`: a plain encoding or a llama.cpp mix
 FILE_TYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
               "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
-              "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}
+              "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0, "q6_k": gguf.LlamaFileType.MOSTLY_Q6_K,
+              "q4_k_m": gguf.LlamaFileType.MOSTLY_Q4_K_M}
+GGML_NAMES = {Q(type_id): name for name, (type_id, _, _) in ggml.QTYPES.items()}  # GGML type -> ggml's name
 READABLE_TYPES = {Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q2_K, Q.Q3_K, Q.Q4_K,
                   Q.Q5_K, Q.Q6_K, Q.Q8_K}
 SPLIT_PART = re.compile(r"(.*)-(\d{5})-of-(\d{5})\.gguf$")
@@ -76,17 +83,19 @@ class GGUFError(ValueError):
 
 # ---------------------------------------------------------------------------- the encoding seam
 def _encode(array: np.ndarray, qtype: Q) -> np.ndarray:
-    """float32 [..., n] -> the GGUF bytes [..., nbytes] (uint8) of `qtype`."""
-    return np.ascontiguousarray(gguf.quants.quantize(array, qtype)).view(np.uint8)
+    """float32 [..., n] -> the GGUF bytes [..., nbytes] (uint8) of `qtype` (nanoseek.quant.ggml)."""
+    return ggml.quantize(torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)), GGML_NAMES[qtype]).numpy()
 
 
 def _decode(raw: np.ndarray, qtype: Q) -> np.ndarray:
-    """GGUF bytes (or typed data) of `qtype`, numpy shape [..., nbytes] -> float32 [..., n]."""
-    return gguf.quants.dequantize(raw, qtype)
-
-
-def _block(qtype: Q) -> int:
-    return gguf.GGML_QUANT_SIZES[qtype][0]
+    """GGUF bytes (or typed data) of `qtype`, numpy shape [..., nbytes] -> float32 [..., n]: through
+    nanoseek.quant.ggml where it has the type, else gguf-py's numpy dequantizer."""
+    if qtype not in GGML_NAMES:
+        return gguf.quants.dequantize(raw, qtype)
+    raw = np.ascontiguousarray(raw).view(np.uint8)  # typed f32 / f16 / bf16 data as its bytes
+    with warnings.catch_warnings():  # a read-only memory map, only read here
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return ggml.dequantize(torch.from_numpy(raw), GGML_NAMES[qtype]).numpy()
 
 
 # ---------------------------------------------------------------------------- names
@@ -210,21 +219,30 @@ class _Planned:
     qtype: Q
 
 
-def _plan(model: DeepSeekV3, qtype: Q) -> list[_Planned]:
-    """Every tensor to write, in llama.cpp's order, with its encoding: norms, the router and its bias
-    stay f32; rows whose length is not a multiple of the block size fall back to f16."""
+def tensor_type(mix: str, name: str, shape: tuple[int, ...], cfg: ModelConfig) -> Q:
+    """The encoding of GGUF tensor `name` [..., k] under `--type mix`: norms, the router and its bias
+    stay f32; a plain type (f32/f16/bf16) for every matrix; a mix by llama.cpp's quantizer rule
+    (nanoseek.quant.mixes, the tensor named by its llama.cpp role), with its fallbacks for short rows."""
+    if name.endswith(_KEEP_F32) or len(shape) == 1:
+        return Q.F32
+    if mix in PLAIN_TYPES:
+        return PLAIN_TYPES[mix]
+    m = re.fullmatch(r"blk\.(\d+)\.(.+)\.weight", name)
+    role, layer = (m.group(2), int(m.group(1))) if m else (name.removesuffix(".weight"), 0)
+    qtype = tensor_qtype(mix, role, shape[-1], layer=layer, n_layers=cfg.num_hidden_layers,
+                         n_experts=cfg.n_routed_experts)
+    return Q(ggml.QTYPES[qtype][0])
+
+
+def _plan(model: DeepSeekV3, mix: str) -> list[_Planned]:
+    """Every tensor to write, in llama.cpp's order, with its encoding (`tensor_type`)."""
     cfg = model.config
     state = model.state_dict()
     out: list[_Planned] = []
 
     def add(name, t):
         t = t.detach()
-        q = qtype
-        if name.endswith(_KEEP_F32) or t.dim() == 1:
-            q = Q.F32
-        elif t.shape[-1] % _block(q):
-            q = Q.F16
-        out.append(_Planned(name, t, q))
+        out.append(_Planned(name, t, tensor_type(mix, name, tuple(t.shape), cfg)))
 
     add("token_embd.weight", state["model.embed_tokens.weight"])
     for i in range(cfg.num_hidden_layers):
@@ -348,15 +366,11 @@ def _tokenizer_metadata(w: gguf.GGUFWriter, tok: Tokenizer, vocab_size: int) -> 
     w.add_chat_template(tok.chat_template or BUILTIN_CHAT_TEMPLATE)
 
 
-def writable_type(qtype: str, path: str) -> Q:
-    """The GGML type of `--type qtype`, or a GGUFError saying why it cannot be written."""
-    if qtype in NEEDS_BLOCK_FORMATS:
-        raise GGUFError(f"{path}: --type {qtype} needs the K-quant block formats of nanoseek.quant.ggml, "
-                        f"which this build lacks (writable: {', '.join(WRITABLE_TYPES)})")
+def writable_type(qtype: str, path: str) -> str:
+    """`--type qtype` checked: a plain encoding or a llama.cpp mix, else a GGUFError naming the choices."""
     if qtype not in WRITABLE_TYPES:
-        raise GGUFError(f"{path}: unsupported --type {qtype!r} (writable: {', '.join(WRITABLE_TYPES)}; "
-                        f"{', '.join(NEEDS_BLOCK_FORMATS)} need nanoseek.quant.ggml)")
-    return WRITABLE_TYPES[qtype]
+        raise GGUFError(f"{path}: unsupported --type {qtype!r} (writable: {', '.join(WRITABLE_TYPES)})")
+    return qtype
 
 
 @torch.no_grad()
@@ -371,7 +385,7 @@ def write_gguf(model: DeepSeekV3, tokenizer: Tokenizer, path: str, qtype: str = 
     if cfg.num_nextn_predict_layers:
         warnings.warn(f"{path}: the {cfg.num_nextn_predict_layers} MTP layer(s) are not written "
                       "(llama.cpp's deepseek2 runs the main model only)", stacklevel=2)
-    plan = _plan(model, WRITABLE_TYPES[qtype])
+    plan = _plan(model, qtype)
     final = os.path.abspath(path)
     tmp_dir = os.path.dirname(final)
     os.makedirs(tmp_dir, exist_ok=True)

@@ -19,7 +19,7 @@ import torch
 
 from ..checkpoint import CheckpointError
 from ..config import ConfigError
-from ..gguf_file import NEEDS_BLOCK_FORMATS, WRITABLE_TYPES, GGUFError, read_gguf, writable_type, write_gguf
+from ..gguf_file import WRITABLE_TYPES, GGUFError, read_gguf, writable_type, write_gguf
 from ..load import is_dense, load_config
 from ..model import DeepSeekV3
 from ..tokenizer import Tokenizer, TokenizerError
@@ -115,9 +115,9 @@ def add_gguf_commands(sub) -> None:
     s = sub.add_parser("export", help="write a stored model (or checkpoint folder) as a llama.cpp GGUF file")
     s.add_argument("name", help="a stored model name[:tag] or a checkpoint folder")
     s.add_argument("out", help="the .gguf file to write")
-    s.add_argument("--type", default="f16", choices=[*WRITABLE_TYPES, *NEEDS_BLOCK_FORMATS],
-                   help="tensor encoding (norms, router and its bias stay f32); "
-                        f"{', '.join(NEEDS_BLOCK_FORMATS)} need nanoseek.quant.ggml")
+    s.add_argument("--type", default="f16", choices=list(WRITABLE_TYPES),
+                   help="tensor encoding: f32/f16/bf16 for every matrix, or a llama.cpp mix (q8_0, q4_0, "
+                        "q6_k, q4_k_m) typed per tensor as llama.cpp's quantizer does; norms, router and bias stay f32")
     s.add_argument("--split-max-size", type=int, default=0, metavar="BYTES",
                    help="write parts <out>-00001-of-0000N.gguf of at most this many bytes")
     s.set_defaults(func=_guard(cmd_export))
