@@ -21,7 +21,9 @@ src/models/deepseek2.cpp, which reads them).
   (llama.cpp's byte layouts), gguf-py's numpy dequantizers for the types ggml lacks, on read.
   `--type` q4_k_m / q6_k / q4_0 / q8_0 picks each weight's type by llama.cpp's quantizer rule
   (nanoseek.quant.mixes); f32 / f16 / bf16 store every matrix in that type. Reading memory-maps the
-  file and dequantizes one tensor at a time into the model's dtype.
+  file and dequantizes one tensor at a time into the model's dtype; `read_gguf(quantized=True)`
+  instead keeps each matrix as the file's bytes (QuantLinear / QuantExperts / QuantEmbedding over
+  the memory map, no copy), float only for norms, router, balancing bias and MLA's kv_b_proj.
 
 Every error names the file and the key or tensor (`GGUFError`).
 """
@@ -39,14 +41,16 @@ import gguf
 import numpy as np
 import tokenizers
 import torch
+import torch.nn as nn
 from tokenizers import decoders, models, pre_tokenizers, processors
 
 from .config import ConfigError, ModelConfig
 from .infer.chat import ASSISTANT, USER
 from .io import atomic_write
-from .model import DeepSeekV3
+from .model import DeepSeekV3, Experts, Router
 from .quant import ggml
 from .quant.mixes import MIXES, tensor_qtype
+from .quant.qlinear import QuantEmbedding, QuantExperts, QuantLinear
 from .tokenizer import Tokenizer, TokenizerError
 
 ARCH = "deepseek2"
@@ -487,6 +491,25 @@ class GGUFModelFile:
         """The tensor's shape in numpy (row-major) order, the reverse of GGUF's ne."""
         return tuple(int(d) for d in reversed(self.tensors[name][1].shape.tolist()))
 
+    def qtype(self, name: str) -> str | None:
+        """nanoseek.quant.ggml's name for the tensor's encoding, None where ggml lacks it."""
+        return GGML_NAMES.get(self.tensors[name][1].tensor_type) if name in self.tensors else None
+
+    def raw(self, name: str, want: tuple[int, ...]) -> torch.Tensor:
+        """Tensor `name` [..., k] (checked against `want`) as its bytes [..., row_bytes] (uint8), a
+        view of the read-only memory map: no copy."""
+        if name not in self.tensors:
+            raise GGUFError(f"{self.path}: missing tensor '{name}'")
+        part, t = self.tensors[name]
+        got = self.shape(name)
+        if got != tuple(want):
+            raise GGUFError(f"{part}: tensor '{name}' has shape {list(got)}, the metadata say {list(want)}")
+        data = np.asarray(t.data).view(np.uint8)
+        data = data.reshape(*got[:-1], ggml.row_bytes(got[-1], self.qtype(name)))
+        with warnings.catch_warnings():  # read only: the quantized layers never write their bytes
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            return torch.from_numpy(data)
+
     def read(self, name: str, want: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """Tensor `name` dequantized into `dtype`, checked against the shape the metadata implies."""
         if name not in self.tensors:
@@ -633,11 +656,50 @@ def read_tokenizer(f: GGUFModelFile) -> Tokenizer:
         raise GGUFError(str(e)) from None
 
 
+def _held_quantized(f: GGUFModelFile, model: DeepSeekV3, dtype: torch.dtype) -> None:
+    """Swap, in place, every Linear / Experts / Embedding of a meta-device `model` whose file
+    tensor ggml can read for a quantized module over the file's bytes; then give what stays
+    float (norms, router, bias, kv_b_proj, RoPE tables, types ggml lacks) empty CPU storage."""
+    tied = "output.weight" not in f.tensors
+    for name, mod in list(model.named_modules()):
+        if name.startswith("mtp.") or name.endswith("kv_b_proj"):
+            continue
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        if isinstance(mod, nn.Linear):
+            src = "token_embd.weight" if name == "lm_head" and tied else gguf_name(name + ".weight")
+            if f.qtype(src) is None or src.endswith(_KEEP_F32):
+                continue
+            raw = f.raw(src, (mod.out_features, mod.in_features))
+            setattr(parent, attr, QuantLinear(raw, f.qtype(src), mod.in_features, None, dtype))
+        elif isinstance(mod, nn.Embedding) and f.qtype("token_embd.weight") is not None:
+            raw = f.raw("token_embd.weight", (mod.num_embeddings, mod.embedding_dim))
+            setattr(parent, attr, QuantEmbedding(raw, f.qtype("token_embd.weight"), mod.embedding_dim, dtype))
+        elif isinstance(mod, Experts):
+            srcs = {p: gguf_name(f"{name}.{p}") for p in QuantExperts.PROJS}
+            if any(f.qtype(s) is None for s in srcs.values()):
+                continue
+            stacks = {p: f.raw(s, tuple(getattr(mod, p).shape)) for p, s in srcs.items()}
+            setattr(parent, attr, QuantExperts(stacks, {p: f.qtype(s) for p, s in srcs.items()}, mod.n_experts,
+                                               dtype, mod.impl))
+    for mod in model.modules():  # what stays float: CPU storage, filled by read_gguf
+        for key, t in list(mod._parameters.items()):
+            if t is not None and t.is_meta:
+                mod._parameters[key] = nn.Parameter(torch.empty(t.shape, dtype=t.dtype), requires_grad=t.requires_grad)
+        for key, t in list(mod._buffers.items()):
+            if t is not None and t.is_meta:
+                mod._buffers[key] = torch.empty(t.shape, dtype=t.dtype)
+    model.rotary.reset_parameters()
+
+
 @torch.no_grad()
-def read_gguf(path: str, dtype: torch.dtype | None = None, device=None) -> tuple[DeepSeekV3, Tokenizer]:
+def read_gguf(path: str, dtype: torch.dtype | None = None, device=None,
+              quantized: bool = False) -> tuple[DeepSeekV3, Tokenizer]:
     """A `deepseek2` GGUF (file, first split part, or folder of parts) -> (model, tokenizer). Each
     tensor is dequantized from the memory map into `dtype` as it is copied in; `dtype` defaults to
-    the file's (float32 for f32, float16 for f16, bfloat16 for bf16 and the block formats)."""
+    the file's (float32 for f32, float16 for f16, bfloat16 for bf16 and the block formats).
+    `quantized`: the matrices stay the file's bytes (a CPU model; `dtype` is then that of the
+    float parts and of the dequantized weights' reads), never a float copy of the whole model."""
     f = GGUFModelFile(path)
     cfg = read_config(f)
     tok = read_tokenizer(f)
@@ -645,10 +707,22 @@ def read_gguf(path: str, dtype: torch.dtype | None = None, device=None) -> tuple
         ftype = f.get("general.file_type", 1)
         dtype = {0: torch.float32, 1: torch.float16}.get(ftype, torch.bfloat16)
     cfg = cfg.replace(torch_dtype=str(dtype).replace("torch.", ""))
-    model = DeepSeekV3.empty(cfg, device=device, dtype=dtype)
+    if quantized:
+        if device is not None and torch.device(device).type != "cpu":
+            raise GGUFError(f"{f.path}: a quantized import is a CPU model (the bytes stay memory-mapped)")
+        with torch.device("meta"):
+            model = DeepSeekV3(cfg)
+        model.to(dtype)
+        for m in model.modules():
+            if isinstance(m, Router) and m.e_score_correction_bias is not None:
+                m.e_score_correction_bias = m.e_score_correction_bias.float()
+        _held_quantized(f, model, dtype)
+        model._gguf_file = f  # the memory maps live as long as the model
+    else:
+        model = DeepSeekV3.empty(cfg, device=device, dtype=dtype)
     tied = "output.weight" not in f.tensors  # llama.cpp then uses token_embd as the head
     for name, dst in model.state_dict(keep_vars=True).items():
-        if name.startswith("mtp."):
+        if name.startswith("mtp.") or dst.dtype == torch.uint8:  # quantized bytes: already the file's
             continue
         if name.endswith(_KV_B):
             i = name.split(".")[2]

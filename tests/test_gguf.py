@@ -523,3 +523,70 @@ def test_mix_types_are_llama_cpps(ftype, mix, shape, tok, tmp_path):
     for n, q in theirs.items():
         assert got[n] == (gf.Q.Q6_K if q == gf.Q.Q5_K else q), n
     assert a.get("general.file_type") == b.get("general.file_type") == ftype
+
+
+# ------------------------------------------------------------------ quantized import
+@pytest.mark.parametrize("qtype", ["q4_k_m", "q6_k", "q8_0", "f16"])
+def test_quantized_import_computes_the_dequantized_model(qtype, trained, tok, tmp_path):
+    """read_gguf(quantized=True) holds the file's bytes (QuantLinear / QuantExperts / QuantEmbedding)
+    and computes exactly what the dequantized float32 import computes: logits and engine greedy."""
+    from nanoseek.quant.qlinear import QuantExperts, QuantLinear, model_bytes
+    (path,) = write_gguf(trained, tok, str(tmp_path / f"m-{qtype}.gguf"), qtype)
+    exact, _ = read_gguf(path, dtype=torch.float32)
+    held, _ = read_gguf(path, dtype=torch.float32, quantized=True)
+    assert isinstance(held.lm_head, QuantLinear) and any(isinstance(m, QuantExperts) for m in held.modules())
+    assert not any(p.dtype == torch.float32 and p.dim() >= 2 and not name.endswith(("kv_b_proj.weight", "gate.weight"))
+                   for name, p in held.named_parameters())
+    assert model_bytes(held)["total"] < os.path.getsize(path)
+    ids = ids_of(tok)
+    with torch.no_grad():
+        assert torch.equal(held(ids), exact(ids))
+    prompt = tok.encode("hello world, the quick brown fox", add_bos=True)
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    got = Engine(held, tok, max_context=64, max_batch=2).generate([prompt], params)[0].token_ids
+    assert got == exact.generate(torch.tensor([prompt]), 24)[0, len(prompt):].tolist()
+
+
+def test_quantized_import_greedy_is_llama_cpps(trained, tok, tmp_path):
+    """The quantized import's engine greedy == nanoseek's dequantized model == llama.cpp's, on q8_0."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    (path,) = write_gguf(trained, tok, str(tmp_path / "m.gguf"), "q8_0")
+    held, _ = read_gguf(path, dtype=torch.float32, quantized=True)
+    prompt = tok.encode("hello world, the quick brown fox", add_bos=True)
+    seq, _ = llama_logits(llama_cpp, path, prompt, 64)
+    params = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)
+    assert prompt + Engine(held, tok, max_context=128, max_batch=2).generate([prompt], params)[0].token_ids == seq
+
+
+RSS_PROBE = """
+import os, sys, torch
+from nanoseek.gguf_file import read_gguf
+page = os.sysconf("SC_PAGE_SIZE")
+rss = lambda: int(open("/proc/self/statm").read().split()[1]) * page
+def load_and_run(path):
+    model, tok = read_gguf(path, dtype=torch.float32, quantized=True)
+    with torch.no_grad():
+        model(torch.tensor([tok.encode("hello world", add_bos=True)]))
+    return model
+warm = load_and_run(sys.argv[2])  # a tiny file first: imports, allocator and kernels warmed up
+before = rss()
+model = load_and_run(sys.argv[1])
+print(rss() - before)
+"""
+
+
+def test_quantized_import_resident_memory_is_the_files(tok, tmp_path):
+    """Loading a q4_k_m `nano` model quantized (and running it once) adds about the file's size to
+    the resident memory, not a float copy of the model (a float32 copy would be ~6x the file)."""
+    from nanoseek import ModelConfig
+    cfg = ModelConfig.from_preset("nano", num_nextn_predict_layers=0, vocab_size=512)
+    model = DeepSeekV3.from_config(cfg, dtype=torch.float32, seed=0)
+    (path,) = write_gguf(model, tok, str(tmp_path / "nano.gguf"), "q4_k_m")
+    size = os.path.getsize(path)
+    (warm,) = write_gguf(tiny(), tok, str(tmp_path / "tiny.gguf"), "q4_k_m")
+    out = subprocess.run([sys.executable, "-c", RSS_PROBE, path, warm], capture_output=True, text=True, check=True)
+    grown = int(out.stdout.strip().splitlines()[-1])
+    floats = sum(p.numel() for p in model.parameters()) * 4
+    print(f"q4_k_m nano: file {size / 2**20:.2f} MiB, resident growth {grown / 2**20:.2f} MiB, "
+          f"float32 model {floats / 2**20:.2f} MiB")
+    assert grown <= 1.1 * size + 4 * 2**20
