@@ -525,6 +525,25 @@ class GGUFModelFile:
         return torch.from_numpy(np.array(values, dtype=np.float32)).to(dtype)  # a copy: the map is read-only
 
 
+def tensor_types(f: GGUFModelFile) -> dict[str, dict[str, int]]:
+    """Per GGML type of the file's tensors: {"tensors": count, "bytes": stored bytes}."""
+    out: dict[str, dict[str, int]] = {}
+    for _, t in f.tensors.values():
+        row = out.setdefault(t.tensor_type.name.lower(), {"tensors": 0, "bytes": 0})
+        row["tensors"] += 1
+        row["bytes"] += int(t.n_bytes)
+    return out
+
+
+def file_type_name(f: GGUFModelFile) -> str:
+    """The file's general.file_type as llama.cpp names it (e.g. "Q4_K_M")."""
+    ftype = f.get("general.file_type")
+    try:
+        return gguf.LlamaFileType(ftype).name.removeprefix("MOSTLY_").removeprefix("ALL_")
+    except ValueError:
+        return f"file type {ftype}"
+
+
 def _int(f: GGUFModelFile, key: str, default=None):
     value = f.arch_key(key, default, required=default is None)
     if isinstance(value, (list, tuple)):  # per-layer arrays: deepseek2 has one value for all layers

@@ -2,8 +2,11 @@
 checkpoint folder) as a llama.cpp `deepseek2` file, and `nanoseek create NAME --from FILE.gguf`
 (or a folder of split parts) imports one into the store (nanoseek/gguf_file.py does the format).
 
-The import converts the file into a staging folder inside the store, then hands it to
-`Store.create`, which validates and renames it into place: a bad file adds nothing to the store.
+The import stages, in a folder inside the store, the GGUF file(s) themselves (hard-linked where
+the file system allows, else copied) with a config.json and tokenizer read from the file's
+metadata; loading such an entry keeps the weights quantized (nanoseek.load.load_model). With
+`--dtype`, the weights are converted to that float dtype and stored as safetensors instead.
+`Store.create` validates the staged folder and renames it into place: a bad file adds nothing.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ import torch
 
 from ..checkpoint import CheckpointError
 from ..config import ConfigError
-from ..gguf_file import WRITABLE_TYPES, GGUFError, read_gguf, writable_type, write_gguf
+from ..gguf_file import WRITABLE_TYPES, GGUFError, GGUFModelFile, read_config, read_gguf, read_tokenizer, \
+    writable_type, write_gguf
 from ..load import is_dense, load_config
 from ..model import DeepSeekV3
 from ..tokenizer import Tokenizer, TokenizerError
@@ -60,16 +64,32 @@ def export(name: str, out: str, qtype: str, split_max_size: int = 0) -> list[str
                       split_max_size=split_max_size)
 
 
+def _link_or_copy(src: str, dst: str) -> None:
+    """A hard link of `src` at `dst` where the file system allows one, else a copy."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
 def create_from_gguf(name: str, source: str, force: bool = False, dtype: torch.dtype | None = None) -> dict:
     """Import a GGUF file (or folder of split parts) as store model `name`, atomically."""
     store = Store()
     os.makedirs(store.models_dir, exist_ok=True)
     staging = tempfile.mkdtemp(dir=store.models_dir, prefix=".tmp-gguf-")
     try:
-        model, tok = read_gguf(source, dtype=dtype)
-        model.save_pretrained(staging)
-        tok.save(staging)
-        del model
+        if dtype is None:  # the file itself, with its config and tokenizer beside it
+            f = GGUFModelFile(source)
+            read_config(f).save(staging)
+            read_tokenizer(f).save(staging)
+            for part in f.parts:
+                _link_or_copy(part, os.path.join(staging, os.path.basename(part)))
+            del f
+        else:
+            model, tok = read_gguf(source, dtype=dtype)
+            model.save_pretrained(staging)
+            tok.save(staging)
+            del model
         return store.create(name, staging, force=force, source=os.path.abspath(source))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -124,5 +144,5 @@ def add_gguf_commands(sub) -> None:
 
     create = sub.choices["create"]
     create.add_argument("--dtype", choices=list(DTYPES),
-                        help="GGUF sources: the stored weights' dtype (default: the file's; bfloat16 for block formats)")
+                        help="GGUF sources: convert the weights to this float dtype (default: keep the GGUF file, quantized)")
     create.set_defaults(checkpoint_create=create.get_default("func"), func=_guard(cmd_create))
