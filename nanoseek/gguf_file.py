@@ -17,8 +17,13 @@ src/models/deepseek2.cpp, which reads them).
   module (section 2.2) is not written (llama.cpp's converter drops it too) and is skipped on reading.
 - Tokenizer: our byte-level BPE as `tokenizer.ggml.model` "gpt2" (tokens, token types, merges,
   pre-tokenizer name, BOS/EOS/PAD ids, chat template), read back into a `Tokenizer`.
-- Tensor encodings go through `_encode` / `_decode` only (gguf-py's numpy quantizers today).
-  Reading memory-maps the file and dequantizes one tensor at a time into the model's dtype.
+- Tensor encodings go through `_encode` / `_decode` only: nanoseek.quant.ggml's block formats
+  (llama.cpp's byte layouts), gguf-py's numpy dequantizers for the types ggml lacks, on read.
+  `--type` q4_k_m / q6_k / q4_0 / q8_0 picks each weight's type by llama.cpp's quantizer rule
+  (nanoseek.quant.mixes); f32 / f16 / bf16 store every matrix in that type. Reading memory-maps the
+  file and dequantizes one tensor at a time into the model's dtype; `read_gguf(quantized=True)`
+  instead keeps each matrix as the file's bytes (QuantLinear / QuantExperts / QuantEmbedding over
+  the memory map, no copy), float only for norms, router, balancing bias and MLA's kv_b_proj.
 
 Every error names the file and the key or tensor (`GGUFError`).
 """
@@ -36,21 +41,27 @@ import gguf
 import numpy as np
 import tokenizers
 import torch
+import torch.nn as nn
 from tokenizers import decoders, models, pre_tokenizers, processors
 
 from .config import ConfigError, ModelConfig
 from .infer.chat import ASSISTANT, USER
 from .io import atomic_write
-from .model import DeepSeekV3
+from .model import DeepSeekV3, Experts, Router
+from .quant import ggml
+from .quant.mixes import MIXES, tensor_qtype
+from .quant.qlinear import QuantEmbedding, QuantExperts, QuantLinear
 from .tokenizer import Tokenizer, TokenizerError
 
 ARCH = "deepseek2"
 Q = gguf.GGMLQuantizationType
-WRITABLE_TYPES = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0, "q4_0": Q.Q4_0}
-NEEDS_BLOCK_FORMATS = ("q4_k_m", "q6_k")  # K-quants: nanoseek.quant.ggml writes them
+PLAIN_TYPES = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16}  # every matrix in this one encoding
+WRITABLE_TYPES = (*PLAIN_TYPES, *MIXES)  # `--type`: a plain encoding or a llama.cpp mix
 FILE_TYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
               "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
-              "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}
+              "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0, "q6_k": gguf.LlamaFileType.MOSTLY_Q6_K,
+              "q4_k_m": gguf.LlamaFileType.MOSTLY_Q4_K_M}
+GGML_NAMES = {Q(type_id): name for name, (type_id, _, _) in ggml.QTYPES.items()}  # GGML type -> ggml's name
 READABLE_TYPES = {Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q2_K, Q.Q3_K, Q.Q4_K,
                   Q.Q5_K, Q.Q6_K, Q.Q8_K}
 SPLIT_PART = re.compile(r"(.*)-(\d{5})-of-(\d{5})\.gguf$")
@@ -76,17 +87,19 @@ class GGUFError(ValueError):
 
 # ---------------------------------------------------------------------------- the encoding seam
 def _encode(array: np.ndarray, qtype: Q) -> np.ndarray:
-    """float32 [..., n] -> the GGUF bytes [..., nbytes] (uint8) of `qtype`."""
-    return np.ascontiguousarray(gguf.quants.quantize(array, qtype)).view(np.uint8)
+    """float32 [..., n] -> the GGUF bytes [..., nbytes] (uint8) of `qtype` (nanoseek.quant.ggml)."""
+    return ggml.quantize(torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)), GGML_NAMES[qtype]).numpy()
 
 
 def _decode(raw: np.ndarray, qtype: Q) -> np.ndarray:
-    """GGUF bytes (or typed data) of `qtype`, numpy shape [..., nbytes] -> float32 [..., n]."""
-    return gguf.quants.dequantize(raw, qtype)
-
-
-def _block(qtype: Q) -> int:
-    return gguf.GGML_QUANT_SIZES[qtype][0]
+    """GGUF bytes (or typed data) of `qtype`, numpy shape [..., nbytes] -> float32 [..., n]: through
+    nanoseek.quant.ggml where it has the type, else gguf-py's numpy dequantizer."""
+    if qtype not in GGML_NAMES:
+        return gguf.quants.dequantize(raw, qtype)
+    raw = np.ascontiguousarray(raw).view(np.uint8)  # typed f32 / f16 / bf16 data as its bytes
+    with warnings.catch_warnings():  # a read-only memory map, only read here
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return ggml.dequantize(torch.from_numpy(raw), GGML_NAMES[qtype]).numpy()
 
 
 # ---------------------------------------------------------------------------- names
@@ -210,21 +223,30 @@ class _Planned:
     qtype: Q
 
 
-def _plan(model: DeepSeekV3, qtype: Q) -> list[_Planned]:
-    """Every tensor to write, in llama.cpp's order, with its encoding: norms, the router and its bias
-    stay f32; rows whose length is not a multiple of the block size fall back to f16."""
+def tensor_type(mix: str, name: str, shape: tuple[int, ...], cfg: ModelConfig) -> Q:
+    """The encoding of GGUF tensor `name` [..., k] under `--type mix`: norms, the router and its bias
+    stay f32; a plain type (f32/f16/bf16) for every matrix; a mix by llama.cpp's quantizer rule
+    (nanoseek.quant.mixes, the tensor named by its llama.cpp role), with its fallbacks for short rows."""
+    if name.endswith(_KEEP_F32) or len(shape) == 1:
+        return Q.F32
+    if mix in PLAIN_TYPES:
+        return PLAIN_TYPES[mix]
+    m = re.fullmatch(r"blk\.(\d+)\.(.+)\.weight", name)
+    role, layer = (m.group(2), int(m.group(1))) if m else (name.removesuffix(".weight"), 0)
+    qtype = tensor_qtype(mix, role, shape[-1], layer=layer, n_layers=cfg.num_hidden_layers,
+                         n_experts=cfg.n_routed_experts)
+    return Q(ggml.QTYPES[qtype][0])
+
+
+def _plan(model: DeepSeekV3, mix: str) -> list[_Planned]:
+    """Every tensor to write, in llama.cpp's order, with its encoding (`tensor_type`)."""
     cfg = model.config
     state = model.state_dict()
     out: list[_Planned] = []
 
     def add(name, t):
         t = t.detach()
-        q = qtype
-        if name.endswith(_KEEP_F32) or t.dim() == 1:
-            q = Q.F32
-        elif t.shape[-1] % _block(q):
-            q = Q.F16
-        out.append(_Planned(name, t, q))
+        out.append(_Planned(name, t, tensor_type(mix, name, tuple(t.shape), cfg)))
 
     add("token_embd.weight", state["model.embed_tokens.weight"])
     for i in range(cfg.num_hidden_layers):
@@ -348,15 +370,11 @@ def _tokenizer_metadata(w: gguf.GGUFWriter, tok: Tokenizer, vocab_size: int) -> 
     w.add_chat_template(tok.chat_template or BUILTIN_CHAT_TEMPLATE)
 
 
-def writable_type(qtype: str, path: str) -> Q:
-    """The GGML type of `--type qtype`, or a GGUFError saying why it cannot be written."""
-    if qtype in NEEDS_BLOCK_FORMATS:
-        raise GGUFError(f"{path}: --type {qtype} needs the K-quant block formats of nanoseek.quant.ggml, "
-                        f"which this build lacks (writable: {', '.join(WRITABLE_TYPES)})")
+def writable_type(qtype: str, path: str) -> str:
+    """`--type qtype` checked: a plain encoding or a llama.cpp mix, else a GGUFError naming the choices."""
     if qtype not in WRITABLE_TYPES:
-        raise GGUFError(f"{path}: unsupported --type {qtype!r} (writable: {', '.join(WRITABLE_TYPES)}; "
-                        f"{', '.join(NEEDS_BLOCK_FORMATS)} need nanoseek.quant.ggml)")
-    return WRITABLE_TYPES[qtype]
+        raise GGUFError(f"{path}: unsupported --type {qtype!r} (writable: {', '.join(WRITABLE_TYPES)})")
+    return qtype
 
 
 @torch.no_grad()
@@ -371,7 +389,7 @@ def write_gguf(model: DeepSeekV3, tokenizer: Tokenizer, path: str, qtype: str = 
     if cfg.num_nextn_predict_layers:
         warnings.warn(f"{path}: the {cfg.num_nextn_predict_layers} MTP layer(s) are not written "
                       "(llama.cpp's deepseek2 runs the main model only)", stacklevel=2)
-    plan = _plan(model, WRITABLE_TYPES[qtype])
+    plan = _plan(model, qtype)
     final = os.path.abspath(path)
     tmp_dir = os.path.dirname(final)
     os.makedirs(tmp_dir, exist_ok=True)
@@ -473,6 +491,25 @@ class GGUFModelFile:
         """The tensor's shape in numpy (row-major) order, the reverse of GGUF's ne."""
         return tuple(int(d) for d in reversed(self.tensors[name][1].shape.tolist()))
 
+    def qtype(self, name: str) -> str | None:
+        """nanoseek.quant.ggml's name for the tensor's encoding, None where ggml lacks it."""
+        return GGML_NAMES.get(self.tensors[name][1].tensor_type) if name in self.tensors else None
+
+    def raw(self, name: str, want: tuple[int, ...]) -> torch.Tensor:
+        """Tensor `name` [..., k] (checked against `want`) as its bytes [..., row_bytes] (uint8), a
+        view of the read-only memory map: no copy."""
+        if name not in self.tensors:
+            raise GGUFError(f"{self.path}: missing tensor '{name}'")
+        part, t = self.tensors[name]
+        got = self.shape(name)
+        if got != tuple(want):
+            raise GGUFError(f"{part}: tensor '{name}' has shape {list(got)}, the metadata say {list(want)}")
+        data = np.asarray(t.data).view(np.uint8)
+        data = data.reshape(*got[:-1], ggml.row_bytes(got[-1], self.qtype(name)))
+        with warnings.catch_warnings():  # read only: the quantized layers never write their bytes
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            return torch.from_numpy(data)
+
     def read(self, name: str, want: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """Tensor `name` dequantized into `dtype`, checked against the shape the metadata implies."""
         if name not in self.tensors:
@@ -486,6 +523,25 @@ class GGUFModelFile:
                             f"(readable: {', '.join(q.name for q in sorted(READABLE_TYPES))})")
         values = _decode(np.asarray(t.data), t.tensor_type).reshape(got)
         return torch.from_numpy(np.array(values, dtype=np.float32)).to(dtype)  # a copy: the map is read-only
+
+
+def tensor_types(f: GGUFModelFile) -> dict[str, dict[str, int]]:
+    """Per GGML type of the file's tensors: {"tensors": count, "bytes": stored bytes}."""
+    out: dict[str, dict[str, int]] = {}
+    for _, t in f.tensors.values():
+        row = out.setdefault(t.tensor_type.name.lower(), {"tensors": 0, "bytes": 0})
+        row["tensors"] += 1
+        row["bytes"] += int(t.n_bytes)
+    return out
+
+
+def file_type_name(f: GGUFModelFile) -> str:
+    """The file's general.file_type as llama.cpp names it (e.g. "Q4_K_M")."""
+    ftype = f.get("general.file_type")
+    try:
+        return gguf.LlamaFileType(ftype).name.removeprefix("MOSTLY_").removeprefix("ALL_")
+    except ValueError:
+        return f"file type {ftype}"
 
 
 def _int(f: GGUFModelFile, key: str, default=None):
@@ -619,11 +675,50 @@ def read_tokenizer(f: GGUFModelFile) -> Tokenizer:
         raise GGUFError(str(e)) from None
 
 
+def _held_quantized(f: GGUFModelFile, model: DeepSeekV3, dtype: torch.dtype) -> None:
+    """Swap, in place, every Linear / Experts / Embedding of a meta-device `model` whose file
+    tensor ggml can read for a quantized module over the file's bytes; then give what stays
+    float (norms, router, bias, kv_b_proj, RoPE tables, types ggml lacks) empty CPU storage."""
+    tied = "output.weight" not in f.tensors
+    for name, mod in list(model.named_modules()):
+        if name.startswith("mtp.") or name.endswith("kv_b_proj"):
+            continue
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        if isinstance(mod, nn.Linear):
+            src = "token_embd.weight" if name == "lm_head" and tied else gguf_name(name + ".weight")
+            if f.qtype(src) is None or src.endswith(_KEEP_F32):
+                continue
+            raw = f.raw(src, (mod.out_features, mod.in_features))
+            setattr(parent, attr, QuantLinear(raw, f.qtype(src), mod.in_features, None, dtype))
+        elif isinstance(mod, nn.Embedding) and f.qtype("token_embd.weight") is not None:
+            raw = f.raw("token_embd.weight", (mod.num_embeddings, mod.embedding_dim))
+            setattr(parent, attr, QuantEmbedding(raw, f.qtype("token_embd.weight"), mod.embedding_dim, dtype))
+        elif isinstance(mod, Experts):
+            srcs = {p: gguf_name(f"{name}.{p}") for p in QuantExperts.PROJS}
+            if any(f.qtype(s) is None for s in srcs.values()):
+                continue
+            stacks = {p: f.raw(s, tuple(getattr(mod, p).shape)) for p, s in srcs.items()}
+            setattr(parent, attr, QuantExperts(stacks, {p: f.qtype(s) for p, s in srcs.items()}, mod.n_experts,
+                                               dtype, mod.impl))
+    for mod in model.modules():  # what stays float: CPU storage, filled by read_gguf
+        for key, t in list(mod._parameters.items()):
+            if t is not None and t.is_meta:
+                mod._parameters[key] = nn.Parameter(torch.empty(t.shape, dtype=t.dtype), requires_grad=t.requires_grad)
+        for key, t in list(mod._buffers.items()):
+            if t is not None and t.is_meta:
+                mod._buffers[key] = torch.empty(t.shape, dtype=t.dtype)
+    model.rotary.reset_parameters()
+
+
 @torch.no_grad()
-def read_gguf(path: str, dtype: torch.dtype | None = None, device=None) -> tuple[DeepSeekV3, Tokenizer]:
+def read_gguf(path: str, dtype: torch.dtype | None = None, device=None,
+              quantized: bool = False) -> tuple[DeepSeekV3, Tokenizer]:
     """A `deepseek2` GGUF (file, first split part, or folder of parts) -> (model, tokenizer). Each
     tensor is dequantized from the memory map into `dtype` as it is copied in; `dtype` defaults to
-    the file's (float32 for f32, float16 for f16, bfloat16 for bf16 and the block formats)."""
+    the file's (float32 for f32, float16 for f16, bfloat16 for bf16 and the block formats).
+    `quantized`: the matrices stay the file's bytes (a CPU model; `dtype` is then that of the
+    float parts and of the dequantized weights' reads), never a float copy of the whole model."""
     f = GGUFModelFile(path)
     cfg = read_config(f)
     tok = read_tokenizer(f)
@@ -631,10 +726,22 @@ def read_gguf(path: str, dtype: torch.dtype | None = None, device=None) -> tuple
         ftype = f.get("general.file_type", 1)
         dtype = {0: torch.float32, 1: torch.float16}.get(ftype, torch.bfloat16)
     cfg = cfg.replace(torch_dtype=str(dtype).replace("torch.", ""))
-    model = DeepSeekV3.empty(cfg, device=device, dtype=dtype)
+    if quantized:
+        if device is not None and torch.device(device).type != "cpu":
+            raise GGUFError(f"{f.path}: a quantized import is a CPU model (the bytes stay memory-mapped)")
+        with torch.device("meta"):
+            model = DeepSeekV3(cfg)
+        model.to(dtype)
+        for m in model.modules():
+            if isinstance(m, Router) and m.e_score_correction_bias is not None:
+                m.e_score_correction_bias = m.e_score_correction_bias.float()
+        _held_quantized(f, model, dtype)
+        model._gguf_file = f  # the memory maps live as long as the model
+    else:
+        model = DeepSeekV3.empty(cfg, device=device, dtype=dtype)
     tied = "output.weight" not in f.tensors  # llama.cpp then uses token_embd as the head
     for name, dst in model.state_dict(keep_vars=True).items():
-        if name.startswith("mtp."):
+        if name.startswith("mtp.") or dst.dtype == torch.uint8:  # quantized bytes: already the file's
             continue
         if name.endswith(_KV_B):
             i = name.split(".")[2]

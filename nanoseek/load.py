@@ -5,7 +5,9 @@ returns the model its `model_type` (or, without one, its `architectures`) names:
 - `llama`, `qwen2`, `qwen3`: DenseModel, the families DeepSeek-R1 was distilled into
   (DeepSeek-R1 report, arXiv 2501.12948, section 2.4).
 
-Either way `model(input_ids)` gives logits [B, T, V]. Anything else is refused with an error that
+Either way `model(input_ids)` gives logits [B, T, V]. A folder that holds a `deepseek2` GGUF (with
+its config.json and tokenizer beside it, as the store keeps one) loads through
+`read_gguf(quantized=True)` on the CPU: the weights stay the file's blocks. Anything else is refused with an error that
 names the field and its value, before any weight is read. `load_config(path)` reads the matching
 config (ModelConfig or DenseConfig) without the weights, for the store and `nanoseek show/info`.
 """
@@ -18,6 +20,7 @@ from .checkpoint import CheckpointError
 from .config import ConfigError, ModelConfig, read_config_json
 from .dense import DenseModel
 from .dense_config import DenseConfig
+from .gguf_file import read_gguf
 from .model import DeepSeekV3
 
 MODEL_CLASSES = {"deepseek_v3": DeepSeekV3, "deepseek_v2": DeepSeekV3,
@@ -69,6 +72,12 @@ def load_config(path: str):
     return ModelConfig.from_pretrained(path)
 
 
+def holds_gguf(path: str) -> bool:
+    """Whether a checkpoint folder keeps its weights as GGUF (a .gguf file, no safetensors)."""
+    files = os.listdir(path) if os.path.isdir(path) else []
+    return any(f.endswith(".gguf") for f in files) and not any(f.endswith(".safetensors") for f in files)
+
+
 def load_model(path: str, dtype=None, device=None):
     """A DeepSeek-V2/V3 or dense Llama / Qwen2 / Qwen3 Hugging Face checkpoint folder -> its model
     (DeepSeekV3 or DenseModel), weights in `dtype` (default: the checkpoint's) on `device`."""
@@ -77,5 +86,8 @@ def load_model(path: str, dtype=None, device=None):
         raise CheckpointError(f"{path}: GGUF files are not supported yet; give a Hugging Face checkpoint folder")
     if not os.path.isdir(path):
         raise CheckpointError(f"{path}: not a checkpoint directory")
+    if holds_gguf(path):  # quantized on the CPU; dequantized into `dtype` on another device
+        on_cpu = device is None or str(device) == "cpu"
+        return read_gguf(path, dtype=dtype, device=None if on_cpu else device, quantized=on_cpu)[0]
     config, file = read_config_json(path)
     return MODEL_CLASSES[model_type_of(config, file)].from_pretrained(path, dtype=dtype, device=device)

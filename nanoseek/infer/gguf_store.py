@@ -2,8 +2,11 @@
 checkpoint folder) as a llama.cpp `deepseek2` file, and `nanoseek create NAME --from FILE.gguf`
 (or a folder of split parts) imports one into the store (nanoseek/gguf_file.py does the format).
 
-The import converts the file into a staging folder inside the store, then hands it to
-`Store.create`, which validates and renames it into place: a bad file adds nothing to the store.
+The import stages, in a folder inside the store, the GGUF file(s) themselves (hard-linked where
+the file system allows, else copied) with a config.json and tokenizer read from the file's
+metadata; loading such an entry keeps the weights quantized (nanoseek.load.load_model). With
+`--dtype`, the weights are converted to that float dtype and stored as safetensors instead.
+`Store.create` validates the staged folder and renames it into place: a bad file adds nothing.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ import torch
 
 from ..checkpoint import CheckpointError
 from ..config import ConfigError
-from ..gguf_file import NEEDS_BLOCK_FORMATS, WRITABLE_TYPES, GGUFError, read_gguf, writable_type, write_gguf
+from ..gguf_file import WRITABLE_TYPES, GGUFError, GGUFModelFile, read_config, read_gguf, read_tokenizer, \
+    writable_type, write_gguf
 from ..load import is_dense, load_config
 from ..model import DeepSeekV3
 from ..tokenizer import Tokenizer, TokenizerError
@@ -60,16 +64,32 @@ def export(name: str, out: str, qtype: str, split_max_size: int = 0) -> list[str
                       split_max_size=split_max_size)
 
 
+def _link_or_copy(src: str, dst: str) -> None:
+    """A hard link of `src` at `dst` where the file system allows one, else a copy."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
 def create_from_gguf(name: str, source: str, force: bool = False, dtype: torch.dtype | None = None) -> dict:
     """Import a GGUF file (or folder of split parts) as store model `name`, atomically."""
     store = Store()
     os.makedirs(store.models_dir, exist_ok=True)
     staging = tempfile.mkdtemp(dir=store.models_dir, prefix=".tmp-gguf-")
     try:
-        model, tok = read_gguf(source, dtype=dtype)
-        model.save_pretrained(staging)
-        tok.save(staging)
-        del model
+        if dtype is None:  # the file itself, with its config and tokenizer beside it
+            f = GGUFModelFile(source)
+            read_config(f).save(staging)
+            read_tokenizer(f).save(staging)
+            for part in f.parts:
+                _link_or_copy(part, os.path.join(staging, os.path.basename(part)))
+            del f
+        else:
+            model, tok = read_gguf(source, dtype=dtype)
+            model.save_pretrained(staging)
+            tok.save(staging)
+            del model
         return store.create(name, staging, force=force, source=os.path.abspath(source))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -115,14 +135,14 @@ def add_gguf_commands(sub) -> None:
     s = sub.add_parser("export", help="write a stored model (or checkpoint folder) as a llama.cpp GGUF file")
     s.add_argument("name", help="a stored model name[:tag] or a checkpoint folder")
     s.add_argument("out", help="the .gguf file to write")
-    s.add_argument("--type", default="f16", choices=[*WRITABLE_TYPES, *NEEDS_BLOCK_FORMATS],
-                   help="tensor encoding (norms, router and its bias stay f32); "
-                        f"{', '.join(NEEDS_BLOCK_FORMATS)} need nanoseek.quant.ggml")
+    s.add_argument("--type", default="f16", choices=list(WRITABLE_TYPES),
+                   help="tensor encoding: f32/f16/bf16 for every matrix, or a llama.cpp mix (q8_0, q4_0, "
+                        "q6_k, q4_k_m) typed per tensor as llama.cpp's quantizer does; norms, router and bias stay f32")
     s.add_argument("--split-max-size", type=int, default=0, metavar="BYTES",
                    help="write parts <out>-00001-of-0000N.gguf of at most this many bytes")
     s.set_defaults(func=_guard(cmd_export))
 
     create = sub.choices["create"]
     create.add_argument("--dtype", choices=list(DTYPES),
-                        help="GGUF sources: the stored weights' dtype (default: the file's; bfloat16 for block formats)")
+                        help="GGUF sources: convert the weights to this float dtype (default: keep the GGUF file, quantized)")
     create.set_defaults(checkpoint_create=create.get_default("func"), func=_guard(cmd_create))

@@ -35,7 +35,8 @@ from .chat import can_think
 from ..checkpoint import CheckpointError, _ShardSet, hf_keys_for
 from ..dense import DenseModel
 from ..dense_checkpoint import check_pretrained
-from ..load import is_dense, load_config
+from ..gguf_file import GGUFError, GGUFModelFile, file_type_name, tensor_types
+from ..load import holds_gguf, is_dense, load_config
 from ..model import DeepSeekV3
 from ..tokenizer import Tokenizer, TokenizerError
 
@@ -179,6 +180,12 @@ def validate_checkpoint(src: str) -> dict:
         except CheckpointError as e:
             raise StoreError(str(e)) from None
         return {"config": cfg, "config_dict": cfg_dict, "tokenizer": tok}
+    if holds_gguf(src):  # weights kept as the GGUF file(s): their headers and tensor table are read
+        try:
+            quantization = file_type_name(GGUFModelFile(src))
+        except GGUFError as e:
+            raise StoreError(str(e)) from None
+        return {"config": cfg, "config_dict": cfg_dict, "tokenizer": tok, "quantization": quantization}
     try:
         shards = _ShardSet(src)
         keys = set(shards.weight_map)
@@ -272,7 +279,7 @@ class Store:
                 "architecture": cfg.model_type, "parameters": pc["total_params"],
                 "active_parameters": pc["active_params"], "mtp_parameters": pc["mtp_params"],
                 "context_length": cfg.max_position_embeddings,
-                "quantization": quantization_of(cfg_dict),
+                "quantization": info.get("quantization") or quantization_of(cfg_dict),
                 "has_chat_template": bool(info["tokenizer"].chat_template),
             }
             if defaults:
@@ -372,6 +379,7 @@ class Store:
             "layers": cfg.num_hidden_layers, "attention_heads": cfg.num_attention_heads, **shape,
             "vocab_size": cfg.vocab_size, "tokenizer_vocab_size": tok.vocab_size,
             "quantization": m.get("quantization"),
+            "gguf_tensors": tensor_types(GGUFModelFile(path)) if holds_gguf(path) else None,
             "template": template if template else "built-in DeepSeek template",
             "template_source": "tokenizer_config.json" if template else "built-in",
             "thinking": can_think(tok),
@@ -429,6 +437,11 @@ def cmd_show(args) -> int:
                  ("MLA cache", f"{s['kv_lora_rank'] + s['qk_rope_head_dim']} values / token / layer"),
                  ("MTP depth", s["mtp_depth"])]
     rows.append(("quantization", s["quantization"]))
+    if s.get("gguf_tensors"):  # weights kept as GGUF: tensors and bytes per GGML type
+        kinds = sorted(s["gguf_tensors"].items(), key=lambda kv: -kv[1]["bytes"])
+        rows.append(("GGUF tensors", ", ".join(f"{k} {v['tensors']}" for k, v in kinds)))
+        rows.append(("GGUF bytes", f"{human_size(sum(v['bytes'] for _, v in kinds))} ("
+                     + ", ".join(f"{k} {human_size(v['bytes'])}" for k, v in kinds) + ")"))
     for k, v in rows:
         print(f"    {k:<20}{v}")
     print("\n  Template")
