@@ -11,8 +11,6 @@ metadata; loading such an entry keeps the weights quantized (nanoseek.load.load_
 
 from __future__ import annotations
 
-import functools
-import json
 import os
 import shutil
 import tempfile
@@ -27,7 +25,7 @@ from ..gguf_file import WRITABLE_TYPES, GGUFError, GGUFModelFile, read_config, r
 from ..load import is_dense, load_config
 from ..model import DeepSeekV3
 from ..tokenizer import Tokenizer, TokenizerError
-from .store import InvalidName, ModelNotFound, Store, StoreError, canonical_name, human_count, human_size
+from .store import InvalidName, ModelNotFound, Store, StoreError, canonical_name, error_guard, human_size, report_created
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -110,24 +108,11 @@ def cmd_create(args) -> int:
         return args.checkpoint_create(args)
     t0 = time.time()
     m = create_from_gguf(args.name, args.source, force=args.force, dtype=DTYPES.get(args.dtype))
-    if args.json:
-        print(json.dumps({k: m[k] for k in ("name", "size", "digest", "parameters", "architecture", "quantization")}
-                         | {"seconds": round(time.time() - t0, 3)}), flush=True)
-    else:
-        print(f"created '{m['name']}' from {args.source} ({human_size(m['size'])}, "
-              f"{human_count(m['parameters'])} parameters, id {m['digest'][:12]}, {time.time() - t0:.1f} s)")
+    report_created(m, t0, args.json, source=args.source)
     return 0
 
 
-def _guard(fn):
-    """Format, store and config errors become one clear line on stderr and exit status 1."""
-    @functools.wraps(fn)
-    def run(args) -> int:
-        try:
-            return fn(args)
-        except (GGUFError, StoreError, CheckpointError, ConfigError, TokenizerError) as e:
-            raise SystemExit(f"nanoseek: {e}") from None
-    return run
+_guard = error_guard(GGUFError, CheckpointError, ConfigError, TokenizerError)
 
 
 def add_gguf_commands(sub) -> None:

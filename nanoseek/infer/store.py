@@ -23,6 +23,7 @@ Layout under `NANOSEEK_HOME` (default `~/.nanoseek`):
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import hashlib
 import json
 import os
@@ -475,26 +476,37 @@ def cmd_create(args) -> int:
     m = Store().create(args.name, args.source, force=args.force,
                        progress=None if args.json else (lambda i, n, f: print(f"copying {f} ({i + 1}/{n})",
                                                                              file=sys.stderr)))
-    if args.json:
-        _print_json({k: m[k] for k in ("name", "size", "digest", "parameters", "architecture", "quantization")}
-                    | {"seconds": round(time.time() - t0, 3)})
-    else:
-        print(f"created '{m['name']}' ({human_size(m['size'])}, {human_count(m['parameters'])} parameters, "
-              f"id {m['digest'][:12]})")
+    report_created(m, t0, args.json)
     return 0
 
 
-def _guard(fn):
-    """Store errors become one clear line on stderr and exit status 1."""
-    import functools
+def report_created(m: dict, t0: float, as_json: bool, source: str | None = None) -> None:
+    """What `nanoseek create` prints for a new entry: one JSON line, or one line for a person."""
+    if as_json:
+        _print_json({k: m[k] for k in ("name", "size", "digest", "parameters", "architecture", "quantization")}
+                    | {"seconds": round(time.time() - t0, 3)})
+    else:
+        print(f"created '{m['name']}'" + (f" from {source}" if source else "") + f" ({human_size(m['size'])}, "
+              f"{human_count(m['parameters'])} parameters, id {m['digest'][:12]}, {time.time() - t0:.1f} s)")
 
-    @functools.wraps(fn)
-    def run(args) -> int:
-        try:
-            return fn(args)
-        except StoreError as e:
-            raise SystemExit(f"nanoseek: {e}") from None
-    return run
+
+def error_guard(*errors: type[Exception]):
+    """A decorator for a command: these errors (StoreError always) become one clear line on stderr
+    and exit status 1."""
+    caught = (StoreError, *errors)
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def run(args) -> int:
+            try:
+                return fn(args)
+            except caught as e:
+                raise SystemExit(f"nanoseek: {e}") from None
+        return run
+    return wrap
+
+
+_guard = error_guard()
 
 
 def add_store_commands(sub) -> None:
