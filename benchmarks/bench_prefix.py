@@ -14,10 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 
@@ -26,7 +23,7 @@ import openai
 from nanoseek import DeepSeekV3, ModelConfig
 from nanoseek.infer.store import Store
 
-from .common import environment, print_json, table
+from .common import environment, print_json, served, table
 
 TOKENIZER = os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures", "memorizer")
 
@@ -65,21 +62,11 @@ def conversation(url: str, turns: int, max_tokens: int, topic: str = "the quick 
 
 
 def serve(home: str, args, prefix_tokens: int, turns: int) -> list[dict]:
-    cmd = [sys.executable, "-m", "nanoseek", "serve", "--port", "0", "--quiet", "--context-length",
-           str(args.context_length), "--prefix-cache-tokens", str(prefix_tokens)]
-    cmd += ["--device", args.device] if args.device else []
-    env = dict(os.environ, NANOSEEK_HOME=home, OMP_NUM_THREADS=str(args.threads))
-    server = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True)
-    try:
-        line = server.stdout.readline()
-        m = re.search(r"on (http://\S+?) ", line)
-        if not m:
-            raise SystemExit(f"the server did not start: {line!r}")
-        conversation(m.group(1), 1, 4, topic="a stitch in time")  # load the model, warm up (another prompt)
-        return conversation(m.group(1), turns, args.max_tokens)
-    finally:
-        server.terminate()
-        server.wait(30)
+    flags = ["--context-length", str(args.context_length), "--prefix-cache-tokens", str(prefix_tokens)]
+    flags += ["--device", args.device] if args.device else []
+    with served(home, flags, args.threads) as url:
+        conversation(url, 1, 4, topic="a stitch in time")  # load the model, warm up (another prompt)
+        return conversation(url, turns, args.max_tokens)
 
 
 def main(argv=None) -> dict:

@@ -14,10 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import statistics
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -28,7 +25,7 @@ from nanoseek.infer.chat import render_chat
 from nanoseek.infer.store import Store
 from nanoseek.tokenizer import Tokenizer
 
-from .common import environment, print_json, table
+from .common import environment, print_json, served, table
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures", "memorizer")
 QUESTION = "What is two plus two?"
@@ -117,23 +114,13 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     home = tempfile.mkdtemp(prefix="nanoseek-bench-serve-")
     Store(home).create("bench", os.path.abspath(args.model))
-    cmd = [sys.executable, "-m", "nanoseek", "serve", "--port", "0", "--quiet", "--context-length",
-           str(args.context_length), "--max-batch", str(args.max_batch)] + (["--device", args.device] if args.device else [])
-    env = dict(os.environ, NANOSEEK_HOME=home, OMP_NUM_THREADS=str(args.threads))
-    server = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True)
-    try:
-        line = server.stdout.readline()
-        m = re.search(r"on (http://\S+?) ", line)
-        if not m:
-            raise SystemExit(f"the server did not start: {line!r}")
-        url = m.group(1)
+    flags = ["--context-length", str(args.context_length), "--max-batch", str(args.max_batch)]
+    flags += ["--device", args.device] if args.device else []
+    with served(home, flags, args.threads) as url:
         tok = Tokenizer.from_dir(args.model)
         prompt = render_chat(tok, [{"role": "user", "content": QUESTION}])
         run_round(url, 1, prompt, args.max_tokens, args.ignore_eos)  # load the model, warm up
         rounds = [run_round(url, n, prompt, args.max_tokens, args.ignore_eos) for n in args.clients]
-    finally:
-        server.terminate()
-        server.wait(30)
     table(f"nanoseek serve: {os.path.basename(os.path.abspath(args.model))}, max_tokens {args.max_tokens}",
           ["clients", "TTFT p50 ms", "TTFT p99 ms", "tokens/s (all)", "client tok/s p50", "5xx"],
           [[r["clients"], f"{r['ttft_p50_s'] * 1e3:.1f}", f"{r['ttft_p99_s'] * 1e3:.1f}", f"{r['tokens_per_s']:.1f}",

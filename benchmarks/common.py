@@ -10,8 +10,10 @@ bytes read per second by the measured device-to-device copy bandwidth.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -29,6 +31,24 @@ __all__ = ["bench_config", "build_model", "dtype_of", "environment", "fmt", "log
            "sync", "table", "timed"]
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@contextlib.contextmanager
+def served(home: str, flags: list[str], threads: int):
+    """`nanoseek serve` on a free loopback port over the store at `home`, its torch threads set;
+    yields the base URL and stops the server on exit."""
+    cmd = [sys.executable, "-m", "nanoseek", "serve", "--port", "0", "--quiet", *flags]
+    env = dict(os.environ, NANOSEEK_HOME=home, OMP_NUM_THREADS=str(threads))
+    server = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        line = server.stdout.readline()
+        m = re.search(r"on (http://\S+?) ", line)
+        if not m:
+            raise SystemExit(f"the server did not start: {line!r}")
+        yield m.group(1)
+    finally:
+        server.terminate()
+        server.wait(30)
 
 
 def log(*parts) -> None:
