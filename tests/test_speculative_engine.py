@@ -13,6 +13,7 @@ import torch
 from conftest import randomized_model
 from nanoseek import ModelConfig
 from nanoseek.infer.engine import Engine, SamplingParams
+from nanoseek.infer.sampling import sampling_logits
 from nanoseek.infer.speculative import speculative_sample
 from nanoseek.tokenizer import train_bpe
 
@@ -256,7 +257,6 @@ def tv_bound(probs: torch.Tensor, n: int, delta: float) -> float:
 def exact_first_tokens(model, prompt, depth, temperature, top_k):
     """The target's exact joint distribution of the first `depth` sampled tokens after prompt
     (temperature, top-k applied at every step), over all sequences: {tuple: probability}."""
-    from nanoseek.infer.sampling import sampling_logits
     seqs, probs = [()], [1.0]
     for _ in range(depth):
         ids = torch.tensor([prompt + list(s) for s in seqs])
@@ -302,7 +302,6 @@ def test_sampled_tokens_follow_the_target_distribution(tok):
 def test_sampled_seed_reproducible_and_logprobs_are_the_targets(models, tok):
     """A seeded request gives the same tokens alone and beside others; each reported log-prob is
     the main model's log-softmax at that position (raw), or its sampling distribution's ("sampled")."""
-    from nanoseek.infer.sampling import sampling_logits
     model = models["mixed"]
     params = SamplingParams(max_tokens=12, temperature=0.9, top_p=0.9, seed=11, ignore_eos=True)
     alone, _ = run(model, tok, [PROMPTS[1]], params, True)
