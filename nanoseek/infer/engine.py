@@ -29,7 +29,7 @@ section 2.1: only the compressed latent and the shared rope key are cached).
   of the token after it, two tokens per row in one main-model forward (the absorbed path, as a
   one-token decode step), and keeps the draft when the main model agrees: greedily, when it is the
   main model's own argmax (so the output is plain greedy decoding's), sampled, by the rejection
-  rule of speculative sampling (speculative.py), so every token is distributed exactly as plain
+  rule of speculative sampling (speculative.py, speculative_batch.py), so every token is distributed exactly as plain
   sampling's and its reported log-probs are the main model's. The MTP layer keeps its own latent
   cache row beside the main model's (moved, copied and kept in the prefix cache with it). Each
   request's `SpeculativeStats` (drafts, accepted, steps) and the engine's total are kept; requests
@@ -47,8 +47,9 @@ from dataclasses import dataclass, field
 import torch
 
 from .prefix_cache import PrefixCache
-from .sampling import draw, sample_next, sampling_logits
-from .speculative import SpeculativeStats, draft_logits, mtp_hidden, speculative_sample
+from .sampling import sample_next
+from .speculative import SpeculativeStats, draft_logits, mtp_hidden
+from .speculative_batch import draw_drafts, verify
 from .textstream import TextStream
 
 
@@ -278,7 +279,8 @@ class Engine:
     """Continuous-batching generation over one model: requests (token ids and `SamplingParams`)
     share a latent cache of `max_batch` rows of `max_context` tokens and decode together, one token
     each per step. `submit` streams through a background thread; `generate` runs a batch to
-    completion (in the calling thread when nothing was submitted); `close` stops the thread."""
+    completion (in the calling thread when nothing was submitted); `close` stops the thread.
+    `speculative`: decode with MTP drafts (models with MTP layers only; the module docstring)."""
 
     def __init__(self, model, tokenizer, max_context: int = 4096, max_batch: int = 16, device=None,
                  cuda_graphs: bool | None = None, compile: bool = False, prefix_cache_tokens: int = 0,
@@ -553,35 +555,14 @@ class Engine:
         mcache = self._cache[self._mtp_key].rows(first, first + len(group))
         states = mtp_hidden(self.model, hidden, next_ids, reused, mcache)  # [G, L - reused, h]
         drafting = [group[k] for k in gen]
-        self._draw_drafts(drafting, draft_logits(self.model, states[gen, -1]).float())
+        draw_drafts(drafting, draft_logits(self.model, states[gen, -1]).float())
         for r in drafting:
             r.spec = SpeculativeStats()
         return chosen
 
-    def _draw_drafts(self, reqs: list[_Request], logits: torch.Tensor) -> None:
-        """Each request's draft from the MTP logits [A, V]: the argmax for greedy (and constrained)
-        requests; for sampled ones a draw from the request's own sampling distribution (temperature,
-        top-k, top-p) with its generator, kept as `draft_q` for the rejection test."""
-        drafts = logits.argmax(dim=-1)  # [A]
-        q_rows: dict[int, torch.Tensor] = {}
-        groups: dict[tuple, list[int]] = {}
-        for i, r in enumerate(reqs):
-            p = r.params
-            if p.temperature > 0 and p.constraint is None:
-                key = (p.temperature, p.top_p, p.top_k) if r.generator is None else ("seeded", i)
-                groups.setdefault(key, []).append(i)
-        for idx in groups.values():
-            p = reqs[idx[0]].params
-            q = sampling_logits(logits[idx], p.temperature, p.top_p, p.top_k).softmax(dim=-1)  # [n, V]
-            drafts[idx] = draw(q, reqs[idx[0]].generator)
-            for j, i in enumerate(idx):
-                q_rows[i] = q[j]
-        for i, (r, d) in enumerate(zip(reqs, drafts.tolist())):
-            r.draft, r.draft_q = d, q_rows.get(i)
-
     def _speculative_step(self):
         """One decode step of every active request with MTP drafts: feed [next, draft] per row,
-        keep 1 or 2 tokens per request (`_verify`), draft again from the MTP layer over the kept
+        keep 1 or 2 tokens per request (`verify`), draft again from the MTP layer over the kept
         tokens' positions, then accept the tokens one by one (a request may finish after the
         first)."""
         reqs = list(self._active)
@@ -597,7 +578,7 @@ class Engine:
         else:
             logits, hidden = self.model(tokens, start_pos=start, kv_len=kv_len, cache=self._cache_rows(0, A),
                                         return_hidden=True, attn_impl="absorb")  # [A, 2, V], [A, 2, h]
-        new, accepted, lps, tops = self._verify(reqs, tokens[:, 1], logits.float())
+        new, accepted, lps, tops = verify(reqs, tokens[:, 1], logits.float())
         n_new = 1 + accepted.long()  # [A]
         # next drafts, while the rows are still in this step's order: MTP inputs (h_pos, emb(new_0))
         # and, for an accepted draft, (h_pos+1, emb(new_1)); a rejected row's second entry sits past
@@ -605,7 +586,7 @@ class Engine:
         mcache = self._cache[self._mtp_key].rows(0, A)
         states = mtp_hidden(self.model, hidden, new, start, mcache, kv_len=kv_len, impl="absorb")  # [A, 2, h]
         last = states[torch.arange(A, device=self.device), n_new - 1]  # [A, h]
-        self._draw_drafts(reqs, draft_logits(self.model, last).float())
+        draw_drafts(reqs, draft_logits(self.model, last).float())
         n_new = n_new.tolist()
         olds = [r.pos for r in reqs]
         for r, n in zip(reqs, n_new):  # every row's filled length, before any retire moves rows
@@ -621,61 +602,6 @@ class Engine:
                 self._accept(r, toks[j], lps[i][j], tops[i][j])
                 if r.finish_reason is not None:
                     break
-
-    def _verify(self, reqs: list[_Request], drafts: torch.Tensor, logits: torch.Tensor):
-        """Per request, from the verify logits [A, 2, V] (position 0: the token after `next`,
-        position 1: the token after the draft) and drafts [A]: the kept tokens new [A, 2] (the
-        second only where `accepted` [A]), their log-probs [A][2] under the main model and top
-        alternatives. Greedy: the argmax at position 0 (the draft is kept when it equals it) and
-        the argmax after it; sampled: `speculative_sample`; constrained: one token from the masked
-        position 0, as a plain step chooses it."""
-        A = len(reqs)
-        new = logits.argmax(dim=-1)  # [A, 2] greedy: the main model's own tokens
-        accepted = new[:, 0] == drafts  # [A]
-        logp = torch.log_softmax(logits, dim=-1)  # [A, 2, V] raw: what the log-probs report
-        chosen_lp = None  # [A, 2] log-probs under the sampling distribution, where a request asks for them
-        greedy_sampled = [i for i, r in enumerate(reqs) if r.params.logprob_mode == "sampled"]
-        if greedy_sampled:
-            chosen_lp = torch.zeros(A, 2, device=logits.device)
-        groups: dict[tuple, list[int]] = {}
-        for i, r in enumerate(reqs):
-            p = r.params
-            if p.constraint is not None:
-                accepted[i] = False
-                row = p.constraint.mask(logits[i, 0])
-                out = sample_next(row[None], p.temperature, p.top_p, p.top_k, r.generator,
-                                  with_logprobs=p.logprob_mode == "sampled")
-                if p.logprob_mode == "sampled":
-                    new[i, 0], chosen_lp[i, 0] = out[0][0], out[1][0]
-                else:
-                    new[i, 0] = out[0]
-            elif p.temperature > 0:
-                key = (p.temperature, p.top_p, p.top_k) if r.generator is None else ("seeded", i)
-                groups.setdefault(key, []).append(i)
-        for idx in groups.values():
-            p, g = reqs[idx[0]].params, reqs[idx[0]].generator
-            rows = torch.tensor(idx, device=logits.device)
-            n = len(idx)
-            lsp = torch.log_softmax(sampling_logits(logits[rows].flatten(0, 1), p.temperature, p.top_p, p.top_k),
-                                    dim=-1).view(n, 2, -1)  # [n, 2, V] the target's sampling distribution
-            q = torch.stack([reqs[i].draft_q for i in idx])  # [n, V]
-            u = torch.rand(n, 3, generator=g, device=logits.device)
-            toks, acc = speculative_sample(lsp[:, 0].exp(), lsp[:, 1].exp(), q, drafts[rows], u)
-            new[rows], accepted[rows] = toks, acc
-            if chosen_lp is not None:
-                chosen_lp[rows] = lsp.gather(2, toks[:, :, None])[:, :, 0]
-        raw = logp.gather(2, new[:, :, None])[:, :, 0]  # [A, 2]
-        if chosen_lp is not None:
-            keep_raw = torch.tensor([r.params.logprob_mode != "sampled" for r in reqs], device=logits.device)
-            raw = torch.where(keep_raw[:, None], raw, chosen_lp)
-        tops = []
-        for i, r in enumerate(reqs):
-            row_tops = [None, None]
-            if r.params.logprobs:
-                v, idx = logp[i].topk(r.params.logprobs, dim=-1)  # [2, k]
-                row_tops = [list(zip(a, b)) for a, b in zip(idx.tolist(), v.tolist())]
-            tops.append(row_tops)
-        return new, accepted, raw.tolist(), tops
 
     def _emit(self, reqs: list[_Request], logits: torch.Tensor):
         """Sample the next token of each request from logits [A, V] (one host sync for the batch)."""
