@@ -1,10 +1,15 @@
 """Decode speed through the engine (the decode protocol: prompt 128 tokens, 256 new tokens, EOS
 ignored, warm-up then median): the nanoseek engine (eager, and with CUDA-graph decode steps)
 against transformers' `generate` on the same checkpoint, at batch 1 and 32; time to first token,
-tokens/s and MBU (nanoseek/perf.py). Prints a table and a final JSON line.
+tokens/s and MBU (nanoseek/perf.py). With `--speculative`, each engine variant also runs with MTP
+drafts (DeepSeek-V3 report section 2.2; `Engine(speculative=True)`) in the same run: its acceptance
+rate, tokens per request per main-model step, and speed-up over the same variant without drafts.
+Random weights draft almost nothing right; `--model` takes a checkpoint trained with MTP instead.
+Prints a table and a final JSON line.
 
     python -m benchmarks.bench_decode --preset small            # GPU
     python -m benchmarks.bench_decode --preset nano --device cpu --batches 1 4
+    python -m benchmarks.bench_decode --model RUN_DIR --speculative --no-hf
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import torch
 
 from nanoseek import DeepSeekV3, ModelConfig
 from nanoseek.infer.engine import Engine, SamplingParams
+from nanoseek.infer.speculative import SpeculativeStats
 from nanoseek.perf import decode_bytes_per_token, measure_copy_bandwidth
 
 from .common import environment, mbu, pangram_tokenizer, print_json, sync
@@ -74,30 +80,47 @@ def main():
     p.add_argument("--hf-repeats", type=int, default=3, help="as many as ours by default")
     p.add_argument("--no-hf", action="store_true")
     p.add_argument("--only", nargs="*", help="run only these variants (by label)")
+    p.add_argument("--speculative", action="store_true", help="also each variant with MTP drafts")
+    p.add_argument("--model", help="a checkpoint (e.g. one trained with MTP) instead of random `--preset` weights")
     a = p.parse_args()
     device = torch.device(a.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    cfg = ModelConfig.from_preset(a.preset)
-    model = DeepSeekV3.from_config(cfg, device=device, dtype=dtype, seed=0).eval()
+    if a.model:
+        model = DeepSeekV3.from_pretrained(a.model, dtype=dtype, device=device).eval()
+        cfg, a.preset = model.config, a.model
+    else:
+        cfg = ModelConfig.from_preset(a.preset)
+        model = DeepSeekV3.from_config(cfg, device=device, dtype=dtype, seed=0).eval()
     tok = pangram_tokenizer(300)
     g = torch.Generator().manual_seed(0)
     bw = measure_copy_bandwidth(device) if device.type == "cuda" else None
     results = {"preset": a.preset, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                **environment(device), "copy_bw": bw, "rows": []}
-    variants = [("nanoseek eager", False, False)]
+    variants = [("nanoseek eager", False, False, False)]
     if device.type == "cuda":
-        variants += [("nanoseek cuda graphs", True, False), ("nanoseek compile+graphs", True, True)]
+        variants += [("nanoseek cuda graphs", True, False, False), ("nanoseek compile+graphs", True, True, False)]
+    if a.speculative:  # each right after its plain variant, on the same prompts
+        variants = [v for plain in variants for v in (plain, (plain[0] + " +MTP", *plain[1:3], True))]
     variants = [v for v in variants if not a.only or v[0] in a.only]
     ctx = a.prompt + a.new + 8
-    for label, graphs, compiled in variants:
-        engine = Engine(model, tok, max_context=ctx, max_batch=max(a.batches), cuda_graphs=graphs, compile=compiled)
+    prompts_of = {b: torch.randint(0, cfg.vocab_size, (b, a.prompt), generator=g).tolist() for b in a.batches}
+    for label, graphs, compiled, speculative in variants:
+        engine = Engine(model, tok, max_context=ctx, max_batch=max(a.batches), cuda_graphs=graphs, compile=compiled,
+                        speculative=speculative)
         for b in a.batches:
-            prompts = torch.randint(0, cfg.vocab_size, (b, a.prompt), generator=g).tolist()
+            prompts = prompts_of[b]
             run_engine(engine, prompts, 8)  # warm-up (and graph capture)
+            engine.speculative_stats = SpeculativeStats()  # the measured runs' drafts only
             runs = [run_engine(engine, prompts, a.new) for _ in range(a.repeats)]
             ttft = statistics.median(r[0] for r in runs)
             tps = statistics.median(r[1] for r in runs)
             row = {"impl": label, "batch": b, "ttft_s": ttft, "tokens_per_s": tps}
+            if speculative:
+                st = engine.speculative_stats
+                plain = next((r for r in results["rows"] if r["impl"] == label.removesuffix(" +MTP")
+                              and r["batch"] == b), None)
+                row.update(acceptance=st.acceptance_rate, tokens_per_step=st.tokens_per_step,
+                           speedup_vs_plain=tps / plain["tokens_per_s"] if plain else None)
             if bw:
                 row["mbu"] = mbu(tps / b, decode_bytes_per_token(cfg, a.prompt + a.new // 2), bw)
             results["rows"].append(row)
@@ -128,13 +151,17 @@ def main():
             results["rows"].append(row)
             print(row, flush=True)
     print(f"\nDecode, `{a.preset}` ({dtype}), prompt {a.prompt}, {a.new} new tokens, greedy, EOS ignored, {results['device']}")
-    print(f"{'implementation':<24}{'batch':>6}{'TTFT ms':>10}{'tokens/s':>12}{'MBU':>8}")
+    print(f"{'implementation':<30}{'batch':>6}{'TTFT ms':>10}{'tokens/s':>12}{'MBU':>8}")
     for r in results["rows"]:
         if "error" in r:
-            print(f"{r['impl']:<24}{r['batch']:>6}  failed: {r['error'][:80]}")
+            print(f"{r['impl']:<30}{r['batch']:>6}  failed: {r['error'][:80]}")
             continue
         m = f"{100 * r['mbu']:.1f}%" if "mbu" in r else "-"
-        print(f"{r['impl']:<24}{r['batch']:>6}{1000 * r['ttft_s']:>10.1f}{r['tokens_per_s']:>12,.1f}{m:>8}")
+        spec = ""
+        if "acceptance" in r:
+            x = f"{r['speedup_vs_plain']:.2f}x" if r["speedup_vs_plain"] else "-"
+            spec = f"   acceptance {100 * r['acceptance']:.1f}%, {r['tokens_per_step']:.2f} tokens/step, {x} vs plain"
+        print(f"{r['impl']:<30}{r['batch']:>6}{1000 * r['ttft_s']:>10.1f}{r['tokens_per_s']:>12,.1f}{m:>8}{spec}")
     def best(prefix, labels=None):
         out = {}
         for r in results["rows"]:

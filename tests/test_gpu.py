@@ -4,6 +4,8 @@
   backward, both measured against a float64 reference.
 - CUDA-graph decode == eager decode: the engine's replayed graphs give the same greedy tokens and
   log-probs as its eager steps, on the memorizer fixture (whose greedy margins are wide).
+- MTP speculative decoding == plain greedy decoding, eager and with the two-token verify step
+  replayed from CUDA graphs, on the memorizer with an MTP layer added.
 - Triton FP8 kernels == the PyTorch reference: quantizers bit for bit; grouped GEMMs (Fprop/Dgrad
   and the K-grouped Wgrad) on segments of awkward sizes to the same > 50 dB SQNR against the fp32
   emulation that cuBLAS's blockwise `_scaled_mm` must meet (tests/test_fp8.py). Not float32
@@ -92,6 +94,35 @@ def test_cuda_graph_decode_equals_eager_decode():
         assert graph.token_ids == eager.token_ids
         assert max(abs(a - b) for a, b in zip(graph.logprobs, eager.logprobs)) < 0.05
     assert runs[True][0].token_ids == want and runs[True][0].finish_reason == "stop"  # EOS after the reply
+
+
+# ------------------------------------------------------------------ engine: speculative == plain
+def test_speculative_decode_equals_plain_decode_eager_and_graphed():
+    from fixtures.make_fixtures import MEMORIZER, QUESTION, REPLY
+    base = DeepSeekV3.from_pretrained(MEMORIZER, dtype=torch.bfloat16, device="cuda")
+    model = DeepSeekV3.from_config(base.config.replace(num_nextn_predict_layers=1), device="cuda",
+                                   dtype=torch.bfloat16, seed=0)
+    model.load_state_dict(base.state_dict(), strict=False)  # the same main model, a random MTP layer
+    model.eval()
+    tok = Tokenizer.from_dir(MEMORIZER)
+    prompt = tok.encode(render_chat(tok, [{"role": "user", "content": QUESTION}]))
+    want = tok.encode(REPLY)
+    params = SamplingParams(max_tokens=len(want) + 4, temperature=0.0)
+    prompts = [prompt, prompt, prompt, prompt[-9:], prompt[-5:]]  # buckets 4, 2, 1 as requests finish
+    runs = {}
+    for speculative, graphs in ((False, False), (True, False), (True, True)):
+        eng = Engine(model, tok, max_context=128, max_batch=4, cuda_graphs=graphs, speculative=speculative)
+        runs[speculative, graphs] = eng.generate(prompts, params)
+        if graphs:
+            assert eng._graphs is not None and eng._graphs.width == 2 and eng._graphs.graphs
+        if speculative:
+            assert eng.speculative_stats.drafted > 0
+        eng.close()
+    for key in ((True, False), (True, True)):
+        for plain, spec in zip(runs[False, False], runs[key]):
+            assert spec.token_ids == plain.token_ids, key
+            assert max(abs(a - b) for a, b in zip(spec.logprobs, plain.logprobs)) < 0.05
+    assert runs[True, True][0].token_ids == want and runs[True, True][0].finish_reason == "stop"
 
 
 # ------------------------------------------------------------------ Triton FP8 kernels

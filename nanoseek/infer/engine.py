@@ -24,6 +24,16 @@ section 2.1: only the compressed latent and the shared rope key are cached).
 - The scheduler works on token ids and log-probs only. Text (incremental detokenization, stop
   strings) is each request's `TextStream` (textstream.py); the scheduler calls it once per accepted
   token, so a stop string ends its request in the same step, exactly where EOS would.
+- MTP speculative decoding (`speculative=True`, models with MTP layers; DeepSeek-V3 report section
+  2.2, "MTP in inference"): each step feeds every request its next token and the MTP module's draft
+  of the token after it, two tokens per row in one main-model forward (the absorbed path, as a
+  one-token decode step), and keeps the draft when the main model agrees: greedily, when it is the
+  main model's own argmax (so the output is plain greedy decoding's), sampled, by the rejection
+  rule of speculative sampling (speculative.py, speculative_batch.py), so every token is distributed exactly as plain
+  sampling's and its reported log-probs are the main model's. The MTP layer keeps its own latent
+  cache row beside the main model's (moved, copied and kept in the prefix cache with it). Each
+  request's `SpeculativeStats` (drafts, accepted, steps) and the engine's total are kept; requests
+  with a `constraint` take one token per step and are not drafted. Off, nothing of this runs.
 """
 
 from __future__ import annotations
@@ -38,6 +48,8 @@ import torch
 
 from .prefix_cache import PrefixCache
 from .sampling import sample_next
+from .speculative import SpeculativeStats, draft_logits, mtp_hidden
+from .speculative_batch import draw_drafts, verify
 from .textstream import TextStream
 
 
@@ -122,6 +134,7 @@ class Completion:
     stop_logprob: float | None = None  # the log-prob of the EOS that ended it (finish_reason "stop" by EOS)
     prompt_logprobs: list | None = None  # SamplingParams.prompt_logprobs set: see Event.prompt_logprobs
     cached_tokens: int = 0  # see Event.cached_tokens
+    speculative: SpeculativeStats | None = None  # drafts and accepted drafts (speculative engines only)
 
 
 class Handle:
@@ -168,7 +181,7 @@ class Handle:
         return Completion([e.token_id for e in events if e.token_id is not None], "".join(e.text for e in events),
                           last.finish_reason, last.prompt_tokens, last.completion_tokens,
                           [e.logprob for e in events if e.logprob is not None], self._request.stop_logprob,
-                          self._request.prompt_logprobs, last.cached_tokens)
+                          self._request.prompt_logprobs, last.cached_tokens, self._request.spec)
 
 
 @dataclass(eq=False)  # compared by identity (`list.index` in _retire), not field by field
@@ -191,16 +204,29 @@ class _Request:
     prefill_s: float = 0.0
     t_decode0: float = 0.0
     finish_reason: str | None = None
+    # speculative engines: the MTP draft of the token after generated[-1], the distribution it was
+    # drawn from ([V], sampled requests only), and the request's draft counts
+    draft: int = 0
+    draft_q: torch.Tensor | None = None
+    spec: SpeculativeStats | None = None
+
+
+def supports_speculative(model) -> bool:
+    """Whether `model` has an MTP module to draft with (DeepSeek-V3 checkpoints with
+    num_nextn_predict_layers >= 1; dense models and MTP-less checkpoints have none)."""
+    return len(getattr(model, "mtp", None) or ()) >= 1
 
 
 class GraphDecoder:
     """Decode steps replayed from CUDA graphs, one graph per batch-size bucket (1, 2, 4, ...).
 
     A step attends over the whole cache row (keys past each sequence's position are masked), so
-    every shape is static; rows beyond the active ones are free cache rows and take padding."""
+    every shape is static; rows beyond the active ones are free cache rows and take padding.
+    `width` 2 is the speculative verify step: two tokens per row through the absorbed path,
+    returning the logits and final-normed hidden states of both."""
 
-    def __init__(self, model, cache: dict, max_batch: int, compile: bool = False):
-        self.model, self.cache, self.max_batch = model, cache, max_batch
+    def __init__(self, model, cache: dict, max_batch: int, compile: bool = False, width: int = 1):
+        self.model, self.cache, self.max_batch, self.width = model, cache, max_batch, width
         # with `compile`, inductor fuses the step's elementwise work before the graph is captured
         self.step = torch.compile(model, dynamic=False) if compile else model
         self.graphs: dict[int, tuple] = {}
@@ -213,44 +239,55 @@ class GraphDecoder:
 
     def _capture(self, b: int):
         device = next(self.model.parameters()).device
-        tokens = torch.zeros(b, 1, dtype=torch.long, device=device)
+        tokens = torch.zeros(b, self.width, dtype=torch.long, device=device)
         start = torch.zeros(b, dtype=torch.long, device=device)
         rows = {k: c.rows(0, b) for k, c in self.cache.items()}
+        kw = {} if self.width == 1 else dict(return_hidden=True, attn_impl="absorb")
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(3):  # warm up (and compile) outside the graph
-                self.step(tokens, start_pos=start, cache=rows)
+                self.step(tokens, start_pos=start, cache=rows, **kw)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            logits = self.step(tokens, start_pos=start, cache=rows)[:, -1]
-        self.graphs[b] = (graph, tokens, start, logits)
+            if self.width == 1:
+                out = self.step(tokens, start_pos=start, cache=rows)[:, -1]  # [b, V]
+            else:
+                out = self.step(tokens, start_pos=start, cache=rows, **kw)  # [b, w, V], [b, w, h]
+        self.graphs[b] = (graph, tokens, start, out)
 
-    def __call__(self, tokens: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
-        """tokens [A, 1], start [A] -> logits [A, V] (a view, valid until the next call)."""
+    def __call__(self, tokens: torch.Tensor, start: torch.Tensor):
+        """tokens [A, 1], start [A] -> logits [A, V] (a view, valid until the next call); with
+        `width` 2, tokens [A, 2] -> (logits [A, 2, V], hidden [A, 2, h])."""
         A = tokens.shape[0]
         b = self._bucket(A)
         if b not in self.graphs:
             self._capture(b)
-        graph, st, ss, logits = self.graphs[b]
+        graph, st, ss, out = self.graphs[b]
         st.zero_()
         ss.zero_()
         st[:A] = tokens
         ss[:A] = start
         graph.replay()
-        return logits[:A]
+        if self.width == 1:
+            return out[:A]
+        return out[0][:A], out[1][:A]
 
 
 class Engine:
     """Continuous-batching generation over one model: requests (token ids and `SamplingParams`)
     share a latent cache of `max_batch` rows of `max_context` tokens and decode together, one token
     each per step. `submit` streams through a background thread; `generate` runs a batch to
-    completion (in the calling thread when nothing was submitted); `close` stops the thread."""
+    completion (in the calling thread when nothing was submitted); `close` stops the thread.
+    `speculative`: decode with MTP drafts (models with MTP layers only; the module docstring)."""
 
     def __init__(self, model, tokenizer, max_context: int = 4096, max_batch: int = 16, device=None,
                  cuda_graphs: bool | None = None, compile: bool = False, prefix_cache_tokens: int = 0,
-                 prefix_block: int = 16):
+                 prefix_block: int = 16, speculative: bool = False):
+        if speculative and not supports_speculative(model):
+            raise ValueError("speculative decoding needs a model with MTP layers (num_nextn_predict_layers >= 1); "
+                             f"this {type(model).__name__} has none")
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.max_context = int(max_context)
@@ -270,6 +307,10 @@ class Engine:
         self.compile = compile
         # finished requests' cache rows by token ids, at most this many tokens (0: no reuse)
         self.prefix_cache = PrefixCache(prefix_cache_tokens, prefix_block) if prefix_cache_tokens > 0 else None
+        self.speculative = bool(speculative)
+        # the MTP layer's own cache sits in the cache dict under its layer name, past the main layers
+        self._mtp_key = next(iter(model.mtp)) if self.speculative else None
+        self.speculative_stats = SpeculativeStats()  # all requests' drafts so far
 
     # ------------------------------------------------------------------ public API
     def _enqueue(self, prompt_ids: list[int], params: SamplingParams | None, stream: bool = True) -> _Request:
@@ -309,7 +350,7 @@ class Engine:
                     self._tick()
             return [Completion(r.generated, self.tokenizer.decode(r.generated) if r.text is None else r.text.emitted,
                                r.finish_reason, len(r.prompt), len(r.generated), r.logprobs, r.stop_logprob,
-                               r.prompt_logprobs, r.cached)
+                               r.prompt_logprobs, r.cached, r.spec)
                     for r in reqs]
         handles = [self.submit(p, sp) for p, sp in zip(prompts, per_prompt)]
         return [h.completion() for h in handles]
@@ -353,13 +394,18 @@ class Engine:
         self._drop_cancelled()
         self._admit()
         if self._active:
-            self._decode_step()
+            if self.speculative:
+                self._speculative_step()
+            else:
+                self._decode_step()
             return True
         return False
 
     def _cache_rows(self, start: int, end: int) -> dict:
         if self._cache is None:
             self._cache = self.model.make_cache(self.max_batch, self.max_context)
+            if self.speculative:
+                self._cache[self._mtp_key] = self.model.make_layer_cache(self.max_batch, self.max_context)
         return {k: c.rows(start, end) for k, c in self._cache.items()}
 
     def _admit(self):
@@ -383,6 +429,11 @@ class Engine:
             if self.prefix_cache is not None and req.params.prompt_logprobs is None:
                 # at most all but the last prompt token: its logits choose the first new token
                 req.cached, data = self.prefix_cache.match(req.prompt, len(req.prompt) - 1)
+                if req.cached and self.speculative:
+                    # the MTP entry of the last matched position was made with the token after it,
+                    # which this prompt need not share: that position is prefilled again
+                    req.cached -= 1
+                    data = tuple(d[:, :req.cached] for d in data)
                 if req.cached:
                     prefix[id(req)] = data
             by_len.setdefault((len(req.prompt), req.cached), []).append(req)
@@ -407,10 +458,15 @@ class Engine:
                 for k, r in enumerate(firsts):
                     self._load_prefix(first + k, prefix[id(r)])
                 ids = torch.tensor([r.prompt[reused:] for r in firsts], device=self.device)  # [d, length - reused]
-                all_logits = self.model(ids, start_pos=reused, cache=self._cache_rows(first, first + d))
+                all_logits = self.model(ids, start_pos=reused, cache=self._cache_rows(first, first + d),
+                                        return_hidden=self.speculative)
             else:
                 ids = torch.tensor([r.prompt for r in firsts], device=self.device)  # [d, length]
-                all_logits = self.model(ids, cache=self._cache_rows(first, first + d))  # [d, length, V]
+                all_logits = self.model(ids, cache=self._cache_rows(first, first + d),
+                                        return_hidden=self.speculative)  # [d, length, V]
+            hidden = None
+            if self.speculative:
+                all_logits, hidden = all_logits  # hidden [d, length - reused, h]
             logits = all_logits[:, -1]  # [d, V]
             for k, r in enumerate(group):  # scored prompts: each token's log-prob from the same prefill
                 if r.params.prompt_logprobs is not None:
@@ -421,18 +477,26 @@ class Engine:
                 for c in self._cache.values():
                     c.copy_rows(first + src, first + d, length)
                 logits = torch.cat([logits, logits[src]])  # [len(group), V]
+                if hidden is not None:
+                    hidden = torch.cat([hidden, hidden[src]])  # [len(group), length - reused, h]
             now = time.perf_counter()
             for k, req in enumerate(group):
                 req.row, req.pos = first + k, length
                 req.prefill_s, req.t_decode0 = now - t0, now
                 self._active.append(req)
+            # speculative: the first tokens are chosen and drafted from while the group's rows are
+            # still first.. in order; accepted (which may retire rows) below
+            chosen = self._first_drafts(group, logits, hidden, reused, first) if self.speculative else None
             scored_only = [k for k, r in enumerate(group) if r.params.max_tokens == 0]
             if scored_only:  # scoring alone: finished at prefill, nothing sampled for them
                 keep = [k for k in range(len(group)) if k not in scored_only]
                 for k in scored_only:
                     self._finish_unsampled(group[k])
                 group, logits = [group[k] for k in keep], logits[keep]
-            if group:
+            if group and chosen is not None:
+                for r, (token, lp, top) in zip(group, chosen):
+                    self._accept(r, token, lp, top)
+            elif group:
                 self._emit(group, logits)
 
     @staticmethod
@@ -473,8 +537,79 @@ class Engine:
             r.pos += 1
         self._emit(list(self._active), logits)
 
+    # ------------------------------------------------------------------ speculative decoding
+    def _first_drafts(self, group: list[_Request], logits: torch.Tensor, hidden: torch.Tensor, reused: int,
+                      first: int) -> list[tuple]:
+        """At admission (rows first.. in group order): choose the first token of each generating
+        request from logits [G, V], run the MTP layer over the prefilled positions with hidden
+        [G, L - reused, h], and draw each request's first draft. Returns the chosen (token, log-prob,
+        top) of the generating requests (max_tokens > 0), in order, for `_accept`."""
+        gen = [k for k, r in enumerate(group) if r.params.max_tokens > 0]
+        chosen = self._choose([group[k] for k in gen], logits[gen]) if gen else []
+        if not gen:
+            return chosen
+        token_of = {k: c[0] for k, c in zip(gen, chosen)}
+        # MTP inputs at position i: (h_i, emb(t_{i+1})); the last one's next token is the chosen one
+        next_ids = torch.tensor([r.prompt[reused + 1:] + [token_of.get(k, 0)] for k, r in enumerate(group)],
+                                device=self.device)  # [G, L - reused]
+        mcache = self._cache[self._mtp_key].rows(first, first + len(group))
+        states = mtp_hidden(self.model, hidden, next_ids, reused, mcache)  # [G, L - reused, h]
+        drafting = [group[k] for k in gen]
+        draw_drafts(drafting, draft_logits(self.model, states[gen, -1]).float())
+        for r in drafting:
+            r.spec = SpeculativeStats()
+        return chosen
+
+    def _speculative_step(self):
+        """One decode step of every active request with MTP drafts: feed [next, draft] per row,
+        keep 1 or 2 tokens per request (`verify`), draft again from the MTP layer over the kept
+        tokens' positions, then accept the tokens one by one (a request may finish after the
+        first)."""
+        reqs = list(self._active)
+        A = len(reqs)
+        tokens = torch.tensor([[r.generated[-1], r.draft] for r in reqs], device=self.device)  # [A, 2]
+        start = torch.tensor([r.pos for r in reqs], device=self.device)  # [A]
+        kv_len = max(r.pos for r in reqs) + 2
+        if self.cuda_graphs:
+            if self._graphs is None:
+                self._cache_rows(0, 1)
+                self._graphs = GraphDecoder(self.model, self._cache, self.max_batch, compile=self.compile, width=2)
+            logits, hidden = self._graphs(tokens, start)
+        else:
+            logits, hidden = self.model(tokens, start_pos=start, kv_len=kv_len, cache=self._cache_rows(0, A),
+                                        return_hidden=True, attn_impl="absorb")  # [A, 2, V], [A, 2, h]
+        new, accepted, lps, tops = verify(reqs, tokens[:, 1], logits.float())
+        n_new = 1 + accepted.long()  # [A]
+        # next drafts, while the rows are still in this step's order: MTP inputs (h_pos, emb(new_0))
+        # and, for an accepted draft, (h_pos+1, emb(new_1)); a rejected row's second entry sits past
+        # its end and is overwritten next step
+        mcache = self._cache[self._mtp_key].rows(0, A)
+        states = mtp_hidden(self.model, hidden, new, start, mcache, kv_len=kv_len, impl="absorb")  # [A, 2, h]
+        last = states[torch.arange(A, device=self.device), n_new - 1]  # [A, h]
+        draw_drafts(reqs, draft_logits(self.model, last).float())
+        n_new = n_new.tolist()
+        olds = [r.pos for r in reqs]
+        for r, n in zip(reqs, n_new):  # every row's filled length, before any retire moves rows
+            r.pos += n
+        for i, (r, toks, n, acc) in enumerate(zip(reqs, new.tolist(), n_new, accepted.tolist())):
+            if r.params.constraint is None:
+                step = SpeculativeStats(drafted=1, accepted=int(acc), main_steps=1)
+                r.spec.add(step)
+                self.speculative_stats.add(step)
+            old = olds[i]
+            for j in range(n):
+                r.pos = old + 1 + j  # the tokens before this one are in the cache, as after a plain step
+                self._accept(r, toks[j], lps[i][j], tops[i][j])
+                if r.finish_reason is not None:
+                    break
+
     def _emit(self, reqs: list[_Request], logits: torch.Tensor):
         """Sample the next token of each request from logits [A, V] (one host sync for the batch)."""
+        for r, (token, lp, top) in zip(reqs, self._choose(reqs, logits)):
+            self._accept(r, token, lp, top)
+
+    def _choose(self, reqs: list[_Request], logits: torch.Tensor) -> list[tuple]:
+        """Each request's next token from logits [A, V]: (token, its log-prob, top alternatives)."""
         logits = logits.float()
         # constrained requests choose from their masked row; the others' rows are untouched, so a
         # constrained neighbour changes no unconstrained request's token
@@ -510,12 +645,14 @@ class Engine:
         chosen = logp.gather(1, tokens[:, None])[:, 0]
         for idx, lp in sampled_lp.items():  # (a greedy group's sample_next log-probs are 0 too)
             chosen[list(idx)] = lp
+        out = []
         for i, (r, token, lp) in enumerate(zip(reqs, tokens.tolist(), chosen.tolist())):
             top = None
             if r.params.logprobs:
                 v, idx = logp[i].topk(r.params.logprobs)
                 top = list(zip(idx.tolist(), v.tolist()))
-            self._accept(r, token, lp, top)
+            out.append((token, lp, top))
+        return out
 
     def _accept(self, req: _Request, token: int, logprob: float, top):
         """Record one sampled token, send its event, retire the request when done (EOS, length, or

@@ -29,13 +29,20 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch
     uniform number per row [B] (`torch.multinomial` draws V exponentials per row, far slower on a
     CPU: dev/LOG.md, session 8). The sums are in float64 and u < total, so a zero-probability token (top-k,
     top-p) is never chosen: the first index whose cumulative mass exceeds u has positive mass."""
+    u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device)[:, 0]  # [B]
+    return invert_cdf(probs, u)
+
+
+def invert_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """The token of each row of probs [B, V] (not necessarily normalized) at the uniform number
+    u [B] in [0, 1): the first index whose cumulative mass exceeds u times the row's total."""
     cdf = probs.double().cumsum(dim=-1)  # [B, V]
     total = cdf[:, -1]
     bad = ~(torch.isfinite(total) & (total > 0))
     if bad.any():
         raise ValueError(f"sampling: the probabilities of row {int(bad.nonzero()[0, 0])} are NaN, inf or all zero")
-    u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device).double() * total[:, None]  # [B, 1]
-    return torch.searchsorted(cdf, u, right=True)[:, 0]
+    point = u.double()[:, None] * total[:, None]  # [B, 1]
+    return torch.searchsorted(cdf, point, right=True)[:, 0]
 
 
 def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,

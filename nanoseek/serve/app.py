@@ -89,12 +89,13 @@ class App:
 
     def __init__(self, store=None, api_key: str | None = None, context_length: int = 4096, max_batch: int = 16,
                  device: str | None = None, dtype=None, bind_host: str = "127.0.0.1",
-                 allow_origins: tuple[str, ...] = (), prefix_cache_tokens: int = 0):
+                 allow_origins: tuple[str, ...] = (), prefix_cache_tokens: int = 0, speculative: bool = False):
         self.store = store or Store()
         self.api_key = api_key or None
         self.bind_host = bind_host
         self.origins = DEFAULT_ORIGINS + tuple(allow_origins)
-        self.models = ModelManager(self.store, context_length, max_batch, device, dtype, prefix_cache_tokens)
+        self.models = ModelManager(self.store, context_length, max_batch, device, dtype, prefix_cache_tokens,
+                                   speculative)
         self.metrics = Metrics()
         self.counters = RequestCounters(self.metrics)
         self._stop = threading.Event()
@@ -281,7 +282,8 @@ def create_api(state: App) -> FastAPI:
 
     @api.get("/metrics")
     async def metrics():
-        return state.metrics.response(state.counters.active, state.counters.cancelled)
+        speculative = {lm.name: lm.engine.speculative_stats for lm in state.models.loaded() if lm.engine.speculative}
+        return state.metrics.response(state.counters.active, state.counters.cancelled, speculative)
 
     @api.exception_handler(APIError)
     async def api_error(request: Request, err: APIError):
@@ -353,12 +355,13 @@ class Server:
 
 def make_server(host: str = "127.0.0.1", port: int = 11434, api_key: str | None = None, store=None,
                 context_length: int = 4096, max_batch: int = 16, device: str | None = None, dtype=None,
-                allow_origins: tuple[str, ...] = (), prefix_cache_tokens: int = 0) -> Server:
+                allow_origins: tuple[str, ...] = (), prefix_cache_tokens: int = 0, speculative: bool = False) -> Server:
     """A ready server (call serve_forever(); port 0 picks a free port: server.server_address[1]).
     `allow_origins`: browser origins allowed beyond DEFAULT_ORIGINS (fnmatch patterns, `*` for any).
-    `prefix_cache_tokens`: per model, the finished requests' cache tokens kept for prefix reuse (0: none)."""
+    `prefix_cache_tokens`: per model, the finished requests' cache tokens kept for prefix reuse (0: none).
+    `speculative`: models with MTP layers decode with MTP drafts (the same greedy output)."""
     return Server(host, port, App(store, api_key, context_length, max_batch, device, dtype, host,
-                                  tuple(allow_origins), prefix_cache_tokens))
+                                  tuple(allow_origins), prefix_cache_tokens, speculative))
 
 
 # ============================================================================ CLI
@@ -373,7 +376,7 @@ def cmd_serve(args) -> int:
     origins = tuple(args.allow_origin or ()) + tuple(
         o.strip() for o in os.environ.get("NANOSEEK_ORIGINS", "").split(",") if o.strip())
     server = make_server(args.host, args.port, args.api_key, None, args.context_length, args.max_batch,
-                         args.device, dtype, origins, args.prefix_cache_tokens)
+                         args.device, dtype, origins, args.prefix_cache_tokens, args.speculative)
     host, port = server.server_address[:2]
     models = [m["name"] for m in server.app.store.list()]
     print(f"nanoseek serving {len(models)} model(s) from {server.app.store.models_dir} on http://{host}:{port} "
@@ -407,6 +410,9 @@ def add_serve_command(sub) -> None:
     s.add_argument("--prefix-cache-tokens", type=int, default=65536,
                    help="per model, tokens of finished requests' latent cache kept so that a prompt sharing "
                         "their prefix (a chat's earlier turns) prefills only the rest; 0 disables")
+    s.add_argument("--speculative", action="store_true",
+                   help="models with MTP layers draft the token after next with their MTP module and verify it "
+                        "in the same step (the same greedy output, fewer main-model steps when drafts are accepted)")
     s.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     s.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="load dtype (default: the checkpoint's own)")

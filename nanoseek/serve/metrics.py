@@ -10,6 +10,10 @@ GET /metrics:
     nanoseek_queue_depth                                generation requests waiting for their first token
     nanoseek_active_requests                            generation requests in flight
     nanoseek_cancelled_requests_total                   requests whose client went away
+    nanoseek_speculative_drafted_tokens_total{model}    MTP drafts verified (`serve --speculative`, loaded models)
+    nanoseek_speculative_accepted_tokens_total{model}   of them, drafts the main model accepted
+    nanoseek_speculative_acceptance_rate{model}         accepted / drafted
+    nanoseek_speculative_tokens_per_step{model}         tokens per request per main-model step
 
 Counting is a dict update under a lock; no client library is needed.
 """
@@ -85,7 +89,8 @@ class Metrics:
         with self._lock:
             self.queued += delta
 
-    def render(self, active: int, cancelled: int) -> str:
+    def render(self, active: int, cancelled: int, speculative: dict | None = None) -> str:
+        """`speculative`: model name -> its engine's SpeculativeStats (speculative engines only)."""
         out: list[str] = []
 
         def family(name, kind, help_, samples):
@@ -127,7 +132,19 @@ class Metrics:
                [f"nanoseek_active_requests {active}"])
         family("nanoseek_cancelled_requests_total", "counter", "Requests whose client went away before the end.",
                [f"nanoseek_cancelled_requests_total {cancelled}"])
+        if speculative:
+            stats = sorted(speculative.items())
+            for name, kind, help_, value in (
+                    ("nanoseek_speculative_drafted_tokens_total", "counter", "MTP drafts verified by the main model.",
+                     lambda s: s.drafted),
+                    ("nanoseek_speculative_accepted_tokens_total", "counter", "MTP drafts the main model accepted.",
+                     lambda s: s.accepted),
+                    ("nanoseek_speculative_acceptance_rate", "gauge", "Accepted MTP drafts over drafts.",
+                     lambda s: s.acceptance_rate),
+                    ("nanoseek_speculative_tokens_per_step", "gauge", "Tokens per request per main-model step.",
+                     lambda s: s.tokens_per_step)):
+                family(name, kind, help_, [f"{name}{_labels(('model',), (m,))} {value(s)}" for m, s in stats])
         return "\n".join(out) + "\n"
 
-    def response(self, active: int, cancelled: int) -> Response:
-        return Response(self.render(active, cancelled).encode("utf-8"), media_type=CONTENT_TYPE)
+    def response(self, active: int, cancelled: int, speculative: dict | None = None) -> Response:
+        return Response(self.render(active, cancelled, speculative).encode("utf-8"), media_type=CONTENT_TYPE)

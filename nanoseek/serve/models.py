@@ -1,6 +1,8 @@
 """The served models: each model of the local store is loaded on its first request and keeps one
 `Engine` (continuous batching: concurrent requests decode together); Ollama's `keep_alive` sets
-how long an idle model stays loaded (0 unloads it at once, negative keeps it forever).
+how long an idle model stays loaded (0 unloads it at once, negative keeps it forever). With
+`speculative`, a model with MTP layers decodes with MTP drafts (engine.py; the same greedy output);
+a model without them decodes plainly.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..infer.chat import can_think
-from ..infer.engine import Engine
+from ..infer.engine import Engine, supports_speculative
 from ..load import load_model
 from ..infer.store import InvalidName, canonical_name
 from ..tokenizer import Tokenizer
@@ -46,8 +48,9 @@ class ModelManager:
     """Loads store models on first use and keeps one Engine per model."""
 
     def __init__(self, store, context_length: int = 4096, max_batch: int = 16, device: str | None = None,
-                 dtype=None, prefix_cache_tokens: int = 0):
+                 dtype=None, prefix_cache_tokens: int = 0, speculative: bool = False):
         self.store = store
+        self.speculative = bool(speculative)
         self.prefix_cache_tokens = int(prefix_cache_tokens)
         self.context_length = int(context_length)
         self.max_batch = int(max_batch)
@@ -114,8 +117,11 @@ class ModelManager:
         if template:  # a Modelfile's TEMPLATE replaces the checkpoint's chat template
             tok.chat_template = template
         ctx = min(self.context_length, model.config.max_position_embeddings)
+        speculative = self.speculative and supports_speculative(model)
+        if self.speculative and not speculative:
+            log.info("[%s] %s has no MTP layers: it decodes without speculative drafts", request_id.get(), name)
         engine = Engine(model, tok, max_context=ctx, max_batch=self.max_batch,
-                        prefix_cache_tokens=self.prefix_cache_tokens)
+                        prefix_cache_tokens=self.prefix_cache_tokens, speculative=speculative)
         size = sum(p.numel() * p.element_size() for p in model.parameters())
         lm = LoadedModel(name, path, manifest, model, tok, engine, ctx, can_think(tok), str(device),
                          size, time.time(), time.perf_counter() - t0)

@@ -1,0 +1,91 @@
+"""The engine's speculative step over a batch of requests (engine.py, `Engine(speculative=True)`;
+DeepSeek-V3 report section 2.2, "MTP in inference"): each request's MTP draft drawn from its own
+sampling settings, and the verify decision from the main model's logits of [next, draft], greedy
+(the main model's argmax, so the output is plain greedy decoding's), sampled (the rejection rule,
+`speculative.speculative_sample`: the target distribution exactly) or constrained (one token from
+the masked logits, not drafted). Requests are the engine's: `params`, `generator`, `draft_q`."""
+
+from __future__ import annotations
+
+import torch
+
+from .sampling import draw, sample_next, sampling_logits
+from .speculative import speculative_sample
+
+
+def draw_drafts(reqs: list, logits: torch.Tensor) -> None:
+    """Each request's draft from the MTP logits [A, V]: the argmax for greedy (and constrained)
+    requests; for sampled ones a draw from the request's own sampling distribution (temperature,
+    top-k, top-p) with its generator, kept as `draft_q` for the rejection test."""
+    drafts = logits.argmax(dim=-1)  # [A]
+    q_rows: dict[int, torch.Tensor] = {}
+    groups: dict[tuple, list[int]] = {}
+    for i, r in enumerate(reqs):
+        p = r.params
+        if p.temperature > 0 and p.constraint is None:
+            key = (p.temperature, p.top_p, p.top_k) if r.generator is None else ("seeded", i)
+            groups.setdefault(key, []).append(i)
+    for idx in groups.values():
+        p = reqs[idx[0]].params
+        q = sampling_logits(logits[idx], p.temperature, p.top_p, p.top_k).softmax(dim=-1)  # [n, V]
+        drafts[idx] = draw(q, reqs[idx[0]].generator)
+        for j, i in enumerate(idx):
+            q_rows[i] = q[j]
+    for i, (r, d) in enumerate(zip(reqs, drafts.tolist())):
+        r.draft, r.draft_q = d, q_rows.get(i)
+
+
+def verify(reqs: list, drafts: torch.Tensor, logits: torch.Tensor):
+    """Per request, from the verify logits [A, 2, V] (position 0: the token after `next`,
+    position 1: the token after the draft) and drafts [A]: the kept tokens new [A, 2] (the
+    second only where `accepted` [A]), their log-probs [A][2] under the main model and top
+    alternatives. Greedy: the argmax at position 0 (the draft is kept when it equals it) and
+    the argmax after it; sampled: `speculative_sample`; constrained: one token from the masked
+    position 0, as a plain step chooses it."""
+    A = len(reqs)
+    new = logits.argmax(dim=-1)  # [A, 2] greedy: the main model's own tokens
+    accepted = new[:, 0] == drafts  # [A]
+    logp = torch.log_softmax(logits, dim=-1)  # [A, 2, V] raw: what the log-probs report
+    chosen_lp = None  # [A, 2] log-probs under the sampling distribution, where a request asks for them
+    greedy_sampled = [i for i, r in enumerate(reqs) if r.params.logprob_mode == "sampled"]
+    if greedy_sampled:
+        chosen_lp = torch.zeros(A, 2, device=logits.device)
+    groups: dict[tuple, list[int]] = {}
+    for i, r in enumerate(reqs):
+        p = r.params
+        if p.constraint is not None:
+            accepted[i] = False
+            row = p.constraint.mask(logits[i, 0])
+            out = sample_next(row[None], p.temperature, p.top_p, p.top_k, r.generator,
+                              with_logprobs=p.logprob_mode == "sampled")
+            if p.logprob_mode == "sampled":
+                new[i, 0], chosen_lp[i, 0] = out[0][0], out[1][0]
+            else:
+                new[i, 0] = out[0]
+        elif p.temperature > 0:
+            key = (p.temperature, p.top_p, p.top_k) if r.generator is None else ("seeded", i)
+            groups.setdefault(key, []).append(i)
+    for idx in groups.values():
+        p, g = reqs[idx[0]].params, reqs[idx[0]].generator
+        rows = torch.tensor(idx, device=logits.device)
+        n = len(idx)
+        lsp = torch.log_softmax(sampling_logits(logits[rows].flatten(0, 1), p.temperature, p.top_p, p.top_k),
+                                dim=-1).view(n, 2, -1)  # [n, 2, V] the target's sampling distribution
+        q = torch.stack([reqs[i].draft_q for i in idx])  # [n, V]
+        u = torch.rand(n, 3, generator=g, device=logits.device)
+        toks, acc = speculative_sample(lsp[:, 0].exp(), lsp[:, 1].exp(), q, drafts[rows], u)
+        new[rows], accepted[rows] = toks, acc
+        if chosen_lp is not None:
+            chosen_lp[rows] = lsp.gather(2, toks[:, :, None])[:, :, 0]
+    raw = logp.gather(2, new[:, :, None])[:, :, 0]  # [A, 2]
+    if chosen_lp is not None:
+        keep_raw = torch.tensor([r.params.logprob_mode != "sampled" for r in reqs], device=logits.device)
+        raw = torch.where(keep_raw[:, None], raw, chosen_lp)
+    tops = []
+    for i, r in enumerate(reqs):
+        row_tops = [None, None]
+        if r.params.logprobs:
+            v, idx = logp[i].topk(r.params.logprobs, dim=-1)  # [2, k]
+            row_tops = [list(zip(a, b)) for a, b in zip(idx.tolist(), v.tolist())]
+        tops.append(row_tops)
+    return new, accepted, raw.tolist(), tops
