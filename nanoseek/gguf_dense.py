@@ -157,7 +157,9 @@ def llama3_from_factors(f: GGUFModelFile, cfg: DenseConfig, factors: torch.Tenso
 def _rope_scaling(f: GGUFModelFile, arch: str) -> dict | None:
     """rope_scaling from the `rope.scaling.*` keys ('none', 'linear', 'yarn'); llama3 comes later,
     from the `rope_freqs` tensor."""
-    key = lambda k, d=None: f.get(f"{arch}.{k}", d)  # noqa: E731
+    def key(name, default=None):
+        return f.get(f"{arch}.{name}", default)
+
     kind = key("rope.scaling.type", "none")
     if kind == "none":
         return None
@@ -175,9 +177,11 @@ def _rope_scaling(f: GGUFModelFile, arch: str) -> dict | None:
         orig = key("rope.scaling.original_context_length")
         if orig is None:
             raise GGUFError(f"{f.path}: missing key '{arch}.rope.scaling.original_context_length'")
-        return {"rope_type": "yarn", "factor": _decimal(factor), "original_max_position_embeddings": int(orig),
-                "beta_fast": _decimal(key("rope.scaling.yarn_beta_fast", 32.0)),
-                "beta_slow": _decimal(key("rope.scaling.yarn_beta_slow", 1.0))}
+        rs = {"rope_type": "yarn", "factor": _decimal(factor), "original_max_position_embeddings": int(orig)}
+        for ours, theirs in (("beta_fast", "rope.scaling.yarn_beta_fast"), ("beta_slow", "rope.scaling.yarn_beta_slow")):
+            if key(theirs) is not None:  # else llama.cpp's defaults, transformers' too (32, 1)
+                rs[ours] = _decimal(key(theirs))
+        return rs
     raise GGUFError(f"{f.path}: key '{arch}.rope.scaling.type' is {kind!r}; nanoseek reads 'none', 'linear' and 'yarn'")
 
 
@@ -210,7 +214,9 @@ def read_dense_config(f: GGUFModelFile) -> DenseConfig:
     if "token_embd.weight" not in f.tensors:
         raise GGUFError(f"{f.path}: missing tensor 'token_embd.weight'")
     vocab = f.shape("token_embd.weight")[0]
-    has = lambda name: f"blk.0.{name}" in f.tensors  # noqa: E731
+    def has(tensor):  # a tensor of the first block: biases are all-or-none per model
+        return f"blk.0.{tensor}" in f.tensors
+
     eos = f.get("tokenizer.ggml.eos_token_id")
     kw = dict(
         model_type=arch, vocab_size=vocab, hidden_size=hidden, intermediate_size=int(num("feed_forward_length")),
@@ -244,7 +250,8 @@ def dense_tokenizer(f: GGUFModelFile, tokenizer_dir: str | None = None) -> Token
         return read_tokenizer(f)
     except GGUFError as e:
         raise GGUFError(f"{e}. nanoseek cannot rebuild this tokenizer from the GGUF metadata: give the model's "
-                        "Hugging Face tokenizer folder (tokenizer.json) as tokenizer_dir") from None
+                        "Hugging Face tokenizer folder (tokenizer.json): tokenizer_dir, or "
+                        "`nanoseek create NAME --from FILE.gguf --tokenizer DIR`") from None
 
 
 def _quantized_modules(f: GGUFModelFile, model: DenseModel, dtype: torch.dtype) -> None:
@@ -286,11 +293,14 @@ def _quantized_modules(f: GGUFModelFile, model: DenseModel, dtype: torch.dtype) 
 def read_dense_gguf(path: str, dtype: torch.dtype | None = None, device=None, quantized: bool = False,
                     tokenizer_dir: str | None = None) -> tuple[DenseModel, Tokenizer]:
     """A `llama` / `qwen2` / `qwen3` GGUF (file, first split part, or folder of parts) -> (DenseModel,
-    tokenizer). `dtype` defaults to the file's (float32 for f32, float16 for f16, bfloat16 otherwise);
+    tokenizer). The tokenizer is `tokenizer_dir`'s where given (or a folder `path`'s tokenizer.json), else
+    the file's metadata (`dense_tokenizer`). `dtype` defaults to the file's (float32 for f32, float16 for f16, bfloat16 otherwise);
     `quantized` keeps the matrices as the file's bytes on the CPU (`dtype` is then that of the float
     parts and of the dequantized weights' reads)."""
     f = GGUFModelFile(path)
     cfg = read_dense_config(f)
+    if tokenizer_dir is None and os.path.isfile(os.path.join(path, "tokenizer.json")):
+        tokenizer_dir = path  # a store entry: the tokenizer kept beside the file
     tok = dense_tokenizer(f, tokenizer_dir)
     if dtype is None:
         dtype = {0: torch.float32, 1: torch.float16}.get(f.get("general.file_type", 1), torch.bfloat16)
@@ -317,12 +327,14 @@ def read_dense_gguf(path: str, dtype: torch.dtype | None = None, device=None, qu
     return model, tok
 
 
-def read_any_gguf(path: str, dtype: torch.dtype | None = None, device=None, quantized: bool = False):
+def read_any_gguf(path: str, dtype: torch.dtype | None = None, device=None, quantized: bool = False,
+                  tokenizer_dir: str | None = None):
     """(model, tokenizer) of a GGUF of any architecture nanoseek reads: the dense families here,
-    `deepseek2` through nanoseek.gguf_file."""
+    `deepseek2` through nanoseek.gguf_file; `tokenizer_dir`, where given, supplies the tokenizer."""
     if is_dense_gguf(GGUFModelFile(path)):
-        return read_dense_gguf(path, dtype=dtype, device=device, quantized=quantized)
-    return read_gguf(path, dtype=dtype, device=device, quantized=quantized)
+        return read_dense_gguf(path, dtype=dtype, device=device, quantized=quantized, tokenizer_dir=tokenizer_dir)
+    model, tok = read_gguf(path, dtype=dtype, device=device, quantized=quantized)
+    return model, Tokenizer.from_dir(tokenizer_dir) if tokenizer_dir is not None else tok
 
 
 def read_any_config(f: GGUFModelFile):
@@ -408,8 +420,10 @@ def _metadata(w: gguf.GGUFWriter, cfg: DenseConfig, name: str, ftype: int) -> No
         w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
         w.add_rope_scaling_factor(rs["factor"])
         w.add_rope_scaling_orig_ctx_len(rs["original_max_position_embeddings"])
-        w.add_rope_scaling_yarn_beta_fast(float(rs.get("beta_fast") or 32))
-        w.add_rope_scaling_yarn_beta_slow(float(rs.get("beta_slow") or 1))
+        if rs.get("beta_fast") is not None:
+            w.add_rope_scaling_yarn_beta_fast(float(rs["beta_fast"]))
+        if rs.get("beta_slow") is not None:
+            w.add_rope_scaling_yarn_beta_slow(float(rs["beta_slow"]))
 
 
 @torch.no_grad()
