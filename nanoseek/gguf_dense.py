@@ -286,6 +286,8 @@ def _quantized_modules(f: GGUFModelFile, model: DenseModel, dtype: torch.dtype) 
         for key, t in list(mod._buffers.items()):
             if t is not None and t.is_meta:
                 mod._buffers[key] = torch.empty(t.shape, dtype=t.dtype)
+    if cfg.tie_word_embeddings and isinstance(model.lm_head, nn.Linear):
+        model.tie_weights()  # a float embedding (a type ggml lacks): the head shares its new storage
     model.rotary.reset_parameters()
 
 

@@ -134,6 +134,21 @@ def test_quantized_import_computes_the_dequantized_model(qtype, case, checkpoint
     assert got == exact.generate(ids, 12)[0, len(prompt):].tolist()
 
 
+def test_a_tied_embedding_ggml_lacks_stays_float_and_tied(checkpoints, tok, tmp_path, monkeypatch):
+    """Where the embedding's type is one nanoseek.quant.ggml lacks (read through gguf-py instead), the
+    quantized import keeps it float, and the tied head is that same float matrix."""
+    path, _ = checkpoints["qwen2-tied"]
+    (file,) = gd.write_dense_gguf(load_model(path, dtype=torch.float32), tok, str(tmp_path / "m.gguf"), "q8_0")
+    exact, _ = gd.read_dense_gguf(file, dtype=torch.float32)
+    qtype = GGUFModelFile.qtype
+    monkeypatch.setattr(GGUFModelFile, "qtype", lambda self, name: None if name == "token_embd.weight" else qtype(self, name))
+    held, _ = gd.read_dense_gguf(file, dtype=torch.float32, quantized=True)
+    assert held.lm_head.weight is held.model.embed_tokens.weight
+    ids = ids_of(tok)
+    with torch.no_grad():
+        assert torch.equal(held(ids), exact(ids))
+
+
 @pytest.mark.parametrize("tied", [False, True])
 def test_q4_k_m_types(tied, tmp_path):
     """Under q4_k_m: output q6_k, attn_v and ffn_down q6_k in llama.cpp's use_more_bits layers, q4_k
@@ -207,6 +222,12 @@ def test_a_pre_tokenizer_nanoseek_lacks_needs_the_tokenizer_folder(checkpoints, 
         gd.read_dense_gguf(file)
     back, tok2 = gd.read_dense_gguf(file, tokenizer_dir=path)
     assert tok2.encode("hello world") == tok.encode("hello world")
+    monkeypatch.setenv("NANOSEEK_HOME", str(tmp_path / "home"))
+    with pytest.raises(SystemExit, match="--tokenizer DIR"):
+        main(["create", "qt", "--from", file])
+    assert main(["create", "qt", "--from", file, "--tokenizer", path]) == 0
+    entry = Store().path_of("qt")
+    assert isinstance(load_model(entry).lm_head, QuantLinear)  # the tokenizer kept beside the file is used
 
 
 # ------------------------------------------------------------------ store and CLI
