@@ -364,7 +364,8 @@ def check_dense_exportable(cfg: DenseConfig, path: str) -> None:
 def dense_tensor_type(mix: str, name: str, shape: tuple[int, ...], cfg: DenseConfig) -> Q:
     """The encoding of GGUF tensor `name` [..., k] under `--type mix`: norms, biases and rope_freqs
     f32; a plain type for every matrix; a mix by llama.cpp's rule (the value projection and
-    ffn_down counted per layer; a tied token_embd takes the output type)."""
+    ffn_down counted per layer; a tied token_embd takes the output type; a 70B model's attn_v one
+    K-quant step up)."""
     if len(shape) == 1:
         return Q.F32
     if mix in PLAIN_TYPES:
@@ -375,7 +376,15 @@ def dense_tensor_type(mix: str, name: str, shape: tuple[int, ...], cfg: DenseCon
         role = "output"
     qtype = tensor_qtype(mix, role, shape[-1], layer=layer, n_layers=cfg.num_hidden_layers,
                          attn_v_index=layer, n_attn_v=cfg.num_hidden_layers)
+    if role == "attn_v" and qtype == "q4_k" and is_70b(cfg):
+        qtype = "q6_k"  # llama.cpp: q5_k, which nanoseek lacks; the next larger K-quant stands in
     return Q(ggml.QTYPES[qtype][0])
+
+
+def is_70b(cfg: DenseConfig) -> bool:
+    """llama.cpp's LLM_TYPE_70B (80 blocks: Llama with GQA, Qwen2), whose attn_v gets more bits."""
+    return cfg.num_hidden_layers == 80 and (
+        cfg.model_type == "qwen2" or (cfg.model_type == "llama" and cfg.num_key_value_heads != cfg.num_attention_heads))
 
 
 def _plan(model: DenseModel, mix: str) -> list[tuple[str, torch.Tensor, Q]]:

@@ -181,6 +181,26 @@ def test_q4_k_m_types(tied, tmp_path):
         assert theirs == {n: gd.dense_tensor_type(mix, n, shape, cfg) for n, shape in shapes.items()}, mix
 
 
+@pytest.mark.slow
+def test_q4_k_m_types_of_a_70b_shaped_model(tmp_path):
+    """llama.cpp takes an 80-block Llama with GQA for a 70B and gives its attn_v q5_k under q4_k_m;
+    nanoseek lacks q5_k and writes q6_k there; every other tensor's type is llama.cpp's."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    make_hf_dense("llama", str(tmp_path / "hf"), hidden_size=256, intermediate_size=256, num_hidden_layers=80,
+                  vocab_size=VOCAB)
+    model = load_model(str(tmp_path / "hf"), dtype=torch.float32)
+    (src,) = gd.write_dense_gguf(model, Tokenizer.from_dir(FIXTURE), str(tmp_path / "f32.gguf"), "f32")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype, params.nthread = 15, 2
+    out = str(tmp_path / "q4_k_m.gguf")
+    assert llama_cpp.llama_model_quantize(src.encode(), out.encode(), params) == 0
+    f = GGUFModelFile(src)
+    for n, (_, t) in GGUFModelFile(out).tensors.items():
+        ours = gd.dense_tensor_type("q4_k_m", n, f.shape(n), model.config)
+        assert ours == (Q.Q6_K if t.tensor_type == Q.Q5_K else t.tensor_type), n
+    assert gd.dense_tensor_type("q4_k_m", "blk.10.attn_v.weight", (128, 256), model.config) == Q.Q6_K
+
+
 # ------------------------------------------------------------------ bad input
 def test_what_llama_cpp_computes_differently_is_refused(checkpoints, tok, tmp_path):
     path, _ = checkpoints["qwen3-yarn"]
