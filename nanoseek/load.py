@@ -5,10 +5,11 @@ returns the model its `model_type` (or, without one, its `architectures`) names:
 - `llama`, `qwen2`, `qwen3`: DenseModel, the families DeepSeek-R1 was distilled into
   (DeepSeek-R1 report, arXiv 2501.12948, section 2.4).
 
-Either way `model(input_ids)` gives logits [B, T, V]. A folder that holds a `deepseek2` GGUF (with
-its config.json and tokenizer beside it, as the store keeps one) loads through
-`read_gguf(quantized=True)` on the CPU: the weights stay the file's blocks. Anything else is refused with an error that
-names the field and its value, before any weight is read. `load_config(path)` reads the matching
+Either way `model(input_ids)` gives logits [B, T, V]. A GGUF file (`deepseek2`, `llama`, `qwen2`,
+`qwen3`), or a folder that holds one with its config.json and tokenizer beside it, as the store
+keeps one, loads quantized on the CPU (nanoseek.gguf_dense.read_any_gguf): the weights stay the
+file's blocks. Anything else is refused with an error that names the field and its value, before
+any weight is read. `load_config(path)` reads the matching
 config (ModelConfig or DenseConfig) without the weights, for the store and `nanoseek show/info`.
 """
 
@@ -20,7 +21,8 @@ from .checkpoint import CheckpointError
 from .config import ConfigError, ModelConfig, read_config_json
 from .dense import DenseModel
 from .dense_config import DenseConfig
-from .gguf_file import read_gguf
+from .gguf_dense import read_any_gguf
+from .gguf_file import GGUFError
 from .model import DeepSeekV3
 
 MODEL_CLASSES = {"deepseek_v3": DeepSeekV3, "deepseek_v2": DeepSeekV3,
@@ -79,15 +81,19 @@ def holds_gguf(path: str) -> bool:
 
 
 def load_model(path: str, dtype=None, device=None):
-    """A DeepSeek-V2/V3 or dense Llama / Qwen2 / Qwen3 Hugging Face checkpoint folder -> its model
+    """A DeepSeek-V2/V3 or dense Llama / Qwen2 / Qwen3 checkpoint folder or GGUF file -> its model
     (DeepSeekV3 or DenseModel), weights in `dtype` (default: the checkpoint's) on `device`."""
     path = os.fspath(path)
-    if os.path.isfile(path) and path.endswith(".gguf"):
-        raise CheckpointError(f"{path}: GGUF files are not supported yet; give a Hugging Face checkpoint folder")
-    if not os.path.isdir(path):
+    is_gguf_file = os.path.isfile(path) and path.endswith(".gguf")
+    if not os.path.isdir(path) and not is_gguf_file:
         raise CheckpointError(f"{path}: not a checkpoint directory")
-    if holds_gguf(path):  # quantized on the CPU; dequantized into `dtype` on another device
+    if is_gguf_file or holds_gguf(path):  # quantized on the CPU; dequantized into `dtype` on another device
         on_cpu = device is None or str(device) == "cpu"
-        return read_gguf(path, dtype=dtype, device=None if on_cpu else device, quantized=on_cpu)[0]
+        try:
+            return read_any_gguf(path, dtype=dtype, device=None if on_cpu else device, quantized=on_cpu)[0]
+        except GGUFError as e:
+            if not is_gguf_file:
+                raise
+            raise CheckpointError(str(e)) from None  # a file given as the checkpoint: the loader's error
     config, file = read_config_json(path)
     return MODEL_CLASSES[model_type_of(config, file)].from_pretrained(path, dtype=dtype, device=device)

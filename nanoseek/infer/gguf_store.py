@@ -1,6 +1,7 @@
 """GGUF at the command line: `nanoseek export NAME OUT.gguf --type ...` writes a stored model (or a
-checkpoint folder) as a llama.cpp `deepseek2` file, and `nanoseek create NAME --from FILE.gguf`
-(or a folder of split parts) imports one into the store (nanoseek/gguf_file.py does the format).
+checkpoint folder) as a llama.cpp `deepseek2` file (a dense one as `llama` / `qwen2` / `qwen3`), and
+`nanoseek create NAME --from FILE.gguf` (or a folder of split parts) imports one into the store
+(nanoseek/gguf_file.py and nanoseek/gguf_dense.py do the formats).
 
 The import stages, in a folder inside the store, the GGUF file(s) themselves (hard-linked where
 the file system allows, else copied) with a config.json and tokenizer read from the file's
@@ -20,8 +21,9 @@ import torch
 
 from ..checkpoint import CheckpointError
 from ..config import ConfigError
-from ..gguf_file import WRITABLE_TYPES, GGUFError, GGUFModelFile, read_config, read_gguf, read_tokenizer, \
-    writable_type, write_gguf
+from ..dense import DenseModel
+from ..gguf_dense import dense_tokenizer, read_any_config, read_any_gguf, write_dense_gguf
+from ..gguf_file import WRITABLE_TYPES, GGUFError, GGUFModelFile, writable_type, write_gguf
 from ..load import is_dense, load_config
 from ..model import DeepSeekV3
 from ..tokenizer import Tokenizer, TokenizerError
@@ -55,11 +57,10 @@ def export(name: str, out: str, qtype: str, split_max_size: int = 0) -> list[str
     writable_type(qtype, out)
     path = resolve_model(name)
     cfg = load_config(path)
-    if is_dense(cfg):
-        raise GGUFError(f"{path}: a dense {cfg.model_type} model; export writes DeepSeek models (deepseek2)")
-    model = DeepSeekV3.from_pretrained(path, dtype=torch.float32)
-    return write_gguf(model, Tokenizer.from_dir(path), out, qtype, name=os.path.basename(os.path.normpath(name)),
-                      split_max_size=split_max_size)
+    write = write_dense_gguf if is_dense(cfg) else write_gguf
+    model = (DenseModel if is_dense(cfg) else DeepSeekV3).from_pretrained(path, dtype=torch.float32)
+    return write(model, Tokenizer.from_dir(path), out, qtype, name=os.path.basename(os.path.normpath(name)),
+                 split_max_size=split_max_size)
 
 
 def _link_or_copy(src: str, dst: str) -> None:
@@ -70,21 +71,23 @@ def _link_or_copy(src: str, dst: str) -> None:
         shutil.copyfile(src, dst)
 
 
-def create_from_gguf(name: str, source: str, force: bool = False, dtype: torch.dtype | None = None) -> dict:
-    """Import a GGUF file (or folder of split parts) as store model `name`, atomically."""
+def create_from_gguf(name: str, source: str, force: bool = False, dtype: torch.dtype | None = None,
+                     tokenizer_dir: str | None = None) -> dict:
+    """Import a GGUF file (or folder of split parts) as store model `name`, atomically; the tokenizer
+    from the file's metadata, or from `tokenizer_dir` where given."""
     store = Store()
     os.makedirs(store.models_dir, exist_ok=True)
     staging = tempfile.mkdtemp(dir=store.models_dir, prefix=".tmp-gguf-")
     try:
         if dtype is None:  # the file itself, with its config and tokenizer beside it
             f = GGUFModelFile(source)
-            read_config(f).save(staging)
-            read_tokenizer(f).save(staging)
+            read_any_config(f).save(staging)
+            dense_tokenizer(f, tokenizer_dir).save(staging)
             for part in f.parts:
                 _link_or_copy(part, os.path.join(staging, os.path.basename(part)))
             del f
         else:
-            model, tok = read_gguf(source, dtype=dtype)
+            model, tok = read_any_gguf(source, dtype=dtype, tokenizer_dir=tokenizer_dir)
             model.save_pretrained(staging)
             tok.save(staging)
             del model
@@ -107,7 +110,8 @@ def cmd_create(args) -> int:
     if not is_gguf_source(args.source) or args.modelfile:
         return args.checkpoint_create(args)
     t0 = time.time()
-    m = create_from_gguf(args.name, args.source, force=args.force, dtype=DTYPES.get(args.dtype))
+    m = create_from_gguf(args.name, args.source, force=args.force, dtype=DTYPES.get(args.dtype),
+                         tokenizer_dir=args.tokenizer)
     report_created(m, t0, args.json, source=args.source)
     return 0
 
@@ -130,4 +134,7 @@ def add_gguf_commands(sub) -> None:
     create = sub.choices["create"]
     create.add_argument("--dtype", choices=list(DTYPES),
                         help="GGUF sources: convert the weights to this float dtype (default: keep the GGUF file, quantized)")
+    create.add_argument("--tokenizer", metavar="DIR",
+                        help="GGUF sources: take the tokenizer from this Hugging Face folder (tokenizer.json) instead "
+                             "of the file's metadata (needed where nanoseek cannot rebuild the file's pre-tokenizer)")
     create.set_defaults(checkpoint_create=create.get_default("func"), func=_guard(cmd_create))

@@ -175,7 +175,7 @@ def validate_checkpoint(src: str) -> dict:
     if tok.vocab_size > cfg.vocab_size:
         raise StoreError(f"{tok_file}: the tokenizer has {tok.vocab_size} tokens but {cfg_file} has "
                          f"vocab_size {cfg.vocab_size}; token ids would fall outside the embedding")
-    if is_dense(cfg):
+    if is_dense(cfg) and not holds_gguf(src):
         try:
             check_pretrained(src, cfg, DenseModel)
         except CheckpointError as e:
