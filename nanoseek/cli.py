@@ -239,6 +239,12 @@ def add_train_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("--chunks", type=int, help="micro-batches per step (default: the schedule's smallest valid)")
     s.add_argument("--ep", type=int, help="expert-parallel ranks (under torchrun; borrowed from the data-parallel "
                    "ranks, must divide them): each holds 1/ep of every MoE layer's routed experts")
+    s.add_argument("--fsdp", action="store_true", default=None,
+                   help="shard weights, gradients and optimizer states over the data-parallel ranks (FSDP2; "
+                        "with --ep the experts are EP-sharded, then FSDP-sharded over the rest)")
+    s.add_argument("--fsdp-reshard-after-forward", action=argparse.BooleanOptionalAction, default=None,
+                   help="free each block's gathered weights after its forward (default on; off: keep them "
+                        "for the backward, more memory, less communication)")
     s.add_argument("--json", action="store_true", default=None)
     s.add_argument("--no-progress", dest="progress", action="store_false", default=None)
 

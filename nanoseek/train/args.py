@@ -58,6 +58,8 @@ class TrainArgs:
     schedule: str = "1f1b"  # 1f1b | dualpipe | dualpipev
     chunks: int | None = None  # micro-batches per step and replica (default: the schedule's smallest valid)
     ep: int = 1  # expert-parallel ranks, borrowed from the data-parallel ones (--ep divides them)
+    fsdp: bool = False  # FSDP2: shard weights, gradients and optimizer states over the data-parallel ranks
+    fsdp_reshard_after_forward: bool = True  # free each unit's gathered weights after its forward (ZeRO-3)
     json: bool = False
     progress: bool = True
     val_fraction: float = 0.05
