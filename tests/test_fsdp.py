@@ -90,6 +90,11 @@ def test_fsdp2_equals_one_process(fsdp_runs):
     assert two["world_size"] == 2 and two["params_total"] == one["params_total"]
     assert two["params_local"] == shard_share(whole, 2) and math.isclose(two["params_local"], one["params_total"] / 2,
                                                                          rel_tol=0.01)
+    # the memory accounting (nanoseek/parallel/memory.py) counts what rank 0 holds
+    from nanoseek.parallel.memory import train_memory
+    assert one["weights_bytes_local"] == train_memory(whole.config).weights
+    assert two["weights_bytes_local"] == 4 * two["params_local"] and two["optimizer_bytes_local"] == 8 * two["params_local"]
+    assert two["weights_bytes_local"] == pytest.approx(train_memory(whole.config, dp=2, fsdp=True).weights, rel=0.01)
     # the model at the run's root is the whole one, in the Hugging Face layout (as `chat` / `serve` load it)
     m1, m2 = whole.state_dict(), DeepSeekV3.from_pretrained(str(root / "fsdp2")).state_dict()
     assert m1.keys() == m2.keys()
@@ -134,6 +139,9 @@ def test_fsdp2_ep2_equals_one_process(fsdp_runs, fsdp_ep_run):
     assert fsdp_ep_run["world_size"] == 4 and fsdp_ep_run["ep"] == 2
     whole = DeepSeekV3.from_pretrained(str(root / "one"))
     assert fsdp_ep_run["params_local"] == shard_share(whole, 4)  # experts: half by EP, then half by FSDP
+    from nanoseek.parallel.memory import train_memory
+    counted = train_memory(whole.config, dp=4, fsdp=True, ep=2)
+    assert fsdp_ep_run["optimizer_bytes_local"] == pytest.approx(counted.optimizer, rel=0.01)
     m1, m2 = whole.state_dict(), DeepSeekV3.from_pretrained(str(root / "fsdp2_ep2")).state_dict()
     for k in m1:  # the experts gathered whole
         assert m2[k].shape == m1[k].shape, k

@@ -39,6 +39,7 @@ class TrainArgs:
     device: str | None = None
     compile: bool = False
     activation_checkpointing: bool = False
+    ac_policy: str | None = None  # none | full | selective (default: full with activation_checkpointing, else none)
     balance: str = "bias"  # bias (auxiliary-loss-free) | aux (classic auxiliary loss) | none
     bias_update_speed: float = 1e-3  # gamma
     bias_freeze_step: int | None = None  # gamma -> 0 from this step on

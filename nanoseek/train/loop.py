@@ -31,7 +31,8 @@ from ..quant.fp8 import FP8Config, convert, format_report
 from ..io import atomic_write_text
 from ..model import DeepSeekV3
 from ..parallel import (ParallelDims, all_reduce_sum, barrier, batch_on_device, init_distributed, local_numel,
-                        parallelize)
+                        parallelize, resolve_policy)
+from ..parallel.memory import measured_bytes
 from ..tokenizer import Tokenizer, train_bpe
 from .args import TrainArgs
 from .checkpointing import list_checkpoints, load_trainer_state, resume_point, save_parallel_checkpoint
@@ -139,7 +140,8 @@ def train(args: TrainArgs, finetune=None, follow: Callable[[], float] | None = N
     if follow is not None and world > 1:
         raise ValueError("train(follow=...): a followed schedule needs a single process (ranks could read "
                          "different progress)")
-    dims.check(compile=a.compile, activation_checkpointing=a.activation_checkpointing, fp8=precision == "fp8",
+    ac_policy = resolve_policy(a.ac_policy if a.ac_policy is not None else a.activation_checkpointing)
+    dims.check(compile=a.compile, activation_checkpointing=ac_policy != "none", fp8=precision == "fp8",
                grad_accum=a.grad_accum, batch_size=a.batch_size)
     if a.balance not in ("bias", "aux", "none"):
         raise ValueError(f"--balance: unsupported value {a.balance!r} (bias, aux or none)")
@@ -174,7 +176,7 @@ def train(args: TrainArgs, finetune=None, follow: Callable[[], float] | None = N
     alpha = {"bias": a.seq_aux_alpha, "aux": a.aux_alpha, "none": 0.0}[a.balance]
     par = parallelize(model, dims, rank, device, grad_accum=a.grad_accum, schedule=a.schedule, chunks=a.chunks,
                       balance_alpha=alpha, mtp_lambda=a.mtp_lambda,
-                      activation_checkpointing=a.activation_checkpointing, compile=a.compile,
+                      activation_checkpointing=ac_policy, compile=a.compile,
                       fsdp_reshard_after_forward=a.fsdp_reshard_after_forward,
                       fsdp_param_dtype=torch.bfloat16 if precision == "bf16" and device.type == "cuda" else None)
     moes = {n: m for n, m in moe_modules(model).items()  # MTP's experts run only with an MTP loss
@@ -293,6 +295,7 @@ def train(args: TrainArgs, finetune=None, follow: Callable[[], float] | None = N
         "tokens_per_s": (sum(speeds) / len(speeds)) if speeds else 0.0,
         "resumed_from_step": start_step, "params_total": params_total,
         "params_local": sum(local_numel(p) for p in model.parameters()),
+        **{f"{k}_bytes_local": v for k, v in measured_bytes(model, opt).items()},  # rank 0's shards
         "skipped_steps": skipped_total, "world_size": world, "ep": a.ep, "precision": precision,
         "seconds": round(time.time() - t_run, 2), "out": a.out,
     }
