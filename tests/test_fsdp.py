@@ -1,5 +1,5 @@
 """Fully sharded data parallelism (`--fsdp`, FSDP2 on CPU over gloo, real torchrun processes):
-fsdp 2 and fsdp 2 x ep 2 train step by step like one process, each rank holding its share of
+fsdp 2 and fsdp 2 x ep 2 (and fsdp 2 with selective activation checkpointing) train step by step like one process, each rank holding its share of
 the parameters; their sharded (DCP) checkpoints resume at another world size and layout (fsdp 2 ->
 1 process, fsdp 2 x ep 2 -> 1 process, fsdp 2 -> fsdp 2 x ep 2) and a one-process checkpoint
 resumes at fsdp 2, with the losses of the uninterrupted run; the model at the run's root is the
@@ -122,6 +122,14 @@ def test_one_process_checkpoint_resumes_at_fsdp2(fsdp_runs):
     out = run(2, [*common, "--out", str(run_dir), "--resume", "--fsdp"], 29662)
     assert out["resumed_from_step"] == 4 and out["world_size"] == 2 and out["params_local"] < out["params_total"]
     assert_same_run(root / "one", run_dir, range(5, STEPS + 1))
+
+
+def test_fsdp2_with_selective_activation_checkpointing(fsdp_runs):
+    """The recomputation inside FSDP units (weights gathered again for the backward) changes nothing."""
+    root, common, _, two = fsdp_runs
+    out = run(2, [*common, "--out", str(root / "fsdp2_ac"), "--fsdp", "--ac-policy", "selective", "--no-save"], 29666)
+    assert_same_run(root / "one", root / "fsdp2_ac", range(1, STEPS + 1))
+    assert out["val_loss"] == pytest.approx(two["val_loss"], abs=1e-6)
 
 
 @pytest.fixture(scope="module")

@@ -39,8 +39,8 @@ class ParallelDims:
         """Refuse what does not compose yet, and a global batch that does not split evenly."""
         if self.pp > 1 and (compile or activation_checkpointing or fp8 or grad_accum != 1):
             raise ValueError("--pp > 1 does not combine with --compile, --activation-checkpointing, fp8 or --grad-accum yet")
-        if self.fsdp and (self.pp > 1 or compile or activation_checkpointing or fp8):
-            raise ValueError("--fsdp does not combine with --pp, --compile, --activation-checkpointing or fp8 yet")
+        if self.fsdp and (self.pp > 1 or compile or fp8):
+            raise ValueError("--fsdp does not combine with --pp, --compile or fp8 yet")
         if self.ep > 1 and (self.pp > 1 or compile or activation_checkpointing or fp8):
             raise ValueError("--ep > 1 does not combine with --pp, --compile, --activation-checkpointing or fp8 yet")
         if batch_size % (grad_accum * self.dp):

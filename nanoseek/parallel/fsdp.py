@@ -16,6 +16,9 @@ shard is then FSDP-sharded over the W/N ranks that hold the same experts, with i
 by W as well (the backward all-to-all has already summed the EP group's contributions). Everything
 else is sharded over all W ranks.
 
+Activation checkpointing composes: a checkpointed block recomputes inside its FSDP unit, whose
+weights the unit gathers again for the backward.
+
 Mixed precision (MixedPrecisionPolicy): bf16 parameters for compute with fp32 gradient reduction
 on GPU under `--precision bf16`; fp32 everywhere else (CPU). Checkpoints: the sharded model and
 optimizer through torch.distributed.checkpoint (nanoseek/parallel/sharded_checkpoint.py), plus the
