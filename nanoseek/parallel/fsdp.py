@@ -145,13 +145,10 @@ class FSDPTraining(SingleProcess):
         if not self.expert_names:
             return state
 
-        def whole(t):
-            local = t.to_local()
-            shape = (local.shape[0], *local.shape[1:])
-            rows = t.shape[0] * self.ep  # the EP shard's rows times the EP ranks: all experts
-            return DTensor.from_local(local, self.whole_expert_mesh, (Shard(0), Shard(0)), run_check=False,
-                                      shape=torch.Size((rows, *shape[1:])),
-                                      stride=torch.empty((rows, *shape[1:]), device="meta").stride())
+        def whole(t: DTensor) -> DTensor:  # [E/ep, ...] sharded over replicas -> [E, ...] over (ep, replica)
+            shape = torch.Size((t.shape[0] * self.ep, *t.shape[1:]))
+            return DTensor.from_local(t.to_local(), self.whole_expert_mesh, (Shard(0), Shard(0)), run_check=False,
+                                      shape=shape, stride=torch.empty(shape, device="meta").stride())
 
         model_state = {k: whole(v) if k in self.expert_names else v for k, v in state["model"].items()}
         optim = state["optim"]
