@@ -17,6 +17,7 @@ from .load import is_dense, load_config
 from .model import DeepSeekV3
 from .parallel.schedules import ScheduleError, build_schedule, default_chunks
 from .parallel.simulator import plot_timeline, simulate
+from .parallel.memory import GPU_BYTES, LAYOUTS, USABLE, gpus_needed, train_memory
 from .recipes.quickstart import add_quickstart_command
 from .rl.cli import add_grpo_command
 from .serve.app import add_serve_command
@@ -84,7 +85,44 @@ def _print_dense_info(target: str, r: dict, g) -> None:
           f"B/token (bf16): {100 * r['kv_cache_reduction']:.1f}% smaller")
 
 
+def train_memory_report(cfg, args) -> dict:
+    """`nanoseek info --train-memory`: the asked layout's per-GPU bytes, and the fewest 80 GB GPUs
+    of each layout (nanoseek/parallel/memory.py, one accounting for both)."""
+    fsdp = bool(args.fsdp and args.fsdp > 1)
+    dp = args.fsdp if fsdp else max(args.ep, args.dp or 1)
+    kw = dict(micro_batch=args.micro_batch, seq_len=args.seq_len, policy=args.ac_policy)
+    mem = train_memory(cfg, dp=dp, fsdp=fsdp, ep=args.ep, pp=args.pp, **kw)
+    layouts = {}
+    for name, lay_fsdp, lay_ep, lay_pp in LAYOUTS:
+        n, best = gpus_needed(cfg, fsdp=lay_fsdp, ep=lay_ep, pp=lay_pp, **kw)
+        layouts[name] = {"gpus": n, "bytes_per_gpu": best.total if best else None}
+    return {"layout": {"dp": dp, "fsdp": fsdp, "ep": args.ep, "pp": args.pp, **kw}, "per_gpu": mem.as_dict(),
+            "gpu_bytes": GPU_BYTES, "usable": USABLE, "gpus_needed": layouts}
+
+
+def _print_train_memory(target: str, r: dict) -> None:
+    lay = r["layout"]
+    gb = lambda n: f"{n / 1e9:.1f} GB"  # noqa: E731
+    print(f"{target}: training memory per GPU, dp {lay['dp']}{' (fsdp)' if lay['fsdp'] else ''} x ep {lay['ep']} "
+          f"x pp {lay['pp']}, micro-batch {lay['micro_batch']} x {lay['seq_len']}, activation checkpointing "
+          f"{lay['policy']}")
+    for k in ("weights", "grads", "optimizer", "activations", "gathered", "total"):
+        print(f"  {k:12s} {gb(r['per_gpu'][k])}")
+    print(f"  GPUs of {r['gpu_bytes'] / 1e9:.0f} GB needed ({100 * r['usable']:.0f}% of each for these tensors):")
+    for name, v in r["gpus_needed"].items():
+        print(f"    {name:26s} " + (f"{v['gpus']} ({gb(v['bytes_per_gpu'])} each)" if v["gpus"] else "does not fit"))
+
+
 def cmd_info(args) -> int:
+    if args.train_memory:
+        r = train_memory_report(ModelConfig.from_preset(args.train_memory) if args.train_memory in PRESETS
+                                else _load_config(args.train_memory), args)
+        _print_train_memory(args.train_memory, r)
+        if args.json:
+            _emit_json(r)
+        return 0
+    if args.target is None:
+        raise SystemExit("nanoseek info: give a preset or checkpoint (or --train-memory PRESET_OR_CONFIG)")
     cfg = _load_config(args.target)
 
     def g(n):
@@ -219,6 +257,10 @@ def add_train_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     s.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
     s.add_argument("--activation-checkpointing", action="store_true", default=None)
+    s.add_argument("--ac-policy", choices=["none", "full", "selective"],
+                   help="activation checkpointing: full (recompute each block), selective (keep matmul and "
+                        "attention outputs, recompute the rest) or none (default: full with "
+                        "--activation-checkpointing, else none)")
     s.add_argument("--balance", choices=["bias", "aux", "none"], help="bias: auxiliary-loss-free (default)")
     s.add_argument("--bias-update-speed", type=float, help="gamma of the bias update (default 0.001)")
     s.add_argument("--bias-freeze-step", type=int, help="stop bias updates from this step on")
@@ -239,6 +281,12 @@ def add_train_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("--chunks", type=int, help="micro-batches per step (default: the schedule's smallest valid)")
     s.add_argument("--ep", type=int, help="expert-parallel ranks (under torchrun; borrowed from the data-parallel "
                    "ranks, must divide them): each holds 1/ep of every MoE layer's routed experts")
+    s.add_argument("--fsdp", action="store_true", default=None,
+                   help="shard weights, gradients and optimizer states over the data-parallel ranks (FSDP2; "
+                        "with --ep the experts are EP-sharded, then FSDP-sharded over the rest)")
+    s.add_argument("--fsdp-reshard-after-forward", action=argparse.BooleanOptionalAction, default=None,
+                   help="free each block's gathered weights after its forward (default on; off: keep them "
+                        "for the backward, more memory, less communication)")
     s.add_argument("--json", action="store_true", default=None)
     s.add_argument("--no-progress", dest="progress", action="store_false", default=None)
 
@@ -248,8 +296,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("info", help="parameter counts and KV-cache sizes of a preset or checkpoint")
-    s.add_argument("target", help="a preset name (nano, small, deepseek-v2-lite, deepseek-v2, deepseek-v3) or a checkpoint dir")
+    s.add_argument("target", nargs="?",
+                   help="a preset name (nano, small, deepseek-v2-lite, deepseek-v2, deepseek-v3) or a checkpoint dir")
     s.add_argument("--json", action="store_true")
+    s.add_argument("--train-memory", metavar="PRESET_OR_CONFIG",
+                   help="per-GPU training memory of a layout, and the 80 GB GPUs each layout needs")
+    s.add_argument("--fsdp", type=int, default=0, help="with --train-memory: FSDP over this many data-parallel ranks")
+    s.add_argument("--dp", type=int, help="with --train-memory: replicated data-parallel ranks (without --fsdp)")
+    s.add_argument("--ep", type=int, default=1, help="with --train-memory: expert-parallel ranks")
+    s.add_argument("--pp", type=int, default=1, help="with --train-memory: pipeline stages")
+    s.add_argument("--micro-batch", type=int, default=1, help="with --train-memory: sequences per rank and micro-step")
+    s.add_argument("--seq-len", type=int, default=4096, help="with --train-memory: tokens per sequence")
+    s.add_argument("--ac-policy", choices=["none", "full", "selective"], default="none",
+                   help="with --train-memory: activation checkpointing policy")
     s.set_defaults(func=cmd_info)
 
     s = sub.add_parser("train", help="pretrain a DeepSeek-style model on text (torchrun for data parallel)")

@@ -1,6 +1,7 @@
 """The parallel layout of a training run: W processes = pp pipeline ranks x dp data-parallel ranks,
 of which groups of ep consecutive data-parallel ranks shard the routed experts (DeepSeek-V3 report
-section 3.2: pipeline, expert and data parallelism). The combinations the wrappers cannot compose
+section 3.2: pipeline, expert and data parallelism), the data-parallel ones optionally fully
+sharded (`fsdp`). The combinations the wrappers cannot compose
 yet are refused here, in one place (torchtitan's ParallelDims holds the same rules).
 
 Ranks: rank = dp_rank * pp + pp_rank, so a pipeline is pp consecutive ranks; an EP group is ep
@@ -17,6 +18,7 @@ class ParallelDims:
     world: int = 1  # processes in the run
     pp: int = 1  # pipeline ranks
     ep: int = 1  # expert-parallel ranks, borrowed from the data-parallel ones
+    fsdp: bool = False  # shard weights, gradients and optimizer states over the data-parallel ranks
 
     def __post_init__(self):
         if self.pp < 1 or self.world % self.pp:
@@ -37,6 +39,8 @@ class ParallelDims:
         """Refuse what does not compose yet, and a global batch that does not split evenly."""
         if self.pp > 1 and (compile or activation_checkpointing or fp8 or grad_accum != 1):
             raise ValueError("--pp > 1 does not combine with --compile, --activation-checkpointing, fp8 or --grad-accum yet")
+        if self.fsdp and (self.pp > 1 or compile or fp8):
+            raise ValueError("--fsdp does not combine with --pp, --compile or fp8 yet")
         if self.ep > 1 and (self.pp > 1 or compile or activation_checkpointing or fp8):
             raise ValueError("--ep > 1 does not combine with --pp, --compile, --activation-checkpointing or fp8 yet")
         if batch_size % (grad_accum * self.dp):

@@ -32,6 +32,8 @@ class ExpertParallelTraining(SingleProcess):
     """The replicated micro-batch loop of `SingleProcess` over a model whose routed experts are
     sharded; gradients, clipping and checkpoints as the module docstring says."""
 
+    reads_sharded_checkpoints = False  # its expert shards are not DTensors: single-file checkpoints only
+
     def __init__(self, model: nn.Module, ep: int, device: torch.device, dims: ParallelDims | None = None,
                  grad_accum: int = 1):
         world = dist.get_world_size()

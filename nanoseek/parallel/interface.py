@@ -16,9 +16,12 @@ import os
 import torch
 import torch.nn as nn
 
+from torch.distributed.tensor import DTensor
+
 from ..model import DeepSeekV3
 from .dims import ParallelDims
 from .dist import all_reduce_sum
+from .sharded_checkpoint import load_sharded
 
 
 def batch_on_device(batch, device) -> tuple[torch.Tensor, torch.Tensor, dict]:
@@ -37,6 +40,7 @@ class Parallel:
 
     model: nn.Module
     forward_model: nn.Module
+    reads_sharded_checkpoints = True  # can resume from a DCP checkpoint (nanoseek/parallel/sharded_checkpoint.py)
     dims: ParallelDims
     rank: int
     device: torch.device
@@ -92,9 +96,13 @@ class Parallel:
         cannot hold write theirs into `ckpt_dir` (the checkpoint's temp folder). Collective."""
         return opt.state_dict() if self.main else None
 
-    def load_optimizer(self, opt: torch.optim.Optimizer, saved: dict, ckpt_dir: str) -> None:
-        """Load what `save_optimizer` wrote (`saved`: trainer.pt's optimizer state)."""
-        opt.load_state_dict(saved)
+    def load_optimizer(self, opt: torch.optim.Optimizer, saved: dict | None, ckpt_dir: str) -> None:
+        """Load what `save_optimizer` wrote (`saved`: trainer.pt's optimizer state; None: a sharded
+        checkpoint, whose model and optimizer state are read from its DCP folder)."""
+        if saved is None:
+            load_sharded(self.model, opt, ckpt_dir)
+        else:
+            opt.load_state_dict(saved)
 
 
 class SingleProcess(Parallel):
@@ -125,6 +133,11 @@ class SingleProcess(Parallel):
 
     def clip_grad_norm_(self, max_norm):
         return torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+
+
+def local_numel(p: torch.Tensor) -> int:
+    """Elements this rank holds of a parameter (its shard's, for an FSDP DTensor)."""
+    return p.to_local().numel() if isinstance(p, DTensor) else p.numel()
 
 
 def model_from_state(config, state: dict | None, device) -> DeepSeekV3 | None:

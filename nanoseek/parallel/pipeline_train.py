@@ -57,6 +57,8 @@ class PipelineTraining(Parallel):
     checkpoints see the stages gathered into a whole model on rank 0, and every rank keeps its own
     optimizer file (the stages' parameters differ)."""
 
+    reads_sharded_checkpoints = False  # single-file checkpoints only
+
     def __init__(self, model, pp: int, schedule: str, chunks: int | None, balance_alpha: float,
                  mtp_lambda: float, device, dims: ParallelDims | None = None):
         super().__init__(model, dims or ParallelDims(world=dist.get_world_size(), pp=pp), dist.get_rank(), device)

@@ -39,6 +39,7 @@ class TrainArgs:
     device: str | None = None
     compile: bool = False
     activation_checkpointing: bool = False
+    ac_policy: str | None = None  # none | full | selective (default: full with activation_checkpointing, else none)
     balance: str = "bias"  # bias (auxiliary-loss-free) | aux (classic auxiliary loss) | none
     bias_update_speed: float = 1e-3  # gamma
     bias_freeze_step: int | None = None  # gamma -> 0 from this step on
@@ -58,6 +59,8 @@ class TrainArgs:
     schedule: str = "1f1b"  # 1f1b | dualpipe | dualpipev
     chunks: int | None = None  # micro-batches per step and replica (default: the schedule's smallest valid)
     ep: int = 1  # expert-parallel ranks, borrowed from the data-parallel ones (--ep divides them)
+    fsdp: bool = False  # FSDP2: shard weights, gradients and optimizer states over the data-parallel ranks
+    fsdp_reshard_after_forward: bool = True  # free each unit's gathered weights after its forward (ZeRO-3)
     json: bool = False
     progress: bool = True
     val_fraction: float = 0.05

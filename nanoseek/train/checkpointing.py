@@ -1,5 +1,6 @@
 """Trainer checkpoints: out/checkpoints/step-NNNNNN/ holds the model in the Hugging Face layout,
-the tokenizer and trainer.pt (step, optimizer state, RNG states, loop counters). Written into a
+the tokenizer and trainer.pt (step, optimizer state, RNG states, loop counters); a run with --fsdp
+keeps its optimizer state (and the model, sharded) in dcp/ beside them instead. Written into a
 hidden temp folder and renamed into place (a kill never leaves half a checkpoint); the newest is
 the resume point; only the last `keep_last` are kept.
 """
@@ -79,7 +80,8 @@ def save_checkpoint(out: str, step: int, model, optimizer, tokenizer, state: dic
     model.save_pretrained(tmp)
     if tokenizer is not None:
         tokenizer.save(tmp)
-    opt_state = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()  # a dict: already gathered
+    # a dict: already gathered; None: written sharded into the checkpoint's dcp/ by every rank
+    opt_state = optimizer if optimizer is None or isinstance(optimizer, dict) else optimizer.state_dict()
     payload = {"step": step, "optimizer": opt_state, "cpu_rng": torch.get_rng_state(), **state}
     if torch.cuda.is_available():
         payload["cuda_rng"] = torch.cuda.get_rng_state_all()

@@ -30,7 +30,9 @@ from ..data import Batches, TokenShard, _iter_docs, bits_per_byte, prepare, reso
 from ..quant.fp8 import FP8Config, convert, format_report
 from ..io import atomic_write_text
 from ..model import DeepSeekV3
-from ..parallel import ParallelDims, all_reduce_sum, barrier, batch_on_device, init_distributed, parallelize
+from ..parallel import (ParallelDims, all_reduce_sum, barrier, batch_on_device, init_distributed, local_numel,
+                        parallelize, resolve_policy)
+from ..parallel.memory import measured_bytes
 from ..tokenizer import Tokenizer, train_bpe
 from .args import TrainArgs
 from .checkpointing import list_checkpoints, load_trainer_state, resume_point, save_parallel_checkpoint
@@ -134,11 +136,12 @@ def train(args: TrainArgs, finetune=None, follow: Callable[[], float] | None = N
                                                               or device.type != "cuda"):
         raise ValueError(f"--fp8-grouped triton needs the fused Triton kernels (--fp8-kernels auto or triton on "
                          f"CUDA), not --fp8-kernels {a.fp8_kernels} on {device.type}")
-    dims = ParallelDims(world=world, pp=a.pp, ep=a.ep)
+    dims = ParallelDims(world=world, pp=a.pp, ep=a.ep, fsdp=a.fsdp)
     if follow is not None and world > 1:
         raise ValueError("train(follow=...): a followed schedule needs a single process (ranks could read "
                          "different progress)")
-    dims.check(compile=a.compile, activation_checkpointing=a.activation_checkpointing, fp8=precision == "fp8",
+    ac_policy = resolve_policy(a.ac_policy if a.ac_policy is not None else a.activation_checkpointing)
+    dims.check(compile=a.compile, activation_checkpointing=ac_policy != "none", fp8=precision == "fp8",
                grad_accum=a.grad_accum, batch_size=a.batch_size)
     if a.balance not in ("bias", "aux", "none"):
         raise ValueError(f"--balance: unsupported value {a.balance!r} (bias, aux or none)")
@@ -173,7 +176,9 @@ def train(args: TrainArgs, finetune=None, follow: Callable[[], float] | None = N
     alpha = {"bias": a.seq_aux_alpha, "aux": a.aux_alpha, "none": 0.0}[a.balance]
     par = parallelize(model, dims, rank, device, grad_accum=a.grad_accum, schedule=a.schedule, chunks=a.chunks,
                       balance_alpha=alpha, mtp_lambda=a.mtp_lambda,
-                      activation_checkpointing=a.activation_checkpointing, compile=a.compile)
+                      activation_checkpointing=ac_policy, compile=a.compile,
+                      fsdp_reshard_after_forward=a.fsdp_reshard_after_forward,
+                      fsdp_param_dtype=torch.bfloat16 if precision == "bf16" and device.type == "cuda" else None)
     moes = {n: m for n, m in moe_modules(model).items()  # MTP's experts run only with an MTP loss
             if a.mtp_lambda > 0 or not n.startswith("mtp.")}
     loss_fn = TrainLoss(moes, alpha, a.mtp_lambda)
@@ -182,7 +187,11 @@ def train(args: TrainArgs, finetune=None, follow: Callable[[], float] | None = N
     if trainer_state:
         if trainer_state.get("pp", 1) != a.pp:
             raise CheckpointError(f"{resume_dir}: written with --pp {trainer_state.get('pp', 1)}; resume with the same --pp")
-        par.load_optimizer(opt, trainer_state["optimizer"], resume_dir)
+        saved_optimizer = trainer_state.get("optimizer")  # None: a sharded (DCP) checkpoint
+        if saved_optimizer is None and not par.reads_sharded_checkpoints:
+            raise CheckpointError(f"{resume_dir}: a sharded checkpoint (written with --fsdp); resume it with --fsdp "
+                                  f"or on one process, not with --ep or --pp")
+        par.load_optimizer(opt, saved_optimizer, resume_dir)
         torch.set_rng_state(trainer_state["cpu_rng"])
     skipped_total = trainer_state.get("skipped_steps", 0) if trainer_state else 0
 
@@ -285,7 +294,8 @@ def train(args: TrainArgs, finetune=None, follow: Callable[[], float] | None = N
         "step": step + 1 if a.max_steps > start_step else start_step, "loss": last["loss"], "val_loss": last["val_loss"], "val_bpb": last["val_bpb"],
         "tokens_per_s": (sum(speeds) / len(speeds)) if speeds else 0.0,
         "resumed_from_step": start_step, "params_total": params_total,
-        "params_local": sum(p.numel() for p in model.parameters()),
+        "params_local": sum(local_numel(p) for p in model.parameters()),
+        **{f"{k}_bytes_local": v for k, v in measured_bytes(model, opt).items()},  # rank 0's shards
         "skipped_steps": skipped_total, "world_size": world, "ep": a.ep, "precision": precision,
         "seconds": round(time.time() - t_run, 2), "out": a.out,
     }
@@ -299,7 +309,7 @@ def train(args: TrainArgs, finetune=None, follow: Callable[[], float] | None = N
     elif main and a.save:
         final_ckpt = list_checkpoints(a.out)[-1][1]
         for f in os.listdir(final_ckpt):  # the final model at the run's root: from_pretrained(OUT) works
-            if f != "trainer.pt":
+            if f != "trainer.pt" and os.path.isfile(os.path.join(final_ckpt, f)):  # not the sharded state
                 shutil.copy2(os.path.join(final_ckpt, f), os.path.join(a.out, f + ".tmp"))
                 os.replace(os.path.join(a.out, f + ".tmp"), os.path.join(a.out, f))
     if main:

@@ -1,0 +1,81 @@
+"""Training memory accounting (nanoseek/parallel/memory.py) against what a tiny run holds, the
+activation checkpointing policies (the same steps under none / selective / full), and `nanoseek info
+--train-memory` for DeepSeek-V2-Lite at its real dimensions."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+
+def test_accounting_matches_a_tiny_run():
+    """Weights and AdamW moments counted on the meta device == the bytes a one-process run holds."""
+    from nanoseek import DeepSeekV3
+    from nanoseek.config import ModelConfig
+    from nanoseek.parallel.memory import measured_bytes, train_memory
+    from nanoseek.train import TrainArgs
+    from nanoseek.train.loop import adamw
+    cfg = ModelConfig.from_preset("nano", vocab_size=512)
+    model = DeepSeekV3.from_config(cfg, seed=0)
+    opt = adamw(model, TrainArgs(lr=1e-3), torch.device("cpu"))
+    x = torch.randint(0, 512, (2, 16))
+    logits, hidden = model(x, return_hidden=True)
+    (logits.float().mean() + sum(lg.float().mean() for lg in model.mtp_forward(hidden, x))).backward()
+    opt.step()
+    measured = measured_bytes(model, opt)
+    counted = train_memory(cfg, seq_len=16, micro_batch=2)
+    assert counted.weights == measured["weights"] and counted.optimizer == measured["optimizer"]
+    assert counted.grads == sum(p.grad.numel() * p.grad.element_size() for p in model.parameters())
+    # sharded layouts divide the same counts
+    fsdp2 = train_memory(cfg, dp=2, fsdp=True, seq_len=16, micro_batch=2)
+    assert fsdp2.weights == pytest.approx(counted.weights / 2, rel=1e-9) and fsdp2.gathered > 0
+    ep2 = train_memory(cfg, dp=2, ep=2, seq_len=16, micro_batch=2)
+    assert counted.weights > ep2.weights > counted.weights / 2  # only the experts are split
+    full = train_memory(cfg, seq_len=16, micro_batch=2, policy="full")
+    selective = train_memory(cfg, seq_len=16, micro_batch=2, policy="selective")
+    assert full.activations < selective.activations < counted.activations
+
+
+@pytest.mark.parametrize("policy", ["selective", "full"])
+def test_activation_checkpointing_policies_give_the_same_steps(tmp_path, text_file, policy):
+    from nanoseek.train import TrainArgs, train
+    common = dict(data=[text_file], max_steps=2, batch_size=4, seq_len=32, vocab_size=512, eval_batches=1,
+                  progress=False, save=False)
+    plain = train(TrainArgs(out=str(tmp_path / "plain"), **common))
+    recomputed = train(TrainArgs(out=str(tmp_path / policy), ac_policy=policy, **common))
+
+    def steps(run):
+        return [r for r in map(json.loads, open(tmp_path / run / "metrics.jsonl")) if "loss" in r]
+    a, b = steps("plain"), steps(policy)
+    assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], rel=1e-6)
+    assert [r["grad_norm"] for r in a] == pytest.approx([r["grad_norm"] for r in b], rel=1e-6)
+    assert [r["maxvio_layers"] for r in a] == [r["maxvio_layers"] for r in b]
+    assert plain["val_loss"] == pytest.approx(recomputed["val_loss"], rel=1e-6)
+
+
+def test_ac_policy_is_checked(tmp_path, text_file):
+    from nanoseek.train import TrainArgs, train
+    with pytest.raises(ValueError, match="--ac-policy"):
+        train(TrainArgs(data=[text_file], out=str(tmp_path), max_steps=1, ac_policy="some", progress=False))
+
+
+def test_info_train_memory_deepseek_v2_lite():
+    p = subprocess.run([sys.executable, "-m", "nanoseek", "info", "--train-memory", "deepseek-v2-lite", "--fsdp", "8",
+                        "--ep", "8", "--json"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert p.returncode == 0, p.stderr[-2000:]
+    r = json.loads(p.stdout.strip().splitlines()[-1])
+    per_gpu = r["per_gpu"]
+    # 15.7B parameters: 16 B each of fp32 weights, gradients and AdamW moments, over 8 ranks
+    states = per_gpu["weights"] + per_gpu["grads"] + per_gpu["optimizer"]
+    assert 8 * states == pytest.approx(16 * 15.706e9, rel=1e-3)
+    assert per_gpu["total"] == sum(v for k, v in per_gpu.items() if k != "total")
+    needs = r["gpus_needed"]
+    assert needs["data parallel"]["gpus"] is None  # ~250 GB of states on every rank
+    assert needs["fsdp x ep 8"]["gpus"] == 8 and needs["fsdp"]["gpus"] <= 8
+    assert "fsdp x ep 8" in p.stdout
