@@ -30,7 +30,7 @@ from tqdm import tqdm
 from .bpb import bits_per_byte, read_documents
 from .checkpoint import CheckpointError
 from .infer.engine import Engine
-from .interactive import resolve_model_dir
+from .infer.store import resolve_model_dir
 from .io import atomic_write_text
 from .load import load_model as load_checkpoint
 from .recipes.quickstart import Recipe, task_spec

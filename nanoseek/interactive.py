@@ -21,19 +21,9 @@ from .checkpoint import CheckpointError
 from .infer.engine import Engine, SamplingParams
 from .quant.fp8_weights import load_fp8_weights
 from .load import is_dense, load_config, load_model
-from .infer.store import Store, StoreError
+from .infer.store import Store, StoreError, resolve_model_dir
 from .serve.modelfile import with_default_messages
 from .tokenizer import Tokenizer
-
-
-def resolve_model_dir(name: str) -> str:
-    """A checkpoint directory, or a model name in the local store (NANOSEEK_HOME)."""
-    if os.path.isdir(name) and os.path.exists(os.path.join(name, "config.json")):
-        return name
-    try:
-        return Store().path_of(name)
-    except StoreError as e:
-        raise SystemExit(f"nanoseek: model '{name}' not found: not a checkpoint directory, and {e}") from None
 
 
 # the command line's values where neither it nor the entry's Modelfile sets one

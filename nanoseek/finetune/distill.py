@@ -27,7 +27,7 @@ from ..infer.chat import THINK_OPEN, render_chat, split_thinking
 from ..checkpoint import CheckpointError
 from ..data import DataError
 from ..infer.engine import Engine, SamplingParams
-from ..interactive import resolve_model_dir
+from ..infer.store import resolve_model_dir
 from ..io import atomic_write_text
 from ..load import load_model
 from .sft import BadRecord, DataReport, SFTOptions, _check_messages, _text, fail, iter_records, options_from, run_sft, train_args_from

@@ -43,7 +43,7 @@ from ..infer.chat import ROLES, THINK_OPEN, render_chat, split_thinking
 from ..checkpoint import CheckpointError
 from ..data import Batches, DataError, resolve_sources
 from .dense_sft import train_dense
-from ..interactive import resolve_model_dir
+from ..infer.store import resolve_model_dir
 from ..load import is_dense, load_config
 from .lora import apply_lora, base_weights, has_lora, load_lora_state_dict, lora_state_dict, merge_lora
 from ..tokenizer import TokenizerError

@@ -390,6 +390,16 @@ class Store:
         }
 
 
+def resolve_model_dir(name: str) -> str:
+    """A checkpoint directory, or a model name in the local store (NANOSEEK_HOME)."""
+    if os.path.isdir(name) and os.path.exists(os.path.join(name, "config.json")):
+        return name
+    try:
+        return Store().path_of(name)
+    except StoreError as e:
+        raise SystemExit(f"nanoseek: model '{name}' not found: not a checkpoint directory, and {e}") from None
+
+
 # ---------------------------------------------------------------------- CLI: list, show, rm, create
 def _print_json(obj) -> None:
     import sys
