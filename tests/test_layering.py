@@ -66,3 +66,13 @@ def test_no_import_cycles():
 
 def test_the_checker_finds_a_cycle():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_only_the_entry_point_imports_the_cli():
+    """The command line sits on top of the library: only `python -m nanoseek` (__main__) imports
+    nanoseek.cli, so no library module depends on argument parsing or printing."""
+    def in_cli(m: str) -> bool:
+        return m == "nanoseek.cli" or m.startswith("nanoseek.cli.")
+
+    users = sorted(m for m, targets in import_graph().items() if not in_cli(m) and any(map(in_cli, targets)))
+    assert users == ["nanoseek.__main__"], f"modules outside nanoseek/cli/ that import it: {users}"

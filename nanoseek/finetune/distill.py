@@ -24,16 +24,14 @@ import time
 from dataclasses import dataclass
 
 from ..infer.chat import THINK_OPEN, render_chat, split_thinking
-from ..checkpoint import CheckpointError
 from ..data import DataError
 from ..infer.engine import Engine, SamplingParams
-from ..interactive import resolve_model_dir
 from ..io import atomic_write_text
 from ..load import load_model
-from .sft import BadRecord, DataReport, SFTOptions, _check_messages, _text, fail, iter_records, options_from, run_sft, train_args_from
+from .sft import BadRecord, DataReport, SFTOptions, _check_messages, _text, iter_records, run_sft
 from ..tasks import TASKS
 from ..tasks.extract import ANSWER_RE
-from ..tokenizer import Tokenizer, TokenizerError
+from ..tokenizer import Tokenizer
 from ..train import TrainArgs
 
 NUMBER_RE = re.compile(r"-?\d+(?:\.\d+)?")
@@ -284,45 +282,3 @@ def distill(teacher: str, student: str, prompts: str, out: str, train_args=None,
     summary["distill"] = stats
     atomic_write_text(os.path.join(out, "final.json"), json.dumps(summary) + "\n")
     return summary
-
-
-# ------------------------------------------------------------------------------ command line
-def cmd_distill(args) -> int:
-    for flag, value in (("--data", args.data), ("--model", args.model)):
-        if value:  # distill sets both itself: say so rather than drop the user's value
-            raise SystemExit(f"nanoseek distill: {flag} is not taken here (the data are the teacher's kept "
-                             f"completions, the model is --student)")
-    teacher, student = resolve_model_dir(args.teacher), resolve_model_dir(args.student)
-    try:
-        summary = distill(teacher, student, args.prompts, args.out, train_args_from(args), options_from(args),
-                          args.verifier, args.samples, args.max_new_tokens, args.temperature, args.top_p,
-                          args.think, args.device)
-    except (DataError, TokenizerError, CheckpointError, ValueError) as e:
-        raise fail("distill", e) from None
-    if args.json:
-        print(json.dumps(summary), flush=True)
-    return 0
-
-
-def add_distill_command(sub, add_train_arguments, add_sft_options) -> None:
-    s = sub.add_parser("distill", help="teacher completions (verified) -> supervised fine-tuning of a student")
-    s.add_argument("--teacher", required=True, help="checkpoint directory (or store name) of the teacher")
-    s.add_argument("--student", required=True, help="checkpoint directory (or store name) of the student")
-    s.add_argument("--prompts", required=True, help=".jsonl/.json prompt records (optional 'answer') or .txt lines")
-    s.add_argument("--verifier", default="auto",
-                   help="auto (default: number or exact when prompts carry answers), exact, number, contains, "
-                        "task:NAME (a nanoseek task's checker: gsm8k, math, svamp, countdown, arithmetic), "
-                        "none, or module:function(completion, answer) -> bool (imported and run on the teacher's "
-                        "output: name only code you trust)")
-    s.add_argument("--samples", type=int, default=1, help="teacher completions per prompt (rejection sampling)")
-    s.add_argument("--max-new-tokens", type=int, default=256)
-    s.add_argument("--temperature", type=float, help="teacher sampling temperature (default 0, or 0.7 with --samples > 1)")
-    s.add_argument("--top-p", type=float, default=1.0)
-    s.add_argument("--think", action="store_true", help="open the teacher's reply inside <think> (R1 style)")
-    add_train_arguments(s)
-    for action in s._actions:  # the data are the teacher's completions, the model is the student
-        if action.dest in ("data", "model"):
-            action.required = False
-            action.help = "(refused: set by distill)"
-    add_sft_options(s)
-    s.set_defaults(func=cmd_distill)

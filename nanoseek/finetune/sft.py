@@ -35,19 +35,17 @@ import os
 from collections import Counter
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import torch
 
 from ..infer.chat import ROLES, THINK_OPEN, render_chat, split_thinking
-from ..checkpoint import CheckpointError
 from ..data import Batches, DataError, resolve_sources
 from .dense_sft import train_dense
-from ..interactive import resolve_model_dir
 from ..load import is_dense, load_config
 from .lora import apply_lora, base_weights, has_lora, load_lora_state_dict, lora_state_dict, merge_lora
-from ..tokenizer import TokenizerError
-from ..train import TrainArgs, train
+from ..train import train
 
 IGNORE = -100  # label of tokens that do not count (F.cross_entropy's ignore_index)
 SHOW_PROBLEMS = 10  # bad records quoted in the report; the rest are counted
@@ -378,11 +376,13 @@ class PackedBatches(Batches):
 # ------------------------------------------------------------------------------ the run
 @dataclass
 class SFTOptions:
-    lora: int | None = None  # LoRA rank (None: full fine-tuning)
-    lora_alpha: float | None = None  # default 2 x rank
-    lora_targets: tuple = ("attn", "mlp")
-    packing: bool = True
-    overlong: str = "skip"  # skip | truncate
+    lora: int | None = field(default=None, metadata={  # None: full fine-tuning
+        "help": "train rank-RANK LoRA adapters (merged on export) instead of all weights", "metavar": "RANK"})
+    lora_alpha: float | None = field(default=None, metadata={"help": "LoRA scale numerator (default 2 x rank)"})
+    lora_targets: tuple[str, ...] = field(default=("attn", "mlp"), metadata={"help": "attn, mlp or both"})
+    packing: bool = field(default=True, metadata={"help": "pack examples into rows (--no-packing: one example per row)"})
+    overlong: Literal["skip", "truncate"] = field(default="skip", metadata={
+        "help": "what to do with examples longer than --seq-len"})
 
 
 class SFTTask:
@@ -468,49 +468,3 @@ def run_sft(args, opts: SFTOptions | None = None) -> dict:
     if is_dense(load_config(a.model)):
         return train_dense(a, SFTTask(opts))
     return train(a, finetune=SFTTask(opts))
-
-
-# ------------------------------------------------------------------------------ command line
-def add_sft_options(s) -> None:
-    s.add_argument("--lora", type=int, metavar="RANK", help="train rank-RANK LoRA adapters (merged on export) "
-                   "instead of all weights")
-    s.add_argument("--lora-alpha", type=float, help="LoRA scale numerator (default 2 x rank)")
-    s.add_argument("--lora-targets", default="attn,mlp", help="attn, mlp or both (default attn,mlp)")
-    s.add_argument("--no-packing", dest="packing", action="store_false", help="one example per row")
-    s.add_argument("--overlong", choices=["skip", "truncate"], default="skip",
-                   help="what to do with examples longer than --seq-len (default skip)")
-    s.add_argument("--val-fraction", type=float, help="share of examples held out for validation (default 0.05)")
-
-
-def options_from(args) -> SFTOptions:
-    targets = tuple(t.strip() for t in str(args.lora_targets).split(",") if t.strip())
-    return SFTOptions(lora=args.lora, lora_alpha=args.lora_alpha, lora_targets=targets,
-                      packing=args.packing, overlong=args.overlong)
-
-
-def train_args_from(args):
-    fields = set(TrainArgs.__dataclass_fields__)
-    return TrainArgs(**{k: v for k, v in vars(args).items() if k in fields and v is not None})
-
-
-def fail(command: str, e: Exception) -> SystemExit:
-    return SystemExit(f"nanoseek {command}: {e}")
-
-
-def cmd_sft(args) -> int:
-    if not args.model:
-        raise SystemExit("nanoseek sft: --model DIR (or a model name in the store) is required")
-    args.model = resolve_model_dir(args.model)
-    try:
-        run_sft(train_args_from(args), options_from(args))
-    except (DataError, TokenizerError, CheckpointError, ValueError) as e:
-        raise fail("sft", e) from None
-    return 0
-
-
-def add_sft_command(sub, add_train_arguments) -> None:
-    """`nanoseek sft` (the run flags are `nanoseek train`'s)."""
-    s = sub.add_parser("sft", help="supervised fine-tuning (full or LoRA) on chat / instruction data")
-    add_train_arguments(s)
-    add_sft_options(s)
-    s.set_defaults(func=cmd_sft)

@@ -1,7 +1,8 @@
-"""GGUF at the command line: `nanoseek export NAME OUT.gguf --type ...` writes a stored model (or a
-checkpoint folder) as a llama.cpp `deepseek2` file (a dense one as `llama` / `qwen2` / `qwen3`), and
-`nanoseek create NAME --from FILE.gguf` (or a folder of split parts) imports one into the store
-(nanoseek/gguf_file.py and nanoseek/gguf_dense.py do the formats).
+"""GGUF and the store: `export` writes a stored model (or a checkpoint folder) as a llama.cpp
+`deepseek2` file (a dense one as `llama` / `qwen2` / `qwen3`), and `create_from_gguf` imports one (or
+a folder of split parts) into the store (nanoseek/gguf_file.py and nanoseek/gguf_dense.py do the
+formats; `nanoseek export` and `nanoseek create NAME --from FILE.gguf` are their commands,
+nanoseek/cli/store.py).
 
 The import stages, in a folder inside the store, the GGUF file(s) themselves (hard-linked where
 the file system allows, else copied) with a config.json and tokenizer read from the file's
@@ -15,19 +16,16 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-import time
 
 import torch
 
-from ..checkpoint import CheckpointError
-from ..config import ConfigError
 from ..dense import DenseModel
 from ..gguf_dense import dense_tokenizer, read_any_config, read_any_gguf, write_dense_gguf
-from ..gguf_file import WRITABLE_TYPES, GGUFError, GGUFModelFile, writable_type, write_gguf
+from ..gguf_file import GGUFModelFile, writable_type, write_gguf
 from ..load import is_dense, load_config
 from ..model import DeepSeekV3
-from ..tokenizer import Tokenizer, TokenizerError
-from .store import InvalidName, ModelNotFound, Store, StoreError, canonical_name, error_guard, human_size, report_created
+from ..tokenizer import Tokenizer
+from .store import InvalidName, ModelNotFound, Store, StoreError, canonical_name
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -94,47 +92,3 @@ def create_from_gguf(name: str, source: str, force: bool = False, dtype: torch.d
         return store.create(name, staging, force=force, source=os.path.abspath(source))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-
-
-def cmd_export(args) -> int:
-    t0 = time.time()
-    files = export(args.name, args.out, args.type, args.split_max_size)
-    print(f"wrote {', '.join(files)} ({human_size(sum(os.path.getsize(f) for f in files))}, {args.type}, "
-          f"{time.time() - t0:.1f} s)")
-    return 0
-
-
-def cmd_create(args) -> int:
-    """`create NAME --from FILE.gguf` (or a folder of parts); other sources go to the command this
-    one wraps (`args.checkpoint_create`: a checkpoint folder, or `-f Modelfile`)."""
-    if not is_gguf_source(args.source) or args.modelfile:
-        return args.checkpoint_create(args)
-    t0 = time.time()
-    m = create_from_gguf(args.name, args.source, force=args.force, dtype=DTYPES.get(args.dtype),
-                         tokenizer_dir=args.tokenizer)
-    report_created(m, t0, args.json, source=args.source)
-    return 0
-
-
-_guard = error_guard(GGUFError, CheckpointError, ConfigError, TokenizerError)
-
-
-def add_gguf_commands(sub) -> None:
-    """`export`, and GGUF sources for the store's `create` (after its -f Modelfile option)."""
-    s = sub.add_parser("export", help="write a stored model (or checkpoint folder) as a llama.cpp GGUF file")
-    s.add_argument("name", help="a stored model name[:tag] or a checkpoint folder")
-    s.add_argument("out", help="the .gguf file to write")
-    s.add_argument("--type", default="f16", choices=list(WRITABLE_TYPES),
-                   help="tensor encoding: f32/f16/bf16 for every matrix, or a llama.cpp mix (q8_0, q4_0, "
-                        "q6_k, q4_k_m) typed per tensor as llama.cpp's quantizer does; norms, router and bias stay f32")
-    s.add_argument("--split-max-size", type=int, default=0, metavar="BYTES",
-                   help="write parts <out>-00001-of-0000N.gguf of at most this many bytes")
-    s.set_defaults(func=_guard(cmd_export))
-
-    create = sub.choices["create"]
-    create.add_argument("--dtype", choices=list(DTYPES),
-                        help="GGUF sources: convert the weights to this float dtype (default: keep the GGUF file, quantized)")
-    create.add_argument("--tokenizer", metavar="DIR",
-                        help="GGUF sources: take the tokenizer from this Hugging Face folder (tokenizer.json) instead "
-                             "of the file's metadata (needed where nanoseek cannot rebuild the file's pre-tokenizer)")
-    create.set_defaults(checkpoint_create=create.get_default("func"), func=_guard(cmd_create))

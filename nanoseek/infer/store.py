@@ -23,7 +23,6 @@ Layout under `NANOSEEK_HOME` (default `~/.nanoseek`):
 from __future__ import annotations
 
 import datetime as _dt
-import functools
 import hashlib
 import json
 import os
@@ -390,143 +389,11 @@ class Store:
         }
 
 
-# ---------------------------------------------------------------------- CLI: list, show, rm, create
-def _print_json(obj) -> None:
-    import sys
-    sys.stdout.flush()
-    sys.stderr.flush()
-    print(json.dumps(obj), flush=True)
-
-
-def cmd_list(args) -> int:
-    models = Store().list()
-    if args.json:
-        _print_json({"models": [{"name": m["name"], "id": m["digest"][:12], "size": m["size"],
-                                 "modified_at": iso_time(m["modified"]), "parameters": m.get("parameters")}
-                                for m in models]})
-        return 0
-    rows = [("NAME", "ID", "SIZE", "MODIFIED")] + [
-        (m["name"], m["digest"][:12], human_size(m["size"]), human_age(m["modified"])) for m in models]
-    widths = [max(len(r[i]) for r in rows) for i in range(3)]
-    for r in rows:
-        print("    ".join(c.ljust(w) for c, w in zip(r, widths)) + "    " + r[3])
-    return 0
-
-
-def cmd_show(args) -> int:
-    s = Store().show(args.name)
-    if args.json:
-        _print_json(s)
-        return 0
-    if args.template:
-        print(s["template"])
-        return 0
-    print("  Model")
-    rows = [("architecture", s["architecture"]), ("parameters", s["parameter_size"]),
-            ("active parameters", human_count(s["active_parameters"] or 0)),
-            ("context length", s["context_length"]), ("embedding length", s["embedding_length"]),
-            ("layers", s["layers"])]
-    if s["dense"]:
-        rows += [("attention", f"GQA, {s['attention_heads']} query heads, {s['kv_heads']} K/V heads, "
-                               f"head_dim {s['head_dim']}"),
-                 ("KV cache", f"{s['kv_cache_values']} values / token / layer"),
-                 ("tied embeddings", "yes" if s["tied_embeddings"] else "no")]
-        if s["rope_scaling"]:
-            rows.append(("RoPE scaling", s["rope_scaling"]["rope_type"]))
-    else:
-        rows += [("experts", f"{s['experts']} routed (top-{s['experts_used']}), {s['shared_experts']} shared"),
-                 ("MLA cache", f"{s['kv_lora_rank'] + s['qk_rope_head_dim']} values / token / layer"),
-                 ("MTP depth", s["mtp_depth"])]
-    rows.append(("quantization", s["quantization"]))
-    if s.get("gguf_tensors"):  # weights kept as GGUF: tensors and bytes per GGML type
-        kinds = sorted(s["gguf_tensors"].items(), key=lambda kv: -kv[1]["bytes"])
-        rows.append(("GGUF tensors", ", ".join(f"{k} {v['tensors']}" for k, v in kinds)))
-        rows.append(("GGUF bytes", f"{human_size(sum(v['bytes'] for _, v in kinds))} ("
-                     + ", ".join(f"{k} {human_size(v['bytes'])}" for k, v in kinds) + ")"))
-    for k, v in rows:
-        print(f"    {k:<20}{v}")
-    print("\n  Template")
-    print(f"    {s['template_source']}" + ("" if s["template_source"] == "built-in" else
-                                          f" ({len(s['template'])} characters; --template prints it)"))
-    print(f"    thinking: {'yes' if s['thinking'] else 'no'}")
-    print("\n  Store")
-    for k in ("path", "size", "digest", "created_at", "source"):
-        v = human_size(s[k]) if k == "size" else s[k]
-        print(f"    {k:<20}{v}")
-    return 0
-
-
-def cmd_rm(args) -> int:
-    store = Store()
-    status = 0
-    for name in args.names:
-        try:
-            print(f"deleted '{store.rm(name)}'")
-        except StoreError as e:
-            print(f"nanoseek: {e}", file=__import__("sys").stderr)
-            status = 1
-    return status
-
-
-def cmd_create(args) -> int:
-    import sys
-    if not args.source:
-        raise StoreError("give the checkpoint with --from DIR (or a Modelfile with -f)")
-    t0 = time.time()
-    m = Store().create(args.name, args.source, force=args.force,
-                       progress=None if args.json else (lambda i, n, f: print(f"copying {f} ({i + 1}/{n})",
-                                                                             file=sys.stderr)))
-    report_created(m, t0, args.json)
-    return 0
-
-
-def report_created(m: dict, t0: float, as_json: bool, source: str | None = None) -> None:
-    """What `nanoseek create` prints for a new entry: one JSON line, or one line for a person."""
-    if as_json:
-        _print_json({k: m[k] for k in ("name", "size", "digest", "parameters", "architecture", "quantization")}
-                    | {"seconds": round(time.time() - t0, 3)})
-    else:
-        print(f"created '{m['name']}'" + (f" from {source}" if source else "") + f" ({human_size(m['size'])}, "
-              f"{human_count(m['parameters'])} parameters, id {m['digest'][:12]}, {time.time() - t0:.1f} s)")
-
-
-def error_guard(*errors: type[Exception]):
-    """A decorator for a command: these errors (StoreError always) become one clear line on stderr
-    and exit status 1."""
-    caught = (StoreError, *errors)
-
-    def wrap(fn):
-        @functools.wraps(fn)
-        def run(args) -> int:
-            try:
-                return fn(args)
-            except caught as e:
-                raise SystemExit(f"nanoseek: {e}") from None
-        return run
-    return wrap
-
-
-_guard = error_guard()
-
-
-def add_store_commands(sub) -> None:
-    s = sub.add_parser("list", aliases=["ls"], help="list the models in the local store (NANOSEEK_HOME)")
-    s.add_argument("--json", action="store_true")
-    s.set_defaults(func=_guard(cmd_list))
-
-    s = sub.add_parser("show", help="architecture, parameters, context length, quantization, template of a model")
-    s.add_argument("name")
-    s.add_argument("--template", action="store_true", help="print only the chat template")
-    s.add_argument("--json", action="store_true")
-    s.set_defaults(func=_guard(cmd_show))
-
-    s = sub.add_parser("rm", help="remove models from the local store")
-    s.add_argument("names", nargs="+", metavar="NAME")
-    s.set_defaults(func=_guard(cmd_rm))
-
-    s = sub.add_parser("create", help="import a Hugging Face checkpoint directory (tokenizer included) as NAME")
-    s.add_argument("name", help="name[:tag] (tag defaults to 'latest')")
-    s.add_argument("--from", dest="source", metavar="DIR", help="checkpoint directory")
-    s.add_argument("--force", action="store_true", help="replace an existing model of that name")
-    s.add_argument("--json", action="store_true")
-    s.set_defaults(func=_guard(cmd_create))
+def resolve_model_dir(name: str) -> str:
+    """A checkpoint directory, or a model name in the local store (NANOSEEK_HOME)."""
+    if os.path.isdir(name) and os.path.exists(os.path.join(name, "config.json")):
+        return name
+    try:
+        return Store().path_of(name)
+    except StoreError as e:
+        raise SystemExit(f"nanoseek: model '{name}' not found: not a checkpoint directory, and {e}") from None

@@ -1,4 +1,5 @@
-"""`nanoseek quickstart`: the whole DeepSeek-R1 story on a laptop CPU (about 9 minutes on 2 cores).
+"""The quickstart (`nanoseek quickstart`): the whole DeepSeek-R1 story on a laptop CPU (about 9
+minutes on 2 cores).
 
 1. generate Countdown problems (a held-out test set of 500 that training never sees);
 2. train a byte-level BPE tokenizer (digits kept apart) on the worked solutions;
@@ -371,48 +372,3 @@ def report(r: dict, k: int = 8) -> str:
                   f"  nanoseek generate {r['model']} '6,2,1>4|' --raw",
                   "  nanoseek serve                   (Ollama and OpenAI APIs on http://127.0.0.1:11434)"]
     return "\n".join(lines)
-
-
-def cmd_quickstart(args) -> int:
-    given = {k: getattr(args, k) for k in ("pretrain_steps", "rl_steps", "overlap") if getattr(args, k) is not None}
-    rc = Recipe(**{**(SMOKE if args.smoke else {}), **given})
-    eval_problems = args.eval_problems or (SMOKE_EVAL_PROBLEMS if args.smoke else 500)
-    out = args.out or ("runs/quickstart-smoke" if args.smoke else "runs/quickstart")
-    name = args.name or ("quickstart-smoke" if args.smoke else "quickstart")
-    control = args.control or args.json
-    try:
-        check_layout(rc, control, args.alongside)
-    except ValueError as e:
-        raise SystemExit(f"nanoseek {e}") from None
-    r = quickstart(out=out, recipe=rc, control=control, eval_problems=eval_problems, seed=args.seed,
-                   name=name, register=args.register, progress=not args.no_progress, alongside=args.alongside)
-    print(report(r), flush=True)
-    if args.json:
-        print(json.dumps(r), flush=True)
-    return 0
-
-
-def add_quickstart_command(sub) -> None:
-    s = sub.add_parser("quickstart", help="pretrain a nano DeepSeek-V3 on Countdown, then GRPO; ~5 min on 2 CPU cores")
-    s.add_argument("--out", help="run folder (default runs/quickstart, with --smoke runs/quickstart-smoke)")
-    s.add_argument("--smoke", action="store_true",
-                   help="every stage for a few steps (about a minute): checks the install end to end, "
-                        "its accuracies mean nothing")
-    s.add_argument("--pretrain-steps", type=int, help=f"default {Recipe.pretrain_steps}")
-    s.add_argument("--rl-steps", type=int, help=f"default {Recipe.rl_steps}")
-    s.add_argument("--no-control", dest="control", action="store_false",
-                   help="skip the control run (more supervised training for the same time)")
-    s.add_argument("--control-alongside", dest="alongside", action="store_true", default=None,
-                   help="run the control next to GRPO on half of the CPU threads each (the default on a CPU)")
-    s.add_argument("--control-after", dest="alongside", action="store_false",
-                   help="run the control after GRPO, each on all threads (the default on a GPU)")
-    s.add_argument("--overlap", action="store_true", default=None,
-                   help="sample each GRPO step's rollouts during the previous update, half of the CPU threads "
-                        "each (one step off-policy; the control then runs after GRPO)")
-    s.add_argument("--eval-problems", type=int, help=f"held-out problems (default 500, with --smoke {SMOKE_EVAL_PROBLEMS})")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--name", help="name in the local model store (default quickstart, with --smoke quickstart-smoke)")
-    s.add_argument("--no-register", dest="register", action="store_false", help="do not add the model to the store")
-    s.add_argument("--no-progress", action="store_true")
-    s.add_argument("--json", action="store_true", help="also print the results as one JSON line (runs the control)")
-    s.set_defaults(func=cmd_quickstart)

@@ -115,6 +115,31 @@ class GRPOArgs:
         return self
 
 
+# `nanoseek grpo`'s help for each field (nanoseek/cli/args.py shows the defaults beside it)
+GRPO_HELP = {
+    "model": "checkpoint directory (with its tokenizer) to start from", "task": "countdown, arithmetic, gsm8k, math, "
+    "svamp; options as name:key=value (e.g. countdown:n_numbers=3)", "task_data": "folder of a file task's data",
+    "out": "run directory: metrics.jsonl, grpo.png, the final model", "max_seconds": "stop after this much loop time",
+    "group_size": "completions per prompt (G)", "mu": "optimizer steps per rollout batch",
+    "min_lr_ratio": "after the warm-up, cosine decay of the lr to lr x this at the end (1: constant)",
+    "eps_high": "upper clip (default 0.28 for dapo, else --eps)", "beta": "k3 KL penalty weight to the start model",
+    "loss": "grpo (sequence mean), dr_grpo (constant normalizer) or dapo (token mean)",
+    "scale_rewards": "divide advantages by the group std (turn off for Dr. GRPO)",
+    "reward": "strict (format and worked steps checked) or lenient (answer only)",
+    "format_weight": "weight of the format reward added to the accuracy reward",
+    "mask_truncated": "leave completions cut at --max-new-tokens out of the loss",
+    "eval_every": "greedy held-out accuracy every N steps (0: never)",
+    "save_every": "also write a resumable checkpoint every N steps (0: only the final model)",
+    "resume": "continue from the newest checkpoint in --out (the same rollouts as an uninterrupted run; "
+    "refused with --overlap, whose batch sampled ahead is not in the checkpoint)",
+    "chat": "wrap prompts in the chat template",
+    "overlap": "CPU, fp32, 2+ threads: sample the next step's rollouts during this step's update, half of the "
+    "threads each (one step off-policy, corrected by the importance ratio)",
+    "json": "print the summary as one JSON line", "progress": "show a progress bar",
+    "save": "write the final model and checkpoints (--no-save: neither, for benchmarks)",
+}
+
+
 def completion_logprobs(model, seqs: torch.Tensor, temperature: float, autocast,
                         entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """seqs [N, T] -> log-probs of tokens 1..T-1 under the (tempered) model [N, T-1] and, with

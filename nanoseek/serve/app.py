@@ -1,4 +1,4 @@
-"""`nanoseek serve`: the Ollama- and OpenAI-compatible HTTP server (FastAPI on uvicorn) over the
+"""The Ollama- and OpenAI-compatible HTTP server (FastAPI on uvicorn) behind `nanoseek serve`, over the
 local model store. Every model in the store is served by name (`name[:tag]`, tag `latest` by
 default); the protocols live in ollama.py (`/api/*`) and openai.py (`/v1/*`); also GET / and
 HEAD / ("nanoseek is running") and GET /health.
@@ -27,8 +27,6 @@ import fnmatch
 import hmac
 import ipaddress
 import logging
-import os
-import signal
 import socket
 import threading
 import time
@@ -362,63 +360,3 @@ def make_server(host: str = "127.0.0.1", port: int = 11434, api_key: str | None 
     `speculative`: models with MTP layers decode with MTP drafts (the same greedy output)."""
     return Server(host, port, App(store, api_key, context_length, max_batch, device, dtype, host,
                                   tuple(allow_origins), prefix_cache_tokens, speculative))
-
-
-# ============================================================================ CLI
-def _exit_on_sigterm(signum, frame):
-    raise SystemExit(0)
-
-
-def cmd_serve(args) -> int:
-    logging.basicConfig(level=logging.INFO if not args.quiet else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    dtype = None if args.dtype == "auto" else args.dtype
-    origins = tuple(args.allow_origin or ()) + tuple(
-        o.strip() for o in os.environ.get("NANOSEEK_ORIGINS", "").split(",") if o.strip())
-    server = make_server(args.host, args.port, args.api_key, None, args.context_length, args.max_batch,
-                         args.device, dtype, origins, args.prefix_cache_tokens, args.speculative)
-    host, port = server.server_address[:2]
-    models = [m["name"] for m in server.app.store.list()]
-    print(f"nanoseek serving {len(models)} model(s) from {server.app.store.models_dir} on http://{host}:{port} "
-          f"(Ollama /api, OpenAI /v1){'; API key required' if args.api_key else ''}", flush=True)
-    for m in models:
-        print(f"  {m}", flush=True)
-    if not is_loopback(args.host) and not args.api_key:
-        log.warning("listening on %s without --api-key: anyone who can reach this address can use the models",
-                    args.host)
-    # Ctrl-C and SIGTERM: uvicorn stops accepting, lets running requests finish (GRACEFUL_SHUTDOWN_S),
-    # then hands the signal back: KeyboardInterrupt, or SystemExit from this handler
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
-        server.app.close()
-    return 0
-
-
-def add_serve_command(sub) -> None:
-    s = sub.add_parser("serve", help="Ollama- and OpenAI-compatible HTTP server for the models in the store")
-    s.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
-    s.add_argument("--port", type=int, default=11434)
-    s.add_argument("--api-key", default=os.environ.get("NANOSEEK_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' on every endpoint (default: $NANOSEEK_API_KEY)")
-    s.add_argument("--context-length", type=int, default=4096, help="context limit per model in tokens")
-    s.add_argument("--max-batch", type=int, default=16, help="sequences decoded together per model")
-    s.add_argument("--prefix-cache-tokens", type=int, default=65536,
-                   help="per model, tokens of finished requests' latent cache kept so that a prompt sharing "
-                        "their prefix (a chat's earlier turns) prefills only the rest; 0 disables")
-    s.add_argument("--speculative", action="store_true",
-                   help="models with MTP layers draft the token after next with their MTP module and verify it "
-                        "in the same step (the same greedy output, fewer main-model steps when drafts are accepted)")
-    s.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    s.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="load dtype (default: the checkpoint's own)")
-    s.add_argument("--allow-origin", action="append", metavar="ORIGIN",
-                   help="let browser pages from ORIGIN call the server (repeatable; fnmatch patterns such as "
-                        "'https://*.example.com', or '*' for any; also $NANOSEEK_ORIGINS, comma-separated). "
-                        "Pages on localhost and app webviews are always allowed")
-    s.add_argument("--quiet", action="store_true", help="log warnings and errors only")
-    s.set_defaults(func=cmd_serve)

@@ -1,4 +1,4 @@
-"""New store entries from the server and the CLI, after Ollama's `/api/create` and `/api/copy`
+"""New store entries from the server and the command line, after Ollama's `/api/create` and `/api/copy`
 (`server/create.go`, `api/types.go`) and `ollama create NAME -f Modelfile`:
 
     POST /api/create   model, from (a store model or a checkpoint folder), system, template, license,
@@ -13,14 +13,12 @@ The new entry is a copy of the base checkpoint whose manifest carries the defaul
 from __future__ import annotations
 
 import os
-import sys
 from typing import Any
 
 from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
-from ..infer.store import InvalidName, ModelNotFound, Store, StoreError, canonical_name, human_count, human_size
-from ..infer.store import cmd_create as store_create
+from ..infer.store import InvalidName, ModelNotFound, Store, StoreError, canonical_name
 from .jobs import JobStream
 from .modelfile import MESSAGE_ROLES, PARAMETER_TYPES, ModelfileError, defaults_of, parse_modelfile
 from .protocol import APIError, Body, Str, bad, json_response, ndjson_line, parse_json_body, short, validate
@@ -184,30 +182,12 @@ async def copy(request: Request):
     return json_response({}, ollama=True)
 
 
-# ============================================================================ CLI
-def cmd_create(args) -> int:
-    """`nanoseek create NAME -f Modelfile` (or `--from DIR`, the store's own import)."""
-    try:
-        if not getattr(args, "modelfile", None):
-            return store_create(args)
-        with open(args.modelfile, encoding="utf-8") as f:
-            spec = parse_modelfile(f.read())
-        store = Store()
-        src = resolve_source(store, args.source or spec["from"], os.path.dirname(os.path.abspath(args.modelfile)))
-        m = store.create(args.name, src, force=args.force, defaults=defaults_of(spec))
-    except OSError as e:
-        raise SystemExit(f"nanoseek: {args.modelfile}: {e.strerror}") from None
-    except ModelfileError as e:
-        raise SystemExit(f"nanoseek: {args.modelfile}: {e}") from None
-    except StoreError as e:
-        raise SystemExit(f"nanoseek: {e}") from None
-    print(f"created '{m['name']}' from {src} ({human_size(m['size'])}, {human_count(m['parameters'])} parameters, "
-          f"id {m['digest'][:12]}; defaults: {', '.join(sorted(m.get('defaults', {}))) or 'none'})", file=sys.stdout)
-    return 0
-
-
-def add_modelfile_option(create_parser) -> None:
-    """`-f Modelfile` on the store's `create` command."""
-    create_parser.add_argument("-f", "--file", dest="modelfile", metavar="MODELFILE",
-                               help="an Ollama Modelfile (FROM, SYSTEM, TEMPLATE, PARAMETER, MESSAGE)")
-    create_parser.set_defaults(func=cmd_create)
+def create_from_modelfile(store: Store, name: str, modelfile: str, source: str | None = None,
+                          force: bool = False) -> tuple[dict, str]:
+    """`ollama create NAME -f Modelfile`: the store entry made from the Modelfile's FROM (or
+    `source`), with its defaults; (its manifest, the checkpoint folder it was copied from).
+    Raises OSError (the file), ModelfileError and StoreError."""
+    with open(modelfile, encoding="utf-8") as f:
+        spec = parse_modelfile(f.read())
+    src = resolve_source(store, source or spec["from"], os.path.dirname(os.path.abspath(modelfile)))
+    return store.create(name, src, force=force, defaults=defaults_of(spec)), src

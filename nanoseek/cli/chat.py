@@ -16,24 +16,14 @@ import os
 import sys
 import time
 
-from .infer.chat import prompt_opens_thinking, render_chat, split_thinking
-from .checkpoint import CheckpointError
-from .infer.engine import Engine, SamplingParams
-from .quant.fp8_weights import load_fp8_weights
-from .load import is_dense, load_config, load_model
-from .infer.store import Store, StoreError
-from .serve.modelfile import with_default_messages
-from .tokenizer import Tokenizer
-
-
-def resolve_model_dir(name: str) -> str:
-    """A checkpoint directory, or a model name in the local store (NANOSEEK_HOME)."""
-    if os.path.isdir(name) and os.path.exists(os.path.join(name, "config.json")):
-        return name
-    try:
-        return Store().path_of(name)
-    except StoreError as e:
-        raise SystemExit(f"nanoseek: model '{name}' not found: not a checkpoint directory, and {e}") from None
+from ..checkpoint import CheckpointError
+from ..infer.chat import prompt_opens_thinking, render_chat, split_thinking
+from ..infer.engine import Engine, SamplingParams
+from ..infer.store import Store, StoreError, resolve_model_dir
+from ..load import is_dense, load_config, load_model
+from ..quant.fp8_weights import load_fp8_weights
+from ..serve.modelfile import with_default_messages
+from ..tokenizer import Tokenizer
 
 
 # the command line's values where neither it nor the entry's Modelfile sets one
@@ -228,3 +218,19 @@ def add_sampling_arguments(s) -> None:
     s.add_argument("--fp8-weights", action="store_true",
                    help="keep an FP8 checkpoint's weights in FP8 (half of bf16's memory; same outputs)")
     s.add_argument("--think", action="store_true", default=None, help="open the reply inside <think>")
+
+
+def add_generate_command(sub) -> None:
+    s = sub.add_parser("generate", help="generate a reply to one prompt (streaming)")
+    add_sampling_arguments(s)
+    s.add_argument("prompt")
+    s.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
+    s.add_argument("--verbose", action="store_true")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_generate)
+
+
+def add_chat_command(sub) -> None:
+    s = sub.add_parser("chat", help="interactive multi-turn chat (/bye to exit, /set to change options)")
+    add_sampling_arguments(s)
+    s.set_defaults(func=cmd_chat)
