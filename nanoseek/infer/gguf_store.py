@@ -7,6 +7,10 @@ the file system allows, else copied) with a config.json and tokenizer read from 
 metadata; loading such an entry keeps the weights quantized (nanoseek.load.load_model). With
 `--dtype`, the weights are converted to that float dtype and stored as safetensors instead.
 `Store.create` validates the staged folder and renames it into place: a bad file adds nothing.
+
+`nanoseek create NAME --from DIR --quantize q8_0|q4_k_m` quantizes a Hugging Face checkpoint
+(FP8 releases included) while streaming its tensors into such a staged GGUF
+(nanoseek/gguf_quantize.py), so the entry loads exactly as an imported GGUF of that mix does.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from ..checkpoint import CheckpointError
 from ..config import ConfigError
 from ..gguf_file import WRITABLE_TYPES, GGUFError, GGUFModelFile, read_config, read_gguf, read_tokenizer, \
     writable_type, write_gguf
+from ..gguf_quantize import QUANTIZE_MIXES, quantize_checkpoint
 from ..load import is_dense, load_config
 from ..model import DeepSeekV3
 from ..tokenizer import Tokenizer, TokenizerError
@@ -93,6 +98,22 @@ def create_from_gguf(name: str, source: str, force: bool = False, dtype: torch.d
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def create_quantized(name: str, source: str, mix: str, force: bool = False) -> dict:
+    """Import the checkpoint folder `source` as store model `name`, its weights quantized under
+    `mix` into a GGUF file streamed tensor by tensor (the HF tokenizer kept beside it), atomically."""
+    store = Store()
+    os.makedirs(store.models_dir, exist_ok=True)
+    staging = tempfile.mkdtemp(dir=store.models_dir, prefix=".tmp-quantize-")
+    try:
+        (path, *_) = quantize_checkpoint(source, os.path.join(staging, f"model-{mix}.gguf"), mix,
+                                         name=os.path.basename(os.path.normpath(source)))
+        read_config(GGUFModelFile(path)).save(staging)
+        Tokenizer.from_dir(source).save(staging)
+        return store.create(name, staging, force=force, source=os.path.abspath(source))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def cmd_export(args) -> int:
     t0 = time.time()
     files = export(args.name, args.out, args.type, args.split_max_size)
@@ -104,9 +125,15 @@ def cmd_export(args) -> int:
 def cmd_create(args) -> int:
     """`create NAME --from FILE.gguf` (or a folder of parts); other sources go to the command this
     one wraps (`args.checkpoint_create`: a checkpoint folder, or `-f Modelfile`)."""
+    t0 = time.time()
+    if args.quantize and not args.modelfile:
+        if is_gguf_source(args.source):
+            raise GGUFError(f"{args.source}: --quantize converts a checkpoint folder; a GGUF keeps its own types")
+        report_created(create_quantized(args.name, args.source, args.quantize, args.force), t0, args.json,
+                       source=args.source)
+        return 0
     if not is_gguf_source(args.source) or args.modelfile:
         return args.checkpoint_create(args)
-    t0 = time.time()
     m = create_from_gguf(args.name, args.source, force=args.force, dtype=DTYPES.get(args.dtype))
     report_created(m, t0, args.json, source=args.source)
     return 0
@@ -130,4 +157,6 @@ def add_gguf_commands(sub) -> None:
     create = sub.choices["create"]
     create.add_argument("--dtype", choices=list(DTYPES),
                         help="GGUF sources: convert the weights to this float dtype (default: keep the GGUF file, quantized)")
+    create.add_argument("--quantize", choices=list(QUANTIZE_MIXES),
+                        help="checkpoint folders (FP8 included): store the weights quantized as this llama.cpp mix")
     create.set_defaults(checkpoint_create=create.get_default("func"), func=_guard(cmd_create))
