@@ -47,7 +47,7 @@ from .tokenizer import Tokenizer
 
 QUANTIZE_MIXES = ("q8_0", "q4_k_m")  # `create --quantize`
 _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F8_E4M3": torch.float8_e4m3fn}
-_CHUNK_WEIGHTS = 1 << 22  # weights converted to float32 and encoded per step
+_CHUNK_WEIGHTS = 1 << 20  # weights converted to float32 and encoded per step (bounds the quantizer's temporaries)
 
 
 class SafetensorsShards:
