@@ -217,7 +217,9 @@ def check_exportable(cfg: ModelConfig) -> None:
 
 # ---------------------------------------------------------------------------- writing
 @dataclass
-class _Planned:
+class PlannedTensor:
+    """One tensor of a GGUF to write: its llama.cpp name, the values (a meta tensor where only the
+    shape is known), its encoding."""
     name: str
     tensor: torch.Tensor  # numpy order [..., n]
     qtype: Q
@@ -238,15 +240,15 @@ def tensor_type(mix: str, name: str, shape: tuple[int, ...], cfg: ModelConfig) -
     return Q(ggml.QTYPES[qtype][0])
 
 
-def _plan(model: DeepSeekV3, mix: str) -> list[_Planned]:
+def _plan(model: DeepSeekV3, mix: str) -> list[PlannedTensor]:
     """Every tensor to write, in llama.cpp's order, with its encoding (`tensor_type`)."""
     cfg = model.config
     state = model.state_dict()
-    out: list[_Planned] = []
+    out: list[PlannedTensor] = []
 
     def add(name, t):
         t = t.detach()
-        out.append(_Planned(name, t, tensor_type(mix, name, tuple(t.shape), cfg)))
+        out.append(PlannedTensor(name, t, tensor_type(mix, name, tuple(t.shape), cfg)))
 
     add("token_embd.weight", state["model.embed_tokens.weight"])
     for i in range(cfg.num_hidden_layers):
@@ -263,7 +265,7 @@ def _plan(model: DeepSeekV3, mix: str) -> list[_Planned]:
     return out
 
 
-def _encoded(p: _Planned) -> np.ndarray:
+def _encoded(p: PlannedTensor) -> np.ndarray:
     """The GGUF bytes of a planned tensor: [..., nbytes] uint8."""
     if p.tensor.dim() < 3:
         return _encode(p.tensor.float().cpu().numpy(), p.qtype)
@@ -389,7 +391,25 @@ def write_gguf(model: DeepSeekV3, tokenizer: Tokenizer, path: str, qtype: str = 
     if cfg.num_nextn_predict_layers:
         warnings.warn(f"{path}: the {cfg.num_nextn_predict_layers} MTP layer(s) are not written "
                       "(llama.cpp's deepseek2 runs the main model only)", stacklevel=2)
-    plan = _plan(model, qtype)
+    return write_planned(path, cfg, tokenizer, qtype, _plan(model, qtype), _encoded, name, split_max_size)
+
+
+def shape_plan(cfg: ModelConfig, qtype: str) -> list[PlannedTensor]:
+    """The tensors a `deepseek2` GGUF of `cfg` under `--type qtype` holds, in llama.cpp's order, as
+    meta tensors (shapes only, no storage): what a writer that makes each tensor's bytes itself
+    (a random or a streamed model) fills in."""
+    writable_type(qtype, "<plan>")
+    check_exportable(cfg)
+    with torch.device("meta"):
+        model = DeepSeekV3(cfg.replace(num_nextn_predict_layers=0))
+    return _plan(model, qtype)
+
+
+def write_planned(path: str, cfg: ModelConfig, tokenizer: Tokenizer, qtype: str, plan: list[PlannedTensor],
+                  encoded, name: str = "nanoseek", split_max_size: int = 0) -> list[str]:
+    """Write the GGUF of `plan` (as `_plan` or `shape_plan` give it): the metadata of `cfg` and
+    `tokenizer`, then each tensor's bytes `encoded(planned)` [..., row_bytes] uint8, asked for one
+    tensor at a time, so the file never exists in memory. Written beside `path` and renamed into place."""
     final = os.path.abspath(path)
     tmp_dir = os.path.dirname(final)
     os.makedirs(tmp_dir, exist_ok=True)
@@ -407,7 +427,13 @@ def write_gguf(model: DeepSeekV3, tokenizer: Tokenizer, path: str, qtype: str = 
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         for p in plan:  # one tensor in memory at a time (a stack of experts encoded expert by expert)
-            writer.write_tensor_data(_encoded(p))
+            data = encoded(p)
+            want = tuple(gguf.quant_shape_to_byte_shape(tuple(p.tensor.shape), p.qtype))
+            if data.dtype != np.uint8 or tuple(data.shape) != want:
+                raise GGUFError(f"{path}: tensor '{p.name}' encoded as {data.dtype} {list(data.shape)}, "
+                                f"expected uint8 {list(want)}")
+            writer.write_tensor_data(data)
+            del data
         writer.close()
         for t, f in zip(temps, finals):  # fsync + rename each part (io.atomic_write's order)
             atomic_write(f, lambda dst, src=t: os.replace(src, dst), suffix=".gguf")

@@ -15,7 +15,8 @@ import time
 from ..checkpoint import CheckpointError
 from ..config import ConfigError
 from ..gguf_file import WRITABLE_TYPES, GGUFError
-from ..infer.gguf_store import DTYPES, create_from_gguf, export, is_gguf_source
+from ..gguf_quantize import QUANTIZE_MIXES
+from ..infer.gguf_store import DTYPES, create_from_gguf, create_quantized, export, is_gguf_source
 from ..infer.store import Store, StoreError, human_age, human_count, human_size, iso_time
 from ..serve.create import create_from_modelfile
 from ..serve.modelfile import ModelfileError
@@ -166,9 +167,15 @@ def create_from_checkpoint_or_modelfile(args) -> int:
 def cmd_create(args) -> int:
     """`create NAME --from FILE.gguf` (or a folder of parts); a checkpoint folder or `-f Modelfile`
     otherwise."""
+    t0 = time.time()
+    if args.quantize and not args.modelfile:
+        if is_gguf_source(args.source):
+            raise GGUFError(f"{args.source}: --quantize converts a checkpoint folder; a GGUF keeps its own types")
+        report_created(create_quantized(args.name, args.source, args.quantize, args.force), t0, args.json,
+                       source=args.source)
+        return 0
     if not is_gguf_source(args.source) or args.modelfile:
         return create_from_checkpoint_or_modelfile(args)
-    t0 = time.time()
     m = create_from_gguf(args.name, args.source, force=args.force, dtype=DTYPES.get(args.dtype),
                          tokenizer_dir=args.tokenizer)
     report_created(m, t0, args.json, source=args.source)
@@ -212,6 +219,9 @@ def add_store_commands(sub) -> None:
     s.add_argument("--tokenizer", metavar="DIR",
                    help="GGUF sources: take the tokenizer from this Hugging Face folder (tokenizer.json) instead "
                         "of the file's metadata (needed where nanoseek cannot rebuild the file's pre-tokenizer)")
+    s.add_argument("--quantize", choices=list(QUANTIZE_MIXES),
+                   help="checkpoint folders (FP8 included): store the weights quantized as this llama.cpp mix, "
+                        "streamed tensor by tensor")
     s.set_defaults(func=cmd_create)
 
 

@@ -9,6 +9,10 @@ the file system allows, else copied) with a config.json and tokenizer read from 
 metadata; loading such an entry keeps the weights quantized (nanoseek.load.load_model). With
 `--dtype`, the weights are converted to that float dtype and stored as safetensors instead.
 `Store.create` validates the staged folder and renames it into place: a bad file adds nothing.
+
+`nanoseek create NAME --from DIR --quantize q8_0|q4_k_m` quantizes a Hugging Face checkpoint
+(FP8 releases included) while streaming its tensors into such a staged GGUF
+(nanoseek/gguf_quantize.py), so the entry loads exactly as an imported GGUF of that mix does.
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ import torch
 
 from ..dense import DenseModel
 from ..gguf_dense import dense_tokenizer, read_any_config, read_any_gguf, write_dense_gguf
-from ..gguf_file import GGUFModelFile, writable_type, write_gguf
+from ..gguf_file import GGUFModelFile, read_config, writable_type, write_gguf
+from ..gguf_quantize import quantize_checkpoint
 from ..load import is_dense, load_config
 from ..model import DeepSeekV3
 from ..tokenizer import Tokenizer
@@ -92,3 +97,20 @@ def create_from_gguf(name: str, source: str, force: bool = False, dtype: torch.d
         return store.create(name, staging, force=force, source=os.path.abspath(source))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def create_quantized(name: str, source: str, mix: str, force: bool = False) -> dict:
+    """Import the checkpoint folder `source` as store model `name`, its weights quantized under
+    `mix` into a GGUF file streamed tensor by tensor (the HF tokenizer kept beside it), atomically."""
+    store = Store()
+    os.makedirs(store.models_dir, exist_ok=True)
+    staging = tempfile.mkdtemp(dir=store.models_dir, prefix=".tmp-quantize-")
+    try:
+        (path, *_) = quantize_checkpoint(source, os.path.join(staging, f"model-{mix}.gguf"), mix,
+                                         name=os.path.basename(os.path.normpath(source)))
+        read_config(GGUFModelFile(path)).save(staging)
+        Tokenizer.from_dir(source).save(staging)
+        return store.create(name, staging, force=force, source=os.path.abspath(source))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+

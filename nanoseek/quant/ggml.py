@@ -238,13 +238,18 @@ def _quantize_q4_k(blocks: torch.Tensor) -> torch.Tensor:
     refit = _nearest_int((x + dm[..., None]) / torch.where(d == 0, torch.ones_like(d), d)[..., None]).clamp(0, 15)
     L = torch.where((d == 0)[..., None], L, refit)  # C skips a zero-scale sub-block, keeping its L
 
-    packed = torch.empty(n, 12, dtype=torch.int32)
+    Lc = L.view(n, 4, 2, 32)  # 64-wide chunks: the first 32 in the low nibbles, the next 32 in the high
+    qs = _nibbles(Lc[:, :, 0], Lc[:, :, 1]).view(n, 128)
+    return torch.cat([d_bytes, dmin_bytes, pack_q4_k_scale_min(ls, lm), qs], dim=-1)
+
+
+def pack_q4_k_scale_min(ls: torch.Tensor, lm: torch.Tensor) -> torch.Tensor:
+    """6-bit scales and mins [n, 8] (int32) -> the 12 packed bytes [n, 12] of a q4_k block."""
+    packed = torch.empty(ls.shape[0], 12, dtype=torch.int32)
     packed[:, 0:4] = ls[:, :4] | ((ls[:, 4:] >> 4) << 6)
     packed[:, 4:8] = lm[:, :4] | ((lm[:, 4:] >> 4) << 6)
     packed[:, 8:12] = (ls[:, 4:] & 0xF) | ((lm[:, 4:] & 0xF) << 4)
-    Lc = L.view(n, 4, 2, 32)  # 64-wide chunks: the first 32 in the low nibbles, the next 32 in the high
-    qs = _nibbles(Lc[:, :, 0], Lc[:, :, 1]).view(n, 128)
-    return torch.cat([d_bytes, dmin_bytes, packed.to(torch.uint8), qs], dim=-1)
+    return packed.to(torch.uint8)
 
 
 def _q4_k_scale_min(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
