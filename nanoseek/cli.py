@@ -287,6 +287,9 @@ def add_train_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("--fsdp-reshard-after-forward", action=argparse.BooleanOptionalAction, default=None,
                    help="free each block's gathered weights after its forward (default on; off: keep them "
                         "for the backward, more memory, less communication)")
+    s.add_argument("--async-save", action="store_true", default=None,
+                   help="with --fsdp: write each sharded checkpoint in the background while training goes on; "
+                        "it appears in checkpoints/ once every rank has finished writing it")
     s.add_argument("--json", action="store_true", default=None)
     s.add_argument("--no-progress", dest="progress", action="store_false", default=None)
 

@@ -61,6 +61,7 @@ class TrainArgs:
     ep: int = 1  # expert-parallel ranks, borrowed from the data-parallel ones (--ep divides them)
     fsdp: bool = False  # FSDP2: shard weights, gradients and optimizer states over the data-parallel ranks
     fsdp_reshard_after_forward: bool = True  # free each unit's gathered weights after its forward (ZeRO-3)
+    async_save: bool = False  # write the sharded checkpoints (--fsdp) in the background while training goes on
     json: bool = False
     progress: bool = True
     val_fraction: float = 0.05
