@@ -118,3 +118,16 @@ def test_activation_count_matches_a_measured_run(preset, overrides, policy):
     if policy != "none":  # the one layer the backward recomputes whole, not alive after the forward
         counted -= batch * seq * max(layer_bytes_per_token(cfg, i, "none") for i in range(cfg.num_hidden_layers))
     assert counted == pytest.approx(measured, rel=0.10)
+
+
+def test_info_train_memory_medium():
+    """`medium` sits between `small` (one GPU) and DeepSeek-V2-Lite: it needs FSDP over 2 to 8 GPUs of 80 GB."""
+    from nanoseek.config import ModelConfig
+    sizes = {p: ModelConfig.from_preset(p).param_counts()["total_params"] for p in ("small", "medium", "deepseek-v2-lite")}
+    assert sizes["small"] < sizes["medium"] < sizes["deepseek-v2-lite"]
+    p = subprocess.run([sys.executable, "-m", "nanoseek", "info", "--train-memory", "medium", "--json"],
+                       capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert p.returncode == 0, p.stderr[-2000:]
+    needs = json.loads(p.stdout.strip().splitlines()[-1])["gpus_needed"]
+    assert needs["data parallel"]["gpus"] is None  # past one GPU
+    assert 2 <= needs["fsdp"]["gpus"] <= 8 and 2 <= needs["fsdp x ep 8"]["gpus"] <= 8
