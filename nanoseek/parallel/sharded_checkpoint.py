@@ -25,7 +25,6 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn as nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-from torch.distributed.tensor import DTensor
 
 SHARDED_DIR = "dcp"  # the folder inside a checkpoint that holds the sharded model and optimizer state
 
@@ -59,11 +58,7 @@ def save_sharded(model: nn.Module, opt: torch.optim.Optimizer, ckpt_dir: str, re
 def cpu_copy(state):
     """A copy of a (nested) state dict whose tensors live in fresh CPU memory; a DTensor stays a
     DTensor of the same global shape and placements, its local shard copied."""
-    if isinstance(state, DTensor):
-        local = state.to_local().detach().to("cpu", copy=True)
-        return DTensor.from_local(local, state.device_mesh, state.placements, run_check=False,
-                                  shape=state.shape, stride=state.stride())
-    if isinstance(state, torch.Tensor):
+    if isinstance(state, torch.Tensor):  # a DTensor's copy keeps its mesh and placements, its shard on CPU
         return state.detach().to("cpu", copy=True)
     if isinstance(state, dict):
         return {k: cpu_copy(v) for k, v in state.items()}
