@@ -414,6 +414,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         n_routed_experts=64, n_shared_experts=2, num_experts_per_tok=6, n_group=8, topk_group=4,
         routed_scaling_factor=2.5, max_position_embeddings=4096, rope_scaling=None,
         num_nextn_predict_layers=1),
+    # Multi-GPU size: past one GPU's memory, trains with --fsdp on a few (`nanoseek info --train-memory medium`).
+    "medium": dict(
+        vocab_size=32000, hidden_size=2048, intermediate_size=5632, moe_intermediate_size=1024,
+        num_hidden_layers=20, first_k_dense_replace=1, num_attention_heads=16, q_lora_rank=768,
+        kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+        n_routed_experts=64, n_shared_experts=2, num_experts_per_tok=6, n_group=8, topk_group=4,
+        routed_scaling_factor=2.5, max_position_embeddings=4096, rope_scaling=None,
+        num_nextn_predict_layers=1),
     "deepseek-v2-lite": dict(
         model_type="deepseek_v2", vocab_size=102400, hidden_size=2048, intermediate_size=10944,
         moe_intermediate_size=1408, num_hidden_layers=27, first_k_dense_replace=1,

@@ -79,3 +79,55 @@ def test_info_train_memory_deepseek_v2_lite():
     assert needs["data parallel"]["gpus"] is None  # ~250 GB of states on every rank
     assert needs["fsdp x ep 8"]["gpus"] == 8 and needs["fsdp"]["gpus"] <= 8
     assert "fsdp x ep 8" in p.stdout
+
+
+# DeepSeek-V2-Lite's layout (no q compression, a dense first layer, 2 shared experts, softmax
+# routing, no MTP) scaled down; q and v heads of one size, so that CPU attention runs its fused
+# kernel, which saves what the GPU kernels save (inputs, output, log-sum-exp)
+SCALED_V2_LITE = dict(vocab_size=512, hidden_size=256, intermediate_size=512, moe_intermediate_size=64,
+                      num_hidden_layers=3, num_attention_heads=4, kv_lora_rank=64, qk_nope_head_dim=32,
+                      qk_rope_head_dim=16, v_head_dim=48, n_routed_experts=16)
+
+
+@pytest.mark.parametrize("preset,overrides", [("deepseek-v2-lite", SCALED_V2_LITE),
+                                              ("nano", dict(vocab_size=512, qk_nope_head_dim=16))])
+@pytest.mark.parametrize("policy", ["none", "selective", "full"])
+def test_activation_count_matches_a_measured_run(preset, overrides, policy):
+    """The activations the accounting counts == the bytes of the tensors a bf16 forward of the
+    training loss keeps for its backward (measured op by op), within 10%: every policy."""
+    from nanoseek import DeepSeekV3
+    from nanoseek.balance import moe_modules
+    from nanoseek.config import ModelConfig
+    from nanoseek.parallel import apply_activation_checkpointing
+    from nanoseek.parallel.memory import layer_bytes_per_token, train_memory
+    from nanoseek.parallel.memory_probe import LiveTensorBytes
+    from nanoseek.train.objective import TrainLoss
+    cfg = ModelConfig.from_preset(preset, **overrides)
+    model = DeepSeekV3.from_config(cfg, seed=0).to(torch.bfloat16)
+    apply_activation_checkpointing(model, policy)
+    loss = TrainLoss(moe_modules(model), 1e-4, 0.3)
+    batch, seq = 1, 128
+    g = torch.Generator().manual_seed(0)
+    x, y = (torch.randint(0, cfg.vocab_size, (batch, seq), generator=g) for _ in range(2))
+    probe = LiveTensorBytes()
+    with probe:
+        total = loss(model, model, x, y, {})[3]
+        measured = probe.live()  # what the forward left alive: the tensors saved for the backward
+    total.backward()
+    counted = train_memory(cfg, seq_len=seq, micro_batch=batch, policy=policy).activations
+    if policy != "none":  # the one layer the backward recomputes whole, not alive after the forward
+        counted -= batch * seq * max(layer_bytes_per_token(cfg, i, "none") for i in range(cfg.num_hidden_layers))
+    assert counted == pytest.approx(measured, rel=0.10)
+
+
+def test_info_train_memory_medium():
+    """`medium` sits between `small` (one GPU) and DeepSeek-V2-Lite: it needs FSDP over 2 to 8 GPUs of 80 GB."""
+    from nanoseek.config import ModelConfig
+    sizes = {p: ModelConfig.from_preset(p).param_counts()["total_params"] for p in ("small", "medium", "deepseek-v2-lite")}
+    assert sizes["small"] < sizes["medium"] < sizes["deepseek-v2-lite"]
+    p = subprocess.run([sys.executable, "-m", "nanoseek", "info", "--train-memory", "medium", "--json"],
+                       capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert p.returncode == 0, p.stderr[-2000:]
+    needs = json.loads(p.stdout.strip().splitlines()[-1])["gpus_needed"]
+    assert needs["data parallel"]["gpus"] is None  # past one GPU
+    assert 2 <= needs["fsdp"]["gpus"] <= 8 and 2 <= needs["fsdp x ep 8"]["gpus"] <= 8

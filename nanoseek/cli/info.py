@@ -170,7 +170,7 @@ def cmd_pipeline_sim(args) -> int:
 def add_info_command(sub) -> None:
     s = sub.add_parser("info", help="parameter counts and KV-cache sizes of a preset or checkpoint")
     s.add_argument("target", nargs="?",
-                   help="a preset name (nano, small, deepseek-v2-lite, deepseek-v2, deepseek-v3) or a checkpoint dir")
+                   help="a preset name (nano, small, medium, deepseek-v2-lite, deepseek-v2, deepseek-v3) or a checkpoint dir")
     s.add_argument("--json", action="store_true")
     s.add_argument("--train-memory", metavar="PRESET_OR_CONFIG",
                    help="per-GPU training memory of a layout, and the 80 GB GPUs each layout needs")

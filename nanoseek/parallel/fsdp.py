@@ -22,7 +22,9 @@ weights the unit gathers again for the backward.
 Mixed precision (MixedPrecisionPolicy): bf16 parameters for compute with fp32 gradient reduction
 on GPU under `--precision bf16`; fp32 everywhere else (CPU). Checkpoints: the sharded model and
 optimizer through torch.distributed.checkpoint (nanoseek/parallel/sharded_checkpoint.py), plus the
-whole model in the Hugging Face layout, gathered tensor by tensor onto rank 0's CPU.
+whole model in the Hugging Face layout, gathered tensor by tensor onto rank 0's CPU. With
+`async_save` the sharded state is written in the background while training goes on (`wait_saves`
+blocks until this rank's write has finished).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from torch.distributed.tensor import DTensor, Shard
 from .dims import ParallelDims
 from .expert_parallel import apply_expert_parallel, expert_parallel_modules
 from .interface import SingleProcess, model_from_state
-from .sharded_checkpoint import load_sharded, save_sharded
+from .sharded_checkpoint import AsyncShardedSaver, load_sharded, save_sharded
 
 
 def shard_units(model: nn.Module) -> list[nn.Module]:
@@ -63,8 +65,10 @@ class FSDPTraining(SingleProcess):
     reads_sharded_checkpoints = True
 
     def __init__(self, model: nn.Module, dims: ParallelDims, rank: int, device, grad_accum: int = 1, *,
-                 reshard_after_forward: bool = True, param_dtype: torch.dtype | None = None):
+                 reshard_after_forward: bool = True, param_dtype: torch.dtype | None = None,
+                 async_save: bool = False):
         super().__init__(model, dims, rank, device, grad_accum)
+        self.saver = AsyncShardedSaver() if async_save else None
         world, ep, kind = dims.world, dims.ep, self.device.type
         self.mesh = init_device_mesh(kind, (world,), mesh_dim_names=("dp_shard",))
         policy = MixedPrecisionPolicy(param_dtype=param_dtype,
@@ -166,10 +170,18 @@ class FSDPTraining(SingleProcess):
         return model_from_state(self.full_config, self.gather_full_state(), "cpu")
 
     def save_optimizer(self, opt: torch.optim.Optimizer, ckpt_dir: str) -> dict | None:
-        """Model and optimizer shards through DCP into ckpt_dir/dcp; trainer.pt holds no optimizer."""
+        """Model and optimizer shards through DCP into ckpt_dir/dcp (in the background with
+        async saves); trainer.pt holds no optimizer."""
         dist.barrier()  # rank 0 has created ckpt_dir
-        save_sharded(self.model, opt, ckpt_dir, self.expert_tensors_whole)
+        if self.saver is not None:
+            self.saver.save(self.model, opt, ckpt_dir, self.expert_tensors_whole)
+        else:
+            save_sharded(self.model, opt, ckpt_dir, self.expert_tensors_whole)
         return None
+
+    def wait_saves(self) -> None:
+        if self.saver is not None:
+            self.saver.wait()
 
     def load_optimizer(self, opt: torch.optim.Optimizer, saved: dict | None, ckpt_dir: str) -> None:
         """From a sharded checkpoint (any world size), or from the whole optimizer state of a

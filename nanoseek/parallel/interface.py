@@ -96,6 +96,10 @@ class Parallel:
         cannot hold write theirs into `ckpt_dir` (the checkpoint's temp folder). Collective."""
         return opt.state_dict() if self.main else None
 
+    def wait_saves(self) -> None:
+        """Block until what `save_optimizer` writes in the background (async saves) is on disk on
+        this rank; nothing to wait for when it writes in place."""
+
     def load_optimizer(self, opt: torch.optim.Optimizer, saved: dict | None, ckpt_dir: str) -> None:
         """Load what `save_optimizer` wrote (`saved`: trainer.pt's optimizer state; None: a sharded
         checkpoint, whose model and optimizer state are read from its DCP folder)."""

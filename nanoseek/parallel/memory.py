@@ -8,11 +8,16 @@ Counts come from the model built on the meta device (no memory), so they are exa
 tensors: fp32 master weights and gradients (4 B each), AdamW's two fp32 moments (8 B), each cut by
 the layout: a pipeline stage holds its contiguous share of the layers (the first also the
 embedding, the last the final norm, the head and the MTP layers), EP divides the routed experts,
-FSDP divides everything over the data-parallel ranks. Activations are an estimate: the tensors a
-decoder layer saves for its backward in bf16 (every one with no activation checkpointing, the
-matmul outputs only with selective, the layer's input only with full, plus one layer recomputed),
-the logits in fp32, times the micro-batches that 1F1B keeps in flight on the first stage (pp).
-Under FSDP, two units' gathered compute-dtype weights are in flight (the current and the next).
+FSDP divides everything over the data-parallel ranks. Activations are counted op by op from the
+model's code: the tensors each decoder layer saves for its backward, in the compute dtype (bf16)
+where the model computes in it and in fp32 where it upcasts (norms, RoPE, router, the experts'
+combine), with attention as the fused kernels save it (inputs, output, log-sum-exp); every one
+with no activation checkpointing, the matmul and attention outputs and the layer's input with
+selective, the layer's input only with full (plus one layer recomputed whole in the backward);
+then the final norm, the fp32 log-probabilities of the cross entropy and the MTP layers; times the
+micro-batches that 1F1B keeps in flight on the first stage (pp). tests/test_train_memory.py checks
+the count against the tensors a scaled-down run keeps (nanoseek/parallel/memory_probe.py). Under
+FSDP, two units' gathered compute-dtype weights are in flight (the current and the next).
 """
 
 from __future__ import annotations
@@ -67,22 +72,90 @@ def parameter_groups(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
     return {k: (v[0], v[1]) for k, v in groups.items()}
 
 
-def activation_bytes_per_token(cfg: ModelConfig, policy: str) -> tuple[int, int]:
-    """(bytes a decoder layer keeps per token until its backward, bytes of one whole layer's saved
-    tensors) in bf16, under an activation checkpointing policy."""
-    h, H, k = cfg.hidden_size, cfg.num_attention_heads, cfg.num_experts_per_tok
-    q = (cfg.q_lora_rank or 0) + H * cfg.qk_head_dim  # q_a, q_b outputs
-    kv = cfg.kv_lora_rank + cfg.qk_rope_head_dim + H * (cfg.qk_nope_head_dim + cfg.v_head_dim)  # kv_a, kv_b outputs
-    attn_out = H * cfg.v_head_dim
-    moe_inter = cfg.moe_intermediate_size
-    ffn_matmul = max(2 * cfg.intermediate_size + h,  # the dense FFN: gate, up, down outputs
-                     k * (2 * moe_inter + h) + cfg.n_shared_experts * (2 * moe_inter) + h)  # routed + shared
-    matmul_outputs = q + kv + attn_out + h + ffn_matmul  # o_proj's output: h
-    elementwise = 6 * h + (cfg.q_lora_rank or 0) + cfg.kv_lora_rank + k * h + cfg.n_routed_experts * 2 + \
-        max(cfg.intermediate_size, k * moe_inter)  # norms, residuals, rope'd parts, dispatch, router, act
-    whole = 2 * (matmul_outputs + elementwise)
-    kept = {"none": whole, "selective": 2 * (matmul_outputs + h), "full": 2 * h}[policy]
-    return kept, whole
+FP32 = 4  # bytes: the norms, RoPE, the router and the experts' combine compute in fp32
+
+
+def _norm(d: int, c: int, output_saved: bool = True) -> int:
+    """RMSNorm over d: its fp32 input copy, the bf16 normalized value the weight multiplies, the
+    product when the next op saves it, the fp32 rstd."""
+    return (FP32 + c + (c if output_saved else 0)) * d + FP32
+
+
+def attention_bytes(cfg: ModelConfig, c: int) -> int:
+    """Bytes per token that MLA (section 2.1.1) saves for its backward, the input norm included."""
+    H, rope = cfg.num_attention_heads, cfg.qk_rope_head_dim
+    q_rank = cfg.q_lora_rank or 0
+    qk = H * cfg.qk_head_dim
+    norms = _norm(cfg.hidden_size, c) + (_norm(q_rank, c) if q_rank else 0) + _norm(cfg.kv_lora_rank, c)
+    rope_inputs = FP32 * (H + 1) * rope  # fp32 copies of q_pe and k_pe that the rotation multiplies
+    kv_b = c * H * (cfg.qk_nope_head_dim + cfg.v_head_dim)  # kept whole: v is a view of it
+    sdpa = 2 * c * qk + c * H * cfg.v_head_dim + FP32 * H  # q, k (concatenated), output, log-sum-exp
+    return norms + rope_inputs + kv_b + sdpa
+
+
+def ffn_bytes(cfg: ModelConfig, layer: int, c: int) -> int:
+    """Bytes per token that layer's FFN saves, its input norm included: SwiGLU keeps gate, up,
+    their activation and product; the MoE adds the router (fp32), the dispatched copies of each
+    token and the fp32 combine (section 2.1.2)."""
+    h = cfg.hidden_size
+    swiglu = lambda inter: 4 * c * inter  # noqa: E731
+    if not cfg.is_moe_layer(layer):
+        return _norm(h, c) + swiglu(cfg.intermediate_size)
+    k, E = cfg.num_experts_per_tok, cfg.n_routed_experts
+    router = FP32 * (h + E) + FP32 * (4 * k + 2) + 8 * 3 * k  # fp32 input and scores, weights, indices and order
+    routed = c * k * h + swiglu(k * cfg.moe_intermediate_size) + FP32 * k * h  # dispatched, SwiGLU, fp32 outputs
+    shared = swiglu(cfg.n_shared_experts * cfg.moe_intermediate_size)
+    return _norm(h, c) + router + routed + shared
+
+
+def ffn_matmul_bytes(cfg: ModelConfig, layer: int, c: int) -> int:
+    """Bytes per token of the FFN's matmul outputs (what selective checkpointing keeps)."""
+    h = cfg.hidden_size
+    if not cfg.is_moe_layer(layer):
+        return c * (2 * cfg.intermediate_size + h)
+    k, mi, E = cfg.num_experts_per_tok, cfg.moe_intermediate_size, cfg.n_routed_experts
+    return FP32 * E + c * k * (2 * mi + h) + c * (2 * cfg.n_shared_experts * mi + h)
+
+
+def attention_matmul_bytes(cfg: ModelConfig, c: int) -> int:
+    """Bytes per token of MLA's matmul and attention outputs (what selective checkpointing keeps)."""
+    H = cfg.num_attention_heads
+    q = (c * (cfg.q_lora_rank + H * cfg.qk_head_dim)) if cfg.q_lora_rank else c * H * cfg.qk_head_dim
+    kv = c * (cfg.kv_lora_rank + cfg.qk_rope_head_dim + H * (cfg.qk_nope_head_dim + cfg.v_head_dim))
+    return q + kv + c * H * cfg.v_head_dim + FP32 * H + c * cfg.hidden_size  # + attention output, lse, o_proj
+
+
+def layer_bytes_per_token(cfg: ModelConfig, layer: int, policy: str, c: int = 2) -> int:
+    """Bytes per token decoder layer `layer` keeps from its forward to its backward under an
+    activation checkpointing policy: everything it saves (none), its matmul and attention outputs
+    and its input (selective), its input only (full)."""
+    if policy == "none":
+        return attention_bytes(cfg, c) + ffn_bytes(cfg, layer, c)
+    if policy == "selective":
+        return attention_matmul_bytes(cfg, c) + ffn_matmul_bytes(cfg, layer, c) + c * cfg.hidden_size
+    return c * cfg.hidden_size
+
+
+def layer_fixed_bytes(cfg: ModelConfig, layer: int, policy: str) -> int:
+    """Bytes a layer keeps whatever the tokens: the fp32 copy of the router's weight (no policy recomputes it away otherwise)."""
+    return FP32 * cfg.n_routed_experts * cfg.hidden_size if policy == "none" and cfg.is_moe_layer(layer) else 0
+
+
+def head_bytes_per_token(cfg: ModelConfig, policy: str, c: int = 2) -> int:
+    """Bytes per token kept after the decoder layers: the final norm and the fp32 log-probabilities
+    of the cross entropy, and for each MTP depth (section 2.2) its layer (the embedding and
+    hidden norms, their concatenation and a decoder block; under checkpointing its inputs as the
+    policy keeps them), its output norm and its log-probabilities."""
+    h, V = cfg.hidden_size, cfg.vocab_size
+    main = _norm(h, c) + FP32 * V
+    layer = cfg.num_hidden_layers  # the MTP layers are numbered after the decoder layers
+    if policy == "none":
+        mtp_layer = 2 * _norm(h, c, output_saved=False) + 2 * c * h + layer_bytes_per_token(cfg, layer, "none", c)
+    elif policy == "selective":
+        mtp_layer = c * h + c * h + layer_bytes_per_token(cfg, layer, "selective", c)  # embedding, eh_proj output
+    else:
+        mtp_layer = c * h  # the embedding of the shifted tokens (the hidden input is the final norm's)
+    return main + cfg.num_nextn_predict_layers * (mtp_layer + _norm(h, c) + FP32 * V)
 
 
 def train_memory(cfg: ModelConfig, *, dp: int = 1, fsdp: bool = False, ep: int = 1, pp: int = 1,
@@ -99,8 +172,7 @@ def train_memory(cfg: ModelConfig, *, dp: int = 1, fsdp: bool = False, ep: int =
     layer_names = [str(i) for i in range(cfg.num_hidden_layers)]
     stages = split_layers(layer_names, pp)
     tokens = micro_batch * seq_len
-    kept, whole = activation_bytes_per_token(cfg, policy)
-    logits = tokens * cfg.vocab_size * (compute_bytes + 4) * (1 + cfg.num_nextn_predict_layers)  # bf16 + fp32 for CE
+    c = compute_bytes
     dense_div = dp if fsdp else 1
     expert_div = dp if fsdp else ep  # FSDP over the dp / ep ranks holding each EP shard
     busiest = None
@@ -108,9 +180,13 @@ def train_memory(cfg: ModelConfig, *, dp: int = 1, fsdp: bool = False, ep: int =
         units = list(names) + (["embed"] if s == 0 else []) + (["last"] if s == pp - 1 else [])
         elems = sum(groups[u][0] / dense_div + groups[u][1] / expert_div for u in units if u in groups)
         in_flight = pp - s  # 1F1B: micro-batches whose backward is still to come on stage s
-        acts = in_flight * tokens * kept * len(names) + (tokens * whole if policy != "none" else 0)
+        layers = [int(n) for n in names]
+        acts = in_flight * sum(tokens * layer_bytes_per_token(cfg, i, policy, c) + layer_fixed_bytes(cfg, i, policy)
+                               for i in layers)
+        if policy != "none" and layers:  # the backward recomputes one layer at a time, whole
+            acts += tokens * max(layer_bytes_per_token(cfg, i, "none", c) for i in layers)
         if s == pp - 1:
-            acts += logits
+            acts += tokens * head_bytes_per_token(cfg, policy, c)
         gathered = 0
         if fsdp:
             largest = max(groups[u][0] + groups[u][1] / ep for u in units if u in groups)

@@ -62,6 +62,7 @@ class TrainArgs:
     ep: int = 1  # expert-parallel ranks, borrowed from the data-parallel ones (--ep divides them)
     fsdp: bool = False  # FSDP2: shard weights, gradients and optimizer states over the data-parallel ranks
     fsdp_reshard_after_forward: bool = True  # free each unit's gathered weights after its forward (ZeRO-3)
+    async_save: bool = False  # write the sharded checkpoints (--fsdp) in the background while training goes on
     json: bool = False
     progress: bool = True
     val_fraction: float = 0.05
@@ -124,6 +125,8 @@ TRAIN_HELP = {
             "experts are EP-sharded, then FSDP-sharded over the rest)",
     "fsdp_reshard_after_forward": "free each block's gathered weights after its forward (off: keep them for the "
                                   "backward, more memory, less communication)",
+    "async_save": "with --fsdp: write each sharded checkpoint in the background while training goes on; it "
+                  "appears in checkpoints/ once every rank has finished writing it",
     "json": "print the summary as one JSON line",
     "progress": "show a progress bar",
     "val_fraction": "share of examples held out for validation",

@@ -2,7 +2,10 @@
 the tokenizer and trainer.pt (step, optimizer state, RNG states, loop counters); a run with --fsdp
 keeps its optimizer state (and the model, sharded) in dcp/ beside them instead. Written into a
 hidden temp folder and renamed into place (a kill never leaves half a checkpoint); the newest is
-the resume point; only the last `keep_last` are kept.
+the resume point; only the last `keep_last` are kept. With async saves (`--async-save`, --fsdp)
+the sharded state of step N is written in the background while training goes on, and step N is
+renamed into place only once every rank has finished writing it: before the next save, or at the
+end of the run. A kill meanwhile leaves the previous checkpoints as they were.
 """
 
 from __future__ import annotations
@@ -66,17 +69,59 @@ def save_parallel_checkpoint(par, out: str, step: int, opt, tokenizer, state: di
     return final
 
 
+class CheckpointWriter:
+    """The run's checkpoints, written through `par` (a nanoseek.parallel.Parallel). Synchronous:
+    each `save` is `save_parallel_checkpoint`. Asynchronous: `save` leaves step N in its temp folder
+    while the sharded state is still being written; the next `save` (or `finish`) waits for every
+    rank's write, then renames it into place. Collective."""
+
+    def __init__(self, par, out: str, keep_last: int, asynchronous: bool = False):
+        self.par, self.out, self.keep_last, self.asynchronous = par, out, keep_last, asynchronous
+        self.unpublished: int | None = None  # the step whose temp folder waits for its sharded state
+
+    def save(self, step: int, opt, tokenizer, state: dict) -> None:
+        if not self.asynchronous:
+            save_parallel_checkpoint(self.par, self.out, step, opt, tokenizer, state, self.keep_last)
+            return
+        self.finish()
+        par, tmp = self.par, checkpoint_tmp_dir(self.out, step)
+        if par.main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+        opt_state = par.save_optimizer(opt, tmp)  # returns once staged; written in the background
+        whole = par.full_model()
+        barrier()
+        if par.main:
+            write_checkpoint_files(tmp, step, whole, opt_state, tokenizer, state)
+        self.unpublished = step
+
+    def finish(self) -> None:
+        """Wait for the pending background write on every rank, then rename its checkpoint into place."""
+        if self.unpublished is None:
+            return
+        self.par.wait_saves()
+        barrier()  # every rank's shards are on disk
+        if self.par.main:
+            publish_checkpoint(self.out, self.unpublished, self.keep_last)
+        self.unpublished = None
+        barrier()
+
+
 def save_checkpoint(out: str, step: int, model, optimizer, tokenizer, state: dict, keep_last: int,
                      fresh: bool = True) -> str:
     """Write into a hidden temp folder, then rename it into place: a kill at any moment leaves
     either the previous set of checkpoints or the new one, never a half-written one. (When other
     ranks have added their files to the temp folder first, `fresh` is False.)"""
-    root = os.path.join(out, "checkpoints")
-    os.makedirs(root, exist_ok=True)
-    final = os.path.join(root, f"step-{step:06d}")
+    os.makedirs(os.path.join(out, "checkpoints"), exist_ok=True)
     tmp = checkpoint_tmp_dir(out, step)
     if fresh:
         shutil.rmtree(tmp, ignore_errors=True)
+    write_checkpoint_files(tmp, step, model, optimizer, tokenizer, state)
+    return publish_checkpoint(out, step, keep_last)
+
+
+def write_checkpoint_files(tmp: str, step: int, model, optimizer, tokenizer, state: dict) -> None:
+    """The model in the Hugging Face layout, the tokenizer and trainer.pt into the temp folder `tmp`."""
     model.save_pretrained(tmp)
     if tokenizer is not None:
         tokenizer.save(tmp)
@@ -86,6 +131,12 @@ def save_checkpoint(out: str, step: int, model, optimizer, tokenizer, state: dic
     if torch.cuda.is_available():
         payload["cuda_rng"] = torch.cuda.get_rng_state_all()
     atomic_torch_save(payload, os.path.join(tmp, "trainer.pt"))
+
+
+def publish_checkpoint(out: str, step: int, keep_last: int) -> str:
+    """Rename step's complete temp folder into place and prune all but the last `keep_last`."""
+    final = os.path.join(out, "checkpoints", f"step-{step:06d}")
+    tmp = checkpoint_tmp_dir(out, step)
     if os.path.exists(final):
         shutil.rmtree(final)
     os.replace(tmp, final)

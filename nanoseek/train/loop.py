@@ -35,7 +35,7 @@ from ..parallel import (ParallelDims, all_reduce_sum, barrier, batch_on_device, 
 from ..parallel.memory import measured_bytes
 from ..tokenizer import Tokenizer, train_bpe
 from .args import TrainArgs
-from .checkpointing import list_checkpoints, load_trainer_state, resume_point, save_parallel_checkpoint
+from .checkpointing import CheckpointWriter, list_checkpoints, load_trainer_state, resume_point
 from .metrics import MetricsLog, plot_run, say
 from .objective import TrainLoss
 from .schedule import pretrain_lr
@@ -143,6 +143,9 @@ def train(args: TrainArgs, finetune=None, follow: Callable[[], float] | None = N
     ac_policy = resolve_policy(a.ac_policy if a.ac_policy is not None else a.activation_checkpointing)
     dims.check(compile=a.compile, activation_checkpointing=ac_policy != "none", fp8=precision == "fp8",
                grad_accum=a.grad_accum, batch_size=a.batch_size)
+    if a.async_save and not (a.fsdp and world > 1):
+        raise ValueError("--async-save writes sharded checkpoints in the background: it needs --fsdp on 2 or more "
+                         "processes")
     if a.balance not in ("bias", "aux", "none"):
         raise ValueError(f"--balance: unsupported value {a.balance!r} (bias, aux or none)")
     os.makedirs(a.out, exist_ok=True)
@@ -178,7 +181,8 @@ def train(args: TrainArgs, finetune=None, follow: Callable[[], float] | None = N
                       balance_alpha=alpha, mtp_lambda=a.mtp_lambda,
                       activation_checkpointing=ac_policy, compile=a.compile,
                       fsdp_reshard_after_forward=a.fsdp_reshard_after_forward,
-                      fsdp_param_dtype=torch.bfloat16 if precision == "bf16" and device.type == "cuda" else None)
+                      fsdp_param_dtype=torch.bfloat16 if precision == "bf16" and device.type == "cuda" else None,
+                      async_save=a.async_save)
     moes = {n: m for n, m in moe_modules(model).items()  # MTP's experts run only with an MTP loss
             if a.mtp_lambda > 0 or not n.startswith("mtp.")}
     loss_fn = TrainLoss(moes, alpha, a.mtp_lambda)
@@ -232,6 +236,7 @@ def train(args: TrainArgs, finetune=None, follow: Callable[[], float] | None = N
     if a.eval_at_start and start_step == 0:
         last["val_loss_start"], _ = evaluate()
         log.write({"step": 0, "val_loss": last["val_loss_start"]})
+    checkpoints = CheckpointWriter(par, a.out, a.keep_last, asynchronous=a.async_save)
     t_run = time.time()
     for step in range(start_step, a.max_steps):
         t0 = time.time()
@@ -281,12 +286,13 @@ def train(args: TrainArgs, finetune=None, follow: Callable[[], float] | None = N
             if finetune is not None:
                 state.update(finetune.state(model))
             with finetune.saving(model) if finetune is not None else nullcontext():
-                save_parallel_checkpoint(par, a.out, step + 1, opt, tokenizer, state, a.keep_last)
+                checkpoints.save(step + 1, opt, tokenizer, state)
         if pbar is not None:
             pbar.update(1)
             pbar.set_postfix(loss=f"{rec['loss']:.3f}", maxvio=f"{rec['maxvio']:.2f}", tok_s=f"{rec['tokens_per_s']:.0f}")
         if done:
             break
+    checkpoints.finish()  # an async save still being written: wait for it, then rename it into place
     if pbar is not None:
         pbar.close()
     log.close()
