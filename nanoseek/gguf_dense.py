@@ -35,7 +35,6 @@ import os
 import re
 
 import gguf
-import numpy as np
 import torch
 import torch.nn as nn
 
@@ -43,8 +42,7 @@ from .config import ConfigError
 from .dense import DenseModel, rope_inv_freq
 from .dense_config import DenseConfig
 from .gguf_file import (FILE_TYPES, PLAIN_TYPES, GGUFError, GGUFModelFile, Q, _encode, _tokenizer_metadata,
-                        read_config, read_gguf, read_tokenizer, writable_type)
-from .io import atomic_write
+                        read_config, read_gguf, read_tokenizer, writable_type, write_gguf_file)
 from .quant import ggml
 from .quant.mixes import tensor_qtype
 from .quant.qlinear import QuantEmbedding, QuantLinear
@@ -447,30 +445,9 @@ def write_dense_gguf(model: DenseModel, tokenizer: Tokenizer, path: str, qtype: 
     cfg = model.config
     check_dense_exportable(cfg, path)
     plan = _plan(model, qtype)
-    final = os.path.abspath(path)
-    tmp_dir = os.path.dirname(final)
-    os.makedirs(tmp_dir, exist_ok=True)
-    prefix = f".tmp-{os.getpid()}-"
-    writer = gguf.GGUFWriter(os.path.join(tmp_dir, prefix + os.path.basename(final)), cfg.model_type,
-                             split_max_size=split_max_size)
-    _metadata(writer, cfg, name, FILE_TYPES[qtype])
-    _tokenizer_metadata(writer, tokenizer, cfg.vocab_size)
-    for gname, t, q in plan:
-        byte_shape = gguf.quant_shape_to_byte_shape(tuple(t.shape), q)
-        writer.add_tensor_info(gname, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), raw_dtype=q)
-    temps = [str(t) for t in writer.format_shard_names(writer.path)]
-    finals = [os.path.join(tmp_dir, os.path.basename(t)[len(prefix):]) for t in temps]
-    try:
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        for _, t, q in plan:  # one tensor encoded at a time
-            writer.write_tensor_data(_encode(t.numpy(), q))
-        writer.close()
-        for t, f in zip(temps, finals):  # fsync + rename each part (io.atomic_write's order)
-            atomic_write(f, lambda dst, src=t: os.replace(src, dst), suffix=".gguf")
-    finally:
-        for t in temps:
-            if os.path.exists(t):
-                os.unlink(t)
-    return finals
+
+    def metadata(writer):
+        _metadata(writer, cfg, name, FILE_TYPES[qtype])
+        _tokenizer_metadata(writer, tokenizer, cfg.vocab_size)
+    return write_gguf_file(path, cfg.model_type, metadata, [(g, tuple(t.shape), q) for g, t, q in plan],
+                           lambda i: _encode(plan[i][1].numpy(), plan[i][2]), split_max_size)

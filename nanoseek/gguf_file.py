@@ -410,27 +410,39 @@ def write_planned(path: str, cfg: ModelConfig, tokenizer: Tokenizer, qtype: str,
     """Write the GGUF of `plan` (as `_plan` or `shape_plan` give it): the metadata of `cfg` and
     `tokenizer`, then each tensor's bytes `encoded(planned)` [..., row_bytes] uint8, asked for one
     tensor at a time, so the file never exists in memory. Written beside `path` and renamed into place."""
+    def metadata(writer):
+        _metadata(writer, cfg, name, FILE_TYPES[qtype])
+        _tokenizer_metadata(writer, tokenizer, cfg.vocab_size)
+    return write_gguf_file(path, ARCH, metadata, [(p.name, tuple(p.tensor.shape), p.qtype) for p in plan],
+                           lambda i: encoded(plan[i]), split_max_size)
+
+
+def write_gguf_file(path: str, arch: str, metadata, tensors: list[tuple[str, tuple[int, ...], Q]], encoded,
+                    split_max_size: int = 0) -> list[str]:
+    """The one GGUF file writer: `metadata(writer)` adds the key/values, `tensors` lists (name, shape,
+    GGML type) in file order and `encoded(i)` gives tensor i's bytes [..., row_bytes] uint8, asked for
+    one at a time. Each part is written beside its target, fsynced and renamed into place; returns
+    the paths written."""
     final = os.path.abspath(path)
     tmp_dir = os.path.dirname(final)
     os.makedirs(tmp_dir, exist_ok=True)
-    tmp = os.path.join(tmp_dir, f".tmp-{os.getpid()}-{os.path.basename(final)}")
-    writer = gguf.GGUFWriter(tmp, ARCH, split_max_size=split_max_size)
-    _metadata(writer, cfg, name, FILE_TYPES[qtype])
-    _tokenizer_metadata(writer, tokenizer, cfg.vocab_size)
-    for p in plan:
-        byte_shape = gguf.quant_shape_to_byte_shape(tuple(p.tensor.shape), p.qtype)
-        writer.add_tensor_info(p.name, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), raw_dtype=p.qtype)
+    prefix = f".tmp-{os.getpid()}-"
+    writer = gguf.GGUFWriter(os.path.join(tmp_dir, prefix + os.path.basename(final)), arch,
+                             split_max_size=split_max_size)
+    metadata(writer)
+    byte_shapes = [tuple(gguf.quant_shape_to_byte_shape(shape, q)) for _, shape, q in tensors]
+    for (tname, _, q), byte_shape in zip(tensors, byte_shapes):
+        writer.add_tensor_info(tname, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), raw_dtype=q)
     temps = [str(t) for t in writer.format_shard_names(writer.path)]
-    finals = [os.path.join(tmp_dir, os.path.basename(t)[len(f".tmp-{os.getpid()}-"):]) for t in temps]
+    finals = [os.path.join(tmp_dir, os.path.basename(t)[len(prefix):]) for t in temps]
     try:
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        for p in plan:  # one tensor in memory at a time (a stack of experts encoded expert by expert)
-            data = encoded(p)
-            want = tuple(gguf.quant_shape_to_byte_shape(tuple(p.tensor.shape), p.qtype))
+        for i, ((tname, _, _), want) in enumerate(zip(tensors, byte_shapes)):  # one tensor in memory at a time
+            data = encoded(i)
             if data.dtype != np.uint8 or tuple(data.shape) != want:
-                raise GGUFError(f"{path}: tensor '{p.name}' encoded as {data.dtype} {list(data.shape)}, "
+                raise GGUFError(f"{path}: tensor '{tname}' encoded as {data.dtype} {list(data.shape)}, "
                                 f"expected uint8 {list(want)}")
             writer.write_tensor_data(data)
             del data
