@@ -243,6 +243,8 @@ class GraphDecoder:
         start = torch.zeros(b, dtype=torch.long, device=device)
         rows = {k: c.rows(0, b) for k, c in self.cache.items()}
         kw = {} if self.width == 1 else dict(return_hidden=True, attn_impl="absorb")
+        # warming up writes positions [0, width) of rows [0, b), which may hold active sequences
+        saved = [t[:b, :self.width].clone() for c in self.cache.values() for t in c.tensors]
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -255,6 +257,8 @@ class GraphDecoder:
                 out = self.step(tokens, start_pos=start, cache=rows)[:, -1]  # [b, V]
             else:
                 out = self.step(tokens, start_pos=start, cache=rows, **kw)  # [b, w, V], [b, w, h]
+        for t, keep in zip((t for c in self.cache.values() for t in c.tensors), saved):
+            t[:b, :self.width].copy_(keep)
         self.graphs[b] = (graph, tokens, start, out)
 
     def __call__(self, tokens: torch.Tensor, start: torch.Tensor):
