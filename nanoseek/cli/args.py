@@ -11,8 +11,9 @@ gives the type:
   tuple[X, ...]            one comma-separated value (`--lora-targets attn,mlp`)
 Help comes from `field(metadata={"help": ...})` or from a dict beside the dataclass (`helps`).
 The metadata may also give a "metavar", "aliases" (more spellings of the flag), "flags" (a bool's
-own two spellings, on then off) and "append" (a repeatable flag collecting a list). A field of any
-other type has no flag: leave it out with `skip`, or the parser refuses to build.
+own spellings: on then off, or the on spelling alone for a switch without a negation), "append"
+(a repeatable flag collecting a list) and "positional" (a positional argument, not a flag). A
+field of any other type has no flag: leave it out with `skip`, or the parser refuses to build.
 
 `options(cls, args)` makes the dataclass back from the parsed namespace.
 """
@@ -88,12 +89,19 @@ def add_options(parser: argparse.ArgumentParser, cls, *, helps: dict | None = No
         default, show = _default(f)
         must = f.name in required or (f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
         text = (helps or {}).get(f.name) or meta.get("help") or ""
-        if show and not must:
+        if meta.get("positional"):  # always given: no default, no flag
+            parser.add_argument(f.name, help=text or None, **({} if tp is str else {"type": tp}))
+            continue
+        switch = tp is bool and len(meta.get("flags", ())) == 1  # a switch without a negation: off unless given
+        if show and not must and not switch:
             text = f"{text} (default {_shown(default)})".strip()
         kw = dict(dest=f.name, default=None if must else default, required=must, help=text or None)
         if meta.get("metavar"):
             kw["metavar"] = meta["metavar"]
         flags = [flag_name(f.name), *meta.get("aliases", ())]
+        if switch:
+            parser.add_argument(*meta["flags"], action="store_true", **kw)
+            continue
         if tp is bool:
             on, off = meta.get("flags", (flag_name(f.name), "--no-" + f.name.replace("_", "-")))
             parser.add_argument(on, off, action=Switch, on=(on,), **kw)

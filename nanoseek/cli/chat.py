@@ -7,7 +7,8 @@ A store entry's Modelfile defaults apply as the server applies them (serve/model
 TEMPLATE replaces the chat template, its SYSTEM prompt and MESSAGE turns go before a conversation
 without a system message of its own, and its PARAMETERs (temperature, top_p, top_k, seed, stop,
 num_predict, num_ctx) fill in whatever the command line leaves unset. `chat` keeps earlier turns'
-latent cache for prefix reuse, so each turn prefills only what is new."""
+latent cache for prefix reuse, so each turn prefills only what is new. The flags are ChatOptions' fields
+(and GenerateOptions' for `generate`)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass, field
 
 from ..checkpoint import CheckpointError
 from ..infer.chat import prompt_opens_thinking, render_chat, split_thinking
@@ -24,11 +26,42 @@ from ..load import is_dense, load_config, load_model
 from ..quant.fp8_weights import load_fp8_weights
 from ..serve.modelfile import with_default_messages
 from ..tokenizer import Tokenizer
+from .args import add_options
 
 
 # the command line's values where neither it nor the entry's Modelfile sets one
 FALLBACK = {"max_tokens": 256, "temperature": 0.8, "top_p": 1.0, "top_k": 0, "context": 4096}
 CHAT_PREFIX_CACHE_TOKENS = 65536  # a chat re-sends its history each turn: keep it for reuse
+
+
+@dataclass
+class ChatOptions:
+    """The model and its sampling, for `chat` and `generate`; a setting left unset (None) is the
+    store entry's Modelfile PARAMETER, else FALLBACK's (`resolve_settings`)."""
+    model: str = field(metadata={"positional": True, "help": "a model name in the store or a checkpoint directory"})
+    max_tokens: int | None = field(default=None, metadata={
+        "aliases": ("--num-predict",), "help": f"default: the Modelfile's num_predict, else {FALLBACK['max_tokens']}"})
+    temperature: float | None = field(default=None, metadata={"help": f"default {FALLBACK['temperature']}"})
+    top_p: float | None = field(default=None, metadata={"help": f"default {FALLBACK['top_p']}"})
+    top_k: int | None = field(default=None, metadata={"help": f"default {FALLBACK['top_k']}"})
+    seed: int | None = None
+    stop: list[str] | None = field(default=None, metadata={"append": True, "help": "stop string (repeatable)"})
+    context: int | None = field(default=None, metadata={
+        "help": f"context length in tokens (default: the Modelfile's num_ctx, else {FALLBACK['context']})"})
+    fp8_weights: bool = field(default=False, metadata={
+        "flags": ("--fp8-weights",),
+        "help": "keep an FP8 checkpoint's weights in FP8 (half of bf16's memory; same outputs)"})
+    think: bool | None = field(default=None, metadata={"flags": ("--think",), "help": "open the reply inside <think>"})
+
+
+@dataclass
+class GenerateOptions:
+    """`generate`'s own, after ChatOptions: the prompt and how the reply is shown."""
+    prompt: str = field(metadata={"positional": True})
+    raw: bool = field(default=False, metadata={
+        "flags": ("--raw",), "help": "send the prompt as is, without the chat template"})
+    verbose: bool = field(default=False, metadata={"flags": ("--verbose",)})
+    json: bool = field(default=False, metadata={"flags": ("--json",)})
 
 
 def store_defaults(name: str) -> dict:
@@ -203,34 +236,14 @@ def cmd_chat(args) -> int:
     return 0
 
 
-def add_sampling_arguments(s) -> None:
-    s.add_argument("model", help="a model name in the store or a checkpoint directory")
-    # unset (None): the store entry's Modelfile PARAMETER, else FALLBACK
-    s.add_argument("--max-tokens", "--num-predict", dest="max_tokens", type=int, default=None,
-                   help=f"default: the Modelfile's num_predict, else {FALLBACK['max_tokens']}")
-    s.add_argument("--temperature", type=float, default=None, help=f"default {FALLBACK['temperature']}")
-    s.add_argument("--top-p", type=float, default=None, help=f"default {FALLBACK['top_p']}")
-    s.add_argument("--top-k", type=int, default=None, help=f"default {FALLBACK['top_k']}")
-    s.add_argument("--seed", type=int)
-    s.add_argument("--stop", action="append", help="stop string (repeatable)")
-    s.add_argument("--context", type=int, default=None,
-                   help=f"context length in tokens (default: the Modelfile's num_ctx, else {FALLBACK['context']})")
-    s.add_argument("--fp8-weights", action="store_true",
-                   help="keep an FP8 checkpoint's weights in FP8 (half of bf16's memory; same outputs)")
-    s.add_argument("--think", action="store_true", default=None, help="open the reply inside <think>")
-
-
 def add_generate_command(sub) -> None:
     s = sub.add_parser("generate", help="generate a reply to one prompt (streaming)")
-    add_sampling_arguments(s)
-    s.add_argument("prompt")
-    s.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
-    s.add_argument("--verbose", action="store_true")
-    s.add_argument("--json", action="store_true")
+    add_options(s, ChatOptions)
+    add_options(s, GenerateOptions)
     s.set_defaults(func=cmd_generate)
 
 
 def add_chat_command(sub) -> None:
     s = sub.add_parser("chat", help="interactive multi-turn chat (/bye to exit, /set to change options)")
-    add_sampling_arguments(s)
+    add_options(s, ChatOptions)
     s.set_defaults(func=cmd_chat)

@@ -1,16 +1,54 @@
 """`nanoseek eval MODEL --task TASK` (or `--bpb --data FILE`): a model's benchmark numbers with the
-DeepSeek-R1 report's protocol (section 3, "Evaluation Setup"); the work is nanoseek/evaluation.py."""
+DeepSeek-R1 report's protocol (section 3, "Evaluation Setup"); the work is nanoseek/evaluation.py, the
+flags are EvalOptions' fields."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
+from dataclasses import dataclass, field
 
 import torch
 
 from ..evaluation import FILE_TASK_TOKENS, EvalError, EvalSettings, format_table, run_bpb, run_eval
 from ..recipes.quickstart import Recipe
+from .args import add_options
+
+
+@dataclass
+class EvalOptions:
+    model: str = field(metadata={"positional": True, "help": "a model name in the store or a checkpoint directory"})
+    task: list[str] | None = field(default=None, metadata={
+        "append": True,
+        "help": "countdown (the quickstart's), arithmetic, gsm8k, math, math500:ids=FILE, svamp, jsonl:PATH, "
+                "or any task spec (countdown:n_numbers=4); repeatable"})
+    task_data: str | None = field(default=None, metadata={
+        "help": "the folder of a file task's data (gsm8k, math, math500, svamp)"})
+    split: str = field(default="test", metadata={"help": "held-out split: test, or val where the task has one"})
+    limit: int | None = field(default=None, metadata={"help": "only the first N problems"})
+    samples: int = field(default=0, metadata={"help": "K samples per problem for pass@1 and pass@k"})
+    temperature: float = field(default=0.6, metadata={"help": "sampling temperature, R1's"})
+    top_p: float = field(default=0.95, metadata={"help": "sampling top-p, R1's"})
+    max_new_tokens: int | None = field(default=None, metadata={
+        "help": f"token budget per completion (default: countdown {Recipe.max_new_tokens}, "
+                f"word problems {FILE_TASK_TOKENS}, others 64)"})
+    chat: bool | None = field(default=None, metadata={
+        "help": "prompt through the chat template (default: for word problems; raw for generated tasks)"})
+    think: bool = field(default=False, metadata={
+        "flags": ("--think",), "help": "open each reply inside <think> (R1's enforced thinking)"})
+    seed: int = field(default=0, metadata={"help": "seed of the sampling stream"})
+    batch_size: int = field(default=512, metadata={"help": "sequences decoded together"})
+    context: int | None = field(default=None, metadata={
+        "help": "engine context in tokens (default: enough for the longest prompt)"})
+    device: str | None = field(default=None, metadata={"help": "cpu or cuda (default: cuda when available)"})
+    threads: int | None = field(default=None, metadata={"help": "CPU threads for torch"})
+    bpb: bool = field(default=False, metadata={
+        "flags": ("--bpb",), "help": "bits per byte on held-out text instead (with --data)"})
+    data: str | None = field(default=None, metadata={"help": "with --bpb: a text file, or jsonl with a 'text' field"})
+    out: str = field(default="runs/eval", metadata={"help": "folder of the per-problem records (JSONL)"})
+    no_progress: bool = field(default=False, metadata={"flags": ("--no-progress",)})
+    json: bool = field(default=False, metadata={
+        "flags": ("--json",), "help": "print the summary as one JSON object, the last line"})
 
 
 def cmd_eval(args) -> int:
@@ -48,30 +86,5 @@ def cmd_eval(args) -> int:
 
 def add_eval_command(sub) -> None:
     s = sub.add_parser("eval", help="benchmark a model: greedy accuracy, pass@1 over samples, pass@k; or bits per byte")
-    s.add_argument("model", help="a model name in the store or a checkpoint directory")
-    s.add_argument("--task", action="append",
-                   help="countdown (the quickstart's), arithmetic, gsm8k, math, math500:ids=FILE, svamp, jsonl:PATH, "
-                        "or any task spec (countdown:n_numbers=4); repeatable")
-    s.add_argument("--task-data", help="the folder of a file task's data (gsm8k, math, math500, svamp)")
-    s.add_argument("--split", default="test", help="held-out split: test (default) or val where the task has one")
-    s.add_argument("--limit", type=int, help="only the first N problems")
-    s.add_argument("--samples", type=int, default=0, help="K samples per problem for pass@1 and pass@k (default 0)")
-    s.add_argument("--temperature", type=float, default=0.6, help="sampling temperature (default 0.6, R1's)")
-    s.add_argument("--top-p", type=float, default=0.95, help="sampling top-p (default 0.95, R1's)")
-    s.add_argument("--max-new-tokens", type=int,
-                   help=f"token budget per completion (default: countdown {Recipe.max_new_tokens}, "
-                        f"word problems {FILE_TASK_TOKENS}, others 64)")
-    s.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
-                   help="prompt through the chat template (default: for word problems; raw for generated tasks)")
-    s.add_argument("--think", action="store_true", help="open each reply inside <think> (R1's enforced thinking)")
-    s.add_argument("--seed", type=int, default=0, help="seed of the sampling stream")
-    s.add_argument("--batch-size", type=int, default=512, help="sequences decoded together (default 512)")
-    s.add_argument("--context", type=int, help="engine context in tokens (default: enough for the longest prompt)")
-    s.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    s.add_argument("--threads", type=int, help="CPU threads for torch")
-    s.add_argument("--bpb", action="store_true", help="bits per byte on held-out text instead (with --data)")
-    s.add_argument("--data", help="with --bpb: a text file, or jsonl with a 'text' field")
-    s.add_argument("--out", default="runs/eval", help="folder of the per-problem records (JSONL)")
-    s.add_argument("--no-progress", action="store_true")
-    s.add_argument("--json", action="store_true", help="print the summary as one JSON object, the last line")
+    add_options(s, EvalOptions)
     s.set_defaults(func=cmd_eval)

@@ -1,10 +1,11 @@
 """`nanoseek sft` (supervised fine-tuning, DeepSeek-V3 report section 5.1) and `nanoseek distill`
 (a teacher's verified reasoning traces -> SFT of a student, DeepSeek-R1 report section 2.4): the
-run flags are `nanoseek train`'s, the fine-tuning ones SFTOptions' fields."""
+run flags are `nanoseek train`'s, the fine-tuning ones SFTOptions' fields, distill's own DistillOptions'."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 
 from ..checkpoint import CheckpointError
 from ..data import DataError
@@ -18,6 +19,26 @@ from .train import NOT_FLAGS, REQUIRED, add_train_arguments
 
 FINETUNE_NOT_FLAGS = NOT_FLAGS - {"val_fraction"}  # the held-out share of the examples is a flag here
 ERRORS = (DataError, TokenizerError, CheckpointError, ValueError)
+
+
+@dataclass
+class DistillOptions:
+    """`distill`'s own flags, before the run flags (TrainArgs') and the fine-tuning ones (SFTOptions')."""
+    teacher: str = field(metadata={"help": "checkpoint directory (or store name) of the teacher"})
+    student: str = field(metadata={"help": "checkpoint directory (or store name) of the student"})
+    prompts: str = field(metadata={"help": ".jsonl/.json prompt records (optional 'answer') or .txt lines"})
+    verifier: str = field(default="auto", metadata={
+        "help": "auto (number or exact when prompts carry answers), exact, number, contains, "
+                "task:NAME (a nanoseek task's checker: gsm8k, math, svamp, countdown, arithmetic), "
+                "none, or module:function(completion, answer) -> bool (imported and run on the teacher's "
+                "output: name only code you trust)"})
+    samples: int = field(default=1, metadata={"help": "teacher completions per prompt (rejection sampling)"})
+    max_new_tokens: int = 256
+    temperature: float | None = field(default=None, metadata={
+        "help": "teacher sampling temperature (default 0, or 0.7 with --samples > 1)"})
+    top_p: float = 1.0
+    think: bool = field(default=False, metadata={
+        "flags": ("--think",), "help": "open the teacher's reply inside <think> (R1 style)"})
 
 
 def sft_options(args) -> SFTOptions:
@@ -69,19 +90,7 @@ def cmd_distill(args) -> int:
 
 def add_distill_command(sub) -> None:
     s = sub.add_parser("distill", help="teacher completions (verified) -> supervised fine-tuning of a student")
-    s.add_argument("--teacher", required=True, help="checkpoint directory (or store name) of the teacher")
-    s.add_argument("--student", required=True, help="checkpoint directory (or store name) of the student")
-    s.add_argument("--prompts", required=True, help=".jsonl/.json prompt records (optional 'answer') or .txt lines")
-    s.add_argument("--verifier", default="auto",
-                   help="auto (default: number or exact when prompts carry answers), exact, number, contains, "
-                        "task:NAME (a nanoseek task's checker: gsm8k, math, svamp, countdown, arithmetic), "
-                        "none, or module:function(completion, answer) -> bool (imported and run on the teacher's "
-                        "output: name only code you trust)")
-    s.add_argument("--samples", type=int, default=1, help="teacher completions per prompt (rejection sampling)")
-    s.add_argument("--max-new-tokens", type=int, default=256)
-    s.add_argument("--temperature", type=float, help="teacher sampling temperature (default 0, or 0.7 with --samples > 1)")
-    s.add_argument("--top-p", type=float, default=1.0)
-    s.add_argument("--think", action="store_true", help="open the teacher's reply inside <think> (R1 style)")
+    add_options(s, DistillOptions)
     # the data are the teacher's completions and the model is the student: refused if given
     refused = "(refused: set by distill)"
     add_train_arguments(s, skip=FINETUNE_NOT_FLAGS, required=tuple(r for r in REQUIRED if r != "data"),

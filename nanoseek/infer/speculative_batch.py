@@ -3,14 +3,17 @@ DeepSeek-V3 report section 2.2, "MTP in inference"): each request's MTP draft dr
 sampling settings, and the verify decision from the main model's logits of [next, draft], greedy
 (the main model's argmax, so the output is plain greedy decoding's), sampled (the rejection rule,
 `speculative.speculative_sample`: the target distribution exactly) or constrained (one token from
-the masked logits, not drafted). Requests are the engine's: `params`, `generator`, `draft_q`."""
+the masked logits, not drafted); around them, the first drafts at admission (`first_drafts`) and
+the verify-then-draft-again half of a decode step (`verify_and_redraft`). Requests are the
+engine's (request.py): `params`, `generator`, `draft`, `draft_q`, `spec`."""
 
 from __future__ import annotations
 
 import torch
 
+from .batch_sampling import choose_tokens
 from .sampling import draw, sample_next, sampling_logits
-from .speculative import speculative_sample
+from .speculative import SpeculativeStats, draft_logits, mtp_hidden, speculative_sample
 
 
 def draw_drafts(reqs: list, logits: torch.Tensor) -> None:
@@ -89,3 +92,44 @@ def verify(reqs: list, drafts: torch.Tensor, logits: torch.Tensor):
             row_tops = [list(zip(a, b)) for a, b in zip(idx.tolist(), v.tolist())]
         tops.append(row_tops)
     return new, accepted, raw.tolist(), tops
+
+
+def first_drafts(model, group: list, logits: torch.Tensor, hidden: torch.Tensor, reused: int, mtp_cache: dict,
+                 device) -> list[tuple]:
+    """At admission (the group's rows in order, `mtp_cache` the MTP layer's rows of them): choose
+    the first token of each generating request from logits [G, V], run the MTP layer over the
+    prefilled positions with hidden [G, L - reused, h], and draw each request's first draft.
+    Returns the chosen (token, log-prob, top) of the generating requests (max_tokens > 0), in order."""
+    gen = [k for k, r in enumerate(group) if r.params.max_tokens > 0]
+    chosen = choose_tokens([group[k] for k in gen], logits[gen]) if gen else []
+    if not gen:
+        return chosen
+    token_of = {k: c[0] for k, c in zip(gen, chosen)}
+    # MTP inputs at position i: (h_i, emb(t_{i+1})); the last one's next token is the chosen one
+    next_ids = torch.tensor([r.prompt[reused + 1:] + [token_of.get(k, 0)] for k, r in enumerate(group)],
+                            device=device)  # [G, L - reused]
+    states = mtp_hidden(model, hidden, next_ids, reused, mtp_cache)  # [G, L - reused, h]
+    drafting = [group[k] for k in gen]
+    draw_drafts(drafting, draft_logits(model, states[gen, -1]).float())
+    for r in drafting:
+        r.spec = SpeculativeStats()
+    return chosen
+
+
+def verify_and_redraft(model, reqs: list, tokens: torch.Tensor, start: torch.Tensor, kv_len: int,
+                       logits: torch.Tensor, hidden: torch.Tensor, mtp_cache: dict, device):
+    """After the main model's forward of tokens [A, 2] ([next, draft] per row, from positions
+    start [A]) gave logits [A, 2, V] and hidden [A, 2, h]: keep 1 or 2 tokens per request
+    (`verify`), then draft again from the MTP layer (`mtp_cache`: its rows 0..A) at the last kept
+    token. Returns the kept tokens new [A, 2], accepted [A], their log-probs and top alternatives
+    (`verify`'s) and the number kept per request (a list)."""
+    A = len(reqs)
+    new, accepted, lps, tops = verify(reqs, tokens[:, 1], logits.float())
+    n_new = 1 + accepted.long()  # [A]
+    # next drafts, while the rows are still in this step's order: MTP inputs (h_pos, emb(new_0))
+    # and, for an accepted draft, (h_pos+1, emb(new_1)); a rejected row's second entry sits past
+    # its end and is overwritten next step
+    states = mtp_hidden(model, hidden, new, start, mtp_cache, kv_len=kv_len, impl="absorb")  # [A, 2, h]
+    last = states[torch.arange(A, device=device), n_new - 1]  # [A, h]
+    draw_drafts(reqs, draft_logits(model, last).float())
+    return new, accepted, lps, tops, n_new.tolist()
