@@ -21,9 +21,10 @@ qwen3.cpp, which read them).
   rule (nanoseek.quant.mixes). `read_dense_gguf(quantized=True)` keeps each matrix as the file's
   bytes (QuantLinear / QuantEmbedding over the memory map; the permuted q/k rows of `llama` are a
   reordered copy), float only for norms and biases.
-- Tokenizer: the byte-level BPE of the file's tokenizer.ggml.* keys, read by nanoseek.gguf_tokenizer
-  (pre-tokenizers 'gpt-2' and 'deepseek-v3'); for any other (the released Qwen2.5 'qwen2' and Llama 3
-  'llama-bpe' files) a tokenizer folder must be given.
+- Tokenizer: the byte-level BPE of the file's tokenizer.ggml.* keys, read and written by
+  nanoseek.gguf_tokenizer: the R1 distills' Qwen2.5 / Qwen3 ('qwen2', 'deepseek-r1-qwen') and Llama 3
+  ('llama-bpe') pre-tokenizers as well as 'gpt-2' and 'deepseek-v3'; for any other a tokenizer
+  folder must be given.
 
 Every error names the file and the key or tensor (`GGUFError`).
 """
