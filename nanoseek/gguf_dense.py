@@ -21,9 +21,10 @@ qwen3.cpp, which read them).
   rule (nanoseek.quant.mixes). `read_dense_gguf(quantized=True)` keeps each matrix as the file's
   bytes (QuantLinear / QuantEmbedding over the memory map; the permuted q/k rows of `llama` are a
   reordered copy), float only for norms and biases.
-- Tokenizer: the byte-level BPE of the file's tokenizer.ggml.* keys, read by nanoseek.gguf_file
-  (pre-tokenizers 'gpt-2' and 'deepseek-v3'); for any other (the released Qwen2.5 'qwen2' and Llama 3
-  'llama-bpe' files) a tokenizer folder must be given.
+- Tokenizer: the byte-level BPE of the file's tokenizer.ggml.* keys, read and written by
+  nanoseek.gguf_tokenizer: the R1 distills' Qwen2.5 / Qwen3 ('qwen2', 'deepseek-r1-qwen') and Llama 3
+  ('llama-bpe') pre-tokenizers as well as 'gpt-2' and 'deepseek-v3'; for any other a tokenizer
+  folder must be given.
 
 Every error names the file and the key or tensor (`GGUFError`).
 """
@@ -41,8 +42,9 @@ import torch.nn as nn
 from .config import ConfigError
 from .dense import DenseModel, rope_inv_freq
 from .dense_config import DenseConfig
-from .gguf_file import (FILE_TYPES, PLAIN_TYPES, GGUFError, GGUFModelFile, Q, _encode, _tokenizer_metadata,
-                        read_config, read_gguf, read_tokenizer, writable_type, write_gguf_file)
+from .gguf_file import (FILE_TYPES, PLAIN_TYPES, GGUFModelFile, Q, encode_tensor, read_config, read_gguf,
+                        writable_type, write_gguf_file)
+from .gguf_tokenizer import GGUFError, read_tokenizer, tokenizer_metadata
 from .quant import ggml
 from .quant.mixes import tensor_qtype
 from .quant.qlinear import QuantEmbedding, QuantLinear
@@ -448,6 +450,6 @@ def write_dense_gguf(model: DenseModel, tokenizer: Tokenizer, path: str, qtype: 
 
     def metadata(writer):
         _metadata(writer, cfg, name, FILE_TYPES[qtype])
-        _tokenizer_metadata(writer, tokenizer, cfg.vocab_size)
+        tokenizer_metadata(writer, tokenizer, cfg.vocab_size)
     return write_gguf_file(path, cfg.model_type, metadata, [(g, tuple(t.shape), q) for g, t, q in plan],
-                           lambda i: _encode(plan[i][1].numpy(), plan[i][2]), split_max_size)
+                           lambda i: encode_tensor(plan[i][1].numpy(), plan[i][2]), split_max_size)

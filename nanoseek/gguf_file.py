@@ -16,8 +16,9 @@ src/models/deepseek2.cpp, which reads them).
   are the stacked `ffn_{gate,up,down}_exps`, shared experts `*_shexp`. The multi-token prediction
   module (section 2.2) is not written (llama.cpp's converter drops it too) and is skipped on reading.
 - Tokenizer: our byte-level BPE as `tokenizer.ggml.model` "gpt2" (tokens, token types, merges,
-  pre-tokenizer name, BOS/EOS/PAD ids, chat template), read back into a `Tokenizer`.
-- Tensor encodings go through `_encode` / `_decode` only: nanoseek.quant.ggml's block formats
+  pre-tokenizer name, BOS/EOS/PAD ids, chat template), read back into a `Tokenizer`: the keys are
+  nanoseek.gguf_tokenizer's.
+- Tensor encodings go through `encode_tensor` / `decode_tensor` only: nanoseek.quant.ggml's block formats
   (llama.cpp's byte layouts), gguf-py's numpy dequantizers for the types ggml lacks, on read.
   `--type` q4_k_m / q6_k / q4_0 / q8_0 picks each weight's type by llama.cpp's quantizer rule
   (nanoseek.quant.mixes); f32 / f16 / bf16 store every matrix in that type. Reading memory-maps the
@@ -30,7 +31,6 @@ Every error names the file and the key or tensor (`GGUFError`).
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -39,19 +39,17 @@ from dataclasses import dataclass
 
 import gguf
 import numpy as np
-import tokenizers
 import torch
 import torch.nn as nn
-from tokenizers import decoders, models, pre_tokenizers, processors
 
 from .config import ConfigError, ModelConfig
-from .infer.chat import ASSISTANT, USER
+from .gguf_tokenizer import GGUFError, read_tokenizer, tokenizer_metadata
 from .io import atomic_write
 from .model import DeepSeekV3, Experts, Router
 from .quant import ggml
 from .quant.mixes import MIXES, tensor_qtype
 from .quant.qlinear import QuantEmbedding, QuantExperts, QuantLinear
-from .tokenizer import Tokenizer, TokenizerError
+from .tokenizer import Tokenizer
 
 ARCH = "deepseek2"
 Q = gguf.GGMLQuantizationType
@@ -65,33 +63,15 @@ GGML_NAMES = {Q(type_id): name for name, (type_id, _, _) in ggml.QTYPES.items()}
 READABLE_TYPES = {Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q2_K, Q.Q3_K, Q.Q4_K,
                   Q.Q5_K, Q.Q6_K, Q.Q8_K}
 SPLIT_PART = re.compile(r"(.*)-(\d{5})-of-(\d{5})\.gguf$")
-GPT2_PRE = "gpt-2"  # llama.cpp's name for the GPT-2 regex pre-tokenizer that train_bpe uses
-DEEPSEEK3_PRE = "deepseek-v3"
-# DeepSeek-V3's pre-tokenizer splits, as llama.cpp's llama-vocab.cpp spells them for "deepseek-v3"
-_DEEPSEEK3_SPLITS = (r"\p{N}{1,3}", "[一-龥\u3040-ゟ゠-ヿ]+",
-                     "[!\"#$%&'()*+,\\-./:;<=>?@\\[\\\\\\]^_`{|}~][A-Za-z]+|[^\r\n\\p{L}\\p{P}\\p{S}]?[\\p{L}\\p{M}]+"
-                     "| ?[\\p{P}\\p{S}]+[\r\n]*|\\s*[\r\n]+|\\s+(?!\\S)|\\s+")
-# The built-in DeepSeek chat format of nanoseek.infer.chat as Jinja, for readers of the file (tool
-# calls left out); reading a file that carries exactly this text gives back the built-in template.
-BUILTIN_CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for m in messages if m['role'] == 'system' %}{% if not loop.first %}\n\n{% endif %}"
-    "{{ m['content'] }}{% endfor %}{% for m in messages %}{% if m['role'] == 'user' %}" + USER +
-    "{{ m['content'] }}{% elif m['role'] == 'assistant' %}" + ASSISTANT +
-    "{{ m['content'].split('</think>')[-1].lstrip() }}{{ eos_token }}{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}" + ASSISTANT + "{% endif %}")
-
-
-class GGUFError(ValueError):
-    """A GGUF file that cannot be written or read as asked; the message names the file and key or tensor."""
 
 
 # ---------------------------------------------------------------------------- the encoding seam
-def _encode(array: np.ndarray, qtype: Q) -> np.ndarray:
+def encode_tensor(array: np.ndarray, qtype: Q) -> np.ndarray:
     """float32 [..., n] -> the GGUF bytes [..., nbytes] (uint8) of `qtype` (nanoseek.quant.ggml)."""
     return ggml.quantize(torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)), GGML_NAMES[qtype]).numpy()
 
 
-def _decode(raw: np.ndarray, qtype: Q) -> np.ndarray:
+def decode_tensor(raw: np.ndarray, qtype: Q) -> np.ndarray:
     """GGUF bytes (or typed data) of `qtype`, numpy shape [..., nbytes] -> float32 [..., n]: through
     nanoseek.quant.ggml where it has the type, else gguf-py's numpy dequantizer."""
     if qtype not in GGML_NAMES:
@@ -268,10 +248,10 @@ def _plan(model: DeepSeekV3, mix: str) -> list[PlannedTensor]:
 def _encoded(p: PlannedTensor) -> np.ndarray:
     """The GGUF bytes of a planned tensor: [..., nbytes] uint8."""
     if p.tensor.dim() < 3:
-        return _encode(p.tensor.float().cpu().numpy(), p.qtype)
+        return encode_tensor(p.tensor.float().cpu().numpy(), p.qtype)
     out = np.empty(gguf.quant_shape_to_byte_shape(tuple(p.tensor.shape), p.qtype), dtype=np.uint8)
     for e in range(p.tensor.shape[0]):  # [E, out, in]: one expert's float32 copy at a time
-        out[e] = _encode(p.tensor[e].float().cpu().numpy(), p.qtype)
+        out[e] = encode_tensor(p.tensor[e].float().cpu().numpy(), p.qtype)
     return out
 
 
@@ -324,54 +304,6 @@ def _metadata(w: gguf.GGUFWriter, cfg: ModelConfig, name: str, ftype: int) -> No
             w.add_float32(gguf.Keys.Rope.SCALING_ATTN_FACTOR.format(arch=ARCH), attn_factor)
 
 
-def _pre_tokenizer_name(tok: Tokenizer) -> str:
-    spec = json.loads(tok.tk.to_str()).get("pre_tokenizer") or {}
-    if spec.get("type") == "ByteLevel" and spec.get("use_regex", True) and not spec.get("add_prefix_space"):
-        return GPT2_PRE
-    if spec.get("type") == "Sequence":
-        parts = spec.get("pretokenizers") or []
-        splits = tuple((p.get("pattern") or {}).get("Regex") for p in parts[:-1])
-        if splits == _DEEPSEEK3_SPLITS and parts[-1].get("type") == "ByteLevel" and not parts[-1].get("use_regex"):
-            return DEEPSEEK3_PRE
-    raise GGUFError(f"{tok.source}: pre_tokenizer {json.dumps(spec)[:200]} has no llama.cpp name "
-                    f"(supported: ByteLevel with the GPT-2 regex as {GPT2_PRE!r}, DeepSeek-V3's as {DEEPSEEK3_PRE!r})")
-
-
-def _tokenizer_metadata(w: gguf.GGUFWriter, tok: Tokenizer, vocab_size: int) -> None:
-    spec = json.loads(tok.tk.to_str())
-    model = spec.get("model") or {}
-    if model.get("type") != "BPE" or (spec.get("decoder") or {}).get("type") != "ByteLevel":
-        raise GGUFError(f"{tok.source}: only byte-level BPE tokenizers are written as tokenizer.ggml.model 'gpt2'")
-    if tok.vocab_size > vocab_size:
-        raise GGUFError(f"{tok.source}: the tokenizer has {tok.vocab_size} tokens, the model's vocab_size is {vocab_size}")
-    added = {t["id"]: t for t in spec.get("added_tokens") or []}
-    tokens, types = [], []
-    for i in range(vocab_size):
-        text = tok.tk.id_to_token(i)
-        if text is None:
-            tokens.append(f"[PAD{i}]")
-            types.append(gguf.TokenType.UNUSED)
-        else:
-            tokens.append(text)
-            types.append(gguf.TokenType.NORMAL if i not in added else
-                         gguf.TokenType.CONTROL if added[i].get("special") else gguf.TokenType.USER_DEFINED)
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre(_pre_tokenizer_name(tok))
-    w.add_token_list(tokens)
-    w.add_token_types([int(t) for t in types])
-    w.add_token_merges(merges)
-    if tok.bos_id is not None:
-        w.add_bos_token_id(tok.bos_id)
-    w.add_eos_token_id(tok.eos_id)
-    if tok.pad_id is not None:
-        w.add_pad_token_id(tok.pad_id)
-    adds_bos = tok.bos_id is not None and tok.tk.encode("a", add_special_tokens=True).ids[:1] == [tok.bos_id]
-    w.add_add_bos_token(adds_bos)
-    w.add_add_eos_token(False)
-    w.add_chat_template(tok.chat_template or BUILTIN_CHAT_TEMPLATE)
-
-
 def writable_type(qtype: str, path: str) -> str:
     """`--type qtype` checked: a plain encoding or a llama.cpp mix, else a GGUFError naming the choices."""
     if qtype not in WRITABLE_TYPES:
@@ -412,7 +344,7 @@ def write_planned(path: str, cfg: ModelConfig, tokenizer: Tokenizer, qtype: str,
     tensor at a time, so the file never exists in memory. Written beside `path` and renamed into place."""
     def metadata(writer):
         _metadata(writer, cfg, name, FILE_TYPES[qtype])
-        _tokenizer_metadata(writer, tokenizer, cfg.vocab_size)
+        tokenizer_metadata(writer, tokenizer, cfg.vocab_size)
     return write_gguf_file(path, ARCH, metadata, [(p.name, tuple(p.tensor.shape), p.qtype) for p in plan],
                            lambda i: encoded(plan[i]), split_max_size)
 
@@ -559,7 +491,7 @@ class GGUFModelFile:
         if t.tensor_type not in READABLE_TYPES:
             raise GGUFError(f"{part}: tensor '{name}' has type {t.tensor_type.name}, which nanoseek cannot read "
                             f"(readable: {', '.join(q.name for q in sorted(READABLE_TYPES))})")
-        values = _decode(np.asarray(t.data), t.tensor_type).reshape(got)
+        values = decode_tensor(np.asarray(t.data), t.tensor_type).reshape(got)
         return torch.from_numpy(np.array(values, dtype=np.float32)).to(dtype)  # a copy: the map is read-only
 
 
@@ -654,63 +586,6 @@ def read_config(f: GGUFModelFile) -> ModelConfig:
         return ModelConfig(**kw)
     except ConfigError as e:
         raise GGUFError(f"{f.path}: the metadata make no valid model: {e}") from None
-
-
-def read_tokenizer(f: GGUFModelFile) -> Tokenizer:
-    """The byte-level BPE tokenizer of the file's tokenizer.ggml.* keys, with its chat template."""
-    kind = f.get("tokenizer.ggml.model", required=True)
-    if kind != "gpt2":
-        raise GGUFError(f"{f.path}: key 'tokenizer.ggml.model' is {kind!r}; nanoseek reads byte-level BPE ('gpt2')")
-    tokens = f.get("tokenizer.ggml.tokens", required=True)
-    types = f.get("tokenizer.ggml.token_type") or [int(gguf.TokenType.NORMAL)] * len(tokens)
-    merges = f.get("tokenizer.ggml.merges", required=True)
-    pre = f.get("tokenizer.ggml.pre", "default")
-    if len(types) != len(tokens):
-        raise GGUFError(f"{f.path}: key 'tokenizer.ggml.token_type' has {len(types)} entries for {len(tokens)} tokens")
-    vocab = {t: i for i, (t, k) in enumerate(zip(tokens, types)) if k != gguf.TokenType.UNUSED}
-    pairs = []
-    for m in merges:
-        a, sep, b = m.partition(" ")
-        if not sep:
-            raise GGUFError(f"{f.path}: key 'tokenizer.ggml.merges' has an entry {m!r} without a space")
-        pairs.append((a, b))
-    tk = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=pairs))
-    if pre == GPT2_PRE:
-        tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    elif pre == DEEPSEEK3_PRE:
-        tk.pre_tokenizer = pre_tokenizers.Sequence(
-            [pre_tokenizers.Split(tokenizers.Regex(r), behavior="isolated") for r in _DEEPSEEK3_SPLITS]
-            + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    else:
-        raise GGUFError(f"{f.path}: key 'tokenizer.ggml.pre' is {pre!r}; nanoseek reads {GPT2_PRE!r} and {DEEPSEEK3_PRE!r}")
-    tk.decoder = decoders.ByteLevel()
-    specials = [tokenizers.AddedToken(tokens[i], special=True, normalized=False)
-                for i, k in enumerate(types) if k == gguf.TokenType.CONTROL]
-    users = [tokenizers.AddedToken(tokens[i], special=False, normalized=False)
-             for i, k in enumerate(types) if k == gguf.TokenType.USER_DEFINED]
-    tk.add_special_tokens(specials)
-    tk.add_tokens(users)
-
-    def token(key):
-        i = f.get(key)
-        if i is None:
-            return None
-        if not 0 <= i < len(tokens) or types[i] == gguf.TokenType.UNUSED:
-            raise GGUFError(f"{f.path}: key '{key}' is {i}, not a token id")
-        return tokens[i]
-
-    bos, eos = token("tokenizer.ggml.bos_token_id"), token("tokenizer.ggml.eos_token_id")
-    if eos is None:
-        raise GGUFError(f"{f.path}: missing key 'tokenizer.ggml.eos_token_id'")
-    if bos is not None and f.get("tokenizer.ggml.add_bos_token", False):
-        tk.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
-                                                          special_tokens=[(bos, vocab[bos])])
-    template = f.get("tokenizer.chat_template")
-    try:
-        return Tokenizer(tk, bos_token=bos, eos_token=eos, pad_token=token("tokenizer.ggml.padding_token_id"),
-                         chat_template=None if template == BUILTIN_CHAT_TEMPLATE else template, source=f.path)
-    except TokenizerError as e:
-        raise GGUFError(str(e)) from None
 
 
 def _held_quantized(f: GGUFModelFile, model: DeepSeekV3, dtype: torch.dtype) -> None:

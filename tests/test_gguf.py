@@ -15,6 +15,7 @@ import tokenizers
 import torch
 
 import nanoseek.gguf_file as gf
+import nanoseek.gguf_tokenizer as gt
 from nanoseek.cli import main
 from nanoseek.gguf_file import GGUFError, read_gguf, write_gguf
 from nanoseek.infer.chat import builtin_template, render_chat
@@ -167,7 +168,7 @@ def ds3_pre_tokenizer(tok):
     """The fixture's vocabulary behind DeepSeek-V3's pre-tokenizer (llama.cpp's 'deepseek-v3')."""
     spec = json.loads(tok.tk.to_str())
     spec["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
-        {"type": "Split", "pattern": {"Regex": r}, "behavior": "Isolated", "invert": False} for r in gf._DEEPSEEK3_SPLITS
+        {"type": "Split", "pattern": {"Regex": r}, "behavior": "Isolated", "invert": False} for r in gt.DEEPSEEK3_SPLITS
     ] + [{"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}
     return Tokenizer(tokenizers.Tokenizer.from_str(json.dumps(spec)))
 
@@ -181,14 +182,14 @@ def test_tokenizer_and_chat_template_round_trip(pre, tok, tmp_path):
     t = tok if pre == "gpt-2" else ds3_pre_tokenizer(tok)
     (path,) = write_gguf(tiny(), t, str(tmp_path / "t.gguf"), "f32")
     f = gf.GGUFModelFile(path)
-    assert f.get("tokenizer.ggml.pre") == pre and f.get("tokenizer.chat_template") == gf.BUILTIN_CHAT_TEMPLATE
-    back = gf.read_tokenizer(f)
+    assert f.get("tokenizer.ggml.pre") == pre and f.get("tokenizer.chat_template") == gt.BUILTIN_CHAT_TEMPLATE
+    back = gt.read_tokenizer(f)
     for text in TEXTS:
         assert back.encode(text) == t.encode(text)
     # the Jinja form written for llama.cpp renders what the built-in template does (no tools)
     messages = [{"role": "system", "content": "S"}, {"role": "user", "content": "hi"},
                 {"role": "assistant", "content": "<think>x</think>\n\nyo"}, {"role": "user", "content": "again"}]
-    as_jinja = Tokenizer(t.tk, chat_template=gf.BUILTIN_CHAT_TEMPLATE)
+    as_jinja = Tokenizer(t.tk, chat_template=gt.BUILTIN_CHAT_TEMPLATE)
     assert render_chat(as_jinja, messages) == builtin_template(messages)
 
 

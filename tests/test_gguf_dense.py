@@ -235,10 +235,10 @@ def test_a_pre_tokenizer_nanoseek_lacks_needs_the_tokenizer_folder(checkpoints, 
     path, _ = checkpoints["qwen2-tied"]
     model = load_model(path, dtype=torch.float32)
     monkeypatch.setattr(gd.gguf.GGUFWriter, "add_tokenizer_pre", lambda self, pre: self.add_string(
-        "tokenizer.ggml.pre", "qwen2"))
+        "tokenizer.ggml.pre", "falcon"))
     (file,) = gd.write_dense_gguf(model, tok, str(tmp_path / "q.gguf"), "f32")
     monkeypatch.undo()
-    with pytest.raises(GGUFError, match=r"'tokenizer.ggml.pre' is 'qwen2'.*--tokenizer DIR"):
+    with pytest.raises(GGUFError, match=r"'tokenizer.ggml.pre' is 'falcon'.*--tokenizer DIR"):
         gd.read_dense_gguf(file)
     back, tok2 = gd.read_dense_gguf(file, tokenizer_dir=path)
     assert tok2.encode("hello world") == tok.encode("hello world")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from nanoseek import ModelConfig
-from nanoseek.gguf_file import GGUFModelFile, _decode, read_gguf
+from nanoseek.gguf_file import GGUFModelFile, decode_tensor, read_gguf
 from nanoseek.gguf_random import random_blocks, write_random_gguf
 from nanoseek.quant import ggml
 from test_gguf import llama_logits
@@ -37,7 +37,7 @@ def test_random_file_reads_back_finite_and_seeded(mix, tmp_path):
     assert open(path, "rb").read() == open(again, "rb").read()
     f = GGUFModelFile(path)
     for name, (_, t) in f.tensors.items():
-        values = _decode(np.asarray(t.data), t.tensor_type)
+        values = decode_tensor(np.asarray(t.data), t.tensor_type)
         assert np.isfinite(values).all(), name
     model, tok = read_gguf(path, quantized=True)
     assert model.config.hidden_size == cfg.hidden_size and model.config.n_routed_experts == cfg.n_routed_experts
