@@ -12,11 +12,11 @@ gives the type:
 Help comes from `field(metadata={"help": ...})` or from a dict beside the dataclass (`helps`).
 The metadata may also give a "metavar", "aliases" (more spellings of the flag), "flags" (the flag's
 own spellings in place of --field-name, as `("-f", "--file")`; for a bool: on then off, or the on
-spelling alone for a switch without a negation), "choices" (the allowed values of a str field, where
-they are a table's keys rather than a Literal), "append" (a repeatable flag collecting a list) and
-"positional" (a positional argument, not a flag: with a default it may be left off, and a list[X]
-takes one or more values). A field of any other type has no flag: leave it out with `skip`, or the
-parser refuses to build.
+spelling alone for a switch without a negation), "choices" (the allowed values of an int, float or
+str field, where they are a table's keys rather than a Literal), "append" (a repeatable flag
+collecting a list) and "positional" (a positional argument, not a flag: with a default it may be
+left off, and a list[X] takes one or more values). A field of any other type has no flag: leave it
+out with `skip`, or the parser refuses to build.
 
 `options(cls, args)` makes the dataclass back from the parsed namespace.
 """
@@ -126,8 +126,11 @@ def add_options(parser: argparse.ArgumentParser, cls, *, helps: dict | None = No
             on, off = meta.get("flags", (flag_name(f.name), "--no-" + f.name.replace("_", "-")))
             parser.add_argument(on, off, action=Switch, on=(on,), **kw)
             continue
-        if meta.get("choices") is not None and tp is str:
-            kw.update(type=str, choices=list(meta["choices"]))
+        if meta.get("choices") is not None:
+            if tp not in (int, float, str):
+                raise TypeError(f"{cls.__name__}.{f.name}: choices need an int, float or str field, "
+                                f"not {hints[f.name]}")
+            kw.update(type=tp, choices=list(meta["choices"]))
         elif get_origin(tp) is Literal:
             choices = get_args(tp)
             kw.update(type=type(choices[0]), choices=list(choices))

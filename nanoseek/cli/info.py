@@ -48,7 +48,8 @@ class PipelineSimOptions:
     pp: int = field(metadata={"help": "pipeline ranks"})
     chunks: int | None = field(default=None, metadata={
         "help": "micro-batches per step (default: the smallest valid, 2 x pp for DualPipe/V)"})
-    times: str = field(default="1,2,1", metadata={"help": "F,B,W per chunk: B is the whole backward, W its weight part"})
+    times: str = field(default="1,2,1", metadata={
+        "help": "F,B,W per chunk: B is the whole backward, W its weight part"})
     fb: float | None = field(default=None, metadata={
         "help": "time of an overlapped F&B pair (default F + B: no overlap)"})
     latency: float = field(default=0.0, metadata={"help": "time per cross-rank hop"})
