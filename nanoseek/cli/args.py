@@ -10,10 +10,13 @@ gives the type:
   list[X]                  one or more values (`--data a.txt b.txt`)
   tuple[X, ...]            one comma-separated value (`--lora-targets attn,mlp`)
 Help comes from `field(metadata={"help": ...})` or from a dict beside the dataclass (`helps`).
-The metadata may also give a "metavar", "aliases" (more spellings of the flag), "flags" (a bool's
-own spellings: on then off, or the on spelling alone for a switch without a negation), "append"
-(a repeatable flag collecting a list) and "positional" (a positional argument, not a flag). A
-field of any other type has no flag: leave it out with `skip`, or the parser refuses to build.
+The metadata may also give a "metavar", "aliases" (more spellings of the flag), "flags" (the flag's
+own spellings in place of --field-name, as `("-f", "--file")`; for a bool: on then off, or the on
+spelling alone for a switch without a negation), "choices" (the allowed values of an int, float or
+str field, where they are a table's keys rather than a Literal), "append" (a repeatable flag
+collecting a list) and "positional" (a positional argument, not a flag: with a default it may be
+left off, and a list[X] takes one or more values). A field of any other type has no flag: leave it
+out with `skip`, or the parser refuses to build.
 
 `options(cls, args)` makes the dataclass back from the parsed namespace.
 """
@@ -77,6 +80,23 @@ def _default(f: dataclasses.Field):
     return None, False
 
 
+def add_positional(parser: argparse.ArgumentParser, name: str, tp, default, must: bool, text: str, meta) -> None:
+    """A positional argument: one value; one that may be left off (taking the field's default) where
+    the field has a default; one or more values for a list[X] field."""
+    kw = {"help": text or None}
+    kind = tp
+    if get_origin(tp) is list and len(get_args(tp)) == 1:
+        kind = get_args(tp)[0]
+        kw["nargs"] = "+"
+    elif not must:
+        kw.update(nargs="?", default=default)
+    if kind is not str:
+        kw["type"] = kind
+    if meta.get("metavar"):
+        kw["metavar"] = meta["metavar"]
+    parser.add_argument(name, **kw)
+
+
 def add_options(parser: argparse.ArgumentParser, cls, *, helps: dict | None = None, skip=(), required=()) -> None:
     """One flag per field of the dataclass `cls`, except those in `skip`; those in `required` (and
     fields without a default) must be given. `helps`: help text by field name, before the metadata's."""
@@ -89,8 +109,8 @@ def add_options(parser: argparse.ArgumentParser, cls, *, helps: dict | None = No
         default, show = _default(f)
         must = f.name in required or (f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
         text = (helps or {}).get(f.name) or meta.get("help") or ""
-        if meta.get("positional"):  # always given: no default, no flag
-            parser.add_argument(f.name, help=text or None, **({} if tp is str else {"type": tp}))
+        if meta.get("positional"):
+            add_positional(parser, f.name, tp, default, must, text, meta)
             continue
         switch = tp is bool and len(meta.get("flags", ())) == 1  # a switch without a negation: off unless given
         if show and not must and not switch:
@@ -98,7 +118,7 @@ def add_options(parser: argparse.ArgumentParser, cls, *, helps: dict | None = No
         kw = dict(dest=f.name, default=None if must else default, required=must, help=text or None)
         if meta.get("metavar"):
             kw["metavar"] = meta["metavar"]
-        flags = [flag_name(f.name), *meta.get("aliases", ())]
+        flags = [*(meta.get("flags") or (flag_name(f.name),)), *meta.get("aliases", ())]
         if switch:
             parser.add_argument(*meta["flags"], action="store_true", **kw)
             continue
@@ -106,7 +126,12 @@ def add_options(parser: argparse.ArgumentParser, cls, *, helps: dict | None = No
             on, off = meta.get("flags", (flag_name(f.name), "--no-" + f.name.replace("_", "-")))
             parser.add_argument(on, off, action=Switch, on=(on,), **kw)
             continue
-        if get_origin(tp) is Literal:
+        if meta.get("choices") is not None:
+            if tp not in (int, float, str):
+                raise TypeError(f"{cls.__name__}.{f.name}: choices need an int, float or str field, "
+                                f"not {hints[f.name]}")
+            kw.update(type=tp, choices=list(meta["choices"]))
+        elif get_origin(tp) is Literal:
             choices = get_args(tp)
             kw.update(type=type(choices[0]), choices=list(choices))
         elif get_origin(tp) is list and len(get_args(tp)) == 1:

@@ -1,19 +1,29 @@
 """`nanoseek demo`: a short CPU tour of the `nano` model (MLA's naive and absorbed attention agree,
 DeepSeek-V3 report section 2.1.1; a few optimizer steps; a Hugging Face checkpoint round trip;
-greedy generation)."""
+greedy generation); its flags are DemoOptions' fields."""
 
 from __future__ import annotations
 
 import os
 import tempfile
 import time
+from dataclasses import dataclass, field
 
 import torch
 from tqdm import tqdm
 
 from ..config import ModelConfig
 from ..model import DeepSeekV3
+from .args import add_options
 from .info import emit_json
+
+
+@dataclass
+class DemoOptions:
+    steps: int = field(default=30, metadata={"help": "optimizer steps on the one batch"})
+    seed: int = field(default=0, metadata={"help": "seed of the weights and the batch"})
+    json: bool = field(default=False, metadata={
+        "flags": ("--json",), "help": "print the results as one JSON object, the last line"})
 
 
 def cmd_demo(args) -> int:
@@ -58,7 +68,5 @@ def cmd_demo(args) -> int:
 
 def add_demo_command(sub) -> None:
     s = sub.add_parser("demo", help="a short CPU tour of the nano model")
-    s.add_argument("--steps", type=int, default=30)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--json", action="store_true")
+    add_options(s, DemoOptions)
     s.set_defaults(func=cmd_demo)

@@ -1,19 +1,61 @@
 """`nanoseek info` (parameter counts and KV-cache sizes of a preset or checkpoint: the MLA cache of
 DeepSeek-V2/V3, report section 2.1.1, beside full multi-head attention; a dense model's GQA cache)
 and `nanoseek pipeline-sim` (a pipeline schedule replayed on given stage times: 1F1B, DualPipe and
-DualPipeV, report section 3.2.1, with its bubble and timeline)."""
+DualPipeV, report section 3.2.1, with its bubble and timeline). The flags of each are the fields of
+InfoOptions and PipelineSimOptions."""
 
 from __future__ import annotations
 
 import json
 import os
 import sys
+from dataclasses import dataclass, field
+from typing import Literal
 
 from ..config import PRESETS, ModelConfig
 from ..load import is_dense, load_config
 from ..parallel.memory import GPU_BYTES, LAYOUTS, USABLE, gpus_needed, train_memory
 from ..parallel.schedules import ScheduleError, build_schedule, default_chunks
 from ..parallel.simulator import plot_timeline, simulate
+from .args import add_options
+
+JSON_HELP = "print the report as one JSON object, the last line"
+
+
+@dataclass
+class InfoOptions:
+    target: str | None = field(default=None, metadata={
+        "positional": True,
+        "help": "a preset name (nano, small, medium, deepseek-v2-lite, deepseek-v2, deepseek-v3) or a checkpoint dir"})
+    json: bool = field(default=False, metadata={"flags": ("--json",), "help": JSON_HELP})
+    train_memory: str | None = field(default=None, metadata={
+        "metavar": "PRESET_OR_CONFIG",
+        "help": "per-GPU training memory of a layout, and the 80 GB GPUs each layout needs"})
+    fsdp: int = field(default=0, metadata={"help": "with --train-memory: FSDP over this many data-parallel ranks"})
+    dp: int | None = field(default=None, metadata={
+        "help": "with --train-memory: replicated data-parallel ranks (without --fsdp)"})
+    ep: int = field(default=1, metadata={"help": "with --train-memory: expert-parallel ranks"})
+    pp: int = field(default=1, metadata={"help": "with --train-memory: pipeline stages"})
+    micro_batch: int = field(default=1, metadata={"help": "with --train-memory: sequences per rank and micro-step"})
+    seq_len: int = field(default=4096, metadata={"help": "with --train-memory: tokens per sequence"})
+    ac_policy: Literal["none", "full", "selective"] = field(default="none", metadata={
+        "help": "with --train-memory: activation checkpointing policy"})
+
+
+@dataclass
+class PipelineSimOptions:
+    schedule: Literal["1f1b", "dualpipe", "dualpipev"]
+    pp: int = field(metadata={"help": "pipeline ranks"})
+    chunks: int | None = field(default=None, metadata={
+        "help": "micro-batches per step (default: the smallest valid, 2 x pp for DualPipe/V)"})
+    times: str = field(default="1,2,1", metadata={
+        "help": "F,B,W per chunk: B is the whole backward, W its weight part"})
+    fb: float | None = field(default=None, metadata={
+        "help": "time of an overlapped F&B pair (default F + B: no overlap)"})
+    latency: float = field(default=0.0, metadata={"help": "time per cross-rank hop"})
+    png: str | None = field(default=None, metadata={"help": "write the per-rank timeline here"})
+    show_ops: bool = field(default=False, metadata={"flags": ("--show-ops",), "help": "print each rank's op list"})
+    json: bool = field(default=False, metadata={"flags": ("--json",), "help": JSON_HELP})
 
 
 def emit_json(obj: dict) -> None:
@@ -169,31 +211,11 @@ def cmd_pipeline_sim(args) -> int:
 
 def add_info_command(sub) -> None:
     s = sub.add_parser("info", help="parameter counts and KV-cache sizes of a preset or checkpoint")
-    s.add_argument("target", nargs="?",
-                   help="a preset name (nano, small, medium, deepseek-v2-lite, deepseek-v2, deepseek-v3) or a checkpoint dir")
-    s.add_argument("--json", action="store_true")
-    s.add_argument("--train-memory", metavar="PRESET_OR_CONFIG",
-                   help="per-GPU training memory of a layout, and the 80 GB GPUs each layout needs")
-    s.add_argument("--fsdp", type=int, default=0, help="with --train-memory: FSDP over this many data-parallel ranks")
-    s.add_argument("--dp", type=int, help="with --train-memory: replicated data-parallel ranks (without --fsdp)")
-    s.add_argument("--ep", type=int, default=1, help="with --train-memory: expert-parallel ranks")
-    s.add_argument("--pp", type=int, default=1, help="with --train-memory: pipeline stages")
-    s.add_argument("--micro-batch", type=int, default=1, help="with --train-memory: sequences per rank and micro-step")
-    s.add_argument("--seq-len", type=int, default=4096, help="with --train-memory: tokens per sequence")
-    s.add_argument("--ac-policy", choices=["none", "full", "selective"], default="none",
-                   help="with --train-memory: activation checkpointing policy")
+    add_options(s, InfoOptions)
     s.set_defaults(func=cmd_info)
 
 
 def add_pipeline_sim_command(sub) -> None:
     s = sub.add_parser("pipeline-sim", help="replay a pipeline schedule (1F1B, DualPipe, DualPipeV): bubble, timeline")
-    s.add_argument("--schedule", choices=["1f1b", "dualpipe", "dualpipev"], required=True)
-    s.add_argument("--pp", type=int, required=True, help="pipeline ranks")
-    s.add_argument("--chunks", type=int, help="micro-batches per step (default: the smallest valid, 2 x pp for DualPipe/V)")
-    s.add_argument("--times", default="1,2,1", help="F,B,W per chunk: B is the whole backward, W its weight part")
-    s.add_argument("--fb", type=float, help="time of an overlapped F&B pair (default F + B: no overlap)")
-    s.add_argument("--latency", type=float, default=0.0, help="time per cross-rank hop")
-    s.add_argument("--png", help="write the per-rank timeline here")
-    s.add_argument("--show-ops", action="store_true", help="print each rank's op list")
-    s.add_argument("--json", action="store_true")
+    add_options(s, PipelineSimOptions)
     s.set_defaults(func=cmd_pipeline_sim)

@@ -2,7 +2,8 @@
 `create NAME --from DIR` (a Hugging Face checkpoint folder), `create NAME -f Modelfile` (a copy
 with a Modelfile's defaults), `create NAME --from FILE.gguf` and `export NAME OUT.gguf` (llama.cpp
 `deepseek2` files). The work is in nanoseek/infer/store.py, infer/gguf_store.py and
-serve/create.py; this module parses the flags and prints."""
+serve/create.py; this module declares each command's flags once, in an options dataclass (the
+parser is generated from its fields, args.py), and prints."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass, field
 
 from ..checkpoint import CheckpointError
 from ..config import ConfigError
@@ -21,6 +23,63 @@ from ..infer.store import Store, StoreError, human_age, human_count, human_size,
 from ..serve.create import create_from_modelfile
 from ..serve.modelfile import ModelfileError
 from ..tokenizer import TokenizerError
+from .args import add_options
+
+JSON_HELP = "print the result as one JSON object, the last line"
+
+
+@dataclass
+class ListOptions:
+    json: bool = field(default=False, metadata={"flags": ("--json",), "help": JSON_HELP})
+
+
+@dataclass
+class ShowOptions:
+    name: str = field(metadata={"positional": True, "help": "a stored model name[:tag]"})
+    template: bool = field(default=False, metadata={"flags": ("--template",), "help": "print only the chat template"})
+    json: bool = field(default=False, metadata={"flags": ("--json",), "help": JSON_HELP})
+
+
+@dataclass
+class RmOptions:
+    names: list[str] = field(metadata={"positional": True, "metavar": "NAME", "help": "stored model names[:tag]"})
+
+
+@dataclass
+class CreateOptions:
+    name: str = field(metadata={"positional": True, "help": "name[:tag] (tag defaults to 'latest')"})
+    source: str | None = field(default=None, metadata={
+        "flags": ("--from",), "metavar": "DIR",
+        "help": "checkpoint directory, or a GGUF file (or a folder of its parts)"})
+    force: bool = field(default=False, metadata={
+        "flags": ("--force",), "help": "replace an existing model of that name"})
+    json: bool = field(default=False, metadata={"flags": ("--json",), "help": JSON_HELP})
+    modelfile: str | None = field(default=None, metadata={
+        "flags": ("-f", "--file"), "metavar": "MODELFILE",
+        "help": "an Ollama Modelfile (FROM, SYSTEM, TEMPLATE, PARAMETER, MESSAGE)"})
+    dtype: str | None = field(default=None, metadata={
+        "choices": tuple(DTYPES),
+        "help": "GGUF sources: convert the weights to this float dtype (default: keep the GGUF file, quantized)"})
+    tokenizer: str | None = field(default=None, metadata={
+        "metavar": "DIR",
+        "help": "GGUF sources: take the tokenizer from this Hugging Face folder (tokenizer.json) instead of the "
+                "file's metadata (needed where nanoseek cannot rebuild the file's pre-tokenizer)"})
+    quantize: str | None = field(default=None, metadata={
+        "choices": QUANTIZE_MIXES,
+        "help": "checkpoint folders (FP8 included): store the weights quantized as this llama.cpp mix, "
+                "streamed tensor by tensor"})
+
+
+@dataclass
+class ExportOptions:
+    name: str = field(metadata={"positional": True, "help": "a stored model name[:tag] or a checkpoint folder"})
+    out: str = field(metadata={"positional": True, "help": "the .gguf file to write"})
+    type: str = field(default="f16", metadata={
+        "choices": WRITABLE_TYPES,
+        "help": "tensor encoding: f32/f16/bf16 for every matrix, or a llama.cpp mix (q8_0, q4_0, q6_k, q4_k_m) "
+                "typed per tensor as llama.cpp's quantizer does; norms, router and bias stay f32"})
+    split_max_size: int = field(default=0, metadata={
+        "metavar": "BYTES", "help": "write parts <out>-00001-of-0000N.gguf of at most this many bytes"})
 
 
 def print_json(obj) -> None:
@@ -194,44 +253,23 @@ def cmd_export(args) -> int:
 def add_store_commands(sub) -> None:
     """list (ls), show, rm, create."""
     s = sub.add_parser("list", aliases=["ls"], help="list the models in the local store (NANOSEEK_HOME)")
-    s.add_argument("--json", action="store_true")
+    add_options(s, ListOptions)
     s.set_defaults(func=cmd_list)
 
     s = sub.add_parser("show", help="architecture, parameters, context length, quantization, template of a model")
-    s.add_argument("name")
-    s.add_argument("--template", action="store_true", help="print only the chat template")
-    s.add_argument("--json", action="store_true")
+    add_options(s, ShowOptions)
     s.set_defaults(func=cmd_show)
 
     s = sub.add_parser("rm", help="remove models from the local store")
-    s.add_argument("names", nargs="+", metavar="NAME")
+    add_options(s, RmOptions)
     s.set_defaults(func=cmd_rm)
 
     s = sub.add_parser("create", help="import a Hugging Face checkpoint directory (tokenizer included) as NAME")
-    s.add_argument("name", help="name[:tag] (tag defaults to 'latest')")
-    s.add_argument("--from", dest="source", metavar="DIR", help="checkpoint directory")
-    s.add_argument("--force", action="store_true", help="replace an existing model of that name")
-    s.add_argument("--json", action="store_true")
-    s.add_argument("-f", "--file", dest="modelfile", metavar="MODELFILE",
-                   help="an Ollama Modelfile (FROM, SYSTEM, TEMPLATE, PARAMETER, MESSAGE)")
-    s.add_argument("--dtype", choices=list(DTYPES),
-                   help="GGUF sources: convert the weights to this float dtype (default: keep the GGUF file, quantized)")
-    s.add_argument("--tokenizer", metavar="DIR",
-                   help="GGUF sources: take the tokenizer from this Hugging Face folder (tokenizer.json) instead "
-                        "of the file's metadata (needed where nanoseek cannot rebuild the file's pre-tokenizer)")
-    s.add_argument("--quantize", choices=list(QUANTIZE_MIXES),
-                   help="checkpoint folders (FP8 included): store the weights quantized as this llama.cpp mix, "
-                        "streamed tensor by tensor")
+    add_options(s, CreateOptions)
     s.set_defaults(func=cmd_create)
 
 
 def add_export_command(sub) -> None:
     s = sub.add_parser("export", help="write a stored model (or checkpoint folder) as a llama.cpp GGUF file")
-    s.add_argument("name", help="a stored model name[:tag] or a checkpoint folder")
-    s.add_argument("out", help="the .gguf file to write")
-    s.add_argument("--type", default="f16", choices=list(WRITABLE_TYPES),
-                   help="tensor encoding: f32/f16/bf16 for every matrix, or a llama.cpp mix (q8_0, q4_0, "
-                        "q6_k, q4_k_m) typed per tensor as llama.cpp's quantizer does; norms, router and bias stay f32")
-    s.add_argument("--split-max-size", type=int, default=0, metavar="BYTES",
-                   help="write parts <out>-00001-of-0000N.gguf of at most this many bytes")
+    add_options(s, ExportOptions)
     s.set_defaults(func=cmd_export)
