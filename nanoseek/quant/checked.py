@@ -213,8 +213,10 @@ class CheckedKernels:
 
         def same(a, b):
             return same_fp8(a[0], b[0]) and same_segments(a[1], b[1])
+        # the kernels' own order of variants where they name one (the tiled kernel, then the first one)
         return self._choose(key, lambda v: self.kernels.quantize_act_dual(x, tm, pow2, rows, cols, variant=v),
-                            lambda: self.reference.quantize_act_dual(x, tm, pow2, rows, cols), same)
+                            lambda: self.reference.quantize_act_dual(x, tm, pow2, rows, cols), same,
+                            variants=getattr(self.kernels, "act_variants", ("fast", "safe")))
 
     def quantize_weight_dual(self, w, pow2: bool = False, transposed: bool = True):
         ws = [wi if wi.stride(-1) == 1 else wi.contiguous() for wi in as_weights(w)]
