@@ -138,3 +138,17 @@ def test_rmsnorm_quantize_equals_norm_then_quantize(wdtype):
     ours = y.float()
     mod = (F.rms_norm(x.float(), (384,), eps=eps).to(x.dtype) * w).float()
     assert (ours != mod).float().mean() < 1e-2
+
+
+def test_benchmark_quick_runs():
+    """benchmarks/bench_fp8_quant.py --quick under the interpreter: every kernel checked against
+    its reference, a table and a final JSON line."""
+    import json
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    p = subprocess.run([sys.executable, "-m", "benchmarks.bench_fp8_quant", "--quick"], cwd=root,
+                       env=dict(os.environ, TRITON_INTERPRET="1"), capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = json.loads(p.stdout.strip().splitlines()[-1])
+    assert res["all_exact"] and res["rows"]
