@@ -93,14 +93,26 @@ def _e4m3_rne(q):
 
 
 @triton.jit
-def round_to(x, dtype: tl.constexpr):
-    """x (fp32) rounded to dtype, to nearest even (bf16 in integer arithmetic under the interpreter)."""
-    if INTERPRET_C and dtype == tl.bfloat16:
+def _round_soft(x, dtype: tl.constexpr):
+    """Under the interpreter only: x (fp32) to dtype, bf16 rounded to nearest even in integers."""
+    if dtype == tl.bfloat16:
         bits = x.to(tl.uint32, bitcast=True)
         bits = bits + 0x7FFF + ((bits >> 16) & 1)
-        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        y = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
     else:
-        return x.to(dtype)
+        y = x.to(dtype)
+    return y
+
+
+@triton.jit
+def round_to(x, dtype: tl.constexpr):
+    """x (fp32) rounded to dtype, to nearest even (the hardware conversion; `_round_soft` under
+    the interpreter)."""
+    if INTERPRET_C:
+        y = _round_soft(x, dtype)
+    else:
+        y = x.to(dtype)
+    return y
 
 
 @triton.jit
@@ -108,9 +120,10 @@ def exp_f32(x):
     """expf as the CUDA math library computes it (libdevice's __nv_expf, which PyTorch's kernels
     call), not the fast ex2.approx of tl.exp; numpy's exp under the interpreter."""
     if INTERPRET_C:
-        return tl.exp(x)
+        y = tl.exp(x)
     else:
-        return libdevice.exp(x)
+        y = libdevice.exp(x)
+    return y
 
 
 @triton.jit
@@ -119,6 +132,7 @@ def to_e4m3(x, s):
     q = tl.math.div_rn(x, s)
     q = tl.minimum(tl.maximum(q, -448.0), 448.0)
     if INTERPRET_C:
-        return _e4m3_rne(q)
+        e = _e4m3_rne(q)
     else:
-        return q.to(tl.float8e4nv)
+        e = q.to(tl.float8e4nv)
+    return e
