@@ -9,9 +9,11 @@ in its own dtype (the fused path checks that on first use: `checked.CheckedKerne
   channels (autotuned), 32-bit in-tile offsets, 16-byte vector loads where the sizes allow.
 - `quantize_act_tiled`: one read of x [T, C] writes its 1x128 quantization and its 128x1
   quantization stored transposed per token segment (`blocks.SegmentsT`); each program handles one
-  128-token tile and CB 128-channel blocks (autotuned), the row and column amax both taken from the
-  one load, in x's own dtype (exact), and the transpose done on x's 16-bit values rather than on
-  fp32 (half the shared memory of the kernel it replaces, `fp8_triton._quant_dual_kernel`).
+  128-token tile and CB 128-channel blocks (autotuned), each block in two passes of SUB-wide chunks
+  (whole rows for the 1x128 scales, whole columns for the 128x1 ones; the second pass re-reads from
+  L2), amax taken in x's own dtype (exact), the transpose done on x's 16-bit values. The kernel it
+  replaces (`fp8_triton._quant_dual_kernel`) holds the whole 128 x 128 tile in fp32 and transposes
+  it there: ptxas gives it 255 registers and about 2.7 KB of spills per thread for sm_90.
 - The producers (`PRODUCER`): 0 reads x; 1 computes SwiGLU h = silu(gate) * up from its two
   inputs, rounding as PyTorch does (silu in fp32, rounded to the inputs' dtype, the product in
   fp32, rounded again), so h is never written in 16 bits; 2 computes RMSNorm
@@ -41,7 +43,7 @@ X_ONLY, SWIGLU, RMSNORM = 0, 1, 2  # PRODUCER: what the kernel reads and compute
 @triton.jit
 def _produce(x_ptr, u_ptr, w_ptr, rstd_ptr, r, c, rmask, cmask, stride_xm, stride_um, rows,
              PRODUCER: tl.constexpr, ROUND_Y: tl.constexpr):
-    """The [R, 128] tile of the activation to quantize, in its own dtype, zero outside the masks
+    """The [R, W] tile of the activation to quantize, in its own dtype, zero outside the masks
     (r: in-tile row offsets from the pointers' first row, c: channels, rows: the rows' global
     indices, for rstd)."""
     mask = rmask[:, None] & cmask[None, :]
@@ -65,7 +67,7 @@ def _produce(x_ptr, u_ptr, w_ptr, rstd_ptr, r, c, rmask, cmask, stride_xm, strid
 # ----------------------------------------------------------------------------------- 1x128 rows
 def _rows_configs():
     cfgs = [triton.Config({"BLOCK_M": bm, "G": g}, num_warps=w)
-            for bm, g, w in [(32, 1, 4), (64, 1, 8), (16, 4, 4), (32, 2, 8), (128, 1, 8), (8, 8, 4)]]
+            for bm, g, w in [(32, 1, 4), (16, 1, 4), (64, 1, 8), (16, 4, 4), (32, 2, 8), (8, 8, 4)]]
     return cfgs[:1] if INTERPRET else cfgs
 
 
@@ -127,23 +129,28 @@ def quantize_rows_tiled(x: torch.Tensor, pow2: bool = False, variant: str = "fas
 
 # ----------------------------------------------------------------------------------- 1x128 + 128x1
 def _dual_configs():
-    cfgs = [triton.Config({"CB": cb}, num_warps=w) for cb, w in [(1, 4), (1, 8), (2, 8), (4, 8), (2, 4)]]
-    return cfgs[:1] if INTERPRET else cfgs
+    # (CB, SUB, warps): the ones ptxas compiles for sm_90 without spilling registers for every
+    # producer come first (the 128 x 128 tile at once spills in the first kernel)
+    cfgs = [triton.Config({"CB": cb, "SUB": sub}, num_warps=w)
+            for cb, sub, w in [(1, 16, 4), (2, 16, 4), (4, 32, 8), (1, 32, 8), (1, 64, 8), (2, 32, 4)]]
+    return [triton.Config({"CB": 1, "SUB": 64}, num_warps=4)] if INTERPRET else cfgs  # fewest interpreted steps
 
 
 def _quant_act_tiled_kernel(x_ptr, u_ptr, w_ptr, rstd_ptr, qr_ptr, sr_ptr, qc_ptr, sc_ptr, prog_ptr,
                             T, C, P, stride_xm, stride_um, SIZE_CLASS,
                             EPS_C: tl.constexpr, POW2: tl.constexpr, ROWS_OUT: tl.constexpr,
                             COLS_OUT: tl.constexpr, PRODUCER: tl.constexpr, ROUND_Y: tl.constexpr,
-                            CB: tl.constexpr):
+                            CB: tl.constexpr, SUB: tl.constexpr):
+    """One 128-token tile x CB 128-channel blocks, each block in two passes of SUB-wide chunks: the
+    1x128 pass over [SUB tokens, 128 channels] (whole rows: each chunk's row scales are final),
+    the 128x1 pass over [128 tokens, SUB channels] (whole columns), so no more than SUB x 128
+    values are live at once (the one-shot 128 x 128 tile spills registers). The second pass
+    re-reads the block the first just read, from L2: x is read once from memory."""
     p = tl.program_id(0)  # token tile (never crosses a segment)
     tile = tl.load(prog_ptr + p)  # global tile index == p
     row0 = tl.load(prog_ptr + P + p)
     nrow = tl.load(prog_ptr + 2 * P + p)
-    r = tl.arange(0, 128)  # in-tile tokens: 32-bit offsets from 64-bit row bases
-    rows = row0 + r
-    rmask = r < nrow
-    x_base = x_ptr + row0.to(tl.int64) * stride_xm
+    x_base = x_ptr + row0.to(tl.int64) * stride_xm  # 64-bit row bases, 32-bit in-tile offsets
     u_base = u_ptr + row0.to(tl.int64) * stride_um
     qr_base = qr_ptr + row0.to(tl.int64) * C
     # segment e's transposed block: [C, 128 t_e] row-major at C * 128 * ts_e; this tile's columns 128 (tile - ts_e)
@@ -151,24 +158,33 @@ def _quant_act_tiled_kernel(x_ptr, u_ptr, w_ptr, rstd_ptr, qr_ptr, sr_ptr, qc_pt
     ntiles = tl.load(prog_ptr + 4 * P + p)
     qc_base = qc_ptr + first.to(tl.int64) * 128 * C + 128 * (tile - first)
     ld = 128 * ntiles.to(tl.int64)
-    for i in tl.static_range(CB):
+    for i in range(CB):  # a loop, not unrolled: unrolled blocks share registers and spill
         cb = tl.program_id(1) * CB + i  # 128-channel block
-        c = cb * 128 + tl.arange(0, 128)
-        cmask = c < C
-        mask = rmask[:, None] & cmask[None, :]
-        x = _produce(x_base, u_base, w_ptr, rstd_ptr, r, c, rmask, cmask, stride_xm, stride_um, rows,
-                     PRODUCER, ROUND_Y)  # [128 tok, 128 ch], x's dtype
-        ax = tl.abs(x)
         if ROWS_OUT:  # 1x128: one scale per token per 128 channels; scales [L, T] (M-major for _scaled_mm)
-            sr = scale_from_amax(tl.max(ax, axis=1).to(tl.float32), EPS_C, POW2)  # [128 tok]
-            tl.store(qr_base + r[:, None] * C + c[None, :], to_e4m3(x.to(tl.float32), sr[:, None]), mask=mask)
-            tl.store(sr_ptr + cb.to(tl.int64) * T + rows, sr, mask=rmask & (cb * 128 < C))
-        if COLS_OUT:  # 128x1: one scale per channel per 128 tokens, written transposed [128 ch, 128 tok]
-            sc = scale_from_amax(tl.max(ax, axis=0).to(tl.float32), EPS_C, POW2)  # [128 ch]
-            xt = tl.trans(x)  # [128 ch, 128 tok] in x's dtype (exact); padded tokens are 0 -> 0
-            tl.store(qc_base + c[:, None].to(tl.int64) * ld + r[None, :], to_e4m3(xt.to(tl.float32), sc[:, None]),
-                     mask=cmask[:, None])
-            tl.store(sc_ptr + tile.to(tl.int64) * C + c, sc, mask=cmask)
+            c = cb * 128 + tl.arange(0, 128)
+            cmask = c < C
+            for j in range(128 // SUB):
+                r = j * SUB + tl.arange(0, SUB)
+                rmask = r < nrow
+                x = _produce(x_base, u_base, w_ptr, rstd_ptr, r, c, rmask, cmask, stride_xm, stride_um, row0 + r,
+                             PRODUCER, ROUND_Y)  # [SUB tok, 128 ch], x's dtype
+                sr = scale_from_amax(tl.max(tl.abs(x), axis=1).to(tl.float32), EPS_C, POW2)  # [SUB tok]
+                tl.store(qr_base + r[:, None] * C + c[None, :], to_e4m3(x.to(tl.float32), sr[:, None]),
+                         mask=rmask[:, None] & cmask[None, :])
+                tl.store(sr_ptr + cb.to(tl.int64) * T + row0 + r, sr, mask=rmask & (cb * 128 < C))
+        if COLS_OUT:  # 128x1: one scale per channel per 128 tokens, written transposed [SUB ch, 128 tok]
+            tok = tl.arange(0, 128)
+            tmask = tok < nrow
+            for j in range(128 // SUB):
+                ch = cb * 128 + j * SUB + tl.arange(0, SUB)
+                chmask = ch < C
+                xc = _produce(x_base, u_base, w_ptr, rstd_ptr, tok, ch, tmask, chmask, stride_xm, stride_um, row0 + tok,
+                              PRODUCER, ROUND_Y)  # [128 tok, SUB ch]; padded tokens are 0 -> 0
+                sc = scale_from_amax(tl.max(tl.abs(xc), axis=0).to(tl.float32), EPS_C, POW2)  # [SUB ch]
+                xt = tl.trans(xc)  # [SUB ch, 128 tok] in x's dtype (exact)
+                tl.store(qc_base + ch[:, None].to(tl.int64) * ld + tok[None, :], to_e4m3(xt.to(tl.float32), sc[:, None]),
+                         mask=chmask[:, None])
+                tl.store(sc_ptr + tile.to(tl.int64) * C + ch, sc, mask=chmask)
 
 
 # "fast": Triton's default specialization (sizes divisible by 16 get divisibility hints: 16-byte
