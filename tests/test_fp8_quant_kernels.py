@@ -140,6 +140,26 @@ def test_rmsnorm_quantize_equals_norm_then_quantize(wdtype):
     assert (ours != mod).float().mean() < 1e-2
 
 
+def test_checked_kernels_choose_the_tiled_and_fused_kernels():
+    """Behind the first-use checks (checked.CheckedKernels) the real kernels agree with the
+    reference: the tiled quantizer and the fused SwiGLU one are chosen ("fast")."""
+    from nanoseek.quant.checked import CheckedKernels, KernelRegistry
+    registry = KernelRegistry(check_every=False)
+    kern = CheckedKernels(fp8_triton.KERNELS, REF, registry)
+    tm = blocks.tile_map([100, 170], "cpu")
+    x = _x(270, 256)
+    r, c = kern.quantize_act_dual(x, tm)
+    rr, cc = REF.quantize_act_dual(x, tm)
+    assert same_fp8(r, rr) and same_segments(c, cc)
+    gu = _x(270, 512, seed=8) * 0.3
+    r, c = kern.swiglu_quantize_dual(gu[:, :256], gu[:, 256:], tm)
+    rr, cc = REF.swiglu_quantize_dual(gu[:, :256], gu[:, 256:], tm)
+    assert same_fp8(r, rr) and same_segments(c, cc)
+    report = registry.report()
+    assert {k[0]: v for k, v in report.quantizers.items()} == {"quantize_act_dual": "fast", "swiglu_quantize_dual": "fast"}
+    assert not report.quantizer_fallbacks
+
+
 def test_benchmark_quick_runs():
     """benchmarks/bench_fp8_quant.py --quick under the interpreter: every kernel checked against
     its reference, a table and a final JSON line."""
