@@ -3,8 +3,10 @@ run by Triton's interpreter on CPU tensors: bit for bit the PyTorch reference (t
 its own dtype, then `blocks.quantize`), for both tilings, pow2 scales, partial tiles and segments,
 strided inputs; the old kernels stay selectable and agree too. Skipped without Triton."""
 
-import math
+import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -17,7 +19,7 @@ if os.environ.get("TRITON_INTERPRET") != "1":
 
 from nanoseek.quant import blocks, gemm  # noqa: E402
 from nanoseek.quant.blocks import ACT  # noqa: E402
-from nanoseek.quant.checked import same_fp8, same_segments  # noqa: E402
+from nanoseek.quant.checked import CheckedKernels, KernelRegistry, same_fp8, same_segments  # noqa: E402
 
 try:
     from nanoseek.quant import fp8_triton, fp8_triton_act  # noqa: E402
@@ -143,7 +145,6 @@ def test_rmsnorm_quantize_equals_norm_then_quantize(wdtype):
 def test_checked_kernels_choose_the_tiled_and_fused_kernels():
     """Behind the first-use checks (checked.CheckedKernels) the real kernels agree with the
     reference: the tiled quantizer and the fused SwiGLU one are chosen ("fast")."""
-    from nanoseek.quant.checked import CheckedKernels, KernelRegistry
     registry = KernelRegistry(check_every=False)
     kern = CheckedKernels(fp8_triton.KERNELS, REF, registry)
     tm = blocks.tile_map([100, 170], "cpu")
@@ -163,9 +164,6 @@ def test_checked_kernels_choose_the_tiled_and_fused_kernels():
 def test_benchmark_quick_runs():
     """benchmarks/bench_fp8_quant.py --quick under the interpreter: every kernel checked against
     its reference, a table and a final JSON line."""
-    import json
-    import subprocess
-    import sys
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     p = subprocess.run([sys.executable, "-m", "benchmarks.bench_fp8_quant", "--quick"], cwd=root,
                        env=dict(os.environ, TRITON_INTERPRET="1"), capture_output=True, text=True, timeout=600)

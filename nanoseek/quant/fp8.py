@@ -19,7 +19,9 @@
   segment, zero-padded to whole tiles); each weight once to write
   W's and W^T's 128x128 blocks (the Dgrad operand: same blocks, only the layout changes); routed
   experts quantize all tokens and all experts in one launch each, then run one grouped GEMM launch
-  (or a per-expert loop) for Fprop, Dgrad and the K-grouped Wgrad. CPU keeps the per-op path.
+  (or a per-expert loop) for Fprop, Dgrad and the K-grouped Wgrad. SwiGLU's output is quantized
+  for the down projection straight from gate and up (`FP8Config.fuse_swiglu`; report 3.3.3: the
+  SwiGLU inputs are kept, its output recomputed for the backward). CPU keeps the per-op path.
 - Where the pieces live: tiles and quantizers in `blocks.py`, the GEMMs and the reference ops in
   `gemm.py`, the kernels' self-checks and what they found in `checked.py`; this module is the
   recipe: `FP8Config`, the autograd functions, `FP8Linear` / `FP8Experts` / `FP8MLP`, `convert`.
