@@ -1,6 +1,6 @@
 """What every FP8 Triton kernel module shares (DeepSeek-V3 report, arXiv 2412.19437, section 3.3.1:
 online scales s = max(amax, eps) / 448, E4M3 codes): the interpreter switch, the output allocator
-with its NaN sentinel (debugging), and the two jit helpers every quantizer uses, the scale from an
+with its NaN sentinel (debugging), and the jit functions every quantizer uses, the scale from an
 amax and the E4M3 cast, written once so that every kernel rounds exactly as
 `nanoseek.quant.blocks.quantize` does.
 """
