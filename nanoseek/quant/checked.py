@@ -5,8 +5,8 @@ Fast kernels are checked on first use against a reference on the same operands, 
 disagrees is replaced by the reference for that use from then on: a kernel that miscompiles or
 misbehaves on some shapes can cost time, never correctness (a Triton transposed store was once
 miscompiled: benchmarks/RESULTS.md).
-- `CheckedKernels`: the Triton quantizers, compared bit for bit with the PyTorch reference on each
-  new shape specialization (variant "fast", then "safe", then for the weights "copy", then the
+- `CheckedKernels`: the Triton quantizers (the fused SwiGLU one included), compared bit for bit
+  with the PyTorch reference on each new shape specialization (variant "fast", then "safe", then for the weights "copy", then the
   reference), and the Triton grouped GEMMs, compared row by row with the per-expert loop on each new
   GEMM shape.
 - `torch._scaled_mm` with block-wise scales is compared with the emulation once per tile recipe
@@ -27,6 +27,7 @@ import warnings
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from .blocks import ACT, BLOCK, Fp8Tensor, SegmentsT, as_weights
 
@@ -213,8 +214,30 @@ class CheckedKernels:
 
         def same(a, b):
             return same_fp8(a[0], b[0]) and same_segments(a[1], b[1])
+        # the kernels' own order of variants where they name one (the tiled kernel, then the first one)
         return self._choose(key, lambda v: self.kernels.quantize_act_dual(x, tm, pow2, rows, cols, variant=v),
-                            lambda: self.reference.quantize_act_dual(x, tm, pow2, rows, cols), same)
+                            lambda: self.reference.quantize_act_dual(x, tm, pow2, rows, cols), same,
+                            variants=getattr(self.kernels, "act_variants", ("fast", "safe")))
+
+    def swiglu_quantize_dual(self, gate: torch.Tensor, up: torch.Tensor, tm, pow2: bool = False, rows: bool = True,
+                             cols: bool = True):
+        """The fused SwiGLU quantizer (both tilings of silu(gate) * up), checked like the others
+        against PyTorch's silu and mul followed by the checked activation quantizer (itself
+        checked against the reference quantizer), which also replaces it where it disagrees (and
+        for kernels without it): the unfused values, never the PyTorch quantizer's speed."""
+        def unfused():
+            return self.quantize_act_dual(F.silu(gate) * up, tm, pow2, rows, cols)
+        if not hasattr(self.kernels, "swiglu_quantize_dual"):
+            return unfused()
+        gate, up = (t if t.stride(-1) == 1 else t.contiguous() for t in (gate, up))
+        key = ("swiglu_quantize_dual", gate.dtype, _div16(gate.shape[0], gate.shape[1], tm.n_tiles, gate.stride(0),
+                                                          up.stride(0)),
+               gate.data_ptr() % 16 == 0, up.data_ptr() % 16 == 0, bool(pow2), bool(rows), bool(cols))
+
+        def same(a, b):
+            return same_fp8(a[0], b[0]) and same_segments(a[1], b[1])
+        return self._choose(key, lambda v: self.kernels.swiglu_quantize_dual(gate, up, tm, pow2, rows, cols, variant=v),
+                            unfused, same)
 
     def quantize_weight_dual(self, w, pow2: bool = False, transposed: bool = True):
         ws = [wi if wi.stride(-1) == 1 else wi.contiguous() for wi in as_weights(w)]

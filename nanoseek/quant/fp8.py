@@ -19,7 +19,9 @@
   segment, zero-padded to whole tiles); each weight once to write
   W's and W^T's 128x128 blocks (the Dgrad operand: same blocks, only the layout changes); routed
   experts quantize all tokens and all experts in one launch each, then run one grouped GEMM launch
-  (or a per-expert loop) for Fprop, Dgrad and the K-grouped Wgrad. CPU keeps the per-op path.
+  (or a per-expert loop) for Fprop, Dgrad and the K-grouped Wgrad. SwiGLU's output is quantized
+  for the down projection straight from gate and up (`FP8Config.fuse_swiglu`; report 3.3.3: the
+  SwiGLU inputs are kept, its output recomputed for the backward). CPU keeps the per-op path.
 - Where the pieces live: tiles and quantizers in `blocks.py`, the GEMMs and the reference ops in
   `gemm.py`, the kernels' self-checks and what they found in `checked.py`; this module is the
   recipe: `FP8Config`, the autograd functions, `FP8Linear` / `FP8Experts` / `FP8MLP`, `convert`.
@@ -62,15 +64,22 @@ class FP8Config:
     on first use per shape) or "loop" (one `fp8_gemm` per expert).
     `stack_gate_up_below`: SwiGLU's gate and up projections narrower than this many outputs each
     run as one GEMM per pass over their stacked weights where the shapes allow (`stackable`): the
-    input is quantized once and its gradient is one GEMM; 0 never stacks."""
+    input is quantized once and its gradient is one GEMM; 0 never stacks.
+    `fuse_swiglu`: on the fused path with `cache_fp8`, SwiGLU's output silu(gate) * up is quantized
+    straight from gate and up for the down projection (never written in 16 bits; the backward keeps
+    gate and up and recomputes it, report 3.3.3): "auto" (with the Triton kernels, checked on first
+    use), "on" (also with kernels="torch": the reference, how the CPU tests run it), "off"."""
     pow2_scales: bool = False
     cache_fp8: bool = True
     backend: str = "auto"
     kernels: str = "auto"
     grouped: str = "auto"
     stack_gate_up_below: int = 8192
+    fuse_swiglu: str = "auto"
 
     def __post_init__(self):
+        if self.fuse_swiglu not in ("auto", "on", "off"):
+            raise ValueError(f"FP8Config.fuse_swiglu: unknown value {self.fuse_swiglu!r} (auto, on, off)")
         if self.kernels not in ("auto", "off", "triton", "torch"):
             raise ValueError(f"FP8Config.kernels: unknown value {self.kernels!r} (auto, off, triton, torch)")
         if self.grouped not in ("auto", "loop", "triton"):
@@ -103,6 +112,13 @@ def _grouped_impl(cfg: "FP8Config", kern) -> str:
             raise RuntimeError("FP8Config(grouped='triton') needs the Triton kernels (kernels='auto' or 'triton' on CUDA)")
         return "loop"
     return "triton" if cfg.grouped == "auto" else cfg.grouped
+
+
+def _fuse_swiglu(cfg: FP8Config, kern) -> bool:
+    """Whether SwiGLU's output goes to the down projection quantized straight from gate and up."""
+    if kern is None or not cfg.cache_fp8 or cfg.fuse_swiglu == "off":
+        return False
+    return cfg.fuse_swiglu == "on" or getattr(kern, "name", "") == "triton"
 
 
 def _quantize_weights(weights, kern, pow2: bool) -> tuple[Fp8Tensor, Fp8Tensor | None]:
@@ -308,15 +324,93 @@ def fp8_grouped_linear(x: torch.Tensor, weight, sizes: list[int], cfg: FP8Config
         return _FP8GroupedLinearFn.apply(x, list(sizes), out_dtype, cfg or DEFAULT_CONFIG, tm, *as_weights(weight))
 
 
-def swiglu_hidden(linear, gate: torch.Tensor, up: torch.Tensor, stack_below: int) -> torch.Tensor:
-    """silu(x gate^T) * (x up^T), where linear(w) applies weight w (or a list of them, stacked) to x:
-    one FP8 GEMM per pass for gate and up when each has fewer than `stack_below` outputs and their
+def swiglu_inputs(linear, gate: torch.Tensor, up: torch.Tensor, stack_below: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x gate^T, x up^T), where linear(w) applies weight w (or a list of them, stacked) to x: one
+    FP8 GEMM per pass for gate and up when each has fewer than `stack_below` outputs and their
     shapes allow (`stackable`), else two."""
     if max(gate.shape[-2], up.shape[-2]) < stack_below and stackable([gate, up]):
         g, u = linear([gate, up]).split([gate.shape[-2], up.shape[-2]], dim=-1)
     else:
         g, u = linear(gate), linear(up)
+    return g, u
+
+
+def swiglu_hidden(linear, gate: torch.Tensor, up: torch.Tensor, stack_below: int) -> torch.Tensor:
+    """silu(x gate^T) * (x up^T), the GEMMs as in `swiglu_inputs`."""
+    g, u = swiglu_inputs(linear, gate, up, stack_below)
     return F.silu(g) * u
+
+
+class _FP8SwiGLUDownFn(torch.autograd.Function):
+    """y = (silu(gate) * up) W^T on the fused path, the hidden h = silu(gate) * up produced already
+    quantized (both tilings, one kernel: `swiglu_quantize_dual`) so it is never written in 16 bits;
+    the backward keeps gate and up (the SwiGLU inputs, report 3.3.3) and recomputes h's gradient
+    through PyTorch's silu and mul, the ops and the order of the unfused graph. The GEMMs are those
+    of `_FP8LinearFn` (sizes None: a dense W [N, I]) or `_FP8GroupedLinearFn` (W [E, N, I] over the
+    segments of `tm`)."""
+
+    @staticmethod
+    def forward(ctx, gate, up, sizes, out_dtype, cfg: FP8Config, tm: TileMap, kern, weight):
+        I = gate.shape[-1]
+        g2, u2 = gate.reshape(-1, I), up.reshape(-1, I)
+        hq, ht = kern.swiglu_quantize_dual(g2, u2, tm, cfg.pow2_scales, rows=True, cols=True)
+        wq, wqt = _quantize_weights((weight,), kern, cfg.pow2_scales)
+        ctx.impl = _grouped_impl(cfg, kern) if sizes is not None else None
+        if ctx.impl is None:
+            y = fp8_gemm(hq, wq, out_dtype, cfg.backend)
+        elif ctx.impl == "triton":
+            y = kern.grouped("fprop", hq, wq, tm, out_dtype)
+        else:
+            y = TORCH_KERNELS.grouped_gemm(hq, wq, tm, out_dtype, cfg.backend)
+        ctx.save_for_backward(gate, up, ht.data, ht.scale, wqt.data, wqt.scale)
+        ctx.cfg, ctx.kern, ctx.tm, ctx.h_dtype, ctx.w_dtype = (cfg, kern, tm, torch.promote_types(gate.dtype, up.dtype),
+                                                                     weight.dtype)
+        ctx.n_out = [weight.shape[-2]]
+        return y.view(*gate.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dy):
+        cfg, kern, tm = ctx.cfg, ctx.kern, ctx.tm
+        gate, up, ht_data, ht_scale, wt_data, wt_scale = ctx.saved_tensors
+        want_h = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        want_w = ctx.needs_input_grad[7]
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        if ctx.impl is not None:
+            dy2 = dy2.contiguous()
+        dyq, dyt = kern.quantize_act_dual(dy2, tm, cfg.pow2_scales, rows=want_h, cols=want_w)
+        dgate = dup = dw = None
+        if want_h:  # Dgrad: dh = dy W, then through SwiGLU as autograd does (silu and mul, recomputed)
+            wqt = Fp8Tensor(wt_data, wt_scale, WEIGHT)
+            if ctx.impl is None:
+                dh = fp8_gemm(dyq, wqt, ctx.h_dtype, cfg.backend)
+            elif ctx.impl == "triton":
+                dh = kern.grouped("dgrad", dyq, wqt, tm, ctx.h_dtype)
+            else:
+                dh = TORCH_KERNELS.grouped_gemm(dyq, wqt, tm, ctx.h_dtype, cfg.backend)
+            with torch.enable_grad():
+                g, u = gate.detach().requires_grad_(), up.detach().requires_grad_()
+                dgate, dup = torch.autograd.grad(F.silu(g) * u, (g, u), dh.view(gate.shape))
+        if want_w:  # Wgrad: dW = dy^T h, both in 128x1 tiles along tokens (h's from the forward)
+            ht = SegmentsT(ht_data, ht_scale, gate.shape[-1])
+            if ctx.impl is None:
+                dw = fp8_gemm(dyt.segment(tm, 0), ht.segment(tm, 0), torch.float32, cfg.backend)
+            elif ctx.impl == "triton":
+                dw = kern.grouped("wgrad", dyt, ht, tm)
+            else:
+                dw = TORCH_KERNELS.grouped_wgrad(dyt, ht, tm, cfg.backend)
+        return (dgate if ctx.needs_input_grad[0] else None, dup if ctx.needs_input_grad[1] else None,
+                None, None, None, None, None) + _weight_grads(dw, ctx, 7)
+
+
+def fp8_swiglu_down(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor, kern, cfg: FP8Config,
+                    out_dtype: torch.dtype, sizes: list[int] | None = None, tm: TileMap | None = None) -> torch.Tensor:
+    """(silu(gate) * up) weight^T with SwiGLU's output quantized from gate and up (`_FP8SwiGLUDownFn`):
+    dense (weight [N, I], gate [..., I]) or, with `sizes` and their `tm`, per expert segment
+    (weight [E, N, I]). Autocast is off inside, as in `fp8_linear`."""
+    if tm is None:
+        tm = dense_tile_map(gate.numel() // gate.shape[-1], gate.device)
+    with torch.autocast(gate.device.type, enabled=False):
+        return _FP8SwiGLUDownFn.apply(gate, up, sizes, out_dtype, cfg, tm, kern, weight)
 
 
 class FP8Experts(Experts):
@@ -332,7 +426,12 @@ class FP8Experts(Experts):
         sizes = counts.tolist()
         dtype = compute_dtype(xs)
         cfg = self.fp8_config
-        tm = tile_map(sizes, xs.device) if _kernels(cfg, xs) is not None else None  # shared by the 3 GEMMs
+        kern = _kernels(cfg, xs)
+        tm = tile_map(sizes, xs.device) if kern is not None else None  # shared by the 3 GEMMs
+        if _fuse_swiglu(cfg, kern):
+            g, u = swiglu_inputs(lambda w: fp8_grouped_linear(xs, w, sizes, cfg, dtype, tm), self.gate_proj,
+                                 self.up_proj, cfg.stack_gate_up_below)
+            return fp8_swiglu_down(g, u, self.down_proj, kern, cfg, dtype, sizes, tm)
         hidden = swiglu_hidden(lambda w: fp8_grouped_linear(xs, w, sizes, cfg, dtype, tm), self.gate_proj, self.up_proj,
                                cfg.stack_gate_up_below)
         return fp8_grouped_linear(hidden, self.down_proj, sizes, cfg, dtype, tm)
@@ -347,7 +446,12 @@ class FP8MLP(MLP):
         g, u = self.gate_proj, self.up_proj
         if (type(g) is FP8Linear and type(u) is FP8Linear and g.bias is None and u.bias is None
                 and g.fp8_config is u.fp8_config):
-            cfg = g.fp8_config
+            cfg, down = g.fp8_config, self.down_proj
+            kern = _kernels(cfg, x)
+            if type(down) is FP8Linear and down.fp8_config is cfg and _fuse_swiglu(cfg, kern):
+                gate, up = swiglu_inputs(lambda w: fp8_linear(x, w, cfg), g.weight, u.weight, cfg.stack_gate_up_below)
+                y = fp8_swiglu_down(gate, up, down.weight, kern, cfg, compute_dtype(gate))
+                return y + down.bias.to(y.dtype) if down.bias is not None else y
             hidden = swiglu_hidden(lambda w: fp8_linear(x, w, cfg), g.weight, u.weight, cfg.stack_gate_up_below)
             return self.down_proj(hidden)
         return super().forward(x)

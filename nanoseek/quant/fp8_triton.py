@@ -5,11 +5,16 @@ division, optional power-of-two round-up, q = e4m3_rne(clamp(x / s, +-448)); bit
 PyTorch reference, which the GPU benchmark checks before timing, and which the fused path checks on
 the first use of every shape specialization, falling back to the unspecialized compilation
 (`variant="safe"`) and then to the PyTorch reference: `checked.CheckedKernels`):
-- `quantize_rows`: 1x128 tiles along the last dim (kept for the GEMM benchmarks).
+- `quantize_rows`: 1x128 tiles along the last dim, the first kernel (kept for comparison; the
+  tiled one is `fp8_triton_act.quantize_rows_tiled`).
 - `quantize_act_dual`: one read of an activation (or activation gradient) x [T, C] writes both its
   1x128 quantization (for Fprop / Dgrad) and its 128x1 quantization stored transposed, per token
   segment (for Wgrad): no transpose copy, no second pass. Segments are the experts' token ranges
   (tokens sorted by expert) or the whole tensor for a dense Linear; tiles never cross a segment.
+  Variants "fast" / "safe": the tiled kernel of `fp8_triton_act`; "v1" / "v1-safe": the first
+  kernel (one program per 128x128 tile, transposed in fp32), kept for comparison and as the
+  self-checks' last Triton resort.
+- Fused producers (`fp8_triton_act`): SwiGLU's output quantized from its inputs (`swiglu_quantize_dual`).
 - `quantize_weight_dual`: 128x128 blocks of W [..., N, K] (or of SwiGLU's gate and up, stacked along
   N), writing W's FP8 data and its transpose (the Dgrad operand: same blocks and scales, only the
   layout changes) in one pass.
@@ -23,73 +28,18 @@ DeepSeek promotion scheme: each `tl.dot` covers exactly one 128-wide scale group
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from .blocks import ACT, BLOCK, E4M3, EPS, WEIGHT, Fp8Tensor, SegmentsT, TileMap
-
-if not hasattr(tl, "float8e4nv"):
-    raise ImportError("this Triton has no float8e4nv (E4M3) type")
-
-
-# ----------------------------------------------------------------------------------- helpers
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's interpreter runs on CPU tensors
-
-
-def _on_device(t: torch.Tensor) -> bool:
-    return t.is_cuda or _INTERPRET
-
-
-SENTINEL = False  # debug: fill every output buffer with NaN (E4M3 0x7F) so unwritten regions show
-
-
-class sentinel_outputs:
-    """Context manager: the kernels' outputs start as NaN instead of `torch.empty` garbage (a
-    region the kernel never writes stays NaN; no valid quantization is NaN)."""
-
-    def __enter__(self):
-        global SENTINEL
-        self._old, SENTINEL = SENTINEL, True
-        return self
-
-    def __exit__(self, *exc):
-        global SENTINEL
-        SENTINEL = self._old
-
-
-def _empty(*shape, dtype, device) -> torch.Tensor:
-    t = torch.empty(*shape, dtype=dtype, device=device)
-    if SENTINEL and t.numel():
-        if t.dtype == E4M3:
-            t.view(torch.uint8).fill_(0x7F)
-        else:
-            t.fill_(float("nan"))
-    return t
-
-
-@triton.jit
-def _scale_from_amax(amax, EPS_C: tl.constexpr, POW2: tl.constexpr):
-    """s = max(amax, eps) / 448 (IEEE division), optionally 2^ceil(log2 s) by bit manipulation."""
-    amax = tl.maximum(amax, EPS_C)
-    s = tl.math.div_rn(amax, tl.full(amax.shape, 448.0, tl.float32))
-    if POW2:
-        bits = s.to(tl.int32, bitcast=True)
-        exp = (bits >> 23) & 0xFF
-        exp = exp + ((bits & 0x7FFFFF) != 0).to(tl.int32)
-        exp = tl.minimum(tl.maximum(exp, 1), 254)
-        s = (exp << 23).to(tl.float32, bitcast=True)
-    return s
-
-
-@triton.jit
-def _to_e4m3(x, s):
-    """e4m3(clamp(x / s, -448, 448)), round to nearest even; s broadcasts against x."""
-    q = tl.math.div_rn(x, s)
-    q = tl.minimum(tl.maximum(q, -448.0), 448.0)
-    return q.to(tl.float8e4nv)
+from .fp8_triton_base import INTERPRET as _INTERPRET
+from .fp8_triton_base import empty as _empty
+from .fp8_triton_base import on_device as _on_device
+from .fp8_triton_base import scale_from_amax as _scale_from_amax
+from .fp8_triton_base import sentinel_outputs
+from .fp8_triton_base import to_e4m3 as _to_e4m3
+from .fp8_triton_act import quantize_act_tiled, swiglu_quantize_dual
 
 
 # ----------------------------------------------------------------------------------- 1x128 rows
@@ -176,8 +126,11 @@ def quantize_act_dual(x: torch.Tensor, tm: TileMap, pow2: bool = False, rows: bo
                       cols: bool = True, variant: str = "fast") -> tuple[Fp8Tensor | None, SegmentsT | None]:
     """x [T, C] (CUDA, last dim contiguous) -> (1x128 quantization: data [T, C], scale [T, L]
     M-major; 128x1 quantization per segment of `tm`, transposed: `SegmentsT`). Either can be
-    skipped (rows / cols False). One launch, one read of x. `variant`: "fast" or "safe" (see
-    `_quant_dual_safe`)."""
+    skipped (rows / cols False). One launch, one read of x. `variant`: "fast" or "safe" (the tiled
+    kernel, `fp8_triton_act.quantize_act_tiled`), "v1" or "v1-safe" (the first kernel, below;
+    "safe": see `_quant_dual_safe`)."""
+    if variant in ("fast", "safe"):
+        return quantize_act_tiled(x, tm, pow2, rows, cols, variant)
     if not (_on_device(x) and x.dim() == 2):
         raise ValueError(f"quantize_act_dual: needs a 2-D CUDA tensor, got {tuple(x.shape)} on {x.device}")
     if x.stride(1) != 1:
@@ -194,7 +147,7 @@ def quantize_act_dual(x: torch.Tensor, tm: TileMap, pow2: bool = False, rows: bo
     sc = _empty(P, C, dtype=torch.float32, device=dev) if cols else None
     if P and (rows or cols):
         dummy = torch.empty(1, dtype=torch.float32, device=dev)
-        kernel = {"fast": _quant_dual_fast, "safe": _quant_dual_safe}[variant]
+        kernel = {"v1": _quant_dual_fast, "v1-safe": _quant_dual_safe}[variant]
         kernel[(P, L)](x, qr if rows else dummy, sr if rows else dummy, qc if cols else dummy,
                                    sc if cols else dummy, tm.prog, T, C, P, x.stride(0), EPS_C=EPS, POW2=pow2,
                                    ROWS_OUT=rows, COLS_OUT=cols, **DUAL_LAUNCH)
@@ -413,6 +366,8 @@ class TritonKernels:
     """The fused path's ops for `nanoseek.quant.fp8` (see `gemm.TorchKernels` for the reference)."""
     name = "triton"
     quantize_act_dual = staticmethod(quantize_act_dual)
+    act_variants = ("fast", "safe", "v1-safe")  # the order the self-checks try them (checked.py)
+    swiglu_quantize_dual = staticmethod(swiglu_quantize_dual)
     quantize_weight_dual = staticmethod(quantize_weight_dual)
     grouped_gemm = staticmethod(grouped_gemm)
     grouped_wgrad = staticmethod(grouped_wgrad)

@@ -170,6 +170,12 @@ class TorchKernels:
         return row, col
 
     @staticmethod
+    def swiglu_quantize_dual(gate: torch.Tensor, up: torch.Tensor, tm: TileMap, pow2: bool = False, rows: bool = True,
+                             cols: bool = True) -> tuple[Fp8Tensor | None, SegmentsT | None]:
+        """`quantize_act_dual` of SwiGLU's output silu(gate) * up [T, I], computed in the inputs' dtype."""
+        return TorchKernels.quantize_act_dual(F.silu(gate) * up, tm, pow2, rows, cols)
+
+    @staticmethod
     def quantize_weight_dual(w, pow2: bool = False, transposed: bool = True) -> tuple[Fp8Tensor, Fp8Tensor | None]:
         """W [..., N, K], or a list of weights stacked along N (`stackable`) -> (128x128
         quantization of W (each stacked weight quantized alone), that of W^T: the same blocks
