@@ -12,10 +12,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before Triton loads: the kernels run on CPU tensors
+# The kernels run on CPU tensors in Triton's interpreter, which must be chosen before Triton loads
+# and for the whole process: `TRITON_INTERPRET=1 pytest tests/test_fp8_quant_kernels.py`. Setting it
+# here would send every other test of the same process (the GPU ones too) through the interpreter.
 triton = pytest.importorskip("triton")
 if os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("these tests run the kernels in Triton's interpreter (TRITON_INTERPRET=1)", allow_module_level=True)
+    pytest.skip("run with TRITON_INTERPRET=1 (the kernels in Triton's interpreter)", allow_module_level=True)
 
 from nanoseek.quant import blocks, gemm  # noqa: E402
 from nanoseek.quant.blocks import ACT  # noqa: E402
