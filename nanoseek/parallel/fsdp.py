@@ -57,6 +57,45 @@ def set_gradient_divisor(module: nn.Module, divisor: int) -> None:
     module.set_force_sum_reduction_for_comms(True)
 
 
+def shard_pipeline_stages(stages: dict[int, nn.Module], mesh: DeviceMesh, *, reshard_after_forward: bool = True,
+                          param_dtype: torch.dtype | None = None) -> None:
+    """FSDP2 inside each pipeline stage (torchtitan's layout: shard the stage, then build the
+    schedule): every decoder block, MTP layer and MTP output norm of the stage is one unit over
+    `mesh` (the stage's data-parallel ranks), the stage itself the root unit of the rest
+    (embedding, final norm, head), kept gathered from its forward to its backward as the MTP loss
+    reuses the embedding and the head. Gradients are reduce-scattered as the mean over the mesh.
+    A stage that feeds another sends fp32 activations whatever the compute dtype."""
+    for stage in stages.values():
+        policy = MixedPrecisionPolicy(param_dtype=param_dtype,
+                                      reduce_dtype=torch.float32 if param_dtype is not None else None)
+        mtp = getattr(stage, "mtp", None) or {}
+        units = [m.shared_head.norm for m in mtp.values()] + list(stage.blocks.values()) + list(mtp.values())
+        for unit in units:
+            fully_shard(unit, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=policy)
+        root_policy = policy if stage.last or param_dtype is None else MixedPrecisionPolicy(
+            param_dtype=param_dtype, reduce_dtype=torch.float32, output_dtype=torch.float32)
+        fully_shard(stage, mesh=mesh, reshard_after_forward=False, mp_policy=root_policy)
+
+
+def local_optimizer_state(sd: dict) -> dict:
+    """An optimizer state dict with every DTensor replaced by this rank's shard (a plain tensor
+    file that loads with weights_only)."""
+    state = {i: {k: local_shard(v) if isinstance(v, DTensor) else v for k, v in st.items()} for i, st in sd["state"].items()}
+    return {**sd, "state": state}
+
+
+def sharded_optimizer_state(sd: dict, opt: torch.optim.Optimizer) -> dict:
+    """`local_optimizer_state`'s shards back into DTensors laid out like their parameters."""
+    params = [p for g in opt.param_groups for p in g["params"]]  # the order of state_dict indices
+    state = {}
+    for i, st in sd["state"].items():
+        p = params[i]
+        state[i] = {k: DTensor.from_local(v, p.device_mesh, p.placements, run_check=False, shape=p.shape,
+                                          stride=p.stride())
+                    if isinstance(p, DTensor) and torch.is_tensor(v) and v.dim() else v for k, v in st.items()}
+    return {**sd, "state": state}
+
+
 class FSDPTraining(SingleProcess):
     """The micro-batch loop of `SingleProcess` over a fully sharded model; gradients are reduced by
     FSDP itself during the backward, clipping uses the norm summed over the shards, checkpoints as
@@ -106,7 +145,7 @@ class FSDPTraining(SingleProcess):
         squares summed over all ranks) and clipping to max_norm, as one process does. The squares
         add up in fp64: one process's fp32 norm of a large tensor (the head) is itself off by ~1e-4
         relative, so the two agree to that, while the gradients themselves are equal."""
-        grads = [_local(p.grad) for p in self.model.parameters() if p.grad is not None]
+        grads = [local_shard(p.grad) for p in self.model.parameters() if p.grad is not None]
         sq = torch.zeros((), device=self.device, dtype=torch.float64)  # fp64: shards of a large tensor sum exactly
         for g in grads:
             sq += torch.linalg.vector_norm(g, dtype=torch.float64).square()
@@ -205,7 +244,8 @@ class FSDPTraining(SingleProcess):
         opt.load_state_dict({**saved, "state": state})
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
+def local_shard(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a DTensor; a plain tensor as it is."""
     return t.to_local() if isinstance(t, DTensor) else t
 
 

@@ -179,9 +179,5 @@ def model_from_state(config, state: dict | None, device) -> DeepSeekV3 | None:
     return whole
 
 
-def load_rank_optimizer(opt: torch.optim.Optimizer, ckpt_dir: str, rank: int) -> None:
-    opt.load_state_dict(torch.load(rank_optimizer_path(ckpt_dir, rank), weights_only=True))
-
-
 def rank_optimizer_path(ckpt_dir: str, rank: int) -> str:
     return os.path.join(ckpt_dir, f"optim-rank{rank}.pt")

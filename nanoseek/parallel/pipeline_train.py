@@ -6,19 +6,30 @@ its stages (`split_deepseek`). One optimizer step = the schedule's op list over 
 this replica's slice of the global batch; gradients of mirrored copies (DualPipe) are summed over
 their holders, then averaged over data-parallel replicas. The expert loads for the bias update are
 summed over every rank, so mirrored copies get the same update. For validation and checkpoints the
-stages are gathered into a full model on rank 0 (Hugging Face layout whatever the layout)."""
+stages are gathered into a full model on rank 0 (Hugging Face layout whatever the layout).
+
+With `--fsdp` (1F1B only) the data-parallel ranks of each stage shard it instead of replicating it
+(a 2-D mesh (dp_shard, pp), torchtitan's layout): the stage is FSDP2-sharded over its dp_shard
+group before the schedule is built (nanoseek/parallel/fsdp.py `shard_pipeline_stages`), its
+gradients are reduce-scattered inside that group during the backward, the gradients shared by
+pipeline ranks (the embedding that MTP needs on the last stage) are summed shard by shard, and the
+gradient norm sums every rank's shards. Each rank's optimizer file holds its shards."""
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor
 
+from ..checkpoint import CheckpointError
 from ..io import atomic_torch_save
 from ..model import MoE
 from .data_parallel import DataParallel
 from .dims import ParallelDims
 from .dist import barrier
-from .interface import Parallel, load_rank_optimizer, model_from_state, rank_optimizer_path
+from .fsdp import local_optimizer_state, local_shard, shard_pipeline_stages, sharded_optimizer_state
+from .interface import Parallel, model_from_state, rank_optimizer_path
 from .pipeline import PipelineExecutor, SharedGrads, split_deepseek
 from .schedules import ScheduleError, build_schedule, default_chunks
 
@@ -60,8 +71,10 @@ class PipelineTraining(Parallel):
     reads_sharded_checkpoints = False  # single-file checkpoints only
 
     def __init__(self, model, pp: int, schedule: str, chunks: int | None, balance_alpha: float,
-                 mtp_lambda: float, device, dims: ParallelDims | None = None):
+                 mtp_lambda: float, device, dims: ParallelDims | None = None, *, fsdp_reshard_after_forward: bool = True,
+                 fsdp_param_dtype: torch.dtype | None = None):
         super().__init__(model, dims or ParallelDims(world=dist.get_world_size(), pp=pp), dist.get_rank(), device)
+        self.fsdp = self.dims.fsdp
         self.cfg = model.config
         self.groups = PipelineGroups(pp)
         self.chunks = chunks or default_chunks(schedule, pp)
@@ -74,6 +87,13 @@ class PipelineTraining(Parallel):
         self.device = torch.device(device)
         self.stages, self.criterion = split_deepseek(model, self.schedule, self.groups.pp_rank,
                                                      balance_alpha=balance_alpha, mtp_lambda=mtp_lambda)
+        if self.fsdp:  # rank = dp_rank * pp + pp_rank: mesh[d, p] is that rank
+            if schedule != "1f1b":
+                raise ScheduleError(f"--fsdp does not combine with --pp under --schedule {schedule}: 1f1b only "
+                                    f"(DualPipe's mirrored stages and split backward are not FSDP units)")
+            self.mesh = init_device_mesh(self.device.type, (self.groups.dp, pp), mesh_dim_names=("dp_shard", "pp"))
+            shard_pipeline_stages(self.stages, self.mesh["dp_shard"], reshard_after_forward=fsdp_reshard_after_forward,
+                                  param_dtype=fsdp_param_dtype)
         hidden = self.cfg.hidden_size
         self.executor = PipelineExecutor(self.schedule, self.stages, self.criterion, device=device,
                                          boundary=lambda x: ((*x.shape, hidden), torch.float32),
@@ -132,19 +152,24 @@ class PipelineTraining(Parallel):
         by_holders: dict[int, list[torch.Tensor]] = {}
         for n, p in self.named.items():
             if p.grad is not None:
-                by_holders.setdefault(self.holders.get(n, 1), []).append(p.grad)
+                by_holders.setdefault(self.holders.get(n, 1), []).append(local_shard(p.grad))
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         for h, grads in by_holders.items():  # one fused norm per holder count, no fp64 copies
             norms = torch.stack(torch._foreach_norm(grads)).double()
             total += norms.pow(2).sum() / h
-        dist.all_reduce(total, group=self.groups.pp_group)
+        # sharded stages: every rank holds a shard of its stage, so the squares add up over all ranks
+        dist.all_reduce(total, group=None if self.fsdp else self.groups.pp_group)
         return total
 
     def gather_full_state(self) -> dict | None:
-        """The full model's state dict on rank 0 (replica 0's pipeline ranks contribute)."""
+        """The full model's state dict on rank 0 (replica 0's pipeline ranks contribute; sharded
+        stages are first gathered whole inside each stage's data-parallel group). Collective."""
+        state = self.model.state_dict()
+        if self.fsdp:
+            state = {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in state.items()}
         if self.groups.dp_rank != 0:
             return None
-        mine = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+        mine = {k: v.detach().cpu() for k, v in state.items()}
         everyone = [None] * self.groups.pp if self.groups.pp_rank == 0 else None
         dist.gather_object(mine, everyone, dst=0, group=self.groups.pp_group)
         if self.groups.pp_rank != 0:
@@ -154,9 +179,25 @@ class PipelineTraining(Parallel):
             full.update(part)
         return full
 
+    def layout_state(self) -> dict:
+        return {**super().layout_state(), "pipeline_layout": self._layout()}
+
+    def _layout(self) -> dict:
+        return {"world": self.dims.world, "fsdp": self.fsdp}
+
+    def check_resume(self, trainer_state: dict, ckpt_dir: str) -> None:
+        """Each rank reads its own optimizer file: the same pp, world and --fsdp only."""
+        super().check_resume(trainer_state, ckpt_dir)
+        written = trainer_state.get("pipeline_layout", {"world": self.dims.world, "fsdp": False})
+        if written != self._layout():
+            raise CheckpointError(f"{ckpt_dir}: a pipeline checkpoint of {written['world']} processes (fsdp "
+                                  f"{written['fsdp']}): resume it on the same layout, not "
+                                  f"{self.dims.world} processes (fsdp {self.fsdp})")
+
     # ------------------------------------------------------------------ the Parallel interface
     def describe(self) -> str:
-        return f" (pp {self.groups.pp} x dp {self.groups.dp}, {self.schedule_name}, {self.chunks} micro-batches)"
+        dp = f"fsdp {self.groups.dp}" if self.fsdp else f"dp {self.groups.dp}"
+        return f" (pp {self.groups.pp} x {dp}, {self.schedule_name}, {self.chunks} micro-batches)"
 
     def forward_backward(self, batches, step, loss, autocast):
         """The schedule over this replica's slice of the global batch (`loss` is unused: the last
@@ -170,7 +211,8 @@ class PipelineTraining(Parallel):
         return sums, self.take_loads()
 
     def sync_grads(self) -> None:
-        self.averager.sync_grads()
+        if not self.fsdp:  # FSDP reduce-scattered the gradients in the backward
+            self.averager.sync_grads()
 
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         grad_norm = self.local_sq_norm().sqrt().float()
@@ -178,7 +220,7 @@ class PipelineTraining(Parallel):
         if coef < 1.0 and bool(torch.isfinite(grad_norm)):
             for p in self.model.parameters():
                 if p.grad is not None:
-                    p.grad.mul_(coef)
+                    local_shard(p.grad).mul_(coef)
         return grad_norm
 
     def eval_model(self):
@@ -197,13 +239,13 @@ class PipelineTraining(Parallel):
     def save_optimizer(self, opt, ckpt_dir: str) -> dict | None:
         """Rank 0's state goes into trainer.pt, every other rank's into optim-rank{R}.pt beside it."""
         barrier()  # rank 0 has created ckpt_dir
+        sd = local_optimizer_state(opt.state_dict()) if self.fsdp else opt.state_dict()
         if not self.main:
-            atomic_torch_save(opt.state_dict(), rank_optimizer_path(ckpt_dir, self.rank))
+            atomic_torch_save(sd, rank_optimizer_path(ckpt_dir, self.rank))
             return None
-        return opt.state_dict()
+        return sd
 
     def load_optimizer(self, opt, saved: dict, ckpt_dir: str) -> None:
-        if self.main:
-            opt.load_state_dict(saved)
-        else:
-            load_rank_optimizer(opt, ckpt_dir, self.rank)
+        if not self.main:
+            saved = torch.load(rank_optimizer_path(ckpt_dir, self.rank), weights_only=True)
+        opt.load_state_dict(sharded_optimizer_state(saved, opt) if self.fsdp else saved)

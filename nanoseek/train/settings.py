@@ -38,10 +38,13 @@ def check_settings(a: TrainArgs, world: int, device: torch.device, follows: bool
                          "different progress)")
     ac_policy = resolve_policy(a.ac_policy if a.ac_policy is not None else a.activation_checkpointing)
     dims.check(compile=a.compile, activation_checkpointing=ac_policy != "none", fp8=precision == "fp8",
-               grad_accum=a.grad_accum, batch_size=a.batch_size)
+               grad_accum=a.grad_accum, batch_size=a.batch_size, schedule=a.schedule)
     if a.async_save and not (a.fsdp and world > 1):
         raise ValueError("--async-save writes sharded checkpoints in the background: it needs --fsdp on 2 or more "
                          "processes")
+    if a.async_save and a.pp > 1:
+        raise ValueError("--async-save writes sharded (DCP) checkpoints: a pipeline (--pp) writes one optimizer file "
+                         "per rank instead")
     if a.balance not in ("bias", "aux", "none"):
         raise ValueError(f"--balance: unsupported value {a.balance!r} (bias, aux or none)")
     return RunSettings(precision, fp8_config, ac_policy, dims)
