@@ -5,7 +5,9 @@ processes), against one process on the same global batch:
   its two data-parallel ranks. It trains step by step like one process, each rank holding half a
   stage; its checkpoint (the whole model in the Hugging Face layout, one optimizer shard file per
   rank) resumes with the numbers of the uninterrupted run.
-- the schedules with mirrored stages are refused with --fsdp.
+- pp 2 x ep 2 (`--pp 2 --ep 2`): each stage's routed experts sharded over its two data-parallel
+  ranks (all-to-all inside the stage), trains like one process too; its model is gathered whole.
+- the schedules with mirrored stages are refused with --fsdp or --ep.
 
 Tolerances are those of tests/test_fsdp.py: losses within 1e-4 (absolute), the gradient norm
 within 1e-3 relative (the shards' squares are summed in another order than one process's norm)."""
@@ -98,10 +100,26 @@ def test_pp2_fsdp2_resumes_like_the_uninterrupted_run(pp_runs):
             assert got[s][key] == pytest.approx(ref[s][key], rel=1e-6), (s, key)
 
 
+def test_pp2_ep2_equals_one_process(pp_runs):
+    root, common, one, _ = pp_runs
+    out = run(4, [*common, "--out", str(root / "pp2_ep2"), "--pp", "2", "--ep", "2"], 29783)
+    assert out["world_size"] == 4 and out["ep"] == 2
+    assert_same_run(root / "one", root / "pp2_ep2", range(1, STEPS + 1))
+    assert out["val_loss"] == pytest.approx(one["val_loss"], abs=1e-4)
+    assert out["params_local"] < one["params_total"] / 2  # half the stages, half of their experts
+    assert_whole_model(root / "one", root / "pp2_ep2")
+
+
 @pytest.mark.parametrize("schedule", ["dualpipe", "dualpipev"])
-def test_pp_refuses_mirrored_schedules_with_fsdp(schedule):
+def test_pp_refuses_mirrored_schedules_with_fsdp_or_ep(schedule):
     from nanoseek.parallel import ParallelDims
     kw = dict(compile=False, activation_checkpointing=False, fp8=False, grad_accum=1, batch_size=4)
     with pytest.raises(ValueError, match=f"--fsdp does not combine with --pp under --schedule {schedule}"):
         ParallelDims(world=4, pp=2, fsdp=True).check(**kw, schedule=schedule)
+    with pytest.raises(ValueError, match=f"--ep > 1 with --pp runs the 1f1b schedule without --fsdp only, not "
+                                         f"--schedule {schedule}"):
+        ParallelDims(world=4, pp=2, ep=2).check(**kw, schedule=schedule)
+    with pytest.raises(ValueError, match="with --fsdp"):
+        ParallelDims(world=8, pp=2, ep=2, fsdp=True).check(**kw, schedule="1f1b")
     ParallelDims(world=4, pp=2, fsdp=True).check(**kw, schedule="1f1b")
+    ParallelDims(world=4, pp=2, ep=2).check(**kw, schedule="1f1b")

@@ -6,7 +6,7 @@ The combinations the wrappers cannot compose
 yet are refused here, in one place (torchtitan's ParallelDims holds the same rules).
 
 Ranks: rank = dp_rank * pp + pp_rank, so a pipeline is pp consecutive ranks; an EP group is ep
-consecutive ranks of the data-parallel ones (pp is 1 whenever ep > 1).
+consecutive data-parallel ranks of one pipeline stage (dp_rank = replica * ep + ep_rank).
 """
 
 from __future__ import annotations
@@ -45,8 +45,12 @@ class ParallelDims:
                              f"mirrored stages and split backward are not FSDP units)")
         if self.fsdp and (compile or fp8):
             raise ValueError("--fsdp does not combine with --compile or fp8 yet")
-        if self.ep > 1 and (self.pp > 1 or compile or activation_checkpointing or fp8):
-            raise ValueError("--ep > 1 does not combine with --pp, --compile, --activation-checkpointing or fp8 yet")
+        if self.ep > 1 and self.pp > 1 and (self.fsdp or schedule != "1f1b"):
+            raise ValueError(f"--ep > 1 with --pp runs the 1f1b schedule without --fsdp only, not --schedule {schedule}"
+                             f"{' with --fsdp' if self.fsdp else ''} (mirrored DualPipe stages would count their expert "
+                             f"shards twice; the pipeline's FSDP units hold no EP shards)")
+        if self.ep > 1 and (compile or activation_checkpointing or fp8):
+            raise ValueError("--ep > 1 does not combine with --compile, --activation-checkpointing or fp8 yet")
         if batch_size % (grad_accum * self.dp):
             raise ValueError(f"--batch-size {batch_size} must be divisible by grad_accum x data-parallel ranks = "
                              f"{grad_accum * self.dp}")

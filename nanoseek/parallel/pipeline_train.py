@@ -13,7 +13,14 @@ With `--fsdp` (1F1B only) the data-parallel ranks of each stage shard it instead
 group before the schedule is built (nanoseek/parallel/fsdp.py `shard_pipeline_stages`), its
 gradients are reduce-scattered inside that group during the backward, the gradients shared by
 pipeline ranks (the embedding that MTP needs on the last stage) are summed shard by shard, and the
-gradient norm sums every rank's shards. Each rank's optimizer file holds its shards."""
+gradient norm sums every rank's shards. Each rank's optimizer file holds its shards.
+
+With `--ep N` (1F1B, no --fsdp) the routed experts of each stage are sharded over groups of N of
+its data-parallel ranks (DeepSeek-V3 report section 3.2.2; the all-to-all dispatch of
+nanoseek/parallel/expert_parallel.py, inside the stage): a 3-D mesh (replica, ep, pp). The
+replicated parameters are averaged over the stage's data-parallel ranks, each expert shard over
+the replicas holding it, the gradient norm counts every expert once, and the checkpoint gathers
+the experts whole (a pipeline run resumes on the same layout only)."""
 
 from __future__ import annotations
 
@@ -28,6 +35,8 @@ from ..model import MoE
 from .data_parallel import DataParallel
 from .dims import ParallelDims
 from .dist import barrier
+from .ep_training import all_reduce_mean
+from .expert_parallel import apply_expert_parallel, expert_parallel_modules
 from .fsdp import local_optimizer_state, local_shard, shard_pipeline_stages, sharded_optimizer_state
 from .interface import Parallel, model_from_state, rank_optimizer_path
 from .pipeline import PipelineExecutor, SharedGrads, split_deepseek
@@ -94,6 +103,14 @@ class PipelineTraining(Parallel):
             self.mesh = init_device_mesh(self.device.type, (self.groups.dp, pp), mesh_dim_names=("dp_shard", "pp"))
             shard_pipeline_stages(self.stages, self.mesh["dp_shard"], reshard_after_forward=fsdp_reshard_after_forward,
                                   param_dtype=fsdp_param_dtype)
+        self.ep, self.expert_ids = self.dims.ep, set()
+        if self.ep > 1:  # rank = (replica * ep + ep_rank) * pp + pp_rank: mesh[r, e, p] is that rank
+            self.ep_mesh = init_device_mesh(self.device.type, (self.groups.dp // self.ep, self.ep, pp),
+                                            mesh_dim_names=("replica", "ep", "pp"))
+            self.ep_group, self.replica_group = self.ep_mesh.get_group("ep"), self.ep_mesh.get_group("replica")
+            apply_expert_parallel(model, self.ep_group)  # this stage's MoE layers, over its data-parallel ranks
+            self.ep_modules = expert_parallel_modules(model)
+            self.expert_ids = {id(p) for m in self.ep_modules.values() for p in m.parameters()}
         hidden = self.cfg.hidden_size
         self.executor = PipelineExecutor(self.schedule, self.stages, self.criterion, device=device,
                                          boundary=lambda x: ((*x.shape, hidden), torch.float32),
@@ -148,15 +165,23 @@ class PipelineTraining(Parallel):
 
     def local_sq_norm(self) -> torch.Tensor:
         """Sum of squared gradients, mirrored parameters weighted by 1/holders; summed over the
-        pipeline group it is the full model's squared gradient norm."""
+        pipeline group it is the full model's squared gradient norm (expert shards: summed over
+        their EP group first)."""
         by_holders: dict[int, list[torch.Tensor]] = {}
+        expert_grads = []
         for n, p in self.named.items():
-            if p.grad is not None:
+            if p.grad is not None and id(p) in self.expert_ids:
+                expert_grads.append(p.grad)
+            elif p.grad is not None:
                 by_holders.setdefault(self.holders.get(n, 1), []).append(local_shard(p.grad))
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         for h, grads in by_holders.items():  # one fused norm per holder count, no fp64 copies
             norms = torch.stack(torch._foreach_norm(grads)).double()
             total += norms.pow(2).sum() / h
+        if expert_grads:  # this rank's experts, the EP group's others: every expert once
+            expert_sq = torch.stack(torch._foreach_norm(expert_grads)).double().pow(2).sum()
+            dist.all_reduce(expert_sq, group=self.ep_group)
+            total += expert_sq
         # sharded stages: every rank holds a shard of its stage, so the squares add up over all ranks
         dist.all_reduce(total, group=None if self.fsdp else self.groups.pp_group)
         return total
@@ -167,6 +192,8 @@ class PipelineTraining(Parallel):
         state = self.model.state_dict()
         if self.fsdp:
             state = {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in state.items()}
+        if self.ep > 1 and self.groups.dp_rank < self.ep:  # replica 0's EP group: its expert shards, whole
+            state = {**state, **self._gather_experts()}
         if self.groups.dp_rank != 0:
             return None
         mine = {k: v.detach().cpu() for k, v in state.items()}
@@ -179,24 +206,53 @@ class PipelineTraining(Parallel):
             full.update(part)
         return full
 
+    @torch.no_grad()
+    def _gather_experts(self) -> dict[str, torch.Tensor]:
+        """Every expert tensor of this stage [E, ...] on the EP group's first rank (its shards
+        [E/ep, ...] concatenated; empty elsewhere). Collective over the EP group."""
+        first = dist.get_global_rank(self.ep_group, 0)
+        whole = {}
+        for name, m in self.ep_modules.items():
+            for pname, p in m.named_parameters():
+                parts = [torch.empty_like(p) for _ in range(self.ep)] if self.rank == first else None
+                dist.gather(p.detach().contiguous(), parts, dst=first, group=self.ep_group)
+                if parts is not None:
+                    whole[f"{name}.{pname}"] = torch.cat(parts, 0)
+        return whole
+
+    @torch.no_grad()
+    def _sync_expert_parallel_grads(self) -> None:
+        """Mean gradients over the data-parallel ranks of the stage: the replicated parameters
+        summed over all of them, each expert shard over the replicas holding it (its backward
+        all-to-all has already summed the EP group's contributions); both divided by dp."""
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        dp = self.groups.dp
+        all_reduce_mean([p for p in params if id(p) not in self.expert_ids], self.groups.dp_group, dp)
+        all_reduce_mean([p for p in params if id(p) in self.expert_ids],
+                        self.replica_group if dp > self.ep else False, dp)
+
     def layout_state(self) -> dict:
         return {**super().layout_state(), "pipeline_layout": self._layout()}
 
     def _layout(self) -> dict:
-        return {"world": self.dims.world, "fsdp": self.fsdp}
+        return {"world": self.dims.world, "fsdp": self.fsdp, "ep": self.ep}
 
     def check_resume(self, trainer_state: dict, ckpt_dir: str) -> None:
-        """Each rank reads its own optimizer file: the same pp, world and --fsdp only."""
+        """Each rank reads its own optimizer file: the same pp, world, --fsdp and --ep only."""
         super().check_resume(trainer_state, ckpt_dir)
-        written = trainer_state.get("pipeline_layout", {"world": self.dims.world, "fsdp": False})
+        written = trainer_state.get("pipeline_layout", {"world": self.dims.world, "fsdp": False, "ep": 1})
         if written != self._layout():
             raise CheckpointError(f"{ckpt_dir}: a pipeline checkpoint of {written['world']} processes (fsdp "
-                                  f"{written['fsdp']}): resume it on the same layout, not "
-                                  f"{self.dims.world} processes (fsdp {self.fsdp})")
+                                  f"{written['fsdp']}, ep {written['ep']}): resume it on the same layout, not "
+                                  f"{self.dims.world} processes (fsdp {self.fsdp}, ep {self.ep})")
 
     # ------------------------------------------------------------------ the Parallel interface
     def describe(self) -> str:
         dp = f"fsdp {self.groups.dp}" if self.fsdp else f"dp {self.groups.dp}"
+        dp += f" (ep {self.ep})" if self.ep > 1 else ""
         return f" (pp {self.groups.pp} x {dp}, {self.schedule_name}, {self.chunks} micro-batches)"
 
     def forward_backward(self, batches, step, loss, autocast):
@@ -211,7 +267,9 @@ class PipelineTraining(Parallel):
         return sums, self.take_loads()
 
     def sync_grads(self) -> None:
-        if not self.fsdp:  # FSDP reduce-scattered the gradients in the backward
+        if self.ep > 1:
+            self._sync_expert_parallel_grads()
+        elif not self.fsdp:  # FSDP reduce-scattered the gradients in the backward
             self.averager.sync_grads()
 
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
