@@ -25,6 +25,11 @@ optimizer through torch.distributed.checkpoint (nanoseek/parallel/sharded_checkp
 whole model in the Hugging Face layout, gathered tensor by tensor onto rank 0's CPU. With
 `async_save` the sharded state is written in the background while training goes on (`wait_saves`
 blocks until this rank's write has finished).
+
+CPU offload (`cpu_offload`, FSDP2's CPUOffloadPolicy, as ZeRO-Offload, Ren et al. 2021): the
+sharded parameters and gradients live in host memory, so AdamW's states do too and the optimizer
+step runs on the CPU; each unit is copied to the device for its all-gather, its reduce-scattered
+gradient copied back. On a CPU run it moves nothing, and changes no number.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Shard
 
 from .dims import ParallelDims
@@ -105,13 +110,16 @@ class FSDPTraining(SingleProcess):
 
     def __init__(self, model: nn.Module, dims: ParallelDims, rank: int, device, grad_accum: int = 1, *,
                  reshard_after_forward: bool = True, param_dtype: torch.dtype | None = None,
-                 async_save: bool = False):
+                 async_save: bool = False, cpu_offload: bool = False):
         super().__init__(model, dims, rank, device, grad_accum)
         self.saver = AsyncShardedSaver() if async_save else None
         world, ep, kind = dims.world, dims.ep, self.device.type
         self.mesh = init_device_mesh(kind, (world,), mesh_dim_names=("dp_shard",))
         policy = MixedPrecisionPolicy(param_dtype=param_dtype,
                                       reduce_dtype=torch.float32 if param_dtype is not None else None)
+        self.cpu_offload = cpu_offload
+        # sharded parameters, gradients (and so AdamW's states) on the host; pinned where there is a GPU to copy to
+        offload = CPUOffloadPolicy(pin_memory=kind == "cuda") if cpu_offload else OffloadPolicy()
         self.ep, self.ep_modules, self.expert_mesh = ep, {}, None
         if ep > 1:  # experts: EP over consecutive ranks, then FSDP over the ranks holding the same shard
             self.expert_mesh = init_device_mesh(kind, (world // ep, ep), mesh_dim_names=("replica", "ep"))
@@ -122,18 +130,20 @@ class FSDPTraining(SingleProcess):
                                                 mesh_dim_names=("ep", "replica"))
             for m in self.ep_modules.values():
                 fully_shard(m, mesh=self.expert_mesh["replica"], reshard_after_forward=reshard_after_forward,
-                            mp_policy=policy)
+                            mp_policy=policy, offload_policy=offload)
                 set_gradient_divisor(m, world)
         for unit in shard_units(model):
-            fully_shard(unit, mesh=self.mesh, reshard_after_forward=reshard_after_forward, mp_policy=policy)
+            fully_shard(unit, mesh=self.mesh, reshard_after_forward=reshard_after_forward, mp_policy=policy,
+                        offload_policy=offload)
         # the root (embedding, final norm, head) stays gathered from its forward to its backward: the
         # model's MTP forward reuses the embedding and the head after the main forward has returned
-        fully_shard(model, mesh=self.mesh, reshard_after_forward=False, mp_policy=policy)
+        fully_shard(model, mesh=self.mesh, reshard_after_forward=False, mp_policy=policy, offload_policy=offload)
         self.expert_names = {f"{name}.{p}" for name, m in self.ep_modules.items() for p, _ in m.named_parameters()}
 
     def describe(self) -> str:
         experts = f", experts ep {self.ep} x fsdp {self.dims.world // self.ep}" if self.ep > 1 else ""
-        return f" (fsdp {self.dims.world}{experts})"
+        offload = ", states on the CPU" if self.cpu_offload else ""
+        return f" (fsdp {self.dims.world}{experts}{offload})"
 
     # ------------------------------------------------------------------ gradients
     def sync_grads(self) -> None:
@@ -152,8 +162,8 @@ class FSDPTraining(SingleProcess):
         dist.all_reduce(sq)
         total = sq.sqrt().float()
         coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
-        for g in grads:
-            g.mul_(coef.to(g.dtype))
+        for g in grads:  # offloaded gradients live on the host
+            g.mul_(coef.to(g.device, g.dtype))
         return total
 
     # ------------------------------------------------------------------ checkpoints
@@ -172,6 +182,8 @@ class FSDPTraining(SingleProcess):
         full = {} if self.main else None
         first_replica = self.expert_mesh is None or self.expert_mesh.get_local_rank("replica") == 0
         for key, value in self.model.state_dict().items():
+            if isinstance(value, DTensor) and value.device != self.device:  # offloaded: gathered on the mesh's device
+                value = value.to(self.device)
             whole = value.full_tensor() if isinstance(value, DTensor) else value.detach()
             if key in self.expert_names:
                 if not first_replica:

@@ -104,13 +104,15 @@ def build_model(a: TrainArgs, tokenizer, resume_dir: str | None, device) -> Deep
 
 
 def adamw(model, a: TrainArgs, device) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters; no weight decay on vectors and the embedding."""
+    """AdamW over the trainable parameters; no weight decay on vectors and the embedding; the fused
+    CUDA kernel where the parameters live on the GPU."""
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # all, or e.g. LoRA adapters
     decay = [p for n, p in trainable if p.dim() >= 2 and "embed_tokens" not in n]
     no_decay = [p for n, p in trainable if not (p.dim() >= 2 and "embed_tokens" not in n)]
     return torch.optim.AdamW([{"params": decay, "weight_decay": a.weight_decay},
                               {"params": no_decay, "weight_decay": 0.0}],
-                             lr=a.lr, betas=(a.beta1, a.beta2), fused=device.type == "cuda")
+                             lr=a.lr, betas=(a.beta1, a.beta2),
+                             fused=device.type == "cuda" and not a.cpu_offload)  # offloaded: the step runs on the CPU
 
 
 def validation_loss(par, val_batches, val_shard, micro_global: int, eval_batches: int, autocast,
@@ -191,7 +193,7 @@ def train(args: TrainArgs, finetune=None, follow: Callable[[], float] | None = N
                       activation_checkpointing=run.ac_policy, compile=a.compile,
                       fsdp_reshard_after_forward=a.fsdp_reshard_after_forward,
                       fsdp_param_dtype=torch.bfloat16 if precision == "bf16" and device.type == "cuda" else None,
-                      async_save=a.async_save)
+                      async_save=a.async_save, cpu_offload=a.cpu_offload)
     moes = {n: m for n, m in moe_modules(model).items()  # MTP's experts run only with an MTP loss
             if a.mtp_lambda > 0 or not n.startswith("mtp.")}
     loss_fn = TrainLoss(moes, alpha, a.mtp_lambda)

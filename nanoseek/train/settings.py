@@ -45,6 +45,9 @@ def check_settings(a: TrainArgs, world: int, device: torch.device, follows: bool
     if a.async_save and a.pp > 1:
         raise ValueError("--async-save writes sharded (DCP) checkpoints: a pipeline (--pp) writes one optimizer file "
                          "per rank instead")
+    if a.cpu_offload and not (a.fsdp and world > 1 and a.pp == 1):
+        raise ValueError("--cpu-offload keeps FSDP's shards in host memory: it needs --fsdp on 2 or more processes, "
+                         "without --pp")
     if a.balance not in ("bias", "aux", "none"):
         raise ValueError(f"--balance: unsupported value {a.balance!r} (bias, aux or none)")
     return RunSettings(precision, fp8_config, ac_policy, dims)
