@@ -177,7 +177,7 @@ def test_fsdp_refusals(fsdp_runs, tmp_path):
     from nanoseek.parallel import ParallelDims
     with pytest.raises(ValueError, match="--fsdp does not combine with --pp"):
         ParallelDims(world=4, pp=2, fsdp=True).check(compile=False, activation_checkpointing=False, fp8=False,
-                                                     grad_accum=1, batch_size=4)
+                                                     grad_accum=1, batch_size=4, schedule="dualpipe")
     root, common, _, _ = fsdp_runs
     run_dir = cut_back(root, "fsdp2", "fsdp2_to_ep")  # a sharded checkpoint cannot resume under plain --ep
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",

@@ -131,3 +131,25 @@ def test_info_train_memory_medium():
     needs = json.loads(p.stdout.strip().splitlines()[-1])["gpus_needed"]
     assert needs["data parallel"]["gpus"] is None  # past one GPU
     assert 2 <= needs["fsdp"]["gpus"] <= 8 and 2 <= needs["fsdp x ep 8"]["gpus"] <= 8
+
+
+def test_cpu_offload_accounting():
+    """FSDP CPU offload: the GPU sheds the sharded weights, gradients and AdamW states, the host
+    holds them; activations and the gathered units stay on the GPU."""
+    from nanoseek.config import ModelConfig
+    from nanoseek.parallel.memory import gpus_needed, train_memory
+    cfg = ModelConfig.from_preset("nano", vocab_size=512)
+    kept = train_memory(cfg, dp=2, fsdp=True, seq_len=16, micro_batch=2)
+    offloaded = train_memory(cfg, dp=2, fsdp=True, seq_len=16, micro_batch=2, cpu_offload=True)
+    states = kept.weights + kept.grads + kept.optimizer
+    assert offloaded.total == kept.total - states and offloaded.host == states and kept.host == 0
+    assert (offloaded.weights, offloaded.grads, offloaded.optimizer) == (0, 0, 0)
+    assert offloaded.activations == kept.activations and offloaded.gathered == kept.gathered
+    assert offloaded.as_dict()["host"] == states and "host" not in kept.as_dict()
+    assert offloaded.as_dict()["total"] == sum(v for k, v in offloaded.as_dict().items() if k not in ("total", "host"))
+    with pytest.raises(ValueError, match="needs fsdp"):
+        train_memory(cfg, cpu_offload=True)
+    v2_lite = ModelConfig.from_preset("deepseek-v2-lite")  # ~250 GB of states: fewer GPUs once they leave them
+    n_kept, _ = gpus_needed(v2_lite, fsdp=True)
+    n_off, mem = gpus_needed(v2_lite, fsdp=True, cpu_offload=True)
+    assert n_off < n_kept and mem.host > 0

@@ -72,8 +72,8 @@ class ExpertParallelTraining(SingleProcess):
                 p.grad = torch.zeros_like(p)
         dense = [p for p in params if not self.is_expert(p)]
         experts = [p for p in params if self.is_expert(p)]
-        _all_reduce_flat(dense, None, self.world)
-        _all_reduce_flat(experts, self.replica_group if self.world > self.ep else False, self.world)
+        all_reduce_mean(dense, None, self.world)
+        all_reduce_mean(experts, self.replica_group if self.world > self.ep else False, self.world)
 
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
@@ -165,7 +165,7 @@ class ExpertParallelTraining(SingleProcess):
         opt.load_state_dict(self.shard_optimizer_state(saved, opt))
 
 
-def _all_reduce_flat(params: list[torch.Tensor], group, divisor: int) -> None:
+def all_reduce_mean(params: list[torch.Tensor], group, divisor: int) -> None:
     """grad = (sum over `group` of grad) / divisor, one flat buffer per dtype; group False: no
     communication (a group of one), only the division."""
     by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}

@@ -25,6 +25,11 @@ optimizer through torch.distributed.checkpoint (nanoseek/parallel/sharded_checkp
 whole model in the Hugging Face layout, gathered tensor by tensor onto rank 0's CPU. With
 `async_save` the sharded state is written in the background while training goes on (`wait_saves`
 blocks until this rank's write has finished).
+
+CPU offload (`cpu_offload`, FSDP2's CPUOffloadPolicy, as ZeRO-Offload, Ren et al. 2021): the
+sharded parameters and gradients live in host memory, so AdamW's states do too and the optimizer
+step runs on the CPU; each unit is copied to the device for its all-gather, its reduce-scattered
+gradient copied back. On a CPU run it moves nothing, and changes no number.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Shard
 
 from .dims import ParallelDims
@@ -57,6 +62,45 @@ def set_gradient_divisor(module: nn.Module, divisor: int) -> None:
     module.set_force_sum_reduction_for_comms(True)
 
 
+def shard_pipeline_stages(stages: dict[int, nn.Module], mesh: DeviceMesh, *, reshard_after_forward: bool = True,
+                          param_dtype: torch.dtype | None = None) -> None:
+    """FSDP2 inside each pipeline stage (torchtitan's layout: shard the stage, then build the
+    schedule): every decoder block, MTP layer and MTP output norm of the stage is one unit over
+    `mesh` (the stage's data-parallel ranks), the stage itself the root unit of the rest
+    (embedding, final norm, head), kept gathered from its forward to its backward as the MTP loss
+    reuses the embedding and the head. Gradients are reduce-scattered as the mean over the mesh.
+    A stage that feeds another sends fp32 activations whatever the compute dtype."""
+    for stage in stages.values():
+        policy = MixedPrecisionPolicy(param_dtype=param_dtype,
+                                      reduce_dtype=torch.float32 if param_dtype is not None else None)
+        mtp = getattr(stage, "mtp", None) or {}
+        units = [m.shared_head.norm for m in mtp.values()] + list(stage.blocks.values()) + list(mtp.values())
+        for unit in units:
+            fully_shard(unit, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=policy)
+        root_policy = policy if stage.last or param_dtype is None else MixedPrecisionPolicy(
+            param_dtype=param_dtype, reduce_dtype=torch.float32, output_dtype=torch.float32)
+        fully_shard(stage, mesh=mesh, reshard_after_forward=False, mp_policy=root_policy)
+
+
+def local_optimizer_state(sd: dict) -> dict:
+    """An optimizer state dict with every DTensor replaced by this rank's shard (a plain tensor
+    file that loads with weights_only)."""
+    state = {i: {k: local_shard(v) if isinstance(v, DTensor) else v for k, v in st.items()} for i, st in sd["state"].items()}
+    return {**sd, "state": state}
+
+
+def sharded_optimizer_state(sd: dict, opt: torch.optim.Optimizer) -> dict:
+    """`local_optimizer_state`'s shards back into DTensors laid out like their parameters."""
+    params = [p for g in opt.param_groups for p in g["params"]]  # the order of state_dict indices
+    state = {}
+    for i, st in sd["state"].items():
+        p = params[i]
+        state[i] = {k: DTensor.from_local(v, p.device_mesh, p.placements, run_check=False, shape=p.shape,
+                                          stride=p.stride())
+                    if isinstance(p, DTensor) and torch.is_tensor(v) and v.dim() else v for k, v in st.items()}
+    return {**sd, "state": state}
+
+
 class FSDPTraining(SingleProcess):
     """The micro-batch loop of `SingleProcess` over a fully sharded model; gradients are reduced by
     FSDP itself during the backward, clipping uses the norm summed over the shards, checkpoints as
@@ -66,13 +110,16 @@ class FSDPTraining(SingleProcess):
 
     def __init__(self, model: nn.Module, dims: ParallelDims, rank: int, device, grad_accum: int = 1, *,
                  reshard_after_forward: bool = True, param_dtype: torch.dtype | None = None,
-                 async_save: bool = False):
+                 async_save: bool = False, cpu_offload: bool = False):
         super().__init__(model, dims, rank, device, grad_accum)
         self.saver = AsyncShardedSaver() if async_save else None
         world, ep, kind = dims.world, dims.ep, self.device.type
         self.mesh = init_device_mesh(kind, (world,), mesh_dim_names=("dp_shard",))
         policy = MixedPrecisionPolicy(param_dtype=param_dtype,
                                       reduce_dtype=torch.float32 if param_dtype is not None else None)
+        self.cpu_offload = cpu_offload
+        # sharded parameters, gradients (and so AdamW's states) on the host; pinned where there is a GPU to copy to
+        offload = CPUOffloadPolicy(pin_memory=kind == "cuda") if cpu_offload else OffloadPolicy()
         self.ep, self.ep_modules, self.expert_mesh = ep, {}, None
         if ep > 1:  # experts: EP over consecutive ranks, then FSDP over the ranks holding the same shard
             self.expert_mesh = init_device_mesh(kind, (world // ep, ep), mesh_dim_names=("replica", "ep"))
@@ -83,18 +130,20 @@ class FSDPTraining(SingleProcess):
                                                 mesh_dim_names=("ep", "replica"))
             for m in self.ep_modules.values():
                 fully_shard(m, mesh=self.expert_mesh["replica"], reshard_after_forward=reshard_after_forward,
-                            mp_policy=policy)
+                            mp_policy=policy, offload_policy=offload)
                 set_gradient_divisor(m, world)
         for unit in shard_units(model):
-            fully_shard(unit, mesh=self.mesh, reshard_after_forward=reshard_after_forward, mp_policy=policy)
+            fully_shard(unit, mesh=self.mesh, reshard_after_forward=reshard_after_forward, mp_policy=policy,
+                        offload_policy=offload)
         # the root (embedding, final norm, head) stays gathered from its forward to its backward: the
         # model's MTP forward reuses the embedding and the head after the main forward has returned
-        fully_shard(model, mesh=self.mesh, reshard_after_forward=False, mp_policy=policy)
+        fully_shard(model, mesh=self.mesh, reshard_after_forward=False, mp_policy=policy, offload_policy=offload)
         self.expert_names = {f"{name}.{p}" for name, m in self.ep_modules.items() for p, _ in m.named_parameters()}
 
     def describe(self) -> str:
         experts = f", experts ep {self.ep} x fsdp {self.dims.world // self.ep}" if self.ep > 1 else ""
-        return f" (fsdp {self.dims.world}{experts})"
+        offload = ", states on the CPU" if self.cpu_offload else ""
+        return f" (fsdp {self.dims.world}{experts}{offload})"
 
     # ------------------------------------------------------------------ gradients
     def sync_grads(self) -> None:
@@ -106,15 +155,15 @@ class FSDPTraining(SingleProcess):
         squares summed over all ranks) and clipping to max_norm, as one process does. The squares
         add up in fp64: one process's fp32 norm of a large tensor (the head) is itself off by ~1e-4
         relative, so the two agree to that, while the gradients themselves are equal."""
-        grads = [_local(p.grad) for p in self.model.parameters() if p.grad is not None]
+        grads = [local_shard(p.grad) for p in self.model.parameters() if p.grad is not None]
         sq = torch.zeros((), device=self.device, dtype=torch.float64)  # fp64: shards of a large tensor sum exactly
         for g in grads:
             sq += torch.linalg.vector_norm(g, dtype=torch.float64).square()
         dist.all_reduce(sq)
         total = sq.sqrt().float()
         coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
-        for g in grads:
-            g.mul_(coef.to(g.dtype))
+        for g in grads:  # offloaded gradients live on the host
+            g.mul_(coef.to(g.device, g.dtype))
         return total
 
     # ------------------------------------------------------------------ checkpoints
@@ -133,6 +182,8 @@ class FSDPTraining(SingleProcess):
         full = {} if self.main else None
         first_replica = self.expert_mesh is None or self.expert_mesh.get_local_rank("replica") == 0
         for key, value in self.model.state_dict().items():
+            if isinstance(value, DTensor) and value.device != self.device:  # offloaded: gathered on the mesh's device
+                value = value.to(self.device)
             whole = value.full_tensor() if isinstance(value, DTensor) else value.detach()
             if key in self.expert_names:
                 if not first_replica:
@@ -205,7 +256,8 @@ class FSDPTraining(SingleProcess):
         opt.load_state_dict({**saved, "state": state})
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
+def local_shard(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a DTensor; a plain tensor as it is."""
     return t.to_local() if isinstance(t, DTensor) else t
 
 

@@ -18,6 +18,7 @@ import torch.nn as nn
 
 from torch.distributed.tensor import DTensor
 
+from ..checkpoint import CheckpointError
 from ..model import DeepSeekV3
 from .dims import ParallelDims
 from .dist import all_reduce_sum
@@ -68,6 +69,14 @@ class Parallel:
         """Gradients of this rank's parameters -> those of the global batch's mean loss."""
         raise NotImplementedError
 
+    def train_step(self, batches, step: int, loss, autocast, max_norm: float
+                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+        """The gradients of optimizer step `step`, reduced and clipped to max_norm -> (ce, mtp,
+        balance, total) means [4], the tokens per expert of each MoE layer, the gradient norm."""
+        sums, loads = self.forward_backward(batches, step, loss, autocast)
+        self.sync_grads()
+        return sums, loads, self.clip_grad_norm_(max_norm)
+
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """The whole model's gradient norm (as one process computes it); gradients scaled to max_norm."""
         raise NotImplementedError
@@ -90,6 +99,20 @@ class Parallel:
         """The whole model where a checkpoint is written from: rank 0 (the replicated layouts'
         other ranks get their own copy, the sharded ones None). Collective."""
         return self.model
+
+    def layout_state(self) -> dict:
+        """What a checkpoint records of the layout, for `check_resume` to compare."""
+        return {"pp": self.dims.pp}
+
+    def check_resume(self, trainer_state: dict, ckpt_dir: str) -> None:
+        """Refuse a checkpoint this layout cannot read: one of another pipeline depth, or a sharded
+        one where the layout reads single-file checkpoints only."""
+        written_pp = trainer_state.get("pp", 1)
+        if written_pp != self.dims.pp:
+            raise CheckpointError(f"{ckpt_dir}: written with --pp {written_pp}; resume with the same --pp")
+        if trainer_state.get("optimizer") is None and not self.reads_sharded_checkpoints:
+            raise CheckpointError(f"{ckpt_dir}: a sharded checkpoint (written with --fsdp); resume it with --fsdp "
+                                  f"or on one process, not with --ep or --pp")
 
     def save_optimizer(self, opt: torch.optim.Optimizer, ckpt_dir: str) -> dict | None:
         """The optimizer state for rank 0's trainer.pt (None elsewhere); ranks whose state it
@@ -154,10 +177,6 @@ def model_from_state(config, state: dict | None, device) -> DeepSeekV3 | None:
     whole.load_state_dict(state, strict=True)
     whole.rotary.reset_parameters()
     return whole
-
-
-def load_rank_optimizer(opt: torch.optim.Optimizer, ckpt_dir: str, rank: int) -> None:
-    opt.load_state_dict(torch.load(rank_optimizer_path(ckpt_dir, rank), weights_only=True))
 
 
 def rank_optimizer_path(ckpt_dir: str, rank: int) -> str:

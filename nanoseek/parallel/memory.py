@@ -17,7 +17,9 @@ selective, the layer's input only with full (plus one layer recomputed whole in 
 then the final norm, the fp32 log-probabilities of the cross entropy and the MTP layers; times the
 micro-batches that 1F1B keeps in flight on the first stage (pp). tests/test_train_memory.py checks
 the count against the tensors a scaled-down run keeps (nanoseek/parallel/memory_probe.py). Under
-FSDP, two units' gathered compute-dtype weights are in flight (the current and the next).
+FSDP, two units' gathered compute-dtype weights are in flight (the current and the next). With FSDP
+CPU offload the sharded weights, gradients and AdamW states are counted as host bytes instead
+(ZeRO-Offload, Ren et al. 2021).
 """
 
 from __future__ import annotations
@@ -44,14 +46,18 @@ class TrainMemory:
     optimizer: int
     activations: int
     gathered: int  # FSDP's all-gathered units in flight
+    host: int = 0  # offloaded to the CPU (FSDP CPU offload: the sharded weights, gradients and AdamW states)
 
     @property
     def total(self) -> int:
+        """GPU bytes (the host's are apart)."""
         return self.weights + self.grads + self.optimizer + self.activations + self.gathered
 
     def as_dict(self) -> dict:
-        return {"weights": self.weights, "grads": self.grads, "optimizer": self.optimizer,
-                "activations": self.activations, "gathered": self.gathered, "total": self.total}
+        """The GPU's bytes by kind and their total; the host's too when some are offloaded."""
+        gpu = {"weights": self.weights, "grads": self.grads, "optimizer": self.optimizer,
+               "activations": self.activations, "gathered": self.gathered, "total": self.total}
+        return {**gpu, "host": self.host} if self.host else gpu
 
 
 def parameter_groups(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
@@ -160,12 +166,16 @@ def head_bytes_per_token(cfg: ModelConfig, policy: str, c: int = 2) -> int:
 
 def train_memory(cfg: ModelConfig, *, dp: int = 1, fsdp: bool = False, ep: int = 1, pp: int = 1,
                  micro_batch: int = 1, seq_len: int = 4096, policy: str = "none",
-                 compute_bytes: int = 2) -> TrainMemory:
+                 compute_bytes: int = 2, cpu_offload: bool = False) -> TrainMemory:
     """Bytes on the busiest rank: W = dp x pp processes, `ep` (dividing dp) of them sharding the
     routed experts, FSDP over the dp ranks when `fsdp`; `micro_batch` sequences of `seq_len` per
-    rank and micro-step; `compute_bytes` the dtype FSDP gathers weights in (2: bf16)."""
+    rank and micro-step; `compute_bytes` the dtype FSDP gathers weights in (2: bf16).
+    `cpu_offload` (FSDP only): the sharded weights, gradients and AdamW states are host bytes; the
+    GPU keeps the activations and the gathered units."""
     if policy not in POLICIES:
         raise ValueError(f"activation checkpointing policy {policy!r}: one of {', '.join(POLICIES)}")
+    if cpu_offload and not fsdp:
+        raise ValueError("CPU offload moves FSDP's shards to the host: it needs fsdp")
     if dp % ep:
         raise ValueError(f"--ep {ep} must divide the data-parallel ranks ({dp})")
     groups = parameter_groups(cfg)
@@ -191,21 +201,23 @@ def train_memory(cfg: ModelConfig, *, dp: int = 1, fsdp: bool = False, ep: int =
         if fsdp:
             largest = max(groups[u][0] + groups[u][1] / ep for u in units if u in groups)
             gathered = int(2 * largest * compute_bytes)
-        mem = TrainMemory(weights=int(4 * elems), grads=int(4 * elems), optimizer=int(8 * elems),
-                          activations=int(acts), gathered=gathered)
+        states = (int(4 * elems), int(4 * elems), int(8 * elems))  # fp32 weights, gradients, AdamW moments
+        on_gpu = (0, 0, 0) if cpu_offload else states
+        mem = TrainMemory(*on_gpu, activations=int(acts), gathered=gathered, host=sum(states) if cpu_offload else 0)
         if busiest is None or mem.total > busiest.total:
             busiest = mem
     return busiest
 
 
 def gpus_needed(cfg: ModelConfig, *, fsdp: bool, ep: int = 1, pp: int = 1, micro_batch: int = 1,
-                seq_len: int = 4096, policy: str = "none", max_gpus: int = 1024) -> tuple[int | None, TrainMemory | None]:
+                seq_len: int = 4096, policy: str = "none", max_gpus: int = 1024,
+                cpu_offload: bool = False) -> tuple[int | None, TrainMemory | None]:
     """The fewest 80 GB GPUs (dp x pp, dp a power of two and a multiple of ep) on which the layout's
     busiest rank fits, and its memory; (None, None) when none up to max_gpus does."""
     dp = ep
     while dp * pp <= max_gpus:
         mem = train_memory(cfg, dp=dp, fsdp=fsdp, ep=ep, pp=pp, micro_batch=micro_batch, seq_len=seq_len,
-                           policy=policy)
+                           policy=policy, cpu_offload=cpu_offload)
         if mem.total <= USABLE * GPU_BYTES:
             return dp * pp, mem
         if not fsdp:  # more data-parallel ranks only replicate: nothing per rank shrinks

@@ -39,6 +39,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 
 from ..balance import sequence_balance_loss
 from ..model import MoE
@@ -221,22 +222,25 @@ class SharedGrads:
 
     @torch.no_grad()
     def sync(self) -> None:
+        """Sum each shared gradient over its holders; of a sharded (FSDP) parameter, this rank's
+        shard (the holders shard it alike: the same shape over data-parallel groups of one size)."""
         for pg, names in self.groups:
             ps = [self.params[n] for n in names]
             for p in ps:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
+            grads = [p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad for p in ps]
             if dist.get_backend(pg) == "nccl":  # in place, one request per tensor: no flat copy
-                works = [dist.all_reduce(p.grad, group=pg, async_op=True) for p in ps]
+                works = [dist.all_reduce(g, group=pg, async_op=True) for g in grads]
                 for w in works:
                     w.wait()
                 continue
-            flat = torch.cat([p.grad.reshape(-1) for p in ps])
+            flat = torch.cat([g.reshape(-1) for g in grads])
             dist.all_reduce(flat, group=pg)
             i = 0
-            for p in ps:
-                p.grad.copy_(flat[i:i + p.numel()].view_as(p.grad))
-                i += p.numel()
+            for g in grads:
+                g.copy_(flat[i:i + g.numel()].view_as(g))
+                i += g.numel()
 
 
 # ------------------------------------------------------------------------------------ backward split

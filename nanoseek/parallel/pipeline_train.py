@@ -6,19 +6,39 @@ its stages (`split_deepseek`). One optimizer step = the schedule's op list over 
 this replica's slice of the global batch; gradients of mirrored copies (DualPipe) are summed over
 their holders, then averaged over data-parallel replicas. The expert loads for the bias update are
 summed over every rank, so mirrored copies get the same update. For validation and checkpoints the
-stages are gathered into a full model on rank 0 (Hugging Face layout whatever the layout)."""
+stages are gathered into a full model on rank 0 (Hugging Face layout whatever the layout).
+
+With `--fsdp` (1F1B only) the data-parallel ranks of each stage shard it instead of replicating it
+(a 2-D mesh (dp_shard, pp), torchtitan's layout): the stage is FSDP2-sharded over its dp_shard
+group before the schedule is built (nanoseek/parallel/fsdp.py `shard_pipeline_stages`), its
+gradients are reduce-scattered inside that group during the backward, the gradients shared by
+pipeline ranks (the embedding that MTP needs on the last stage) are summed shard by shard, and the
+gradient norm sums every rank's shards. Each rank's optimizer file holds its shards.
+
+With `--ep N` (1F1B, no --fsdp) the routed experts of each stage are sharded over groups of N of
+its data-parallel ranks (DeepSeek-V3 report section 3.2.2; the all-to-all dispatch of
+nanoseek/parallel/expert_parallel.py, inside the stage): a 3-D mesh (replica, ep, pp). The
+replicated parameters are averaged over the stage's data-parallel ranks, each expert shard over
+the replicas holding it, the gradient norm counts every expert once, and the checkpoint gathers
+the experts whole (a pipeline run resumes on the same layout only)."""
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor
 
+from ..checkpoint import CheckpointError
 from ..io import atomic_torch_save
 from ..model import MoE
 from .data_parallel import DataParallel
 from .dims import ParallelDims
 from .dist import barrier
-from .interface import Parallel, load_rank_optimizer, model_from_state, rank_optimizer_path
+from .ep_training import all_reduce_mean
+from .expert_parallel import apply_expert_parallel, expert_parallel_modules
+from .fsdp import local_optimizer_state, local_shard, shard_pipeline_stages, sharded_optimizer_state
+from .interface import Parallel, model_from_state, rank_optimizer_path
 from .pipeline import PipelineExecutor, SharedGrads, split_deepseek
 from .schedules import ScheduleError, build_schedule, default_chunks
 
@@ -60,8 +80,10 @@ class PipelineTraining(Parallel):
     reads_sharded_checkpoints = False  # single-file checkpoints only
 
     def __init__(self, model, pp: int, schedule: str, chunks: int | None, balance_alpha: float,
-                 mtp_lambda: float, device, dims: ParallelDims | None = None):
+                 mtp_lambda: float, device, dims: ParallelDims | None = None, *, fsdp_reshard_after_forward: bool = True,
+                 fsdp_param_dtype: torch.dtype | None = None):
         super().__init__(model, dims or ParallelDims(world=dist.get_world_size(), pp=pp), dist.get_rank(), device)
+        self.fsdp = self.dims.fsdp
         self.cfg = model.config
         self.groups = PipelineGroups(pp)
         self.chunks = chunks or default_chunks(schedule, pp)
@@ -74,6 +96,21 @@ class PipelineTraining(Parallel):
         self.device = torch.device(device)
         self.stages, self.criterion = split_deepseek(model, self.schedule, self.groups.pp_rank,
                                                      balance_alpha=balance_alpha, mtp_lambda=mtp_lambda)
+        if self.fsdp:  # rank = dp_rank * pp + pp_rank: mesh[d, p] is that rank
+            if schedule != "1f1b":
+                raise ScheduleError(f"--fsdp does not combine with --pp under --schedule {schedule}: 1f1b only "
+                                    f"(DualPipe's mirrored stages and split backward are not FSDP units)")
+            self.mesh = init_device_mesh(self.device.type, (self.groups.dp, pp), mesh_dim_names=("dp_shard", "pp"))
+            shard_pipeline_stages(self.stages, self.mesh["dp_shard"], reshard_after_forward=fsdp_reshard_after_forward,
+                                  param_dtype=fsdp_param_dtype)
+        self.ep, self.expert_ids = self.dims.ep, set()
+        if self.ep > 1:  # rank = (replica * ep + ep_rank) * pp + pp_rank: mesh[r, e, p] is that rank
+            self.ep_mesh = init_device_mesh(self.device.type, (self.groups.dp // self.ep, self.ep, pp),
+                                            mesh_dim_names=("replica", "ep", "pp"))
+            self.ep_group, self.replica_group = self.ep_mesh.get_group("ep"), self.ep_mesh.get_group("replica")
+            apply_expert_parallel(model, self.ep_group)  # this stage's MoE layers, over its data-parallel ranks
+            self.ep_modules = expert_parallel_modules(model)
+            self.expert_ids = {id(p) for m in self.ep_modules.values() for p in m.parameters()}
         hidden = self.cfg.hidden_size
         self.executor = PipelineExecutor(self.schedule, self.stages, self.criterion, device=device,
                                          boundary=lambda x: ((*x.shape, hidden), torch.float32),
@@ -128,23 +165,38 @@ class PipelineTraining(Parallel):
 
     def local_sq_norm(self) -> torch.Tensor:
         """Sum of squared gradients, mirrored parameters weighted by 1/holders; summed over the
-        pipeline group it is the full model's squared gradient norm."""
+        pipeline group it is the full model's squared gradient norm (expert shards: summed over
+        their EP group first)."""
         by_holders: dict[int, list[torch.Tensor]] = {}
+        expert_grads = []
         for n, p in self.named.items():
-            if p.grad is not None:
-                by_holders.setdefault(self.holders.get(n, 1), []).append(p.grad)
+            if p.grad is not None and id(p) in self.expert_ids:
+                expert_grads.append(p.grad)
+            elif p.grad is not None:
+                by_holders.setdefault(self.holders.get(n, 1), []).append(local_shard(p.grad))
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         for h, grads in by_holders.items():  # one fused norm per holder count, no fp64 copies
             norms = torch.stack(torch._foreach_norm(grads)).double()
             total += norms.pow(2).sum() / h
-        dist.all_reduce(total, group=self.groups.pp_group)
+        if expert_grads:  # this rank's experts, the EP group's others: every expert once
+            expert_sq = torch.stack(torch._foreach_norm(expert_grads)).double().pow(2).sum()
+            dist.all_reduce(expert_sq, group=self.ep_group)
+            total += expert_sq
+        # sharded stages: every rank holds a shard of its stage, so the squares add up over all ranks
+        dist.all_reduce(total, group=None if self.fsdp else self.groups.pp_group)
         return total
 
     def gather_full_state(self) -> dict | None:
-        """The full model's state dict on rank 0 (replica 0's pipeline ranks contribute)."""
+        """The full model's state dict on rank 0 (replica 0's pipeline ranks contribute; sharded
+        stages are first gathered whole inside each stage's data-parallel group). Collective."""
+        state = self.model.state_dict()
+        if self.fsdp:
+            state = {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in state.items()}
+        if self.ep > 1 and self.groups.dp_rank < self.ep:  # replica 0's EP group: its expert shards, whole
+            state = {**state, **self._gather_experts()}
         if self.groups.dp_rank != 0:
             return None
-        mine = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+        mine = {k: v.detach().cpu() for k, v in state.items()}
         everyone = [None] * self.groups.pp if self.groups.pp_rank == 0 else None
         dist.gather_object(mine, everyone, dst=0, group=self.groups.pp_group)
         if self.groups.pp_rank != 0:
@@ -154,9 +206,54 @@ class PipelineTraining(Parallel):
             full.update(part)
         return full
 
+    @torch.no_grad()
+    def _gather_experts(self) -> dict[str, torch.Tensor]:
+        """Every expert tensor of this stage [E, ...] on the EP group's first rank (its shards
+        [E/ep, ...] concatenated; empty elsewhere). Collective over the EP group."""
+        first = dist.get_global_rank(self.ep_group, 0)
+        whole = {}
+        for name, m in self.ep_modules.items():
+            for pname, p in m.named_parameters():
+                parts = [torch.empty_like(p) for _ in range(self.ep)] if self.rank == first else None
+                dist.gather(p.detach().contiguous(), parts, dst=first, group=self.ep_group)
+                if parts is not None:
+                    whole[f"{name}.{pname}"] = torch.cat(parts, 0)
+        return whole
+
+    @torch.no_grad()
+    def _sync_expert_parallel_grads(self) -> None:
+        """Mean gradients over the data-parallel ranks of the stage: the replicated parameters
+        summed over all of them, each expert shard over the replicas holding it (its backward
+        all-to-all has already summed the EP group's contributions); both divided by dp."""
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        dp = self.groups.dp
+        all_reduce_mean([p for p in params if id(p) not in self.expert_ids], self.groups.dp_group, dp)
+        all_reduce_mean([p for p in params if id(p) in self.expert_ids],
+                        self.replica_group if dp > self.ep else False, dp)
+
+    def layout_state(self) -> dict:
+        return {**super().layout_state(), "pipeline_layout": self._layout()}
+
+    def _layout(self) -> dict:
+        return {"world": self.dims.world, "fsdp": self.fsdp, "ep": self.ep}
+
+    def check_resume(self, trainer_state: dict, ckpt_dir: str) -> None:
+        """Each rank reads its own optimizer file: the same pp, world, --fsdp and --ep only."""
+        super().check_resume(trainer_state, ckpt_dir)
+        written = trainer_state.get("pipeline_layout", {"world": self.dims.world, "fsdp": False, "ep": 1})
+        if written != self._layout():
+            raise CheckpointError(f"{ckpt_dir}: a pipeline checkpoint of {written['world']} processes (fsdp "
+                                  f"{written['fsdp']}, ep {written['ep']}): resume it on the same layout, not "
+                                  f"{self.dims.world} processes (fsdp {self.fsdp}, ep {self.ep})")
+
     # ------------------------------------------------------------------ the Parallel interface
     def describe(self) -> str:
-        return f" (pp {self.groups.pp} x dp {self.groups.dp}, {self.schedule_name}, {self.chunks} micro-batches)"
+        dp = f"fsdp {self.groups.dp}" if self.fsdp else f"dp {self.groups.dp}"
+        dp += f" (ep {self.ep})" if self.ep > 1 else ""
+        return f" (pp {self.groups.pp} x {dp}, {self.schedule_name}, {self.chunks} micro-batches)"
 
     def forward_backward(self, batches, step, loss, autocast):
         """The schedule over this replica's slice of the global batch (`loss` is unused: the last
@@ -170,7 +267,10 @@ class PipelineTraining(Parallel):
         return sums, self.take_loads()
 
     def sync_grads(self) -> None:
-        self.averager.sync_grads()
+        if self.ep > 1:
+            self._sync_expert_parallel_grads()
+        elif not self.fsdp:  # FSDP reduce-scattered the gradients in the backward
+            self.averager.sync_grads()
 
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         grad_norm = self.local_sq_norm().sqrt().float()
@@ -178,7 +278,7 @@ class PipelineTraining(Parallel):
         if coef < 1.0 and bool(torch.isfinite(grad_norm)):
             for p in self.model.parameters():
                 if p.grad is not None:
-                    p.grad.mul_(coef)
+                    local_shard(p.grad).mul_(coef)
         return grad_norm
 
     def eval_model(self):
@@ -197,13 +297,13 @@ class PipelineTraining(Parallel):
     def save_optimizer(self, opt, ckpt_dir: str) -> dict | None:
         """Rank 0's state goes into trainer.pt, every other rank's into optim-rank{R}.pt beside it."""
         barrier()  # rank 0 has created ckpt_dir
+        sd = local_optimizer_state(opt.state_dict()) if self.fsdp else opt.state_dict()
         if not self.main:
-            atomic_torch_save(opt.state_dict(), rank_optimizer_path(ckpt_dir, self.rank))
+            atomic_torch_save(sd, rank_optimizer_path(ckpt_dir, self.rank))
             return None
-        return opt.state_dict()
+        return sd
 
     def load_optimizer(self, opt, saved: dict, ckpt_dir: str) -> None:
-        if self.main:
-            opt.load_state_dict(saved)
-        else:
-            load_rank_optimizer(opt, ckpt_dir, self.rank)
+        if not self.main:
+            saved = torch.load(rank_optimizer_path(ckpt_dir, self.rank), weights_only=True)
+        opt.load_state_dict(sharded_optimizer_state(saved, opt) if self.fsdp else saved)

@@ -1,6 +1,7 @@
-"""Training: the one loop (loop.py) over a model laid out by nanoseek.parallel, and the parts it
-shares with fine-tuning and GRPO: checkpoints (checkpointing.py), metrics and plots (metrics.py),
-learning-rate schedules (schedule.py), the pretraining objective (objective.py)."""
+"""Training: the one loop (loop.py) over a model laid out by nanoseek.parallel, its checked settings
+(settings.py), and the parts it shares with fine-tuning and GRPO: checkpoints (checkpointing.py),
+metrics and plots (metrics.py), learning-rate schedules (schedule.py), the pretraining objective
+(objective.py)."""
 
 from .args import DEFAULT_RECIPE, RECIPES, TrainArgs
 from .checkpointing import (CKPT_RE, CheckpointWriter, checkpoint_tmp_dir, list_checkpoints, load_trainer_state, resume_point,

@@ -63,6 +63,7 @@ class TrainArgs:
     fsdp: bool = False  # FSDP2: shard weights, gradients and optimizer states over the data-parallel ranks
     fsdp_reshard_after_forward: bool = True  # free each unit's gathered weights after its forward (ZeRO-3)
     async_save: bool = False  # write the sharded checkpoints (--fsdp) in the background while training goes on
+    cpu_offload: bool = False  # FSDP2 CPU offload: sharded parameters, gradients and AdamW states in host memory
     json: bool = False
     progress: bool = True
     val_fraction: float = 0.05
@@ -127,6 +128,8 @@ TRAIN_HELP = {
                                   "backward, more memory, less communication)",
     "async_save": "with --fsdp: write each sharded checkpoint in the background while training goes on; it "
                   "appears in checkpoints/ once every rank has finished writing it",
+    "cpu_offload": "with --fsdp: keep the sharded parameters, gradients and AdamW states in host memory (the "
+                   "optimizer step runs on the CPU; each block is copied to the GPU for its all-gather)",
     "json": "print the summary as one JSON line",
     "progress": "show a progress bar",
     "val_fraction": "share of examples held out for validation",

@@ -145,6 +145,16 @@ def publish_checkpoint(out: str, step: int, keep_last: int) -> str:
     return final
 
 
+def export_final_model(out: str) -> None:
+    """The newest checkpoint's model at the run's root, so that from_pretrained(out) works; not
+    its trainer state or its sharded folder (each file written beside, then renamed)."""
+    final_ckpt = list_checkpoints(out)[-1][1]
+    for f in os.listdir(final_ckpt):
+        if f != "trainer.pt" and os.path.isfile(os.path.join(final_ckpt, f)):
+            shutil.copy2(os.path.join(final_ckpt, f), os.path.join(out, f + ".tmp"))
+            os.replace(os.path.join(out, f + ".tmp"), os.path.join(out, f))
+
+
 def load_trainer_state(ckpt: str) -> dict:
     path = os.path.join(ckpt, "trainer.pt")
     try:

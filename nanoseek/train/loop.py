@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -23,22 +22,21 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ..balance import max_violation, moe_modules, update_bias
-from ..checkpoint import CheckpointError
+from ..balance import moe_modules, update_bias
 from ..config import ModelConfig
 from ..data import Batches, TokenShard, _iter_docs, bits_per_byte, prepare, resolve_sources
-from ..quant.fp8 import FP8Config, convert, format_report
+from ..quant.fp8 import convert, format_report
 from ..io import atomic_write_text
 from ..model import DeepSeekV3
-from ..parallel import (ParallelDims, all_reduce_sum, barrier, batch_on_device, init_distributed, local_numel,
-                        parallelize, resolve_policy)
+from ..parallel import all_reduce_sum, barrier, batch_on_device, init_distributed, local_numel, parallelize
 from ..parallel.memory import measured_bytes
 from ..tokenizer import Tokenizer, train_bpe
 from .args import TrainArgs
-from .checkpointing import CheckpointWriter, list_checkpoints, load_trainer_state, resume_point
-from .metrics import MetricsLog, plot_run, say
+from .checkpointing import CheckpointWriter, export_final_model, load_trainer_state, resume_point
+from .metrics import MetricsLog, plot_run, say, step_record
 from .objective import TrainLoss
 from .schedule import pretrain_lr
+from .settings import check_settings
 
 
 def lr_at(step: int, a: TrainArgs, elapsed: float = 0.0, paced: float = 0.0) -> float:
@@ -106,13 +104,50 @@ def build_model(a: TrainArgs, tokenizer, resume_dir: str | None, device) -> Deep
 
 
 def adamw(model, a: TrainArgs, device) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters; no weight decay on vectors and the embedding."""
+    """AdamW over the trainable parameters; no weight decay on vectors and the embedding; the fused
+    CUDA kernel where the parameters live on the GPU."""
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # all, or e.g. LoRA adapters
     decay = [p for n, p in trainable if p.dim() >= 2 and "embed_tokens" not in n]
     no_decay = [p for n, p in trainable if not (p.dim() >= 2 and "embed_tokens" not in n)]
     return torch.optim.AdamW([{"params": decay, "weight_decay": a.weight_decay},
                               {"params": no_decay, "weight_decay": 0.0}],
-                             lr=a.lr, betas=(a.beta1, a.beta2), fused=device.type == "cuda")
+                             lr=a.lr, betas=(a.beta1, a.beta2),
+                             fused=device.type == "cuda" and not a.cpu_offload)  # offloaded: the step runs on the CPU
+
+
+def validation_loss(par, val_batches, val_shard, micro_global: int, eval_batches: int, autocast,
+                    device) -> tuple[float, float | None]:
+    """Mean cross entropy over `eval_batches` validation batches of the global batch size, split
+    over the ranks that run validation (`par.eval_model()`), and its bits per byte (token shards
+    only; None for a fine-tuning task's batches)."""
+    net, me, ranks = par.eval_model()
+    total = torch.zeros(2, device=device, dtype=torch.float64)  # summed loss, target tokens
+    if net is not None:
+        net.eval()
+        with torch.no_grad():
+            for batch in val_batches.eval_batches(micro_global // ranks, eval_batches, me, ranks):
+                x, y, extra = batch_on_device(batch, device)
+                with autocast:
+                    logits = net(x, **extra)  # [b, T, V]
+                total[0] += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").double()
+                total[1] += (y != -100).sum()
+        net.train()
+    par.reduce_eval(total)
+    val = (total[0] / total[1]).item() if total[1] > 0 else float("nan")
+    return val, (bits_per_byte(val, len(val_shard), val_shard.n_bytes) if val_shard is not None else None)
+
+
+def finished_summary(out: str, start_step: int, a: TrainArgs, main: bool) -> dict | None:
+    """final.json of a run that a resume finds already at max_steps (None: there is work left)."""
+    final_json = os.path.join(out, "final.json")
+    if start_step < a.max_steps or not os.path.exists(final_json):
+        return None
+    summary = json.load(open(final_json))
+    if main:
+        say(f"run already finished at step {start_step}; nothing to do")
+        if a.json:
+            print(json.dumps(summary), flush=True)
+    return summary
 
 
 def train(args: TrainArgs, finetune=None, follow: Callable[[], float] | None = None) -> dict:
@@ -128,39 +163,15 @@ def train(args: TrainArgs, finetune=None, follow: Callable[[], float] | None = N
     dist_info = init_distributed(a.device)
     rank, world, device = dist_info.rank, dist_info.world, dist_info.device
     main = rank == 0
-    precision = a.precision or ("bf16" if device.type == "cuda" else "fp32")
-    if precision not in ("fp32", "bf16", "fp8"):
-        raise ValueError(f"--precision: unsupported value {precision!r} (fp32, bf16 or fp8)")
-    fp8_config = FP8Config(kernels=a.fp8_kernels, grouped=a.fp8_grouped)  # checks --fp8-kernels / --fp8-grouped
-    if precision == "fp8" and a.fp8_grouped == "triton" and (a.fp8_kernels not in ("auto", "triton")
-                                                              or device.type != "cuda"):
-        raise ValueError(f"--fp8-grouped triton needs the fused Triton kernels (--fp8-kernels auto or triton on "
-                         f"CUDA), not --fp8-kernels {a.fp8_kernels} on {device.type}")
-    dims = ParallelDims(world=world, pp=a.pp, ep=a.ep, fsdp=a.fsdp)
-    if follow is not None and world > 1:
-        raise ValueError("train(follow=...): a followed schedule needs a single process (ranks could read "
-                         "different progress)")
-    ac_policy = resolve_policy(a.ac_policy if a.ac_policy is not None else a.activation_checkpointing)
-    dims.check(compile=a.compile, activation_checkpointing=ac_policy != "none", fp8=precision == "fp8",
-               grad_accum=a.grad_accum, batch_size=a.batch_size)
-    if a.async_save and not (a.fsdp and world > 1):
-        raise ValueError("--async-save writes sharded checkpoints in the background: it needs --fsdp on 2 or more "
-                         "processes")
-    if a.balance not in ("bias", "aux", "none"):
-        raise ValueError(f"--balance: unsupported value {a.balance!r} (bias, aux or none)")
+    run = check_settings(a, world, device, follows=follow is not None)
+    precision = run.precision
     os.makedirs(a.out, exist_ok=True)
-    final_json = os.path.join(a.out, "final.json")
 
     # --- resume point
     resume_dir = resume_point(a.out, a.resume, quiet=not main)
     trainer_state = load_trainer_state(resume_dir) if resume_dir else None
     start_step = trainer_state["step"] if trainer_state else 0
-    if trainer_state and start_step >= a.max_steps and os.path.exists(final_json):
-        summary = json.load(open(final_json))
-        if main:
-            say(f"run already finished at step {start_step}; nothing to do")
-            if a.json:
-                print(json.dumps(summary), flush=True)
+    if trainer_state and (summary := finished_summary(a.out, start_step, a, main)) is not None:
         return summary
 
     tokenizer, batches, val_batches, val_shard, data_desc = load_data(a, main, resume_dir, finetune)
@@ -172,30 +183,25 @@ def train(args: TrainArgs, finetune=None, follow: Callable[[], float] | None = N
     if finetune is not None:
         finetune.prepare_model(model, trainer_state)
     if precision == "fp8":  # FP8 GEMMs (DeepSeek-V3 recipe), swapped in from outside; bf16 autocast for the rest
-        fp8_converted, fp8_skipped = convert(model, fp8_config)
+        fp8_converted, fp8_skipped = convert(model, run.fp8_config)
         if main:
             say(format_report(fp8_converted, fp8_skipped))
     params_total = model.num_params(include_mtp=True)
     alpha = {"bias": a.seq_aux_alpha, "aux": a.aux_alpha, "none": 0.0}[a.balance]
-    par = parallelize(model, dims, rank, device, grad_accum=a.grad_accum, schedule=a.schedule, chunks=a.chunks,
+    par = parallelize(model, run.dims, rank, device, grad_accum=a.grad_accum, schedule=a.schedule, chunks=a.chunks,
                       balance_alpha=alpha, mtp_lambda=a.mtp_lambda,
-                      activation_checkpointing=ac_policy, compile=a.compile,
+                      activation_checkpointing=run.ac_policy, compile=a.compile,
                       fsdp_reshard_after_forward=a.fsdp_reshard_after_forward,
                       fsdp_param_dtype=torch.bfloat16 if precision == "bf16" and device.type == "cuda" else None,
-                      async_save=a.async_save)
+                      async_save=a.async_save, cpu_offload=a.cpu_offload)
     moes = {n: m for n, m in moe_modules(model).items()  # MTP's experts run only with an MTP loss
             if a.mtp_lambda > 0 or not n.startswith("mtp.")}
     loss_fn = TrainLoss(moes, alpha, a.mtp_lambda)
 
     opt = adamw(model, a, device)
     if trainer_state:
-        if trainer_state.get("pp", 1) != a.pp:
-            raise CheckpointError(f"{resume_dir}: written with --pp {trainer_state.get('pp', 1)}; resume with the same --pp")
-        saved_optimizer = trainer_state.get("optimizer")  # None: a sharded (DCP) checkpoint
-        if saved_optimizer is None and not par.reads_sharded_checkpoints:
-            raise CheckpointError(f"{resume_dir}: a sharded checkpoint (written with --fsdp); resume it with --fsdp "
-                                  f"or on one process, not with --ep or --pp")
-        par.load_optimizer(opt, saved_optimizer, resume_dir)
+        par.check_resume(trainer_state, resume_dir)
+        par.load_optimizer(opt, trainer_state.get("optimizer"), resume_dir)  # None: a sharded (DCP) checkpoint
         torch.set_rng_state(trainer_state["cpu_rng"])
     skipped_total = trainer_state.get("skipped_steps", 0) if trainer_state else 0
 
@@ -207,22 +213,8 @@ def train(args: TrainArgs, finetune=None, follow: Callable[[], float] | None = N
              + (f", resuming from step {start_step}" if trainer_state else ""))
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision in ("bf16", "fp8") else nullcontext())
 
-    def evaluate() -> tuple[float, float]:
-        net, me, ranks = par.eval_model()
-        total = torch.zeros(2, device=device, dtype=torch.float64)
-        if net is not None:
-            net.eval()
-            with torch.no_grad():
-                for batch in val_batches.eval_batches(micro_global // ranks, a.eval_batches, me, ranks):
-                    x, y, extra = batch_on_device(batch, device)
-                    with autocast:
-                        logits = net(x, **extra)
-                    total[0] += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").double()
-                    total[1] += (y != -100).sum()
-            net.train()
-        par.reduce_eval(total)
-        val = (total[0] / total[1]).item() if total[1] > 0 else float("nan")
-        return val, (bits_per_byte(val, len(val_shard), val_shard.n_bytes) if val_shard is not None else None)
+    def evaluate() -> tuple[float, float | None]:
+        return validation_loss(par, val_batches, val_shard, micro_global, a.eval_batches, autocast, device)
 
     pbar = None
     if main and a.progress:
@@ -244,9 +236,7 @@ def train(args: TrainArgs, finetune=None, follow: Callable[[], float] | None = N
         lr = lr_at(step, a, t0 - t_run, paced)
         for g in opt.param_groups:
             g["lr"] = lr
-        sums, loads = par.forward_backward(batches, step, loss_fn, autocast)  # ce, mtp, balance, total
-        par.sync_grads()
-        grad_norm = par.clip_grad_norm_(a.grad_clip)
+        sums, loads, grad_norm = par.train_step(batches, step, loss_fn, autocast, a.grad_clip)  # ce, mtp, balance, total
         ok = bool(torch.isfinite(sums).all()) and bool(torch.isfinite(grad_norm))
         if ok:
             opt.step()
@@ -264,12 +254,7 @@ def train(args: TrainArgs, finetune=None, follow: Callable[[], float] | None = N
         dt = time.time() - t0
         if step > start_step or a.max_steps - start_step == 1:
             speeds.append(tokens_per_step / dt)
-        maxvio_layers = {n: max_violation(v) for n, v in loads.items()}
-        rec = {"step": step + 1, "loss": sums[0].item(), "mtp_loss": sums[1].item(), "balance_loss": sums[2].item(),
-               "total_loss": sums[3].item(), "lr": lr, "grad_norm": float(grad_norm), "tokens_per_s": tokens_per_step / dt,
-               "maxvio": sum(maxvio_layers.values()) / max(1, len(maxvio_layers)), "maxvio_layers": maxvio_layers}
-        if not ok:
-            rec["skipped"] = True
+        rec = step_record(step + 1, sums, loads, lr, grad_norm, tokens_per_step, dt, ok)
         log.write(rec)
         last["loss"] = rec["loss"]
         out_of_time = False
@@ -282,7 +267,7 @@ def train(args: TrainArgs, finetune=None, follow: Callable[[], float] | None = N
             last["val_loss"], last["val_bpb"] = evaluate()
             log.write({"step": step + 1, "val_loss": last["val_loss"], "val_bpb": last["val_bpb"]})
         if a.save and ((a.save_every and (step + 1) % a.save_every == 0) or done):
-            state = {"skipped_steps": skipped_total, "args": _jsonable(dataclasses.asdict(a)), "pp": a.pp}
+            state = {"skipped_steps": skipped_total, "args": _jsonable(dataclasses.asdict(a)), **par.layout_state()}
             if finetune is not None:
                 state.update(finetune.state(model))
             with finetune.saving(model) if finetune is not None else nullcontext():
@@ -313,14 +298,10 @@ def train(args: TrainArgs, finetune=None, follow: Callable[[], float] | None = N
         finetune.export(model).save_pretrained(a.out)
         tokenizer.save(a.out)
     elif main and a.save:
-        final_ckpt = list_checkpoints(a.out)[-1][1]
-        for f in os.listdir(final_ckpt):  # the final model at the run's root: from_pretrained(OUT) works
-            if f != "trainer.pt" and os.path.isfile(os.path.join(final_ckpt, f)):  # not the sharded state
-                shutil.copy2(os.path.join(final_ckpt, f), os.path.join(a.out, f + ".tmp"))
-                os.replace(os.path.join(a.out, f + ".tmp"), os.path.join(a.out, f))
+        export_final_model(a.out)
     if main:
         summary["plots"] = plot_run(a.out)
-        atomic_write_text(final_json, json.dumps(summary) + "\n")
+        atomic_write_text(os.path.join(a.out, "final.json"), json.dumps(summary) + "\n")
         where = f"; model in {a.out} (DeepSeekV3.from_pretrained('{a.out}'))" if a.save else ""
         say(f"done: step {summary['step']}, loss {summary['loss']:.4f}, val_loss {summary['val_loss']:.4f}, "
              f"{summary['tokens_per_s']:.0f} tok/s{where}")

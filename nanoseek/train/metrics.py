@@ -10,6 +10,7 @@ import json
 import os
 import sys
 
+from ..balance import max_violation
 from ..io import atomic_write_text
 
 
@@ -45,6 +46,19 @@ class MetricsLog:
     def close(self):
         if self.enabled:
             self.f.close()
+
+
+def step_record(step: int, sums, loads: dict, lr: float, grad_norm, tokens: int, seconds: float, ok: bool) -> dict:
+    """metrics.jsonl's line for optimizer step `step` (1-based): the losses `sums` (ce, mtp,
+    balance, total), lr, gradient norm, throughput, and MaxVio (of each MoE layer's tokens per
+    expert in `loads`) per layer and averaged; `skipped` when not `ok`."""
+    maxvio_layers = {n: max_violation(v) for n, v in loads.items()}
+    rec = {"step": step, "loss": sums[0].item(), "mtp_loss": sums[1].item(), "balance_loss": sums[2].item(),
+           "total_loss": sums[3].item(), "lr": lr, "grad_norm": float(grad_norm), "tokens_per_s": tokens / seconds,
+           "maxvio": sum(maxvio_layers.values()) / max(1, len(maxvio_layers)), "maxvio_layers": maxvio_layers}
+    if not ok:
+        rec["skipped"] = True
+    return rec
 
 
 def plot_run(out: str) -> list[str]:
