@@ -153,3 +153,17 @@ def test_cpu_offload_accounting():
     n_kept, _ = gpus_needed(v2_lite, fsdp=True)
     n_off, mem = gpus_needed(v2_lite, fsdp=True, cpu_offload=True)
     assert n_off < n_kept and mem.host > 0
+
+
+def test_info_train_memory_cpu_offload(capsys):
+    from nanoseek.cli import main
+    assert main(["info", "--train-memory", "deepseek-v2-lite", "--fsdp", "8", "--cpu-offload", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    per_gpu = r["per_gpu"]
+    assert per_gpu["weights"] == per_gpu["grads"] == per_gpu["optimizer"] == 0
+    assert 8 * per_gpu["host"] == pytest.approx(16 * 15.706e9, rel=1e-3)  # fp32 weights, grads, AdamW moments
+    assert per_gpu["total"] == per_gpu["activations"] + per_gpu["gathered"]  # host bytes are not GPU bytes
+    assert r["layout"]["cpu_offload"] is True
+    assert r["gpus_needed"]["fsdp + cpu offload"]["gpus"] <= r["gpus_needed"]["fsdp"]["gpus"]
+    with pytest.raises(SystemExit, match="--cpu-offload"):
+        main(["info", "--train-memory", "deepseek-v2-lite", "--cpu-offload"])

@@ -40,6 +40,8 @@ class InfoOptions:
     seq_len: int = field(default=4096, metadata={"help": "with --train-memory: tokens per sequence"})
     ac_policy: Literal["none", "full", "selective"] = field(default="none", metadata={
         "help": "with --train-memory: activation checkpointing policy"})
+    cpu_offload: bool = field(default=False, metadata={
+        "help": "with --train-memory and --fsdp: sharded weights, gradients and AdamW states in host memory"})
 
 
 @dataclass
@@ -121,12 +123,15 @@ def train_memory_report(cfg, args) -> dict:
     fsdp = bool(args.fsdp and args.fsdp > 1)
     dp = args.fsdp if fsdp else max(args.ep, args.dp or 1)
     kw = dict(micro_batch=args.micro_batch, seq_len=args.seq_len, policy=args.ac_policy)
-    mem = train_memory(cfg, dp=dp, fsdp=fsdp, ep=args.ep, pp=args.pp, **kw)
+    if args.cpu_offload and not fsdp:
+        raise SystemExit("nanoseek info: --cpu-offload moves FSDP's shards to the host; give --fsdp N (N > 1)")
+    mem = train_memory(cfg, dp=dp, fsdp=fsdp, ep=args.ep, pp=args.pp, cpu_offload=args.cpu_offload, **kw)
     layouts = {}
-    for name, lay_fsdp, lay_ep, lay_pp in LAYOUTS:
-        n, best = gpus_needed(cfg, fsdp=lay_fsdp, ep=lay_ep, pp=lay_pp, **kw)
+    for name, lay_fsdp, lay_ep, lay_pp, lay_offload in LAYOUTS:
+        n, best = gpus_needed(cfg, fsdp=lay_fsdp, ep=lay_ep, pp=lay_pp, cpu_offload=lay_offload, **kw)
         layouts[name] = {"gpus": n, "bytes_per_gpu": best.total if best else None}
-    return {"layout": {"dp": dp, "fsdp": fsdp, "ep": args.ep, "pp": args.pp, **kw}, "per_gpu": mem.as_dict(),
+    return {"layout": {"dp": dp, "fsdp": fsdp, "ep": args.ep, "pp": args.pp, "cpu_offload": args.cpu_offload, **kw},
+            "per_gpu": mem.as_dict(),
             "gpu_bytes": GPU_BYTES, "usable": USABLE, "gpus_needed": layouts}
 
 
@@ -140,6 +145,8 @@ def _print_train_memory(target: str, r: dict) -> None:
           f"{lay['policy']}")
     for k in ("weights", "grads", "optimizer", "activations", "gathered", "total"):
         print(f"  {k:12s} {gb(r['per_gpu'][k])}")
+    if r["per_gpu"].get("host"):
+        print(f"  {'host':12s} {gb(r['per_gpu']['host'])} (offloaded weights, gradients, AdamW states)")
     print(f"  GPUs of {r['gpu_bytes'] / 1e9:.0f} GB needed ({100 * r['usable']:.0f}% of each for these tensors):")
     for name, v in r["gpus_needed"].items():
         print(f"    {name:26s} " + (f"{v['gpus']} ({gb(v['bytes_per_gpu'])} each)" if v["gpus"] else "does not fit"))
