@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from ..model import Experts, compute_dtype
 from .ggml import QTYPES, dequantize, quantize
-from .int4pack import INT4_GROUP, applies, int4_mm, pack_int4
+from .int4pack import INT4_GROUP, PACK_TILE_ROWS, applies, int4_mm, pack_int4
 from .int4pack import int4pack_available  # noqa: F401 (re-exported: callers probe it here)
 from .mixes import MIXES, role_of, tensor_qtype
 
@@ -157,14 +157,26 @@ class QuantExperts(Experts):
 
     def enable_fast(self) -> set[str]:
         """The int4 GEMM for every projection it applies to (q4_0 / q4_k, output rows a multiple
-        of 16, CPU); returns those projections."""
+        of 16, CPU); returns those projections. When gate_proj and up_proj both take it in whole
+        packing tiles, their codes are one stack `gate_up_int4` [E, 2 inter, in/2] (the two are its
+        halves, views) so that one token's SwiGLU input is one GEMM (QuantExperts.forward)."""
+        packs = {}
         for proj in self.PROJS:
             raw = getattr(self, proj + "_q")
             if proj not in self.fast_projs and applies(raw, self.qtypes[proj]):
-                packed, scales_zeros = pack_int4(raw, self.qtypes[proj])  # the whole stack at once
-                self.register_buffer(proj + "_int4", packed, persistent=False)
-                self.register_buffer(proj + "_int4_sz", scales_zeros, persistent=False)
-                self.fast_projs.add(proj)
+                packs[proj] = pack_int4(raw, self.qtypes[proj])  # the whole stack at once
+        if "gate_proj" in packs and "up_proj" in packs and packs["gate_proj"][0].shape[1] % PACK_TILE_ROWS == 0:
+            (gate, gate_sz), (up, up_sz) = packs["gate_proj"], packs["up_proj"]
+            inter = gate.shape[1]
+            fused = torch.cat([gate, up], dim=1)  # [E, 2 inter, in/2]: the packing is per tile of rows
+            del gate, up
+            packs["gate_proj"], packs["up_proj"] = (fused[:, :inter], gate_sz), (fused[:, inter:], up_sz)
+            self.register_buffer("gate_up_int4", fused, persistent=False)
+            self.register_buffer("gate_up_int4_sz", torch.cat([gate_sz, up_sz], dim=2), persistent=False)
+        for proj, (packed, scales_zeros) in packs.items():
+            self.register_buffer(proj + "_int4", packed, persistent=False)
+            self.register_buffer(proj + "_int4_sz", scales_zeros, persistent=False)
+            self.fast_projs.add(proj)
         return self.fast_projs
 
     def hold_dequantized(self) -> set[str]:
@@ -203,9 +215,14 @@ class QuantExperts(Experts):
         dtype = compute_dtype(x)
         xs = x.to(dtype)  # [1, h]
         w1, w3, w2 = self.gate_proj, self.up_proj, self.down_proj
+        fused = getattr(self, "gate_up_int4", None) if x.device.type == "cpu" else None
         ys = []
         for e in indices[0].tolist():  # the k chosen experts, in slot order
-            hidden = F.silu(self.segment_gemm(xs, w1, e)) * self.segment_gemm(xs, w3, e)  # [1, inter]
+            if fused is not None:  # gate and up in one int4 GEMM: the same columns as two
+                gate, up = int4_mm(xs, fused[e], self.gate_up_int4_sz[e]).chunk(2, dim=-1)  # [1, inter] each
+                hidden = F.silu(gate) * up
+            else:
+                hidden = F.silu(self.segment_gemm(xs, w1, e)) * self.segment_gemm(xs, w3, e)  # [1, inter]
             ys.append(self.segment_gemm(hidden, w2, e))  # [1, h]
         ys = torch.cat(ys).float() * weights.reshape(-1, 1).float()  # [k, h], (token, slot) order
         return ys.view(1, k, -1).sum(dim=1).to(x.dtype)
