@@ -6,10 +6,11 @@ DeepSeek-V2-Lite-shaped q4_k_m file (15.7B parameters) never exists in float.
 
 - nanoseek: the file imported quantized (`read_gguf(quantized=True)`: QuantLinear / QuantExperts
   over the memory map) and run by the continuous-batching Engine, greedy; the 4 requests share its
-  decode batch. `--paths exact,int4pack,decode`: the exact dequantization path, the int4 CPU GEMM
-  for the q4_0 / q4_k weights only (quant/int4pack.py), and the CPU decode form that load_model
-  gives a GGUF on the CPU (quant/cpu_decode.prepare_cpu_decode: int4 GEMM, the other types held
-  dequantized, the file's pages handed back); packing and holding count in the load time.
+  decode batch. `--paths exact,int4pack,held,decode`: the exact dequantization path; the int4 CPU
+  GEMM for the q4_0 / q4_k weights only (quant/int4pack.py); every matrix held dequantized (the
+  exact path's numbers, what load_model gives a GGUF on the CPU); and quant/cpu_decode's
+  prepare_cpu_decode (the int4 GEMM, the other types held, the file's pages handed back). Packing
+  and holding count in the load time.
 - llama.cpp (llama-cpp-python, the `llama` extra): its best CPU settings (threads = cores for
   decode and batch, n_batch = n_ubatch = 512, flash attention, memory-mapped weights), through its
   batch API: one context with 4 sequences (n_seq_max), so the 4 requests decode in one llama_decode
@@ -79,8 +80,8 @@ def run_nanoseek(path: str, tokens: int, threads: int, qpath: str) -> dict:
         for m in model.modules():
             if isinstance(m, (QuantLinear, QuantExperts)):
                 m.enable_fast()
-    elif qpath == "decode":
-        prepare_cpu_decode(model)
+    elif qpath in ("held", "decode"):
+        prepare_cpu_decode(model, int4=qpath == "decode")
     load_s = time.perf_counter() - t0
     rss_load, _ = rss_gib()
     vocab = model.config.vocab_size
@@ -204,7 +205,7 @@ def main():
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--tokens", type=int, default=32, help="new tokens per decode run")
     p.add_argument("--engines", default="nanoseek,llama.cpp")
-    p.add_argument("--paths", default="exact,decode", help="nanoseek's quantized matmul paths: exact, int4pack, decode")
+    p.add_argument("--paths", default="exact,decode", help="nanoseek's quantized matmul paths: exact, int4pack, held, decode")
     p.add_argument("--dir", default="/tmp", help="where the random GGUF files are written")
     p.add_argument("--keep", action="store_true", help="keep the files (default: delete the ones written here)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
