@@ -6,8 +6,11 @@ DeepSeek-V2-Lite-shaped q4_k_m file (15.7B parameters) never exists in float.
 
 - nanoseek: the file imported quantized (`read_gguf(quantized=True)`: QuantLinear / QuantExperts
   over the memory map) and run by the continuous-batching Engine, greedy; the 4 requests share its
-  decode batch. `--paths exact,int4pack` also times the int4 CPU GEMM for the q4_0 / q4_k weights
-  (quant/qlinear.py; its packed copy adds to the resident memory).
+  decode batch. `--paths exact,int4pack,held,decode`: the exact dequantization path; the int4 CPU
+  GEMM for the q4_0 / q4_k weights only (quant/int4pack.py); every matrix held dequantized (the
+  exact path's numbers, what load_model gives a GGUF on the CPU); and quant/cpu_decode's
+  prepare_cpu_decode (the int4 GEMM, the other types held, the file's pages handed back). Packing
+  and holding count in the load time.
 - llama.cpp (llama-cpp-python, the `llama` extra): its best CPU settings (threads = cores for
   decode and batch, n_batch = n_ubatch = 512, flash attention, memory-mapped weights), through its
   batch API: one context with 4 sequences (n_seq_max), so the 4 requests decode in one llama_decode
@@ -18,7 +21,7 @@ Each engine runs in its own process (so its peak RSS is its own). Decode tokens/
 the first token of a 512-token prompt.
 
     python -m benchmarks.bench_gguf_cpu [--model nano|small|v2-lite] [--mix q4_k_m,q8_0]
-        [--threads 2] [--tokens 32] [--engines nanoseek,llama.cpp] [--paths exact] [--dir /tmp] [--keep]
+        [--threads 2] [--tokens 32] [--engines nanoseek,llama.cpp] [--paths exact,decode] [--dir /tmp] [--keep]
 
 Prints a table and a final JSON line.
 """
@@ -64,18 +67,21 @@ def prompts(vocab: int, n: int, length: int, seed: int = 0) -> list[list[int]]:
 
 
 # ------------------------------------------------------------------ nanoseek
-def run_nanoseek(path: str, tokens: int, threads: int, fast: bool) -> dict:
+def run_nanoseek(path: str, tokens: int, threads: int, qpath: str) -> dict:
     from nanoseek.gguf_file import read_gguf
     from nanoseek.infer.engine import Engine, SamplingParams
+    from nanoseek.quant.cpu_decode import prepare_cpu_decode
     from nanoseek.quant.qlinear import QuantExperts, QuantLinear
 
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
     model, tok = read_gguf(path, quantized=True)
-    if fast:
+    if qpath == "int4pack":
         for m in model.modules():
             if isinstance(m, (QuantLinear, QuantExperts)):
                 m.enable_fast()
+    elif qpath in ("held", "decode"):
+        prepare_cpu_decode(model, int4=qpath == "decode")
     load_s = time.perf_counter() - t0
     rss_load, _ = rss_gib()
     vocab = model.config.vocab_size
@@ -177,7 +183,7 @@ def worker(a) -> None:
     if a.worker == "llama.cpp":
         out = run_llama(a.file, a.tokens, a.threads)
     else:
-        out = run_nanoseek(a.file, a.tokens, a.threads, fast=a.worker == "nanoseek-int4pack")
+        out = run_nanoseek(a.file, a.tokens, a.threads, a.worker.removeprefix("nanoseek").lstrip("-") or "exact")
     print(json.dumps(out), flush=True)
 
 
@@ -199,7 +205,7 @@ def main():
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--tokens", type=int, default=32, help="new tokens per decode run")
     p.add_argument("--engines", default="nanoseek,llama.cpp")
-    p.add_argument("--paths", default="exact", help="nanoseek's quantized matmul paths: exact, int4pack")
+    p.add_argument("--paths", default="exact,decode", help="nanoseek's quantized matmul paths: exact, int4pack, held, decode")
     p.add_argument("--dir", default="/tmp", help="where the random GGUF files are written")
     p.add_argument("--keep", action="store_true", help="keep the files (default: delete the ones written here)")
     p.add_argument("--worker", help=argparse.SUPPRESS)

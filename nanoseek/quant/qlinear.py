@@ -8,21 +8,17 @@ for experts). Each forward dequantizes only the weight it multiplies by, into th
 compute dtype, and runs the GEMM there: the model is never held in float, one layer's weight
 (one expert's, for routed experts) at a time is. This exact path is the default and the reference.
 
-A CPU fast path, `QuantLinear(..., fast=True)`, is offered for q4_0 and q4_k: both are 4-bit
-codes with one scale and offset per 32 weights (q4_0: w = d (q - 8); q4_k: w = d sc q - dmin m
-= d sc (q - 8) + (8 d sc - dmin m)), which is the layout of PyTorch's int4 CPU GEMM
-(torch._weight_int4pack_mm_for_cpu, group size 32). That op is fast with bf16 activations and
-bf16 scales and zeros (its float32 variant runs one output row at a time and loses to the exact
-path beyond one token), so the fast path rounds the group scales and zeros to bf16 and runs the
-GEMM on bf16 activations: not exact, within a pinned bound of the exact path
-(tests/test_quant_qlinear.py; benchmarks/bench_quant.py measures both). The packed copy is an
-extra non-persistent buffer. Q8_0's per-32 scales do not fit torch._weight_int8pack_mm (one
-scale per output channel), so q8_0 has the exact path only.
+A CPU fast path, `QuantLinear(..., fast=True)` (or `enable_fast()`), runs q4_0 and q4_k on
+PyTorch's int4 CPU GEMM (quant/int4pack.py: bf16 group scales and activations, not exact, within
+a pinned bound of the exact path, tests/test_quant_qlinear.py; benchmarks/bench_quant.py measures
+both); its packed copy is an extra non-persistent buffer. `hold_dequantized()` keeps the matrix
+dequantized instead (the exact path's own matrix, so its outputs bit for bit). QuantExperts runs
+one token (batch-1 decode) on its k experts without the dispatch, bit for bit the same.
+quant/cpu_decode.py picks among these for a whole model.
 """
 
 from __future__ import annotations
 
-from functools import lru_cache
 from typing import NamedTuple
 
 import torch
@@ -31,58 +27,9 @@ import torch.nn.functional as F
 
 from ..model import Experts, compute_dtype
 from .ggml import QTYPES, dequantize, quantize
+from .int4pack import INT4_GROUP, PACK_TILE_ROWS, applies, int4_mm, pack_int4
+from .int4pack import int4pack_available  # noqa: F401 (re-exported: callers probe it here)
 from .mixes import MIXES, role_of, tensor_qtype
-
-INT4_GROUP = 32
-FAST_QTYPES = ("q4_0", "q4_k")
-
-
-# --------------------------------------------------------------------------------------- int4 fast path
-@lru_cache(maxsize=None)
-def int4pack_available() -> bool:
-    """Whether this PyTorch has the int4 CPU GEMM with bf16 activations and scales."""
-    if not hasattr(torch, "_weight_int4pack_mm_for_cpu"):
-        return False
-    try:
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(torch.zeros(16, 64, dtype=torch.int32), 2)
-        torch._weight_int4pack_mm_for_cpu(torch.zeros(1, 64, dtype=torch.bfloat16), packed, INT4_GROUP,
-                                          torch.zeros(2, 16, 2, dtype=torch.bfloat16))
-        return True
-    except (RuntimeError, TypeError, AttributeError, NotImplementedError):
-        return False
-
-
-def int4_codes(raw: torch.Tensor, qtype: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """q4_0 / q4_k bytes [N, nbytes] -> codes [N, K] int32 in 0..15, scales and zeros [N, K/32]
-    float32 with w = (q - 8) * scale + zero."""
-    N = raw.shape[0]
-    if qtype == "q4_0":
-        blocks = raw.reshape(N, -1, 18)  # [N, K/32, 18]
-        d = blocks[..., :2].contiguous().view(torch.float16).float()[..., 0]  # [N, K/32]
-        q = torch.cat([blocks[..., 2:] & 0xF, blocks[..., 2:] >> 4], dim=-1)  # [N, K/32, 32]
-        return q.reshape(N, -1).to(torch.int32), d, torch.zeros_like(d)
-    if qtype == "q4_k":
-        blocks = raw.reshape(N, -1, 144)  # [N, K/256, 144]
-        d = blocks[..., 0:2].contiguous().view(torch.float16).float()  # [N, S, 1]
-        dmin = blocks[..., 2:4].contiguous().view(torch.float16).float()
-        s = blocks[..., 4:16].to(torch.int32)
-        lo, mid, md = s[..., 0:4], s[..., 4:8], s[..., 8:12]
-        sc = torch.cat([lo & 0x3F, (md & 0xF) | ((lo >> 2) & 0x30)], dim=-1).float()  # [N, S, 8]
-        mn = torch.cat([mid & 0x3F, (md >> 4) | ((mid >> 2) & 0x30)], dim=-1).float()
-        qs = blocks[..., 16:].reshape(N, -1, 4, 32)
-        q = torch.stack([qs & 0xF, qs >> 4], dim=3).reshape(N, -1)  # sub-blocks in order [N, K]
-        scale = (d * sc).reshape(N, -1)  # [N, K/32]
-        return q.to(torch.int32), scale, 8 * scale - (dmin * mn).reshape(N, -1)
-    raise ValueError(f"no int4 fast path for {qtype!r} (only {', '.join(FAST_QTYPES)})")
-
-
-def pack_int4(raw: torch.Tensor, qtype: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The operands of torch._weight_int4pack_mm_for_cpu: packed codes and scales_and_zeros
-    [K/32, N, 2] rounded to bf16."""
-    q, scale, zero = int4_codes(raw, qtype)
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), 2)
-    return packed, torch.stack([scale.t(), zero.t()], dim=-1).to(torch.bfloat16).contiguous()
-
 
 # --------------------------------------------------------------------------------------- modules
 class QuantLinear(nn.Module):
@@ -102,6 +49,7 @@ class QuantLinear(nn.Module):
         self.qtype, self.in_features, self.out_features = qtype, in_features, qweight.shape[0]
         self.dtype = dtype
         self.fast = False
+        self.register_buffer("dequantized", None, persistent=False)  # hold_dequantized's copy
         if fast:
             self.enable_fast()
 
@@ -113,8 +61,7 @@ class QuantLinear(nn.Module):
     def enable_fast(self) -> bool:
         """Switch to the int4 CPU GEMM where it applies (q4_0 / q4_k, a CPU weight, a PyTorch that
         has it); returns whether it did."""
-        if (self.qtype not in FAST_QTYPES or self.qweight.device.type != "cpu" or self.out_features % 16
-                or not int4pack_available()):  # the int4 packing wants rows in multiples of 16
+        if not applies(self.qweight, self.qtype):
             return False
         packed, scales_zeros = pack_int4(self.qweight, self.qtype)
         self.register_buffer("int4_packed", packed, persistent=False)
@@ -122,8 +69,15 @@ class QuantLinear(nn.Module):
         self.fast = True
         return True
 
+    def hold_dequantized(self) -> None:
+        """Keep the weight dequantized in `dtype` (a non-persistent buffer) instead of rebuilding
+        it each forward: the same matrix, so the same outputs bit for bit, at 2 or 4 bytes a weight."""
+        self.dequantized = dequantize(self.qweight, self.qtype, self.dtype)
+
     @property
     def weight(self) -> torch.Tensor:
+        if self.dequantized is not None:
+            return self.dequantized
         return dequantize(self.qweight, self.qtype, self.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -134,11 +88,13 @@ class QuantLinear(nn.Module):
             y = y.to(dtype).view(*x.shape[:-1], self.out_features)
             return y + self.bias.to(dtype) if self.bias is not None else y
         bias = self.bias.to(dtype) if self.bias is not None else None
-        return F.linear(x, dequantize(self.qweight, self.qtype, dtype), bias)
+        held = self.dequantized
+        weight = held if held is not None and held.dtype == dtype else dequantize(self.qweight, self.qtype, dtype)
+        return F.linear(x, weight, bias)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, qtype={self.qtype}"
-                + (", fast=int4pack" if self.fast else ""))
+                + (", fast=int4pack" if self.fast else "") + (", held dequantized" if self.dequantized is not None else ""))
 
 
 class QuantEmbedding(nn.Module):
@@ -190,6 +146,7 @@ class QuantExperts(Experts):
         self.fast_projs: set[str] = set()
         for proj in self.PROJS:
             self.register_buffer(proj + "_q", stacks[proj])
+            self.register_buffer(proj + "_dq", None, persistent=False)  # hold_dequantized's copy
         if fast:
             self.enable_fast()
 
@@ -200,16 +157,42 @@ class QuantExperts(Experts):
 
     def enable_fast(self) -> set[str]:
         """The int4 GEMM for every projection it applies to (q4_0 / q4_k, output rows a multiple
-        of 16, CPU); returns those projections."""
+        of 16, CPU); returns those projections. When gate_proj and up_proj both take it in whole
+        packing tiles, their codes are one stack `gate_up_int4` [E, 2 inter, in/2] (the two are its
+        halves, views) so that one token's SwiGLU input is one GEMM (QuantExperts.forward)."""
+        packs = {}
         for proj in self.PROJS:
             raw = getattr(self, proj + "_q")
-            if (self.qtypes[proj] in FAST_QTYPES and raw.device.type == "cpu" and raw.shape[1] % 16 == 0
-                    and int4pack_available()):
-                packs = [pack_int4(raw[e], self.qtypes[proj]) for e in range(raw.shape[0])]
-                self.register_buffer(proj + "_int4", torch.stack([p for p, _ in packs]), persistent=False)
-                self.register_buffer(proj + "_int4_sz", torch.stack([z for _, z in packs]), persistent=False)
-                self.fast_projs.add(proj)
+            if proj not in self.fast_projs and applies(raw, self.qtypes[proj]):
+                packs[proj] = pack_int4(raw, self.qtypes[proj])  # the whole stack at once
+        if "gate_proj" in packs and "up_proj" in packs and packs["gate_proj"][0].shape[1] % PACK_TILE_ROWS == 0:
+            (gate, gate_sz), (up, up_sz) = packs["gate_proj"], packs["up_proj"]
+            inter = gate.shape[1]
+            fused = torch.cat([gate, up], dim=1)  # [E, 2 inter, in/2]: the packing is per tile of rows
+            del gate, up
+            packs["gate_proj"], packs["up_proj"] = (fused[:, :inter], gate_sz), (fused[:, inter:], up_sz)
+            self.register_buffer("gate_up_int4", fused, persistent=False)
+            self.register_buffer("gate_up_int4_sz", torch.cat([gate_sz, up_sz], dim=2), persistent=False)
+        for proj, (packed, scales_zeros) in packs.items():
+            self.register_buffer(proj + "_int4", packed, persistent=False)
+            self.register_buffer(proj + "_int4_sz", scales_zeros, persistent=False)
+            self.fast_projs.add(proj)
         return self.fast_projs
+
+    def hold_dequantized(self) -> set[str]:
+        """Keep the projections not on the int4 GEMM dequantized in `dtype` ([E, out, in], a
+        non-persistent `<proj>_dq`): the same matrices as each forward rebuilds, so the same outputs
+        bit for bit. Returns those projections."""
+        held = set()
+        for proj in self.PROJS:
+            if proj not in self.fast_projs:
+                setattr(self, proj + "_dq", dequantize(getattr(self, proj + "_q"), self.qtypes[proj], self.dtype))
+                held.add(proj)
+        return held
+
+    def _held(self, proj: str, dtype: torch.dtype) -> torch.Tensor | None:
+        held = getattr(self, proj + "_dq")
+        return held if held is not None and held.dtype == dtype else None
 
     @property
     def gate_proj(self) -> QuantStack:
@@ -223,18 +206,43 @@ class QuantExperts(Experts):
     def down_proj(self) -> QuantStack:
         return QuantStack(self.down_proj_q, self.qtypes["down_proj"], "down_proj")
 
+    def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """x [N, h], indices/weights [N, k] -> [N, h]. One token (batch-1 decode) skips the dispatch:
+        its k experts run in slot order and are combined as `combine` does, bit for bit the same."""
+        if x.shape[0] != 1:
+            return super().forward(x, indices, weights)
+        k = indices.shape[1]
+        dtype = compute_dtype(x)
+        xs = x.to(dtype)  # [1, h]
+        w1, w3, w2 = self.gate_proj, self.up_proj, self.down_proj
+        fused = getattr(self, "gate_up_int4", None) if x.device.type == "cpu" else None
+        ys = []
+        for e in indices[0].tolist():  # the k chosen experts, in slot order
+            if fused is not None:  # gate and up in one int4 GEMM: the same columns as two
+                gate, up = int4_mm(xs, fused[e], self.gate_up_int4_sz[e]).chunk(2, dim=-1)  # [1, inter] each
+                hidden = F.silu(gate) * up
+            else:
+                hidden = F.silu(self.segment_gemm(xs, w1, e)) * self.segment_gemm(xs, w3, e)  # [1, inter]
+            ys.append(self.segment_gemm(hidden, w2, e))  # [1, h]
+        ys = torch.cat(ys).float() * weights.reshape(-1, 1).float()  # [k, h], (token, slot) order
+        return ys.view(1, k, -1).sum(dim=1).to(x.dtype)
+
     def grouped_gemm(self, x: torch.Tensor, weight: QuantStack, offs: torch.Tensor) -> torch.Tensor:
-        return super().grouped_gemm(x, dequantize(weight.raw, weight.qtype, x.dtype), offs)  # [E, out, in]
+        held = self._held(weight.proj, x.dtype)
+        stack = held if held is not None else dequantize(weight.raw, weight.qtype, x.dtype)  # [E, out, in]
+        return super().grouped_gemm(x, stack, offs)
 
     def segment_gemm(self, x: torch.Tensor, weight: QuantStack, e: int) -> torch.Tensor:
         if weight.proj in self.fast_projs and x.device.type == "cpu":
-            packed, sz = getattr(self, weight.proj + "_int4")[e], getattr(self, weight.proj + "_int4_sz")[e]
-            return torch._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), packed, INT4_GROUP, sz).to(x.dtype)
-        return x @ dequantize(weight.raw[e], weight.qtype, x.dtype).t()  # [n_e, in] @ [in, out]
+            return int4_mm(x, getattr(self, weight.proj + "_int4")[e], getattr(self, weight.proj + "_int4_sz")[e])
+        held = self._held(weight.proj, x.dtype)
+        w = held[e] if held is not None else dequantize(weight.raw[e], weight.qtype, x.dtype)  # [out, in]
+        return x @ w.t()  # [n_e, in] @ [in, out]
 
     def extra_repr(self) -> str:
         return f"n_experts={self.n_experts}, " + ", ".join(
-            f"{p}={q}" + ("+int4pack" if p in self.fast_projs else "") for p, q in self.qtypes.items())
+            f"{p}={q}" + ("+int4pack" if p in self.fast_projs else "+held" if getattr(self, p + "_dq") is not None
+                          else "") for p, q in self.qtypes.items())
 
 
 # --------------------------------------------------------------------------------------- the swap
