@@ -8,9 +8,9 @@ returns the model its `model_type` (or, without one, its `architectures`) names:
 Either way `model(input_ids)` gives logits [B, T, V]. A GGUF file (`deepseek2`, `llama`, `qwen2`,
 `qwen3`), or a folder that holds one with its config.json and tokenizer beside it, as the store
 keeps one, loads quantized on the CPU (nanoseek.gguf_dense.read_any_gguf): the weights stay the
-file's blocks, held dequantized where they fit in memory (nanoseek.quant.cpu_decode: the exact
-path's own matrices, so its logits bit for bit; the int4 GEMM is `prepare_cpu_decode(model)`'s opt-in). Anything else is refused with an error that
-names the field and its value, before any weight is read. `load_config(path)` reads the matching
+file's blocks, so resident memory stays about the file's size (nanoseek.quant.cpu_decode's
+`prepare_cpu_decode` trades memory for speed: held dequantized copies, the int4 GEMM). Anything
+else is refused with an error that names the field and its value, before any weight is read. `load_config(path)` reads the matching
 config (ModelConfig or DenseConfig) without the weights, for the store and `nanoseek show/info`.
 """
 
@@ -25,7 +25,6 @@ from .dense_config import DenseConfig
 from .gguf_dense import read_any_gguf
 from .gguf_file import GGUFError
 from .model import DeepSeekV3
-from .quant.cpu_decode import prepare_cpu_decode
 
 MODEL_CLASSES = {"deepseek_v3": DeepSeekV3, "deepseek_v2": DeepSeekV3,
                  "llama": DenseModel, "qwen2": DenseModel, "qwen3": DenseModel}
@@ -92,10 +91,7 @@ def load_model(path: str, dtype=None, device=None):
     if is_gguf_file or holds_gguf(path):  # quantized on the CPU; dequantized into `dtype` on another device
         on_cpu = device is None or str(device) == "cpu"
         try:
-            model = read_any_gguf(path, dtype=dtype, device=None if on_cpu else device, quantized=on_cpu)[0]
-            if on_cpu:  # exact: the held copies are the exact path's matrices (int4 is opt-in)
-                prepare_cpu_decode(model, int4=False)
-            return model
+            return read_any_gguf(path, dtype=dtype, device=None if on_cpu else device, quantized=on_cpu)[0]
         except GGUFError as e:
             if not is_gguf_file:
                 raise
