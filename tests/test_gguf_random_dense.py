@@ -10,6 +10,7 @@ from nanoseek.gguf_dense import read_dense_config, read_dense_gguf
 from nanoseek.gguf_file import GGUFModelFile, decode_tensor
 from nanoseek.gguf_random_dense import DENSE_SHAPES, dense_shape, dense_shape_plan, write_random_dense_gguf
 from nanoseek.gguf_tokenizer import pre_tokenizer_name
+from nanoseek.quant.qlinear import QuantLinear
 from test_gguf_dense import LLAMA_CPP_TOL, llama_logits, rel_err
 
 FAMILIES = {"qwen2.5-1.5b": "qwen2", "qwen3-8b": "qwen2", "llama3.1-8b": "llama-bpe"}  # shape -> tokenizer.ggml.pre
@@ -95,3 +96,14 @@ def test_llama_cpp_runs_a_random_dense_file_with_our_tokens(shape, mix, tmp_path
         assert seq == greedy
     else:
         assert seq[:len(prompt) + agree] == greedy[:len(prompt) + agree]
+
+
+def test_a_quantized_head_is_not_dequantized_to_make_the_cache(tmp_path, monkeypatch):
+    """The GQA cache takes the head's dtype and device from the QuantLinear itself: reading its
+    `weight` would dequantize the whole [V, h] head once per layer (minutes on an 8B model)."""
+    (path,) = write_random_dense_gguf(str(tmp_path / "q.gguf"), tiny("qwen3-8b"), "q4_k_m")
+    model, _ = read_dense_gguf(path, quantized=True)
+    assert isinstance(model.lm_head, QuantLinear)
+    monkeypatch.setattr(QuantLinear, "weight", property(lambda self: pytest.fail("the head was dequantized")))
+    cache = model.make_cache(1, 8)
+    assert len(cache) == 2 and all(c.k.dtype == torch.bfloat16 for c in cache.values())
