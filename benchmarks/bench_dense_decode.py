@@ -154,7 +154,7 @@ def cpu_rows(a, engines: list[str]) -> tuple[list, list]:
                     log(json.dumps(r))
                     results.append(r)
                     rows.append([shape, mix, engine, fmt(size, ".2f")] + (
-                        [r["error"][:60]] if "error" in r else
+                        [r["error"][:60]] + ["-"] * 5 if "error" in r else
                         [fmt(r["decode_tok_s"], ".2f"), fmt(r["pp_tok_s"], ".1f"), fmt(r["first_token_s"], ".2f"),
                          fmt(r["rss_after_load_gib"], ".2f"), fmt(r["peak_rss_gib"], ".2f"), fmt(r["load_s"], ".1f")]))
             finally:
@@ -231,7 +231,7 @@ def gpu_rows(a) -> tuple[list, list]:
                 r = {"shape": shape, "engine": engine, "error": f"{type(e).__name__}: {e}"}
             log(json.dumps(r))
             results.append(r)
-            rows.append([shape, engine] + ([r["error"][:60]] if "error" in r else
+            rows.append([shape, engine] + ([r["error"][:60], "-"] if "error" in r else
                                            [fmt(r["decode_tok_s"], ".1f"), fmt(r["first_token_s"], ".3f")]))
         del hf, model
         if not a.keep:
