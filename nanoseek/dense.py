@@ -260,10 +260,19 @@ class DenseModel(nn.Module):
                     nn.init.zeros_(module.bias)
 
     # ------------------------------------------------------------------ forward
+    def head_dtype_device(self) -> tuple[torch.dtype, torch.device]:
+        """The head weight's dtype and device, read without materializing it: a quantized head
+        (QuantLinear) keeps them as its `dtype` and its blocks' device, where reading `.weight`
+        would dequantize the whole [V, h] matrix."""
+        head = self.lm_head
+        if isinstance(head, nn.Linear):
+            return head.weight.dtype, head.weight.device
+        return head.dtype, head.qweight.device
+
     def make_layer_cache(self, batch: int, max_len: int, dtype=None, device=None) -> GQACache:
         """One layer's cache: keys and values of the K/V heads."""
-        return GQACache(batch, max_len, self.config, dtype or self.lm_head.weight.dtype,
-                        device or self.lm_head.weight.device)
+        head_dtype, head_device = self.head_dtype_device()
+        return GQACache(batch, max_len, self.config, dtype or head_dtype, device or head_device)
 
     def make_cache(self, batch: int, max_len: int, dtype=None, device=None) -> dict[str, GQACache]:
         return {i: self.make_layer_cache(batch, max_len, dtype, device) for i in self.model.layers}
