@@ -395,6 +395,15 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
 
 
+def linear_dtype_device(linear: nn.Module) -> tuple[torch.dtype, torch.device]:
+    """A linear layer's weight dtype and device, read without materializing the weight: a quantized
+    layer (quant/qlinear.QuantLinear) keeps them as its `dtype` and its blocks' device, where
+    reading `.weight` would dequantize the whole matrix."""
+    if isinstance(linear, nn.Linear):
+        return linear.weight.dtype, linear.weight.device
+    return linear.dtype, linear.qweight.device
+
+
 def sort_by_expert(indices: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
     """indices [N, k] -> order [N*k] (the token-expert pair slots sorted by expert, stable) and the
     pairs per expert [E]: after x[order // k], expert e's tokens form one contiguous segment."""
@@ -618,8 +627,12 @@ class DeepSeekV3(nn.Module):
     def make_layer_cache(self, batch: int, max_len: int, dtype=None, device=None) -> SequenceCache:
         """One layer's cache, of the attention's kind: the MLA latent (`MLA.cache_class`)."""
         kind = ATTENTION[self.config.attention].cache_class
-        return kind(batch, max_len, self.config, dtype or self.lm_head.weight.dtype,
-                    device or self.lm_head.weight.device)
+        head_dtype, head_device = self.head_dtype_device()
+        return kind(batch, max_len, self.config, dtype or head_dtype, device or head_device)
+
+    def head_dtype_device(self) -> tuple[torch.dtype, torch.device]:
+        """The head weight's dtype and device (quantized heads are not dequantized to read them)."""
+        return linear_dtype_device(self.lm_head)
 
     def make_cache(self, batch: int, max_len: int, dtype=None, device=None) -> dict[str, SequenceCache]:
         return {i: self.make_layer_cache(batch, max_len, dtype, device) for i in self.model.layers}

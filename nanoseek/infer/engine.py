@@ -86,7 +86,8 @@ class Engine:
         self.tokenizer = tokenizer
         self.max_context = int(max_context)
         self.max_batch = int(max_batch)
-        self.device = torch.device(device) if device is not None else model.lm_head.weight.device
+        head_dtype, head_device = model.head_dtype_device()  # a quantized head is not dequantized
+        self.device = torch.device(device) if device is not None else head_device
         self.eos_id = getattr(tokenizer, "eos_id", None)
         self._cache = None  # allocated on first use: [max_batch, max_context] latent rows
         self._pending: queue.Queue[Request] = queue.Queue()
@@ -95,7 +96,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._closed = False
         # graphs need sync-free steps: MoE experts only have that path (grouped GEMM) in bf16
-        self.cuda_graphs = ((self.device.type == "cuda" and model.lm_head.weight.dtype == torch.bfloat16)
+        self.cuda_graphs = ((self.device.type == "cuda" and head_dtype == torch.bfloat16)
                             if cuda_graphs is None else cuda_graphs)
         self._graphs: GraphDecoder | None = None
         self.compile = compile
