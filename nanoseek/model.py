@@ -399,9 +399,9 @@ def linear_dtype_device(linear: nn.Module) -> tuple[torch.dtype, torch.device]:
     """A linear layer's weight dtype and device, read without materializing the weight: a quantized
     layer (quant/qlinear.QuantLinear) keeps them as its `dtype` and its blocks' device, where
     reading `.weight` would dequantize the whole matrix."""
-    if isinstance(linear, nn.Linear):
-        return linear.weight.dtype, linear.weight.device
-    return linear.dtype, linear.qweight.device
+    if hasattr(linear, "qweight") and not isinstance(linear, nn.Linear):
+        return linear.dtype, linear.qweight.device
+    return linear.weight.dtype, linear.weight.device
 
 
 def sort_by_expert(indices: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
