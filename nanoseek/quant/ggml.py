@@ -386,12 +386,10 @@ def dequantize(raw: torch.Tensor, qtype: str, dtype: torch.dtype = torch.float32
     lead, nb = raw.shape[:-1], raw.shape[-1]
     K = nb // nbytes * block
     raw = raw.contiguous()
-    if qtype == "f32":
-        out = raw.view(torch.float32)
-    elif qtype == "f16":
-        out = raw.view(torch.float16).float()
-    elif qtype == "bf16":
-        out = raw.view(torch.bfloat16).float()
+    if qtype in ("f32", "f16", "bf16"):
+        stored = raw.view({"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}[qtype])
+        # the stored values themselves when they already are `dtype` (no copy); else through float32
+        out = stored if stored.dtype == dtype else stored.float()
     else:
         blocks = raw.reshape(-1, nbytes)  # [n, nbytes]
         step = _DEQUANT_WEIGHTS // block  # blocks per step: the temporaries stay in cache
