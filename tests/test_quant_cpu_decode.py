@@ -145,3 +145,30 @@ def test_dropping_the_file_pages_changes_no_output(tmp_path):
     counts = prepare_cpu_decode(model, int4=False)  # held copies, then the pages handed back
     assert counts["held"] > 0
     assert torch.equal(decode(model, ids), before)
+
+
+@needs_int4
+def test_generate_cpu_fast_prepares_a_quantized_store_entry(tmp_path, monkeypatch, capsys):
+    """`nanoseek generate --cpu-fast` gives a quantized entry the fast forms (the int4 GEMM for its
+    q4 matrices) and refuses a model that is not quantized."""
+    import json
+
+    from nanoseek.cli import main
+    from nanoseek.cli import chat as chat_cli
+    monkeypatch.setenv("NANOSEEK_HOME", str(tmp_path / "home"))
+    path = str(tmp_path / "nano.gguf")
+    write_random_gguf(path, ModelConfig.from_preset("nano"), "q4_k_m")
+    assert main(["create", "nano-q4", "--from", path]) == 0
+    prepared = []
+    real = chat_cli.prepare_cpu_decode
+    monkeypatch.setattr(chat_cli, "prepare_cpu_decode", lambda m: prepared.append(real(m)) or prepared[-1])
+    capsys.readouterr()
+    assert main(["generate", "nano-q4", "hello", "--raw", "--max-tokens", "3", "--cpu-fast", "--json"]) == 0
+    assert prepared and prepared[0]["int4"] > 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["eval_count"] == 3
+    ckpt = tmp_path / "float"
+    DeepSeekV3.from_config(ModelConfig.from_preset("nano"), seed=0).save_pretrained(str(ckpt))
+    from nanoseek.gguf_random import byte_tokenizer
+    byte_tokenizer(ModelConfig.from_preset("nano")).save(str(ckpt))
+    with pytest.raises(SystemExit, match="--cpu-fast"):
+        main(["generate", str(ckpt), "hello", "--raw", "--max-tokens", "2", "--cpu-fast"])

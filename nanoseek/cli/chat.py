@@ -23,6 +23,8 @@ from ..infer.chat import prompt_opens_thinking, render_chat, split_thinking
 from ..infer.engine import Engine, SamplingParams
 from ..infer.store import Store, StoreError, resolve_model_dir
 from ..load import is_dense, load_config, load_model
+from ..quant.cpu_decode import prepare_cpu_decode
+from ..quant.qlinear import QuantExperts, QuantLinear
 from ..quant.fp8_weights import load_fp8_weights
 from ..serve.modelfile import with_default_messages
 from ..tokenizer import Tokenizer
@@ -52,6 +54,10 @@ class ChatOptions:
         "flags": ("--fp8-weights",),
         "help": "keep an FP8 checkpoint's weights in FP8 (half of bf16's memory; same outputs)"})
     think: bool | None = field(default=None, metadata={"flags": ("--think",), "help": "open the reply inside <think>"})
+    cpu_fast: bool = field(default=False, metadata={
+        "flags": ("--cpu-fast",),
+        "help": "a quantized (GGUF) model on the CPU: q4 weights through PyTorch's int4 GEMM (bf16 scales, "
+                "not exact) and the others held dequantized where they fit in half the free memory"})
 
 
 @dataclass
@@ -93,10 +99,14 @@ def resolve_settings(args, defaults: dict) -> None:
         args.stop = list(params["stop"])
 
 
+QUANTIZED = (QuantLinear, QuantExperts)
+
+
 def load_engine(name: str, max_context: int = 4096, device: str | None = None, dtype=None, fp8_weights: bool = False,
-                prefix_cache_tokens: int = 0, template: str | None = None):
+                prefix_cache_tokens: int = 0, template: str | None = None, cpu_fast: bool = False):
     """An engine on the model `name`; with `fp8_weights`, an FP8 checkpoint's weights stay in FP8;
-    `template` replaces the checkpoint's chat template (a Modelfile's TEMPLATE)."""
+    `template` replaces the checkpoint's chat template (a Modelfile's TEMPLATE); `cpu_fast`: a
+    quantized model on the CPU gets quant/cpu_decode's fast forms (memory for speed)."""
     import torch
 
     path = resolve_model_dir(name)
@@ -112,6 +122,11 @@ def load_engine(name: str, max_context: int = 4096, device: str | None = None, d
             raise SystemExit(f"nanoseek: --fp8-weights: {e}") from None
     else:
         model = load_model(path, dtype=dtype, device=device)
+        if cpu_fast:
+            if str(device) != "cpu" or not any(isinstance(m, QUANTIZED) for m in model.modules()):
+                raise SystemExit(f"nanoseek: --cpu-fast is for a quantized (GGUF) model on the CPU; {path} "
+                                 f"loaded {'unquantized' if str(device) == 'cpu' else 'on ' + str(device)}")
+            prepare_cpu_decode(model)
     tokenizer = Tokenizer.from_dir(path)
     if template:
         tokenizer.chat_template = template
@@ -125,7 +140,7 @@ def params_from_args(args) -> SamplingParams:
 
 def cmd_generate(args) -> int:
     resolve_settings(args, {})
-    engine, tok = load_engine(args.model, args.context, fp8_weights=args.fp8_weights)
+    engine, tok = load_engine(args.model, args.context, fp8_weights=args.fp8_weights, cpu_fast=args.cpu_fast)
     try:
         prompt = args.prompt if args.raw else render_chat(tok, [{"role": "user", "content": args.prompt}],
                                                           think=args.think)
@@ -167,7 +182,7 @@ HELP = """Commands:
 def cmd_chat(args) -> int:
     defaults = store_defaults(args.model)
     resolve_settings(args, defaults)
-    engine, tok = load_engine(args.model, args.context, fp8_weights=args.fp8_weights,
+    engine, tok = load_engine(args.model, args.context, fp8_weights=args.fp8_weights, cpu_fast=args.cpu_fast,
                               prefix_cache_tokens=CHAT_PREFIX_CACHE_TOKENS, template=defaults.get("template"))
     params = params_from_args(args)
     history: list[dict] = []
