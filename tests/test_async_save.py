@@ -96,6 +96,28 @@ def test_async_save_trains_and_resumes_like_one_process(async_runs):
     assert_same_run(root / "one", run_dir, range(5, STEPS + 1))
 
 
+def kill_processes_running(script: str) -> None:
+    """SIGKILL every process whose command line names `script` (Linux /proc), and wait until none is left."""
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        found = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    if script.encode() in f.read():
+                        found.append(int(pid))
+            except OSError:
+                continue
+        if not found:
+            return
+        for pid in found:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.2)
+
+
 def test_sigkill_during_async_save_leaves_the_previous_checkpoint(async_runs, tmp_path):
     from nanoseek.train import list_checkpoints, load_trainer_state
     root, common, _, _ = async_runs
@@ -113,8 +135,9 @@ def test_sigkill_during_async_save_leaves_the_previous_checkpoint(async_runs, tm
                 assert p.poll() is None and time.time() < deadline, (tmp_path / "log").read_text()[-4000:]
                 time.sleep(0.2)
         finally:
-            os.killpg(p.pid, signal.SIGKILL)  # the launcher and both ranks
+            os.killpg(p.pid, signal.SIGKILL)  # the launcher
             p.wait()
+            kill_processes_running(str(driver))  # the ranks: the launcher starts each in its own session
     # step 8's checkpoint stays in its temp folder; step 4's is complete and loadable
     assert [s for s, _ in list_checkpoints(str(run_dir))] == [4]
     assert (run_dir / "checkpoints" / ".tmp-step-000008").is_dir()
