@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from . import checkpoint
 from .config import ModelConfig
-from .infer.sampling import sample_next
+from .sampling import sample_next
 from .infer.speculative import generate_speculative
 
 

@@ -13,7 +13,7 @@ import torch
 from conftest import randomized_model
 from nanoseek import ModelConfig
 from nanoseek.infer.engine import Engine, SamplingParams
-from nanoseek.infer.sampling import sampling_logits
+from nanoseek.sampling import sampling_logits
 from nanoseek.infer.speculative import speculative_sample
 from nanoseek.tokenizer import train_bpe
 

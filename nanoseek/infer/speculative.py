@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .sampling import invert_cdf
+from ..sampling import invert_cdf
 
 
 @dataclass
