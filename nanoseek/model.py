@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from . import checkpoint
 from .config import ModelConfig
 from .sampling import sample_next
-from .infer.speculative import generate_speculative
+from .speculative import generate_speculative
 
 
 # --------------------------------------------------------------------------------------- norms
