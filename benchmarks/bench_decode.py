@@ -24,7 +24,7 @@ import torch
 
 from nanoseek import DeepSeekV3, ModelConfig
 from nanoseek.infer.engine import Engine, SamplingParams
-from nanoseek.infer.speculative import SpeculativeStats
+from nanoseek.speculative import SpeculativeStats
 from nanoseek.perf import decode_bytes_per_token, measure_copy_bandwidth
 
 from .common import environment, mbu, pangram_tokenizer, print_json, sync

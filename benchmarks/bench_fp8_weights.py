@@ -1,4 +1,4 @@
-"""Serving an FP8 checkpoint with its weights kept in FP8 (nanoseek.quant.fp8_weights) against the same
+"""Serving an FP8 checkpoint with its weights kept in FP8 (nanoseek.infer.fp8_weights) against the same
 checkpoint dequantized at load: model memory (parameters + buffers), decode tokens/s through the
 engine at two batch sizes, whether the greedy tokens agree, and the logits' SQNR against the
 dequantized model's. Random-init preset model written with `save_pretrained(fp8=True)`.
@@ -19,7 +19,7 @@ import torch
 from nanoseek import DeepSeekV3, ModelConfig
 from nanoseek.infer.engine import Engine, SamplingParams
 from nanoseek.quant.fp8 import sqnr_db
-from nanoseek.quant.fp8_weights import load_fp8_weights
+from nanoseek.infer.fp8_weights import load_fp8_weights
 
 from .common import environment, pangram_tokenizer, print_json, sync
 

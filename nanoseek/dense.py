@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from . import dense_checkpoint
 from .dense_config import DenseConfig
 from .model import CAUSAL, AttnInputs, RMSNorm, SequenceCache
-from .infer.sampling import sample_next
+from .sampling import sample_next
 
 
 # --------------------------------------------------------------------------------------- RoPE

@@ -38,8 +38,7 @@ import gguf
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, processors
 
-from .infer.chat import ASSISTANT, USER
-from .tokenizer import Tokenizer, TokenizerError
+from .tokenizer import ASSISTANT, USER, Tokenizer, TokenizerError
 
 GPT2_PRE = "gpt-2"  # llama.cpp's name for the GPT-2 regex pre-tokenizer that train_bpe uses
 DEEPSEEK3_PRE = "deepseek-v3"

@@ -33,8 +33,8 @@ import torch.nn.functional as F
 
 from . import checkpoint
 from .config import ModelConfig
-from .infer.sampling import sample_next
-from .infer.speculative import generate_speculative
+from .sampling import sample_next
+from .speculative import generate_speculative
 
 
 # --------------------------------------------------------------------------------------- norms
@@ -429,7 +429,7 @@ class Experts(nn.Module):
     fp32). The GEMMs go through two seams: `grouped_gemm`, one `torch._grouped_mm` over all segments
     (on GPUs that have it: bf16, Hopper or newer), and `segment_gemm`, one expert's segment (the
     loop over segments everywhere else; same math). Variants override only what differs: FP8
-    training `expert_mlp` (quant/fp8.py), FP8-stored weights the two GEMMs (quant/fp8_weights.py), expert
+    training `expert_mlp` (quant/fp8.py), FP8-stored weights the two GEMMs (infer/fp8_weights.py), expert
     parallelism `forward` (an all-to-all dispatcher around the same `expert_mlp`,
     parallel/expert_parallel.py). torchtitan's GroupedExperts has the same shape.
     """

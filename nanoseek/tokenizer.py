@@ -27,7 +27,9 @@ from .io import atomic_write_text
 BOS = "<｜begin▁of▁sentence｜>"
 EOS = "<｜end▁of▁sentence｜>"
 PAD = "<｜pad▁of▁sentence｜>"
-SPECIAL_TOKENS = [BOS, EOS, PAD, "<｜User｜>", "<｜Assistant｜>", "<think>", "</think>", "<answer>", "</answer>"]
+USER = "<｜User｜>"  # the chat role markers (infer/chat.py, gguf_tokenizer.py's template)
+ASSISTANT = "<｜Assistant｜>"
+SPECIAL_TOKENS = [BOS, EOS, PAD, USER, ASSISTANT, "<think>", "</think>", "<answer>", "</answer>"]
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
 DEFAULT_MODEL_MAX_LENGTH = 131072  # DeepSeek-V3's tokenizer_config.json

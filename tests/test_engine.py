@@ -99,7 +99,7 @@ def test_batch_generate_equals_the_streamed_path(small_model, tok):
 def test_sampled_logprobs_are_the_sampling_distribution():
     """logprob_mode "sampled": the chosen token's log-prob under the distribution it was drawn
     from (temperature, then top-k / top-p renormalized), recomputed here in float64."""
-    from nanoseek.infer.sampling import sample_next
+    from nanoseek.sampling import sample_next
     logits = torch.randn(64, 50, generator=torch.Generator().manual_seed(0)) * 3
     for T, top_p, top_k in [(0.7, 1.0, 0), (1.3, 1.0, 5), (0.9, 0.8, 0)]:
         tokens, lp = sample_next(logits, T, top_p, top_k, torch.Generator().manual_seed(1), with_logprobs=True)
@@ -259,7 +259,7 @@ def test_mtp_speculative_accepted_path(tiny_cfg):
 def test_draw_follows_the_distribution():
     """The inverse-CDF sampler: empirical frequencies of 200K draws match the probabilities within
     5 standard errors, a zero-probability token is never drawn, and a seeded generator repeats."""
-    from nanoseek.infer.sampling import draw
+    from nanoseek.sampling import draw
     probs = torch.tensor([0.5, 0.0, 0.25, 1e-3, 0.0, 0.249]).double()
     n = 200_000
     tokens = draw(probs.float().expand(n, -1), torch.Generator().manual_seed(0))

@@ -11,7 +11,7 @@ from conftest import randomized_model
 from nanoseek import DeepSeekV3, ModelConfig
 from nanoseek.checkpoint import CheckpointError
 from nanoseek.infer.engine import Engine, SamplingParams
-from nanoseek.quant.fp8_weights import FP8WeightExperts, FP8WeightLinear, fp8_module_names, load_fp8_weights
+from nanoseek.infer.fp8_weights import FP8WeightExperts, FP8WeightLinear, fp8_module_names, load_fp8_weights
 from nanoseek.tokenizer import train_bpe
 
 

@@ -76,3 +76,27 @@ def test_only_the_entry_point_imports_the_cli():
 
     users = sorted(m for m, targets in import_graph().items() if not in_cli(m) and any(map(in_cli, targets)))
     assert users == ["nanoseek.__main__"], f"modules outside nanoseek/cli/ that import it: {users}"
+
+
+def test_only_the_layers_above_inference_import_it():
+    """The models, their sampling and speculative decoding, the tokenizers, checkpoints, quant/,
+    parallel/ and train/ sit below nanoseek.infer: only the packages built on the engine import it."""
+    def in_infer(m: str) -> bool:
+        return m == "nanoseek.infer" or m.startswith("nanoseek.infer.")
+
+    above = {"cli", "evaluation", "finetune", "recipes", "rl", "serve", "tasks"}
+    users = sorted(m for m, targets in import_graph().items()
+                   if not in_infer(m) and any(map(in_infer, targets)) and m.partition(".")[2].split(".")[0] not in above)
+    assert not users, f"modules below nanoseek/infer/ that import it: {users}"
+
+
+def test_quant_sits_below_the_checkpoint():
+    """quant/ (FP8 blocks, kernels, GGML blocks, quantized layers) builds on the model alone;
+    checkpoint.py reads and writes FP8 blocks through it, never the other way round."""
+    def in_quant(m: str) -> bool:
+        return m.startswith("nanoseek.quant")
+
+    below = {"nanoseek.config", "nanoseek.io", "nanoseek.model"}
+    found = sorted(f"{m} -> {t}" for m, targets in import_graph().items() if in_quant(m)
+                   for t in targets if not in_quant(t) and t not in below)
+    assert not found, f"quant/ imports from above the model: {found}"

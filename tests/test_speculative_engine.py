@@ -13,8 +13,8 @@ import torch
 from conftest import randomized_model
 from nanoseek import ModelConfig
 from nanoseek.infer.engine import Engine, SamplingParams
-from nanoseek.infer.sampling import sampling_logits
-from nanoseek.infer.speculative import speculative_sample
+from nanoseek.sampling import sampling_logits
+from nanoseek.speculative import speculative_sample
 from nanoseek.tokenizer import train_bpe
 
 CORPUS = ["the quick brown fox jumps over the lazy dog. " * 20, "a stitch in time saves nine! " * 20]

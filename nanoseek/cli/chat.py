@@ -21,11 +21,11 @@ from dataclasses import dataclass, field
 from ..checkpoint import CheckpointError
 from ..infer.chat import prompt_opens_thinking, render_chat, split_thinking
 from ..infer.engine import Engine, SamplingParams
+from ..infer.fp8_weights import load_fp8_weights
 from ..infer.store import Store, StoreError, resolve_model_dir
 from ..load import is_dense, load_config, load_model
 from ..quant.cpu_decode import prepare_cpu_decode
 from ..quant.qlinear import QuantExperts, QuantLinear
-from ..quant.fp8_weights import load_fp8_weights
 from ..serve.modelfile import with_default_messages
 from ..tokenizer import Tokenizer
 from .args import add_options

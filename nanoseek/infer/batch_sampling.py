@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .sampling import sample_next
+from ..sampling import sample_next
 
 
 def score_prompt(prompt: list[int], logits: torch.Tensor, top: int) -> list:

@@ -22,12 +22,9 @@ from __future__ import annotations
 import json
 import re
 
+from ..tokenizer import ASSISTANT, BOS, EOS, USER
 from .textstream import partial_suffix
 
-BOS = "<｜begin▁of▁sentence｜>"
-EOS = "<｜end▁of▁sentence｜>"
-USER = "<｜User｜>"
-ASSISTANT = "<｜Assistant｜>"
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 ROLES = ("system", "user", "assistant")
 TOOL_CALLS_BEGIN, TOOL_CALLS_END = "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"

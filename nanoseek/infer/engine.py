@@ -50,12 +50,12 @@ import traceback
 
 import torch
 
+from ..speculative import SpeculativeStats
 from .batch_sampling import choose_tokens, score_prompt
 from .batching import free_row, load_prefix, prefill_groups, row_prefix, split_repeats
 from .graphs import GraphDecoder
 from .prefix_cache import PrefixCache
 from .request import Completion, Event, Handle, Request, SamplingParams
-from .speculative import SpeculativeStats
 from .speculative_batch import first_drafts, verify_and_redraft
 from .textstream import TextStream
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .speculative import SpeculativeStats
+from ..speculative import SpeculativeStats
 from .textstream import TextStream
 
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import torch
 
+from ..sampling import draw, sample_next, sampling_logits
+from ..speculative import SpeculativeStats, draft_logits, mtp_hidden, speculative_sample
 from .batch_sampling import choose_tokens
-from .sampling import draw, sample_next, sampling_logits
-from .speculative import SpeculativeStats, draft_logits, mtp_hidden, speculative_sample
 
 
 def draw_drafts(reqs: list, logits: torch.Tensor) -> None:

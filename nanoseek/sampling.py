@@ -1,6 +1,8 @@
-"""Next-token choice from logits: greedy, temperature, top-k and top-p (nucleus) sampling, and the
-log-probability of the chosen token under the distribution it was drawn from (what an RL trainer
-needs as the behaviour policy's probability)."""
+"""Next-token choice from logits: greedy, temperature, top-k and top-p (nucleus: Holtzman et al.
+2019, "The Curious Case of Neural Text Degeneration") sampling, and the log-probability of the
+chosen token under the distribution it was drawn from (what an RL trainer needs as the behaviour
+policy's probability). A pure tensor module below the models: their `generate`, the engine and
+speculative decoding all draw through it."""
 
 from __future__ import annotations
 

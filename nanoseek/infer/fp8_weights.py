@@ -8,8 +8,8 @@ bytes and block scales, read straight from the files: 1 byte per weight instead 
 the normal loader applies once) and runs the GEMM in the activations' dtype, so the outputs equal
 those of the model loaded the usual way, bit for bit. With `w8a8=True` the Linears instead quantize
 their input in 1x128 tiles and run the FP8 x FP8 block-scaled GEMM of DeepSeek's own inference code
-(`gemm.fp8_gemm`: `torch._scaled_mm` on Hopper, an exact emulation on CPU); outputs then carry the
-activation quantization error (benchmarks/RESULTS.md). The swap is applied from outside the model:
+(`quant.gemm.fp8_gemm`: `torch._scaled_mm` on Hopper, an exact emulation on CPU); outputs then
+carry the activation quantization error (benchmarks/RESULTS.md). The swap is applied from outside the model:
 FP8 Linears become `FP8WeightLinear`, routed experts `FP8WeightExperts`; the rest (embedding, head,
 router, norms) stays as loaded. Inference only: the FP8 weights are buffers, not parameters.
 """
@@ -22,8 +22,8 @@ import torch.nn.functional as F
 
 from ..checkpoint import EXPERT_PROJ, CheckpointError, _ShardSet, fp8_dequantize, hf_keys_for
 from ..model import DeepSeekV3, Experts, compute_dtype
-from .blocks import WEIGHT, Fp8Tensor, quantize_1x128
-from .gemm import fp8_gemm
+from ..quant.blocks import WEIGHT, Fp8Tensor, quantize_1x128
+from ..quant.gemm import fp8_gemm
 
 
 class FP8WeightLinear(nn.Module):

@@ -7,7 +7,7 @@ Caches: the main model's latent cache, and one latent cache for the (first) MTP 
 attention runs over the MTP inputs (h_i, emb(t_{i+1})) of every earlier position. Entries written
 for a rejected draft sit past the sequence end and are overwritten by the next step.
 
-Here too is what the engine's speculative mode (engine.py, `Engine(speculative=True)`) builds on:
+Here too is what the engine's speculative mode (infer/engine.py, `Engine(speculative=True)`) builds on:
 `mtp_hidden`, the MTP layer over a batch of positions with its own cache, and
 `speculative_sample`, the rejection rule of speculative sampling (Leviathan et al. 2023, "Fast
 Inference from Transformers via Speculative Decoding"; Chen et al. 2023) that keeps the sampled
