@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from . import dense_checkpoint
 from .dense_config import DenseConfig
-from .model import CAUSAL, AttnInputs, RMSNorm, SequenceCache
+from .model import CAUSAL, AttnInputs, RMSNorm, SequenceCache, linear_dtype_device
 from .sampling import sample_next
 
 
@@ -264,10 +264,7 @@ class DenseModel(nn.Module):
         """The head weight's dtype and device, read without materializing it: a quantized head
         (QuantLinear) keeps them as its `dtype` and its blocks' device, where reading `.weight`
         would dequantize the whole [V, h] matrix."""
-        head = self.lm_head
-        if isinstance(head, nn.Linear):
-            return head.weight.dtype, head.weight.device
-        return head.dtype, head.qweight.device
+        return linear_dtype_device(self.lm_head)
 
     def make_layer_cache(self, batch: int, max_len: int, dtype=None, device=None) -> GQACache:
         """One layer's cache: keys and values of the K/V heads."""
