@@ -61,6 +61,14 @@ def pp_runs(tmp_path_factory, text_file):
     return root, common, one, four
 
 
+@pytest.fixture(scope="module")
+def one_run(tmp_path_factory, text_file):
+    """One process, checkpoints every 2 steps: the reference of the pp x ep run."""
+    root = tmp_path_factory.mktemp("pp_ep")
+    one = run(1, [*FLAGS, "--data", text_file, "--out", str(root / "one")])
+    return root, [*FLAGS, "--data", str(root / "one" / "data"), "--tokenizer", str(root / "one")], one
+
+
 def assert_whole_model(ref_dir, got_dir):
     """The model at `got_dir`'s root is the whole one (gathered over stages and shards)."""
     from nanoseek import DeepSeekV3
@@ -72,6 +80,7 @@ def assert_whole_model(ref_dir, got_dir):
         assert float((m4[k] - m1[k]).norm() / m1[k].norm().clamp(min=1e-12)) < 1e-4, k
 
 
+@pytest.mark.skip(reason="--pp with --fsdp is refused: its 1f1b run can stall in a point-to-point wait (dev/LOG.md)")
 def test_pp2_fsdp2_equals_one_process(pp_runs):
     root, _, one, four = pp_runs
     assert sorted(metrics(root / "pp2_fsdp2")) == list(range(1, STEPS + 1))
@@ -86,6 +95,7 @@ def test_pp2_fsdp2_equals_one_process(pp_runs):
     assert sorted(p.name for p in ckpt.glob("optim-rank*.pt")) == ["optim-rank1.pt", "optim-rank2.pt", "optim-rank3.pt"]
 
 
+@pytest.mark.skip(reason="--pp with --fsdp is refused: its 1f1b run can stall in a point-to-point wait (dev/LOG.md)")
 def test_pp2_fsdp2_resumes_like_the_uninterrupted_run(pp_runs):
     root, common, _, _ = pp_runs
     run_dir = root / "pp2_fsdp2_resumed"
@@ -100,8 +110,8 @@ def test_pp2_fsdp2_resumes_like_the_uninterrupted_run(pp_runs):
             assert got[s][key] == pytest.approx(ref[s][key], rel=1e-6), (s, key)
 
 
-def test_pp2_ep2_equals_one_process(pp_runs):
-    root, common, one, _ = pp_runs
+def test_pp2_ep2_equals_one_process(one_run):
+    root, common, one = one_run
     out = run(4, [*common, "--out", str(root / "pp2_ep2"), "--pp", "2", "--ep", "2"], 29783)
     assert out["world_size"] == 4 and out["ep"] == 2
     assert_same_run(root / "one", root / "pp2_ep2", range(1, STEPS + 1))
@@ -121,5 +131,6 @@ def test_pp_refuses_mirrored_schedules_with_fsdp_or_ep(schedule):
         ParallelDims(world=4, pp=2, ep=2).check(**kw, schedule=schedule)
     with pytest.raises(ValueError, match="with --fsdp"):
         ParallelDims(world=8, pp=2, ep=2, fsdp=True).check(**kw, schedule="1f1b")
-    ParallelDims(world=4, pp=2, fsdp=True).check(**kw, schedule="1f1b")
+    with pytest.raises(ValueError, match="--fsdp does not combine with --pp yet"):
+        ParallelDims(world=4, pp=2, fsdp=True).check(**kw, schedule="1f1b")
     ParallelDims(world=4, pp=2, ep=2).check(**kw, schedule="1f1b")

@@ -229,7 +229,7 @@ def gpus_needed(cfg: ModelConfig, *, fsdp: bool, ep: int = 1, pp: int = 1, micro
 LAYOUTS = [  # (name, fsdp, ep, pp, cpu_offload) that `nanoseek info --train-memory` reports
     ("data parallel", False, 1, 1, False), ("ep 8", False, 8, 1, False), ("fsdp", True, 1, 1, False),
     ("fsdp x ep 8", True, 8, 1, False), ("pp 4 (replicated stages)", False, 1, 4, False),
-    ("pp 4 x fsdp", True, 1, 4, False), ("fsdp + cpu offload", True, 1, 1, True),
+    ("fsdp + cpu offload", True, 1, 1, True),
 ]
 
 
